@@ -1,0 +1,366 @@
+"""The configuration tree: frozen, typed dataclasses loaded from `params.yaml`.
+
+Every section is validated when it is built: an unknown key names the closest valid one, a wrong
+type or an out-of-range value names the key, and nothing runs before the whole file is checked.
+Defaults are the paper's (Ho et al. 2020, Appendix B and the official code) unless a comment
+says why not; the shipped `params.yaml` overrides a few of them so that the default pipeline runs
+on the 8x8 digits data set on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+Schedule = Literal["linear", "quadratic", "cosine", "constant"]
+MeanType = Literal["eps", "x0", "mu"]
+VarType = Literal["fixed_large", "fixed_small", "learned", "learned_range"]
+LossType = Literal["simple", "vlb", "hybrid"]
+TSampling = Literal["uniform", "importance"]
+Spacing = Literal["uniform", "quadratic"]
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem; the message names the key and the fix."""
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """prepare stage: which images, and how the train/test split is made."""
+
+    dataset: Literal["digits", "cifar10", "folder", "npz"] = "digits"
+    # cifar10: the official python archive (cifar-10-python.tar.gz) or its extracted folder;
+    # folder: a directory of images; npz: a file with a uint8 `images` array.
+    path: str | None = None
+    download: bool = True  # cifar10 only: fetch the archive when `path` is missing and online
+    test_fraction: float = 0.2  # digits / folder / npz (CIFAR-10 has its own test split)
+    split_seed: int = 0
+    image_size: int | None = None  # folder only: resize to this size (None: keep)
+
+    def validate(self, key: str) -> None:
+        _require(0.0 < self.test_fraction < 1.0, f"{key}.test_fraction", "must be in (0, 1)")
+        if self.dataset in ("folder", "npz"):
+            _require(self.path is not None, f"{key}.path",
+                     f"is required for dataset={self.dataset}")
+        if self.image_size is not None:
+            _require(self.image_size >= 4, f"{key}.image_size", "must be >= 4")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net: a preset from ddpm_core.unet.PRESETS, with optional overrides."""
+
+    preset: Literal["digits", "cifar10", "celebahq256", "lsun256"] = "digits"
+    base_channels: int | None = None
+    channel_mult: tuple[int, ...] | None = None
+    num_res_blocks: int | None = None
+    attn_resolutions: tuple[int, ...] | None = None
+    dropout: float | None = None
+
+    def validate(self, key: str) -> None:
+        if self.base_channels is not None:
+            _require(self.base_channels > 0, f"{key}.base_channels", "must be > 0")
+        if self.num_res_blocks is not None:
+            _require(self.num_res_blocks > 0, f"{key}.num_res_blocks", "must be > 0")
+        if self.dropout is not None:
+            _require(0.0 <= self.dropout < 1.0, f"{key}.dropout", "must be in [0, 1)")
+        if self.channel_mult is not None:
+            _require(len(self.channel_mult) > 0 and min(self.channel_mult) > 0,
+                     f"{key}.channel_mult", "must be a non-empty list of positive ints")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process; the schedule kind is the top-level `schedule` key."""
+
+    timesteps: int = 1000
+
+    def validate(self, key: str) -> None:
+        _require(self.timesteps >= 2, f"{key}.timesteps", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    """One trained model: a row of DDPM Table 2 (or improved DDPM's hybrid objective)."""
+
+    name: str
+    mean_type: MeanType = "eps"
+    var_type: VarType = "fixed_large"
+    loss: LossType = "simple"
+    t_sampling: TSampling = "uniform"
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
+                 f"{key}.name", "must be a non-empty name of letters, digits, '-' or '_'")
+        learned = self.var_type in ("learned", "learned_range")
+        if learned:
+            _require(self.loss != "simple", f"{key}.loss",
+                     "a learned variance needs loss 'vlb' or 'hybrid' (L_simple does not train it)")
+        if self.t_sampling == "importance":
+            _require(self.loss == "vlb", f"{key}.t_sampling",
+                     "importance sampling of t is defined for loss 'vlb' only")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """train stage: Adam with warm-up, clipping and EMA (DDPM's official settings)."""
+
+    steps: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    hflip: bool = True  # the pipeline turns it off for digits (a flipped digit is another glyph)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    channels_last: bool = False
+    checkpoint_every: int = 10_000
+    keep_checkpoints: int = 2
+    log_every: int = 100
+    resume_fallback: bool = False
+    nproc: int = 1
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "nproc"):
+            _require(getattr(self, name) > 0, f"{key}.{name}", "must be > 0")
+        _require(self.lr > 0, f"{key}.lr", "must be > 0")
+        _require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
+        _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
+        _require(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", "must be in [0, 1)")
+        _require(self.batch_size % self.nproc == 0, f"{key}.batch_size",
+                 f"must be divisible by nproc={self.nproc}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """sample stage: which samplers run on every trained variant, and how many images."""
+
+    num_samples: int = 50_000
+    batch_size: int = 256
+    use_ema: bool = True
+    clip_x0: bool = True
+    # Ancestral sampling over all T steps with each fixed sigma^2 choice.
+    variances: tuple[VarType, ...] = ("fixed_large", "fixed_small")
+    # Respaced ancestral (sigma^2 = beta) and DDIM at these step counts, for FID vs steps.
+    steps: tuple[int, ...] = (10, 20, 50, 100)
+    spacing: Spacing = "quadratic"  # the DDIM paper's choice for CIFAR-10
+    ddim_eta: float = 0.0
+    seed: int = 0
+    grid_size: int = 64
+
+    def validate(self, key: str) -> None:
+        _require(self.num_samples > 0, f"{key}.num_samples", "must be > 0")
+        _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        _require(0.0 <= self.ddim_eta <= 1.0, f"{key}.ddim_eta", "must be in [0, 1]")
+        _require(all(s > 0 for s in self.steps), f"{key}.steps", "must be positive step counts")
+        _require(self.grid_size > 0, f"{key}.grid_size", "must be > 0")
+        for v in self.variances:
+            _require(v in ("fixed_large", "fixed_small"), f"{key}.variances",
+                     f"{v!r} is not a fixed variance; use 'fixed_large' or 'fixed_small'")
+
+
+@dataclass(frozen=True)
+class BpdConfig:
+    """bpd stage: the full variational bound on the test split."""
+
+    num_images: int | None = None  # None: the whole test split
+    batch_size: int = 64
+    t_batch: int = 8  # timesteps evaluated per network call (x batch_size images)
+    variances: tuple[VarType, ...] = ("fixed_large", "fixed_small")
+    use_ema: bool = True
+
+    def validate(self, key: str) -> None:
+        if self.num_images is not None:
+            _require(self.num_images > 0, f"{key}.num_images", "must be > 0 or null")
+        _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        _require(self.t_batch > 0, f"{key}.t_batch", "must be > 0")
+        for v in self.variances:
+            _require(v in ("fixed_large", "fixed_small"), f"{key}.variances",
+                     f"{v!r} is not a fixed variance; use 'fixed_large' or 'fixed_small'")
+
+
+@dataclass(frozen=True)
+class FidConfig:
+    """fid stage: torch-fidelity against the training split."""
+
+    # auto: Inception-v3 for natural images, the digits classifier for the digits data set.
+    features: Literal["auto", "inception", "digits_classifier"] = "auto"
+    inception_weights: str | None = None  # local path to torch-fidelity's Inception weights
+    kid_subset_size: int = 100
+    classifier_epochs: int = 30
+    classifier_seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _require(self.kid_subset_size > 1, f"{key}.kid_subset_size", "must be > 1")
+        _require(self.classifier_epochs > 0, f"{key}.classifier_epochs", "must be > 0")
+
+
+@dataclass(frozen=True)
+class PretrainedConfig:
+    """Evaluate an existing checkpoint instead of training (sample, bpd, fid, report only)."""
+
+    path: str | None = None
+    format: Literal["ours", "diffusers"] = "ours"
+    name: str = "pretrained"
+    mean_type: MeanType = "eps"
+    var_type: VarType = "fixed_large"
+
+    def validate(self, key: str) -> None:
+        _require(bool(self.name), f"{key}.name", "must be non-empty")
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Where runs go; MLFLOW_TRACKING_URI overrides `tracking_uri`."""
+
+    experiment: str = "ddpm"
+    tracking_uri: str | None = None  # None: sqlite:///<DVC_ROOT or repo root>/mlflow.db
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole params.yaml."""
+
+    schedule: Schedule = "linear"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    variants: tuple[VariantConfig, ...] = (
+        VariantConfig(name="simple", loss="simple"),
+        VariantConfig(name="vlb", loss="vlb"),
+    )
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    bpd: BpdConfig = field(default_factory=BpdConfig)
+    fid: FidConfig = field(default_factory=FidConfig)
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def validate(self, key: str) -> None:
+        names = [v.name for v in self.variants]
+        _require(len(set(names)) == len(names), f"{key}variants", f"names repeat: {names}")
+        _require(bool(names) or self.pretrained.path is not None, f"{key}variants",
+                 "give at least one variant, or pretrained.path")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting lists to tuples and dicts to
+    dataclasses; raise ConfigError naming `key` on a mismatch."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config annotation {tp!r} at {key} is not supported")  # a bug, not input
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
+    where = key or "params.yaml"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{key}." if key else ""
+    for name in raw:
+        if name not in fields:
+            close = difflib.get_close_matches(str(name), sorted(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(f"{prefix}{name}: unknown key{hint}")
+    kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in raw.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required key is missing")
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(key)
+    return obj
+
+
+def params_from_dict(raw: Any) -> Params:
+    """Validate a parsed params.yaml mapping and build the configuration tree."""
+    return _build(Params, raw, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every problem is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found; run from the repository root or pass the path")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+    return params_from_dict(raw)
+
+
+def to_dict(obj: Any) -> dict:
+    """A dataclass tree as plain dicts/lists (for logging)."""
+    return dataclasses.asdict(obj)
