@@ -1,0 +1,87 @@
+"""params.yaml validation: every bad value is one ConfigError that names its key."""
+
+import dataclasses
+
+import pytest
+
+from ddpm_core.config import (
+    ConfigError,
+    Params,
+    TrainConfig,
+    load_params,
+    params_from_dict,
+    to_dict,
+)
+
+
+def test_defaults_are_the_papers():
+    t = TrainConfig()
+    assert (t.lr, t.batch_size, t.warmup_steps, t.grad_clip, t.ema_decay) == (
+        2e-4, 128, 5000, 1.0, 0.9999)
+    p = Params()
+    assert p.schedule == "linear" and p.diffusion.timesteps == 1000
+    assert [v.loss for v in p.variants] == ["simple", "vlb"]
+
+
+def test_round_trip_through_dict_gives_equal_tree():
+    raw = {"schedule": "cosine", "train": {"steps": 5, "lr": 1}, "sample": {"steps": [3, 7]},
+           "variants": [{"name": "h", "loss": "hybrid", "var_type": "learned_range"}]}
+    p = params_from_dict(raw)
+    assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
+    assert p.sample.steps == (3, 7)
+    assert p.variants[0].var_type == "learned_range"
+    assert params_from_dict(to_dict(p)) == p
+
+
+def test_tree_is_frozen():
+    p = Params()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"schedul": "cosine"}, "schedul: unknown key; did you mean 'schedule'?"),
+        ({"train": {"lrr": 1e-4}}, "train.lrr: unknown key; did you mean 'train.lr'?"),
+        ({"schedule": "cosin"}, "did you mean 'cosine'?"),
+        ({"train": {"lr": "fast"}}, "train.lr: expected a number"),
+        ({"train": {"steps": 1.5}}, "train.steps: expected an integer"),
+        ({"train": {"steps": True}}, "train.steps: expected an integer"),
+        ({"train": {"hflip": "yes"}}, "train.hflip: expected true or false"),
+        ({"train": {"lr": -1}}, "train.lr: must be > 0"),
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay: must be in [0, 1)"),
+        ({"train": {"batch_size": 5, "nproc": 2}}, "train.batch_size: must be divisible"),
+        ({"diffusion": {"timesteps": 1}}, "diffusion.timesteps: must be >= 2"),
+        ({"sample": {"steps": [10, "x"]}}, "sample.steps[1]: expected an integer"),
+        ({"sample": {"ddim_eta": 2}}, "sample.ddim_eta: must be in [0, 1]"),
+        ({"sample": {"variances": ["learned"]}}, "sample.variances: 'learned' is not a fixed"),
+        ({"bpd": {"num_images": 0}}, "bpd.num_images: must be > 0 or null"),
+        ({"data": {"dataset": "npz"}}, "data.path: is required for dataset=npz"),
+        ({"data": {"test_fraction": 1.5}}, "data.test_fraction: must be in (0, 1)"),
+        ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1)"),
+        ({"variants": [{"loss": "simple"}]}, "variants[0].name: required key is missing"),
+        ({"variants": [{"name": "a"}, {"name": "a"}]}, "variants: names repeat"),
+        ({"variants": [{"name": "a", "var_type": "learned"}]}, "variants[0].loss: a learned"),
+        ({"variants": [{"name": "a", "t_sampling": "importance"}]}, "variants[0].t_sampling"),
+        ({"variants": "simple"}, "variants: expected a list"),
+        ({"train": 3}, "train: expected a mapping"),
+        ([1, 2], "params.yaml: expected a mapping"),
+    ],
+)
+def test_bad_params_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as e:
+        params_from_dict(raw)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_load_params_reports_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_params(bad)
+    bad.write_text("schedule: cosine\ntrain:\n  steps: 3\n")
+    assert load_params(bad).train.steps == 3
