@@ -1,0 +1,156 @@
+"""Training checkpoints: atomic writes, a checksum that catches truncation, keep-last-k.
+
+File layout (`ckpt_{step:08d}.pt`): 8-byte magic, 8-byte little-endian payload length,
+32-byte SHA-256 of the payload, then the payload (`torch.save` of a dict). A file is written to
+a temporary name in the same directory, fsynced and moved into place with `os.replace`, so a
+crash leaves either the old set of checkpoints or the new one, never a partial file under a
+checkpoint name. Loading verifies magic, length, checksum, format version and required keys
+and raises `CheckpointError` naming the file otherwise (never a silent partial load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import struct
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+FORMAT_VERSION = 1
+MAGIC = b"DDPMCKPT"
+_HEADER = struct.Struct("<8sQ32s")
+_NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
+REQUIRED_KEYS = ("format_version", "step", "model", "ema", "optimizer", "scheduler",
+                 "objective", "data", "rng")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or of an unknown format."""
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    """Path of the checkpoint written after `step` optimiser steps."""
+    return Path(ckpt_dir) / f"ckpt_{step:08d}.pt"
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Checkpoint files in ckpt_dir, oldest step first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """Write `state` to path atomically (temp file in the same dir, fsync, os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+    payload = buf.getbuffer()
+    header = _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest())
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header)
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    """Persist a rename: fsync the directory entry (POSIX; skipped where unsupported)."""
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read and verify a checkpoint; raises CheckpointError naming the file on any defect."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from e
+    if len(raw) < _HEADER.size:
+        raise CheckpointError(f"checkpoint {path} is truncated ({len(raw)} bytes, header is "
+                              f"{_HEADER.size})")
+    magic, length, digest = _HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise CheckpointError(f"{path} is not a DDPM checkpoint (bad magic {magic!r})")
+    payload = memoryview(raw)[_HEADER.size:]
+    if len(payload) != length:
+        raise CheckpointError(f"checkpoint {path} is truncated: payload has {len(payload)} of "
+                              f"{length} bytes")
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt: SHA-256 does not match")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # checksum passed, so this is a format problem, not truncation
+        raise CheckpointError(f"checkpoint {path} could not be unpickled: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds {type(state).__name__}, not a dict")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format_version "
+                              f"{state.get('format_version')!r}; this code reads "
+                              f"{FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks keys {missing}")
+    return state
+
+
+def load_weights(path: Path, which: Literal["ema", "model"] = "ema",
+                 map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The EMA (default) or raw model state dict from a verified checkpoint."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    return load_checkpoint(path, map_location)[which]
+
+
+def find_resume(ckpt_dir: Path, fallback: bool = False) -> tuple[dict, Path] | None:
+    """Newest valid checkpoint in ckpt_dir; a corrupt newest one raises unless fallback."""
+    candidates = list_checkpoints(ckpt_dir)
+    errors = []
+    for path in reversed(candidates):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError as e:
+            if not fallback:
+                raise CheckpointError(f"{e}. Set resume_fallback: true to resume from the "
+                                      "previous checkpoint, or delete the file.") from e
+            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+            errors.append(str(e))
+    if errors:
+        raise CheckpointError(f"no valid checkpoint in {ckpt_dir}: " + "; ".join(errors))
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints and stale temp files; returns what was kept."""
+    assert keep >= 1, f"keep={keep}"
+    for tmp in Path(ckpt_dir).glob(".ckpt_*.tmp"):
+        tmp.unlink(missing_ok=True)
+    paths = list_checkpoints(ckpt_dir)
+    for p in paths[:-keep]:
+        p.unlink(missing_ok=True)
+    return paths[-keep:]

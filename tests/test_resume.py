@@ -1,0 +1,144 @@
+"""Interruption: SIGKILL / SIGTERM mid-run, then resume, must equal an uninterrupted run bitwise.
+
+The interrupted run is this file executed as a script (a real separate process); the reference
+and the resumed runs happen in the test process. All three use one torch thread, so CPU kernels
+reduce in the same order. The model has dropout, so the global torch RNG must be restored too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_training import FakeObjective, tiny_cfg, tiny_data, tiny_model  # noqa: E402
+
+from ddpm_core.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
+from ddpm_core.training import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, PAUSE_AT = 30, 12
+
+
+def resume_cfg(**kw: object):
+    """30 steps, checkpoints every 5, log (and on_log) every step, dropout model."""
+    return tiny_cfg(steps=STEPS, checkpoint_every=5, log_every=1, **kw)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the in-process reference with the subprocess's thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_to_end(ckpt_dir: Path, **kw: object):
+    """Train (or resume) in this process to STEPS."""
+    return train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(), resume_cfg(**kw),
+                 ckpt_dir, device="cpu")
+
+
+def start_worker(ckpt_dir: Path, go: Path) -> subprocess.Popen:
+    """Launch the script form of this file: training that dawdles 20 ms per step."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, __file__, str(ckpt_dir), str(go)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Poll until `path` exists (the worker's first checkpoint)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"worker ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "worker wrote no checkpoint"
+        time.sleep(0.005)
+
+
+def assert_bitwise_equal(a, b) -> None:
+    """model and EMA state dicts torch.equal, key by key."""
+    for which in ("model", "ema"):
+        sa, sb = getattr(a, which).state_dict(), getattr(b, which).state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{which}.{k} differs"
+
+
+def steps_saved(ckpt_dir: Path) -> list[int]:
+    """Steps of the checkpoints on disk."""
+    return [int(re.findall(r"\d+", p.name)[0]) for p in list_checkpoints(ckpt_dir)]
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path: Path, one_thread) -> None:
+    reference = run_to_end(tmp_path / "ref")
+    ckpt = tmp_path / "killed"
+    proc = start_worker(ckpt, tmp_path / "go")
+    wait_for(ckpt / "ckpt_00000005.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert 5 <= max(steps_saved(ckpt)) < STEPS  # killed after a checkpoint, before the end
+    resumed = run_to_end(ckpt)
+    assert resumed.resumed_from is not None and resumed.step == STEPS
+    assert_bitwise_equal(resumed, reference)
+
+
+def test_sigterm_saves_at_step_boundary_exits_143_and_resumes_bitwise(
+        tmp_path: Path, one_thread) -> None:
+    reference = run_to_end(tmp_path / "ref")
+    ckpt, go = tmp_path / "termed", tmp_path / "go"
+    proc = start_worker(ckpt, go)
+    wait_for(ckpt / "ckpt_00000005.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    go.touch()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    last = max(steps_saved(ckpt))
+    assert 5 < last < STEPS  # a fresh checkpoint at the step where the signal was noticed
+    resumed = run_to_end(ckpt)
+    assert resumed.resumed_from is not None and resumed.resumed_from.name.endswith(f"{last}.pt")
+    assert_bitwise_equal(resumed, reference)
+
+
+def test_corrupt_latest_checkpoint_needs_resume_fallback(tmp_path: Path, one_thread) -> None:
+    reference = run_to_end(tmp_path / "ref")
+    ckpt = tmp_path / "c"
+    train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(),
+          dataclasses.replace(resume_cfg(), steps=10), ckpt, device="cpu")
+    newest = ckpt / "ckpt_00000010.pt"
+    newest.write_bytes(newest.read_bytes()[:-7])
+    with pytest.raises(CheckpointError, match=re.escape(str(newest)) + ".*truncated"):
+        run_to_end(ckpt)
+    with pytest.warns(UserWarning, match="falling back"):
+        resumed = run_to_end(ckpt, resume_fallback=True)
+    assert resumed.resumed_from == ckpt / "ckpt_00000005.pt"
+    assert_bitwise_equal(resumed, reference)
+
+
+def _worker(ckpt_dir: str, go: str) -> None:
+    """Script mode: train slowly; at PAUSE_AT wait for the parent's go file (a backstop)."""
+    torch.set_num_threads(1)
+
+    def on_log(step: int, metrics: dict) -> None:
+        time.sleep(0.02)
+        while step == PAUSE_AT and not Path(go).exists():
+            time.sleep(0.01)
+
+    train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(), resume_cfg(), Path(ckpt_dir),
+          device="cpu", on_log=on_log)
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:3])
