@@ -43,6 +43,7 @@ from ddpm_core.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from ddpm_core.inference import Autocast
 
 __all__ = ["Batcher", "CheckpointError", "EpochSampler", "TrainResult", "TrainStep",
            "TrainingDiverged", "TrainingInterrupted", "train"]
@@ -166,20 +167,6 @@ class Batcher:
                 noise.contiguous(memory_format=mf), t)
 
 
-class _Autocast(nn.Module):
-    """Runs the network under bf16 autocast (weights stay fp32) and returns fp32 outputs."""
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype | None) -> None:
-        super().__init__()
-        self.net, self.dtype = net, dtype
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, dtype=self.dtype or torch.bfloat16,
-                            enabled=self.dtype is not None):
-            out = self.net(x, t)
-        return out.float()
-
-
 class TrainStep:
     """One update: objective loss, backward, global-norm clip, Adam, warm-up, EMA (fp32)."""
 
@@ -192,7 +179,7 @@ class TrainStep:
                                        else None, gradient_as_bucket_view=True)
                if info.world_size > 1 else self.model)
         dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-        self.forward: nn.Module | Callable = _Autocast(net, dtype)
+        self.forward: nn.Module | Callable = Autocast(net, dtype)
         if cfg.compile:
             self.forward = torch.compile(self.forward)
         params = list(self.model.parameters())

@@ -1,0 +1,46 @@
+"""The network call used by sampling and bits/dim: bf16 autocast, channels_last, compile.
+
+Sampling and the likelihood call one fixed-shape network thousands of times, so the call is
+what to make fast. The mathematics around it (samplers.py, likelihood.py) always runs in
+float32/float64: only the network sees bf16, and its output is returned as float32.
+On CUDA, `compile=True` uses mode "reduce-overhead", i.e. CUDA graphs for the fixed shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Precision = Literal["fp32", "bf16"]
+
+
+class Autocast(nn.Module):
+    """Runs `net(x [B,C,H,W], t [B])` under bf16 autocast (weights stay fp32); fp32 output."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.net, self.dtype = net, dtype
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype or torch.bfloat16,
+                            enabled=self.dtype is not None):
+            out = self.net(x, t)
+        return out.float()
+
+
+def inference_model(model: nn.Module, precision: Precision = "fp32", channels_last: bool = False,
+                    compile: bool = False) -> nn.Module:
+    """The model in eval mode wrapped for fast repeated calls; same `(x_t, t) -> out` interface."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    model = model.eval().requires_grad_(False)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped: nn.Module = Autocast(model, torch.bfloat16 if precision == "bf16" else None)
+    if compile:
+        on_cuda = next(model.parameters()).is_cuda
+        wrapped = torch.compile(wrapped, mode="reduce-overhead" if on_cuda else None,
+                                dynamic=False)
+    return wrapped
