@@ -1,0 +1,33 @@
+"""Launcher of the DVC stage commands: `python3 pipeline/run.py <stage>` runs
+`python -m pipeline.<stage>` with the project's interpreter, so `.venv/bin/dvc repro` works
+without an activated virtual environment (DVC runs commands with the caller's PATH).
+
+Interpreter: $DDPM_PYTHON, else the active $VIRTUAL_ENV, else <DVC_ROOT>/.venv (DVC sets
+DVC_ROOT to the main repository, also for queued and temporary experiments), else ./.venv,
+else this interpreter. Standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def interpreter() -> str:
+    """The Python that has the project installed."""
+    if os.environ.get("DDPM_PYTHON"):
+        return os.environ["DDPM_PYTHON"]
+    candidates = [os.environ.get("VIRTUAL_ENV"), os.environ.get("DVC_ROOT") and
+                  str(Path(os.environ["DVC_ROOT"]) / ".venv"), ".venv"]
+    for env in candidates:
+        if env and (Path(env) / "bin" / "python").is_file():
+            return str(Path(env) / "bin" / "python")
+    return sys.executable
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not sys.argv[1].isidentifier():
+        sys.exit("usage: python3 pipeline/run.py <stage>")
+    py = interpreter()
+    os.execv(py, [py, "-m", f"pipeline.{sys.argv[1]}"])

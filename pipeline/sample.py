@@ -1,0 +1,132 @@
+"""Stage `sample`: N samples per (model, sampler) as uint8 arrays plus a PNG grid.
+
+Samplers, for every trained variant and the pretrained model:
+  ancestral_<var>   the full T-step chain of Algorithm 2 with each fixed σ² in sample.variances
+                    (a learned-variance model uses its own σ² instead);
+  respaced_S<S>     ancestral σ² = β on S respaced steps (improved DDPM, Sec. 4);
+  ddim_S<S>         DDIM with η = sample.ddim_eta on the same S steps.
+Every sampler starts from the same x_T (seeded per batch), so grids are comparable row by row.
+Writes samples/<model>/<sampler>.npy (uint8 [N, H, W, C]), samples/<model>/<sampler>.png and
+samples/index.json (what each set is, and how long it took).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ddpm_core.config import ConfigError, Params
+from ddpm_core.data import from_unit, to_numpy_images
+from ddpm_core.distributed import sample_in_batches
+from ddpm_core.samplers import sample_ancestral, sample_ddim, spaced_timesteps
+from pipeline.common import (
+    SAMPLES_DIR,
+    SIGMA2_NAME,
+    LoadedModel,
+    atomic_dir,
+    check_model_names,
+    device,
+    load_models,
+    run_stage,
+    write_json,
+)
+
+LEARNED = ("learned", "learned_range")
+
+
+def check(params: Params) -> None:
+    """Cross-field checks before any work: step counts must fit T and the spacing."""
+    check_model_names(params)
+    T = params.diffusion.timesteps
+    for S in params.sample.steps:
+        if S > T:
+            raise ConfigError(f"sample.steps: {S} exceeds diffusion.timesteps={T}")
+        try:
+            spaced_timesteps(T, S, params.sample.spacing)
+        except ValueError as e:
+            raise ConfigError(f"sample.steps: {e}") from None
+
+
+def sampler_specs(params: Params, var_type: str) -> list[dict]:
+    """What the sample stage draws for a model whose own variance is `var_type`."""
+    s, T = params.sample, params.diffusion.timesteps
+    variances = [var_type] if var_type in LEARNED else list(s.variances)
+    specs = [{"sampler": f"ancestral_{v}", "kind": "ancestral", "variance": v, "steps": T,
+              "sigma2": SIGMA2_NAME[v]} for v in variances]
+    respaced_var = var_type if var_type in LEARNED else "fixed_large"
+    for S in s.steps:
+        specs.append({"sampler": f"respaced_S{S}", "kind": "respaced", "variance": respaced_var,
+                      "steps": S, "sigma2": SIGMA2_NAME[respaced_var]})
+        specs.append({"sampler": f"ddim_S{S}", "kind": "ddim", "variance": None, "steps": S,
+                      "eta": s.ddim_eta})
+    return specs
+
+
+def draw(params: Params, m: LoadedModel, spec: dict, dev: torch.device) -> np.ndarray:
+    """num_samples images uint8 [N, H, W, C] from one sampler."""
+    s, T = params.sample, m.diff.T
+    net = m.net.to(dev)
+    timesteps = None if spec["kind"] == "ancestral" else \
+        spaced_timesteps(T, spec["steps"], s.spacing)
+    diff = m.diff
+    if spec["kind"] in ("ancestral", "respaced") and spec["variance"] != diff.var_type:
+        diff = diff.with_var_type(spec["variance"])
+
+    def fn(n: int, gen: torch.Generator) -> torch.Tensor:
+        shape = (n, *m.image_shape_chw)
+        if spec["kind"] == "ddim":
+            x = sample_ddim(diff, net, shape, timesteps, s.ddim_eta, gen, clip_x0=s.clip_x0)
+        else:
+            x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=s.clip_x0)
+        return from_unit(x).cpu()
+
+    x = sample_in_batches(fn, s.num_samples, s.batch_size, s.seed, device=dev)
+    return to_numpy_images(x)
+
+
+def save_grid(images: np.ndarray, path: Path, n: int, scale: int) -> None:
+    """The first n images as a square PNG grid, each pixel shown as scale x scale."""
+    images = images[:n]
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w, c = images.shape[1:]
+    pad = 1
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
+             pad + q * (w + pad):pad + q * (w + pad) + w] = im
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def main(params: Params) -> None:
+    dev = device()
+    models = load_models(params, params.sample.use_ema)
+    index = {}
+    with atomic_dir(SAMPLES_DIR) as tmp, torch.inference_mode():
+        for m in models:
+            (tmp / m.name).mkdir()
+            index[m.name] = {"source": m.source, "samplers": {}}
+            for spec in sampler_specs(params, m.diff.var_type):
+                t0 = time.perf_counter()
+                images = draw(params, m, spec, dev)
+                seconds = time.perf_counter() - t0
+                np.save(tmp / m.name / f"{spec['sampler']}.npy", images, allow_pickle=False)
+                scale = max(1, 64 // images.shape[1])
+                save_grid(images, tmp / m.name / f"{spec['sampler']}.png",
+                          params.sample.grid_size, scale)
+                index[m.name]["samplers"][spec["sampler"]] = {
+                    **spec, "num_samples": int(len(images)), "seconds": round(seconds, 2)}
+                print(f"sample[{m.name}] {spec['sampler']}: {len(images)} images in "
+                      f"{seconds:.1f} s", flush=True)
+        write_json(index, tmp / "index.json")
+
+
+if __name__ == "__main__":
+    run_stage(main, check)

@@ -1,0 +1,133 @@
+"""MLflow tracking: the track stage logs a run tree once (idempotent, repairs a half-written
+tree), and `mlflow server` on 127.0.0.1 serves those runs through its REST API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_params import run_stage  # noqa: E402
+from test_report import FID, make_outputs  # noqa: E402
+
+
+def _runs(db: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(db)
+    return c.search_runs([c.get_experiment_by_name("ddpm").experiment_id], max_results=1000)
+
+
+def _track(root: Path, db: str, exp_name: str = "exp-a"):
+    r = run_stage("track", root, (root / "params.yaml").read_text(),
+                  env={"MLFLOW_TRACKING_URI": db, "DVC_EXP_NAME": exp_name})
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_track_logs_once_and_repairs_a_half_written_tree(tmp_path):
+    make_outputs(tmp_path)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    _track(tmp_path, db)
+    runs = _runs(db)
+    levels = sorted(r.data.tags["ddpm.level"] for r in runs)
+    assert levels == ["parent"] + ["sampler"] * 2 * len(FID) + ["variant"] * 2
+    parent = next(r for r in runs if r.data.tags["ddpm.level"] == "parent")
+    assert parent.data.tags["dvc.exp_name"] == "exp-a" and parent.info.status == "FINISHED"
+    simple = next(r for r in runs if r.info.run_name == "simple")
+    assert simple.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert simple.data.metrics["bpd_sigma2_beta"] == 2.5
+    assert simple.data.metrics["fid_ancestral_fixed_small"] == 4.25
+    assert simple.data.metrics["final_loss"] == 0.05
+    assert simple.data.params["loss"] == "simple"
+    beta_tilde = next(r for r in runs if r.info.run_name == "simple / ancestral_fixed_small")
+    assert beta_tilde.data.params["sigma2"] == "sigma2_beta_tilde"
+    assert beta_tilde.data.metrics["bpd"] == 3.5 and beta_tilde.data.metrics["fid"] == 4.25
+
+    # the same results again (a re-run, or stages restored from DVC's run cache): nothing new
+    r = _track(tmp_path, db, "exp-b")
+    assert "already logged" in r.stdout
+    again = _runs(db)
+    assert sorted(x.info.run_id for x in again) == sorted(x.info.run_id for x in runs)
+    p2 = next(x for x in again if x.info.run_id == parent.info.run_id)
+    assert p2.data.tags["dvc.exp_names"] == "exp-a,exp-b"
+
+    # a tree killed half-way (no completion tag) is replaced, not duplicated
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(db).delete_tag(parent.info.run_id, "ddpm.complete")
+    _track(tmp_path, db)
+    repaired = _runs(db)
+    assert len(repaired) == len(runs)
+    assert parent.info.run_id not in {x.info.run_id for x in repaired}
+
+    # different results (a metric changed) get a new parent
+    (tmp_path / "metrics" / "bpd.json").write_text(json.dumps(
+        {"simple": {"bpd_sigma2_beta": 9.0}, "vlb": {"bpd_sigma2_beta": 9.0}}))
+    _track(tmp_path, db)
+    assert sum(x.data.tags["ddpm.level"] == "parent" for x in _runs(db)) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def test_mlflow_server_serves_the_runs_over_rest(tmp_path):
+    make_outputs(tmp_path)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    _track(tmp_path, db)
+    port = _free_port()
+    mlflow_exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_exe), "server", "--backend-store-uri", db, "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1",
+         "--default-artifact-root", (tmp_path / "mlartifacts").as_uri()],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
+            time.sleep(1)
+        exp = json.loads(urllib.request.urlopen(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ddpm",
+            timeout=30).read())["experiment"]
+        found = _post(f"{base}/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [exp["experiment_id"]],
+            "filter": "tags.`ddpm.level` = 'variant'", "max_results": 100})["runs"]
+        names = sorted(r["info"]["run_name"] for r in found)
+        assert names == ["simple", "vlb"]
+        metrics = {m["key"]: m["value"] for m in found[0]["data"]["metrics"]}
+        assert "bpd_sigma2_beta" in metrics and "fid_ancestral_fixed_large" in metrics
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,101 @@
+"""Malformed params.yaml through the real stage entry points: one line `error: <key>: ...` on
+stderr, exit status 2, no traceback, no work done and earlier outputs left as they were."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_params() -> dict:
+    """The shipped params.yaml shrunk to seconds of work."""
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["diffusion"]["timesteps"] = 10
+    p["model"].update(base_channels=8, channel_mult=[1], attn_resolutions=[])
+    p["train"].update(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1)
+    p["sample"].update(num_samples=8, batch_size=8, steps=[2], grid_size=4)
+    p["bpd"].update(num_images=4, batch_size=4, t_batch=5)
+    p["fid"].update(classifier_epochs=1, kid_subset_size=4)
+    return p
+
+
+def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None):
+    text = params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False)
+    (cwd / "params.yaml").write_text(text)
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env.pop("DDPM_PARAMS", None)
+    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(r, key: str, code: int = 2) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert key in lines[0], (key, lines[0])
+
+
+# (stage, mutation of the tiny params, key the message must name)
+CASES = [
+    ("prepare", lambda p: p["data"].update(tets_fraction=0.2), "data.tets_fraction"),
+    ("prepare", lambda p: p["data"].update(test_fraction=1.5), "data.test_fraction"),
+    ("train", lambda p: p["train"].update(steps="many"), "train.steps"),
+    ("train", lambda p: p["train"].update(ema_decay=1.5), "train.ema_decay"),
+    ("sample", lambda p: p["sample"].update(num_samples=0), "sample.num_samples"),
+    ("sample", lambda p: p["sample"].update(steps=[50]), "sample.steps"),  # > T = 10
+    ("bpd", lambda p: p["bpd"].update(variances=["learned"]), "bpd.variances"),
+    ("fid", lambda p: p["fid"].update(features="clip"), "fid.features"),
+    ("report", lambda p: p.update(schedule="cosin"), "schedule"),
+    ("track", lambda p: p["mlflow"].update(experimnt="x"), "mlflow.experimnt"),
+]
+assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "fid", "report", "track"}
+
+
+@pytest.mark.parametrize(("stage", "mutate", "key"), CASES,
+                         ids=[f"{s}-{k}" for s, _, k in CASES])
+def test_bad_value_fails_before_work_with_one_line_naming_the_key(tmp_path, stage, mutate, key):
+    p = tiny_params()
+    mutate(p)
+    # outputs of an earlier run must survive the failed one
+    sentinels = [tmp_path / "data" / "prepared" / "info.json", tmp_path / "samples" / "index.json",
+                 tmp_path / "metrics" / "bpd.json", tmp_path / "reports" / "report.md"]
+    for s in sentinels:
+        s.parent.mkdir(parents=True, exist_ok=True)
+        s.write_text("earlier output")
+    r = run_stage(stage, tmp_path, p, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    assert_one_line_error(r, key)
+    assert all(s.read_text() == "earlier output" for s in sentinels)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    r = run_stage("prepare", tmp_path, "schedule: linear\ntrain: [\n")
+    assert_one_line_error(r, "params.yaml")
+
+
+def test_nan_loss_exits_nonzero_and_marks_the_mlflow_run_failed(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    p = tiny_params()
+    p["variants"] = p["variants"][:1]
+    assert run_stage("prepare", tmp_path, p).returncode == 0
+    p["train"].update(lr=1e30, warmup_steps=0, grad_clip=1e30)
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    r = run_stage("train", tmp_path, p, env={"MLFLOW_TRACKING_URI": db})
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "NaN" in r.stderr
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    assert any("NaN" in r.data.tags.get("ddpm.error", "") for r in runs)
+    assert not (tmp_path / "models" / "simple.pt").exists()
