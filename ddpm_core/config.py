@@ -163,6 +163,11 @@ class SampleConfig:
     ddim_eta: float = 0.0
     seed: int = 0
     grid_size: int = 64
+    # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
+    # GPU), and N processes under torchrun, each taking its share of the batches.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    nproc: int = 1
 
     def validate(self, key: str) -> None:
         _require(self.num_samples > 0, f"{key}.num_samples", "must be > 0")
@@ -170,6 +175,7 @@ class SampleConfig:
         _require(0.0 <= self.ddim_eta <= 1.0, f"{key}.ddim_eta", "must be in [0, 1]")
         _require(all(s > 0 for s in self.steps), f"{key}.steps", "must be positive step counts")
         _require(self.grid_size > 0, f"{key}.grid_size", "must be > 0")
+        _require(self.nproc > 0, f"{key}.nproc", "must be > 0")
         for v in self.variances:
             _require(v in ("fixed_large", "fixed_small"), f"{key}.variances",
                      f"{v!r} is not a fixed variance; use 'fixed_large' or 'fixed_small'")
@@ -184,12 +190,18 @@ class BpdConfig:
     t_batch: int = 8  # timesteps evaluated per network call (x batch_size images)
     variances: tuple[VarType, ...] = ("fixed_large", "fixed_small")
     use_ema: bool = True
+    # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
+    # GPU), and N processes under torchrun, each taking its share of the batches.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    nproc: int = 1
 
     def validate(self, key: str) -> None:
         if self.num_images is not None:
             _require(self.num_images > 0, f"{key}.num_images", "must be > 0 or null")
         _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
         _require(self.t_batch > 0, f"{key}.t_batch", "must be > 0")
+        _require(self.nproc > 0, f"{key}.nproc", "must be > 0")
         for v in self.variances:
             _require(v in ("fixed_large", "fixed_small"), f"{key}.variances",
                      f"{v!r} is not a fixed variance; use 'fixed_large' or 'fixed_small'")
@@ -238,7 +250,6 @@ class Params:
     """The whole params.yaml."""
 
     schedule: Schedule = "linear"
-    seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -89,6 +90,27 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     """Short SHA-256 of a JSON-able object (sorted keys): a deterministic key."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def relaunch_under_torchrun(module: str, n: int) -> None:
+    """Unless already under torchrun, re-run `python -m module` on n processes and exit."""
+    if n <= 1 or "LOCAL_RANK" in os.environ:
+        return
+    exe = Path(sys.executable).with_name("torchrun")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", f"--nproc_per_node={n}", "-m", module]
+    print(f"{module}: " + " ".join(cmd), flush=True)
+    sys.exit(subprocess.call(cmd))
+
+
+@contextmanager
+def scratch_dir() -> Iterator[Path]:
+    """A throwaway folder: where non-zero ranks put what only rank 0 keeps."""
+    tmp = Path(tempfile.mkdtemp(prefix="ddpm-rank-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def device() -> torch.device:

@@ -22,7 +22,8 @@ from PIL import Image
 
 from ddpm_core.config import ConfigError, Params
 from ddpm_core.data import from_unit, to_numpy_images
-from ddpm_core.distributed import sample_in_batches
+from ddpm_core.distributed import cleanup, init_distributed, sample_in_batches
+from ddpm_core.inference import inference_model
 from ddpm_core.samplers import sample_ancestral, sample_ddim, spaced_timesteps
 from pipeline.common import (
     SAMPLES_DIR,
@@ -32,7 +33,9 @@ from pipeline.common import (
     check_model_names,
     device,
     load_models,
+    relaunch_under_torchrun,
     run_stage,
+    scratch_dir,
     write_json,
 )
 
@@ -67,10 +70,10 @@ def sampler_specs(params: Params, var_type: str) -> list[dict]:
     return specs
 
 
-def draw(params: Params, m: LoadedModel, spec: dict, dev: torch.device) -> np.ndarray:
-    """num_samples images uint8 [N, H, W, C] from one sampler."""
+def draw(params: Params, m: LoadedModel, spec: dict, net: torch.nn.Module,
+         dev: torch.device) -> np.ndarray:
+    """num_samples images uint8 [N, H, W, C] from one sampler (this rank's batches, gathered)."""
     s, T = params.sample, m.diff.T
-    net = m.net.to(dev)
     timesteps = None if spec["kind"] == "ancestral" else \
         spaced_timesteps(T, spec["steps"], s.spacing)
     diff = m.diff
@@ -106,16 +109,21 @@ def save_grid(images: np.ndarray, path: Path, n: int, scale: int) -> None:
 
 
 def main(params: Params) -> None:
-    dev = device()
-    models = load_models(params, params.sample.use_ema)
+    s = params.sample
+    relaunch_under_torchrun("pipeline.sample", s.nproc)
+    info = init_distributed(device())
+    dev = info.device
+    models = load_models(params, s.use_ema)
     index = {}
-    with atomic_dir(SAMPLES_DIR) as tmp, torch.inference_mode():
+    out = atomic_dir(SAMPLES_DIR) if info.is_main else scratch_dir()
+    with out as tmp, torch.inference_mode():
         for m in models:
+            net = inference_model(m.net.to(dev), s.precision, compile=s.compile)
             (tmp / m.name).mkdir()
             index[m.name] = {"source": m.source, "samplers": {}}
             for spec in sampler_specs(params, m.diff.var_type):
                 t0 = time.perf_counter()
-                images = draw(params, m, spec, dev)
+                images = draw(params, m, spec, net, dev)
                 seconds = time.perf_counter() - t0
                 np.save(tmp / m.name / f"{spec['sampler']}.npy", images, allow_pickle=False)
                 scale = max(1, 64 // images.shape[1])
@@ -123,9 +131,11 @@ def main(params: Params) -> None:
                           params.sample.grid_size, scale)
                 index[m.name]["samplers"][spec["sampler"]] = {
                     **spec, "num_samples": int(len(images)), "seconds": round(seconds, 2)}
-                print(f"sample[{m.name}] {spec['sampler']}: {len(images)} images in "
-                      f"{seconds:.1f} s", flush=True)
+                if info.is_main:
+                    print(f"sample[{m.name}] {spec['sampler']}: {len(images)} images in "
+                          f"{seconds:.1f} s", flush=True)
         write_json(index, tmp / "index.json")
+    cleanup()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from pipeline.common import (
     PLOTS_DIR,
     atomic_dir,
     device,
+    relaunch_under_torchrun,
     run_stage,
     save_torch,
     stable_hash,
@@ -129,19 +127,8 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
             "checkpoints": str(ckpt_dir), "params": sum(p.numel() for p in model.parameters())}
 
 
-def _launch_torchrun(n: int) -> None:
-    """Re-run this stage under `torchrun --nproc_per_node=n` and exit with its status."""
-    exe = Path(sys.executable).with_name("torchrun")
-    cmd = [str(exe)] if exe.is_file() else (shutil.which("torchrun") and ["torchrun"]) or \
-        [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", f"--nproc_per_node={n}", "-m", "pipeline.train"]
-    print("train: " + " ".join(cmd), flush=True)
-    sys.exit(subprocess.call(cmd))
-
-
 def main(params: Params) -> None:
-    if params.train.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        _launch_torchrun(params.train.nproc)
+    relaunch_under_torchrun("pipeline.train", params.train.nproc)
     is_main = int(os.environ.get("RANK", "0")) == 0
     data = to_model_tensor(load_images(DATA_DIR / "train.npy"))
     MODELS_DIR.mkdir(exist_ok=True)
