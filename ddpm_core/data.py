@@ -141,7 +141,12 @@ def _read_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def download_cifar10(dest: Path, url: str = CIFAR10_URL, timeout: float = 30.0) -> None:
-    """Fetch the CIFAR-10 archive to `dest` (temp file, then rename)."""
+    """Fetch the CIFAR-10 archive to `dest`."""
+    download_file(url, dest, timeout)
+
+
+def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
+    """Fetch `url` to `dest` (temp file beside it, then rename: never half-written)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
     try:

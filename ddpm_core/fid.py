@@ -25,6 +25,8 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from ddpm_core.data import download_file
+
 Features = Literal["inception", "digits_classifier"]
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -211,17 +213,8 @@ def _register_digits_extractor() -> None:
 # ----------------------------------------------------------------------------- Inception weights
 
 
-def _download(url: str, dest: Path, timeout: float = 60.0) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _download(url: str, dest: Path) -> None:
+    download_file(url, dest, timeout=60.0)
 
 
 def resolve_inception_weights(path: str | Path | None = None, download: bool = True) -> Path:

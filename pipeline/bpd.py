@@ -14,6 +14,7 @@ import torch
 
 from ddpm_core.config import Params
 from ddpm_core.data import load_images, to_model_tensor, to_unit
+from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, init_distributed, map_shards
 from ddpm_core.inference import inference_model
 from ddpm_core.likelihood import bits_per_dim
@@ -32,8 +33,6 @@ from pipeline.common import (
     scratch_dir,
     write_json,
 )
-
-LEARNED = ("learned", "learned_range")
 
 
 def per_image_bounds(params: Params, m: LoadedModel, net: torch.nn.Module, x_all: torch.Tensor,
@@ -72,7 +71,8 @@ def main(params: Params) -> None:
     out = atomic_dir(BPD_DIR) if info.is_main else scratch_dir()
     with out as tmp:
         for m in load_models(params, b.use_ema):
-            var_types = [m.diff.var_type] if m.diff.var_type in LEARNED else list(b.variances)
+            learned = m.diff.var_type in LEARNED_VAR_TYPES
+            var_types = [m.diff.var_type] if learned else list(b.variances)
             net = inference_model(m.net.to(dev), b.precision, compile=b.compile)
             t0 = time.perf_counter()
             bounds = per_image_bounds(params, m, net, x_all, var_types, dev)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from ddpm_core.config import ConfigError, Params
 from ddpm_core.data import from_unit, to_numpy_images
+from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, init_distributed, sample_in_batches
 from ddpm_core.inference import inference_model
 from ddpm_core.samplers import sample_ancestral, sample_ddim, spaced_timesteps
@@ -38,8 +39,6 @@ from pipeline.common import (
     scratch_dir,
     write_json,
 )
-
-LEARNED = ("learned", "learned_range")
 
 
 def check(params: Params) -> None:
@@ -58,10 +57,10 @@ def check(params: Params) -> None:
 def sampler_specs(params: Params, var_type: str) -> list[dict]:
     """What the sample stage draws for a model whose own variance is `var_type`."""
     s, T = params.sample, params.diffusion.timesteps
-    variances = [var_type] if var_type in LEARNED else list(s.variances)
+    variances = [var_type] if var_type in LEARNED_VAR_TYPES else list(s.variances)
     specs = [{"sampler": f"ancestral_{v}", "kind": "ancestral", "variance": v, "steps": T,
               "sigma2": SIGMA2_NAME[v]} for v in variances]
-    respaced_var = var_type if var_type in LEARNED else "fixed_large"
+    respaced_var = var_type if var_type in LEARNED_VAR_TYPES else "fixed_large"
     for S in s.steps:
         specs.append({"sampler": f"respaced_S{S}", "kind": "respaced", "variance": respaced_var,
                       "steps": S, "sigma2": SIGMA2_NAME[respaced_var]})
