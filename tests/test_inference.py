@@ -11,13 +11,7 @@ from ddpm_core.likelihood import bits_per_dim
 from ddpm_core.samplers import sample_ddim, spaced_timesteps
 from ddpm_core.unet import PRESETS, UNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(seed: int = 0) -> UNet:

@@ -10,13 +10,7 @@ from ddpm_core.diffusion import Diffusion, q_sample
 from ddpm_core.likelihood import bits_per_dim, prior_bpd
 from ddpm_core.losses import vlb_terms_from_output
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prior_term_L_T_ho2020_is_about_1e5_bits_per_dim():

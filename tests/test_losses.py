@@ -205,12 +205,7 @@ class TinyMLP(nn.Module):
         return self.net(h)[:, :, None, None]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only contend on the shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _two_blob_data(n, g):

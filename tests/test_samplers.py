@@ -22,12 +22,7 @@ from ddpm_core.samplers import (
 M, S = 0.1, 0.25  # data N(M, S²): |x| > 1 is > 3.6 standard deviations away
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_spaced_timesteps_uniform_matches_ddim_range_and_has_S_elements():
