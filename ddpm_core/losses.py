@@ -38,6 +38,8 @@ HISTORY_PER_T = 10  # improved-diffusion LossSecondMomentResampler
 UNIFORM_PROB = 1e-3  # mixed into p_t so no step is starved
 BIN_HALF_WIDTH = 1.0 / 255.0  # half a bin of the 256-level grid on [-1, 1]
 EDGE = 0.999  # x below −0.999 / above 0.999 is the first / last bin
+PROB_FLOOR = 1e-12  # official code: log(max(p, 1e-12)) on every bin
+LOG_PROB_FLOOR = math.log(PROB_FLOOR)
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -61,22 +63,29 @@ def standard_normal_cdf(x: Tensor) -> Tensor:
 
 # Ho et al. 2020, eq. (13): discretized Gaussian decoder over 256 bins of [-1, 1]
 def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-    """log ∫_bin(x) N(y; mean, e^{2·log_scale}) dy elementwise, in nats, for x on the 256 grid."""
+    """log ∫_bin(x) N(y; mean, e^{2·log_scale}) dy elementwise, in nats, for x on the 256 grid.
+
+    Every bin's probability is floored at 1e-12 before the log, as in the official code
+    (log(max(p, 1e-12))): one hopeless dimension costs at most 40 bits, and a bin whose mass
+    underflows to 0 gets a zero gradient instead of 0 · ∞ = NaN. Every branch of the selects
+    below is finite, because torch.where back-propagates 0 · (derivative) into the unused ones.
+    """
     assert x.shape == mean.shape, f"x {tuple(x.shape)} vs mean {tuple(mean.shape)}"
     dt = x.dtype
     x, mean, log_scale = (v.to(torch.float64) for v in (x, mean, log_scale))
     inv_std = torch.exp(-log_scale)
     upper = inv_std * (x - mean + BIN_HALF_WIDTH)
     lower = inv_std * (x - mean - BIN_HALF_WIDTH)
-    log_cdf_upper = torch.special.log_ndtr(upper)  # first bin: (-inf, x + 1/255]
-    log_sf_lower = torch.special.log_ndtr(-lower)  # last bin: [x − 1/255, inf)
+    # first bin: (-inf, x + 1/255]; last bin: [x − 1/255, inf); log Φ is finite far into the tail
+    log_cdf_upper = torch.special.log_ndtr(upper).clamp(min=LOG_PROB_FLOOR)
+    log_sf_lower = torch.special.log_ndtr(-lower).clamp(min=LOG_PROB_FLOOR)
     # mass of the bin, taken in the tail it lies in to avoid cancellation near Φ = 1
     mass = torch.where(lower > 0, standard_normal_cdf(-lower) - standard_normal_cdf(-upper),
                        standard_normal_cdf(upper) - standard_normal_cdf(lower))
+    log_mass = torch.log(mass.clamp(min=PROB_FLOOR))
     log_prob = torch.where(x < -EDGE, log_cdf_upper,
-                           torch.where(x > EDGE, log_sf_lower, torch.log(mass)))
-    # official code's floor of 1e-12 on every bin: one hopeless dimension costs ≤ 40 bits
-    return log_prob.clamp(min=math.log(1e-12)).to(dt)
+                           torch.where(x > EDGE, log_sf_lower, log_mass))
+    return log_prob.to(dt)
 
 
 # Ho et al. 2020, eq. (5): L_{t−1} = KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t)), L_0 decoder
