@@ -9,40 +9,77 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ddpm_core.analytic import SIGMA2_CHOICES, Sigma2, analytic_sigma2
 from ddpm_core.diffusion import (
+    LEARNED_VAR_TYPES,
     Diffusion,
     Model,
+    VarType,
     p_mean_variance_from_output,
     predict_eps_from_x0,
     predict_x0_from_mu,
 )
 
-SpacingKind = Literal["uniform", "quadratic"]
+Spacing = Literal["leading", "ddim_quadratic", "linspace", "trailing"]
+SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
+# Lin et al. 2024: a chain must start at the last step; `trailing` does, as DPM-Solver's does
+DEFAULT_SPACING: Spacing = "trailing"
 
 
-def spaced_timesteps(T: int, S: int, kind: SpacingKind) -> list[int]:
-    """Up to S increasing indices in 0..T−1, always starting at 0 (the decoder step).
+# Timestep spacings named as diffusers names them (DDIM code, improved DDPM, Lin et al. 2024)
+def timestep_spacing(T: int, S: int, spacing: Spacing = DEFAULT_SPACING) -> list[int]:
+    """Increasing indices in 0..T−1 of an S-step chain (0-indexed, index T−1 is step T).
 
-    uniform:   round(i · T/S), i = 0..S−1: exactly S indices; equals DDIM's range(0, T, T//S)
-               when S divides T (which, when it does not, has more than S).
-    quadratic: int((linspace(0, √(0.8 T), S))²) as in the DDIM paper's code, with repeated
-               indices dropped (e.g. 96 of S = 100 at T = 1000). A repeated index is an identity
-               step of DDIM (ᾱ_τ = ᾱ_prev), so the samples are the same with fewer network calls.
+    leading:        range(0, T, T // S), the DDIM code's "uniform"; S + extra steps when S does
+                    not divide T (T // S rounds the stride down); tops out at T − T//S.
+    ddim_quadratic: int(s) for s in linspace(0, √(0.8 T), S)², the DDIM code's "quadratic";
+                    top 0.8T, repeated low indices dropped (96 of S = 100 at T = 1000): a repeat
+                    is an identity step of DDIM (ᾱ_τ = ᾱ_prev).
+    linspace:       round(linspace(0, T − 1, S)), both ends (improved DDPM; Bao et al.'s even
+                    trajectory); S = 1 gives [0].
+    trailing:       round(arange(T, 0, −T/S)) − 1, i.e. T−1, T−1−T/S, …: starts at T − 1
+                    (the first S values of the arange).
+    Only linspace (S ≥ 2) and trailing start at T − 1; see prior_kl_at for what an early start
+    costs.
     """
     if not 1 <= S <= T:
         raise ValueError(f"need 1 <= S <= T, got S={S}, T={T}")
-    if kind == "uniform":
-        return [int(math.floor(i * T / S + 0.5)) for i in range(S)]
-    if kind == "quadratic":
-        root = torch.linspace(0.0, math.sqrt(0.8 * T), S, dtype=torch.float64)
+    if spacing == "leading":
+        return list(range(0, T, T // S))
+    if spacing == "ddim_quadratic":
+        root = np.linspace(0.0, math.sqrt(0.8 * T), S)
         return sorted({int(v) for v in (root**2).tolist()})
-    raise ValueError(f"unknown spacing {kind!r}; expected 'uniform' or 'quadratic'")
+    if spacing == "linspace":
+        return [int(v) for v in np.round(np.linspace(0, T - 1, S))]
+    if spacing == "trailing":
+        # arange's length is float-fragile (T=17, S=7 gives 8 values, the last one −1)
+        return sorted(int(v) - 1 for v in np.round(np.arange(T, 0, -T / S)[:S]))
+    raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+
+
+# Ho et al. 2020, eq. (5), L_T at the chain's first index: KL(q(x_t | x_0) ‖ N(0, I))
+def prior_kl_at(diff: Diffusion, t_index: int, x0_mean_square: float = 1.0) -> float:
+    """KL(q(x_t | x_0) ‖ N(0, I)) in bits/dim at index t for data with mean of x_0² over dims.
+
+    Per dimension the KL is ½(ᾱ_t x_0² − ᾱ_t − log(1 − ᾱ_t)) nats; it grows with x_0², so the
+    default x0_mean_square = 1 (|x_0| = 1 everywhere) is the worst case over x_0 ∈ [−1, 1]^d:
+    −½ log(1 − ᾱ_t) / ln 2, an upper bound on the prior term of any data in [−1, 1]. A sampler
+    that starts from N(0, I) at index t ignores at least this much signal per dimension for
+    such an image; x0_mean_square = 0 gives the best case (x_0 = 0).
+    """
+    if not 0 <= t_index < diff.T:
+        raise ValueError(f"t_index={t_index} must lie in 0..{diff.T - 1}")
+    if not 0.0 <= x0_mean_square <= 1.0:
+        raise ValueError(f"x0_mean_square={x0_mean_square} must lie in [0, 1] for data in [-1, 1]")
+    ab = float(diff.alpha_bar[t_index])
+    return 0.5 * (ab * x0_mean_square - ab - math.log1p(-ab)) / math.log(2.0)
 
 
 def _check_timesteps(diff: Diffusion, timesteps: Sequence[int]) -> list[int]:
@@ -83,18 +120,41 @@ def _time(tau: int, n: int, device: torch.device) -> Tensor:
     return torch.full((n,), tau, dtype=torch.long, device=device)
 
 
-# Ho et al. 2020, Algorithm 2 (on a subsequence: Nichol & Dhariwal 2021, Sec. 4)
+def _check_sigma2(diff: Diffusion, sigma2: Sigma2 | None, gamma: Tensor | None) -> Sigma2:
+    chosen: Sigma2 = diff.var_type if sigma2 is None else sigma2
+    if chosen not in SIGMA2_CHOICES:
+        raise ValueError(f"unknown sigma2 {chosen!r}; expected one of {SIGMA2_CHOICES}")
+    if chosen == "analytic" and gamma is None:
+        raise ValueError("sigma2 'analytic' needs gamma: pass gamma=estimate_gamma(...)")
+    if chosen in LEARNED_VAR_TYPES and chosen != diff.var_type:
+        raise ValueError(f"sigma2 {chosen!r} needs a model trained with it, not {diff!r}")
+    return chosen
+
+
+# Ho et al. 2020, Algorithm 2 (on a subsequence: Nichol & Dhariwal 2021, Sec. 4; σ² = σ̂²:
+# Bao et al. 2022, Algorithm 1)
 @torch.no_grad()
 def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
                      generator: torch.Generator, timesteps: Sequence[int] | None = None,
                      clip_x0: bool = True, progress: bool = False,
-                     x_T: Tensor | None = None) -> Tensor:
-    """x_0 ~ p_θ by ancestral sampling from x_T ~ N(0, I); returns [B,C,H,W] in [-1, 1]."""
+                     x_T: Tensor | None = None, sigma2: Sigma2 | None = None,
+                     gamma: Tensor | None = None) -> Tensor:
+    """x_0 ~ p_θ by ancestral sampling from x_T ~ N(0, I); returns [B,C,H,W] in [-1, 1].
+
+    sigma2 picks the reverse variance (default diff.var_type); "analytic" uses σ̂² of
+    analytic.analytic_sigma2 with gamma = Γ [T] from analytic.estimate_gamma.
+    """
+    chosen = _check_sigma2(diff, sigma2, gamma)
     steps = list(range(diff.T)) if timesteps is None else _check_timesteps(diff, timesteps)
     sub = diff if timesteps is None else respace(diff, steps)
     if diff.mean_type == "mu" and timesteps is not None:
         # μ̃ outputs belong to the original one-step chain: read them as x̂_0 in the new chain
         sub = sub.with_mean_type("x0")
+    log_sigma2 = None
+    if chosen == "analytic":
+        assert gamma is not None
+        log_sigma2 = torch.log(analytic_sigma2(diff, gamma, None if timesteps is None else steps))
+    var_type: VarType = "fixed_small" if chosen == "analytic" else chosen
     x = _initial_noise(shape, generator, x_T)
     C = x.shape[1]
     for i in _progress(range(len(steps) - 1, -1, -1), progress, "ancestral"):
@@ -103,11 +163,13 @@ def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
         if sub is not diff and diff.mean_type == "mu":
             x0 = predict_x0_from_mu(diff, x, t_model, out[:, :C])
             out = torch.cat([x0, out[:, C:]], dim=1)
-        p = p_mean_variance_from_output(sub, out, x, _time(i, x.shape[0], x.device), clip_x0)
+        p = p_mean_variance_from_output(sub, out, x, _time(i, x.shape[0], x.device), clip_x0,
+                                        var_type=var_type)
         x = p["mean"]
         if i > 0:  # no noise on the last step (Algorithm 2, z = 0 for t = 1)
             noise = torch.randn(x.shape, generator=generator, device=generator.device)
-            x = x + torch.exp(0.5 * p["log_variance"]) * noise
+            log_var = p["log_variance"] if log_sigma2 is None else float(log_sigma2[i])
+            x = x + torch.exp(0.5 * torch.as_tensor(log_var, dtype=x.dtype)) * noise
     return x.clamp(-1.0, 1.0)
 
 

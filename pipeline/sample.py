@@ -25,7 +25,7 @@ from ddpm_core.data import from_unit, to_numpy_images
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, init_distributed, sample_in_batches
 from ddpm_core.inference import inference_model
-from ddpm_core.samplers import sample_ancestral, sample_ddim, spaced_timesteps
+from ddpm_core.samplers import sample_ancestral, sample_ddim, timestep_spacing
 from pipeline.common import (
     SAMPLES_DIR,
     SIGMA2_NAME,
@@ -40,6 +40,9 @@ from pipeline.common import (
     write_json,
 )
 
+# config's spacing names -> samplers.timestep_spacing's (until config imports SPACINGS)
+OLD_SPACING = {"uniform": "leading", "quadratic": "ddim_quadratic"}
+
 
 def check(params: Params) -> None:
     """Cross-field checks before any work: step counts must fit T and the spacing."""
@@ -49,7 +52,7 @@ def check(params: Params) -> None:
         if S > T:
             raise ConfigError(f"sample.steps: {S} exceeds diffusion.timesteps={T}")
         try:
-            spaced_timesteps(T, S, params.sample.spacing)
+            timestep_spacing(T, S, OLD_SPACING[params.sample.spacing])
         except ValueError as e:
             raise ConfigError(f"sample.steps: {e}") from None
 
@@ -74,7 +77,7 @@ def draw(params: Params, m: LoadedModel, spec: dict, net: torch.nn.Module,
     """num_samples images uint8 [N, H, W, C] from one sampler (this rank's batches, gathered)."""
     s, T = params.sample, m.diff.T
     timesteps = None if spec["kind"] == "ancestral" else \
-        spaced_timesteps(T, spec["steps"], s.spacing)
+        timestep_spacing(T, spec["steps"], OLD_SPACING[s.spacing])
     diff = m.diff
     if spec["kind"] in ("ancestral", "respaced") and spec["variance"] != diff.var_type:
         diff = diff.with_var_type(spec["variance"])

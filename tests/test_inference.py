@@ -8,7 +8,7 @@ import torch
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.inference import inference_model
 from ddpm_core.likelihood import bits_per_dim
-from ddpm_core.samplers import sample_ddim, spaced_timesteps
+from ddpm_core.samplers import sample_ddim, timestep_spacing
 from ddpm_core.unet import PRESETS, UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,7 +52,7 @@ def test_bf16_bits_per_dim_differs_from_fp32_by_less_than_its_standard_error():
 
 def test_bf16_ddim_samples_stay_close_to_fp32():
     diff = Diffusion.from_schedule("linear", 100)
-    net, ts = _net(), spaced_timesteps(100, 10, "uniform")
+    net, ts = _net(), timestep_spacing(100, 10, "leading")
     shape = (16, 1, 8, 8)
     a = sample_ddim(diff, inference_model(net, "fp32"), shape, ts, 0.0,
                     torch.Generator().manual_seed(3))

@@ -9,14 +9,16 @@ from analytic import GaussianDenoiser, discretize
 
 from ddpm_core.diffusion import Diffusion, p_mean_variance_from_output
 from ddpm_core.samplers import (
+    SPACINGS,
     ddim_encode,
     ddim_sigma,
     ddim_step,
+    prior_kl_at,
     respace,
     respaced_betas,
     sample_ancestral,
     sample_ddim,
-    spaced_timesteps,
+    timestep_spacing,
 )
 
 M, S = 0.1, 0.25  # data N(M, S²): |x| > 1 is > 3.6 standard deviations away
@@ -25,30 +27,79 @@ M, S = 0.1, 0.25  # data N(M, S²): |x| > 1 is > 3.6 standard deviations away
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_spaced_timesteps_uniform_matches_ddim_range_and_has_S_elements():
-    assert spaced_timesteps(1000, 10, "uniform") == list(range(0, 1000, 100))
-    assert spaced_timesteps(1000, 1000, "uniform") == list(range(1000))
-    steps = spaced_timesteps(1000, 300, "uniform")
-    assert len(steps) == 300 and steps[0] == 0 and steps[-1] < 1000
-    assert all(b > a for a, b in zip(steps, steps[1:], strict=False))
+@pytest.mark.parametrize("T,S", [(1000, 10), (1000, 50), (1000, 300), (1000, 1000), (4000, 100),
+                                 (17, 7), (200, 17), (10, 1)])
+def test_timestep_spacing_equals_each_definition(T, S):
+    """The definitions of REFERENCE.md "Timestep spacing", written out independently."""
+    leading = list(range(0, T, T // S))
+    quad = sorted({int(v) for v in np.linspace(0, math.sqrt(0.8 * T), S) ** 2})
+    lin = [int(round(v)) for v in np.linspace(0, T - 1, S)]
+    trailing = sorted(int(round(T - i * T / S)) - 1 for i in range(S))
+    assert timestep_spacing(T, S, "leading") == leading
+    assert timestep_spacing(T, S, "ddim_quadratic") == quad
+    assert timestep_spacing(T, S, "linspace") == lin
+    assert timestep_spacing(T, S, "trailing") == trailing
+    assert timestep_spacing(T, S) == trailing  # the default starts at T − 1
+    for spacing in SPACINGS:
+        steps = timestep_spacing(T, S, spacing)
+        assert all(b > a for a, b in zip(steps, steps[1:], strict=False)) and steps[0] >= 0
+    assert len(lin) == len(trailing) == S and trailing[-1] == T - 1
+    if S > 1:
+        assert lin[0] == 0 and lin[-1] == T - 1
+        # the DDIM code's spacings stop early: at the last multiple of T//S (T − T/S when S
+        # divides T) and at 0.8T
+        assert leading[-1] == (T - 1) // (T // S) * (T // S)
+        if T % S == 0 and S < T:
+            assert leading[-1] == T - T // S < T - 1
+        assert timestep_spacing(T, S, "ddim_quadratic")[-1] == int(0.8 * T) < T - 1
 
 
-def test_spaced_timesteps_quadratic_matches_ddim_code():
-    expected = (np.linspace(0, np.sqrt(1000 * 0.8), 20) ** 2).astype(int).tolist()
-    assert spaced_timesteps(1000, 20, "quadratic") == expected
+def test_timestep_spacing_known_lists_and_errors():
+    assert timestep_spacing(1000, 10, "trailing") == list(range(99, 1000, 100))
+    assert timestep_spacing(1000, 10, "leading") == list(range(0, 1000, 100))
+    assert timestep_spacing(1000, 4, "linspace") == [0, 333, 666, 999]
+    # leading has more than S steps when S does not divide T (stride 1000 // 300 = 3)
+    assert len(timestep_spacing(1000, 300, "leading")) == 334
     # the DDIM code repeats indices at S = 100 (identity steps); we drop the repeats
     ddim_code = (np.linspace(0, np.sqrt(1000 * 0.8), 100) ** 2).astype(int).tolist()
-    assert spaced_timesteps(1000, 100, "quadratic") == sorted(set(ddim_code))
+    assert timestep_spacing(1000, 100, "ddim_quadratic") == sorted(set(ddim_code))
     assert len(ddim_code) == 100 and len(set(ddim_code)) == 96
     with pytest.raises(ValueError, match="1 <= S <= T"):
-        spaced_timesteps(10, 11, "uniform")
+        timestep_spacing(10, 11)
     with pytest.raises(ValueError, match="unknown spacing"):
-        spaced_timesteps(10, 5, "cubic")  # type: ignore[arg-type]
+        timestep_spacing(10, 5, "uniform")  # type: ignore[arg-type]
+
+
+def test_prior_kl_at_chain_start_ho2020_L_T():
+    lin = Diffusion.from_schedule("linear", 1000)
+    cos = Diffusion.from_schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4000, dtype=torch.float64, generator=g) * 2 - 1
+    for d, t in ((lin, 999), (lin, 900), (cos, 800)):
+        # worst case |x_0| = 1 bounds the KL of every x_0 in [-1, 1]; closed form vs quadrature
+        ab = float(d.alpha_bar[t])
+        kl = prior_kl_at(d, t)
+        per_x0 = [0.5 * (ab * v**2 - ab - math.log1p(-ab)) / math.log(2) for v in x0.tolist()]
+        assert max(per_x0) <= kl + 1e-15
+        assert math.isclose(kl, -0.5 * math.log1p(-ab) / math.log(2), rel_tol=1e-12)
+        mean_sq = float((x0**2).mean())
+        assert math.isclose(prior_kl_at(d, t, mean_sq), sum(per_x0) / len(per_x0),
+                            rel_tol=1e-9)
+    start_trailing = prior_kl_at(lin, timestep_spacing(1000, 50)[-1])
+    start_leading = prior_kl_at(lin, timestep_spacing(1000, 10, "leading")[-1])
+    start_quad_cos = prior_kl_at(cos, timestep_spacing(1000, 50, "ddim_quadratic")[-1])
+    print(f"prior KL at the chain start: linear trailing {start_trailing:.3e}, linear leading S=10 "
+          f"{start_leading:.3e}, cosine ddim_quadratic {start_quad_cos:.4f} bits/dim")
+    assert 1e-6 < start_trailing < 1e-4  # the paper's L_T ≈ 1e-5 bits/dim
+    assert start_leading > 3 * start_trailing
+    assert start_quad_cos > 0.05  # ᾱ_{0.8T} = 0.093 under the cosine schedule
+    with pytest.raises(ValueError, match="t_index"):
+        prior_kl_at(lin, 1000)
 
 
 def test_respaced_betas_nichol_eq19_keep_alpha_bar_at_kept_steps():
     d = Diffusion.from_schedule("cosine", 200)
-    steps = spaced_timesteps(200, 17, "quadratic")
+    steps = timestep_spacing(200, 17, "ddim_quadratic")
     sub = respace(d, steps)
     assert torch.allclose(sub.alpha_bar, d.alpha_bar[steps], rtol=1e-12, atol=0)
     assert torch.allclose(respaced_betas(d, range(200)), d.betas, rtol=1e-10, atol=1e-15)
@@ -79,7 +130,7 @@ def _predicted_moments(d, steps, exact_var=False):
 @pytest.mark.parametrize("S_steps", [None, 25])
 def test_ancestral_sampling_ho2020_alg2_matches_gaussian_recursion(S_steps):
     d = Diffusion.from_schedule("linear", 200, var_type="fixed_small")
-    steps = list(range(200)) if S_steps is None else spaced_timesteps(200, S_steps, "uniform")
+    steps = list(range(200)) if S_steps is None else timestep_spacing(200, S_steps)
     N = 16000
     x = sample_ancestral(d, GaussianDenoiser(d, M, S), (N, 1, 2, 2),
                          torch.Generator().manual_seed(1),
@@ -115,7 +166,7 @@ def test_ancestral_sampling_with_exact_reverse_variance_reproduces_data():
 
 def test_ancestral_is_reproducible_and_calls_model_with_original_indices():
     d = Diffusion.from_schedule("linear", 100, var_type="fixed_large")
-    steps = spaced_timesteps(100, 7, "quadratic")
+    steps = timestep_spacing(100, 7, "ddim_quadratic")
     model = GaussianDenoiser(d, M, S)
     a = sample_ancestral(d, model, (4, 1, 2, 2), torch.Generator().manual_seed(0), steps,
                          progress=True)
@@ -128,7 +179,7 @@ def test_ancestral_is_reproducible_and_calls_model_with_original_indices():
 
 def test_respaced_mu_parameterization_equals_eps_parameterization():
     base = Diffusion.from_schedule("linear", 100, var_type="fixed_small")
-    steps = spaced_timesteps(100, 10, "uniform")
+    steps = timestep_spacing(100, 10, "leading")
     x_T = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(4))
     outs = []
     for mean_type in ("eps", "mu"):
@@ -143,7 +194,7 @@ def test_ddim_sigma_song_eq16_eta1_is_posterior_variance():
     for t in (1, 10, 500, 999):
         s2 = ddim_sigma(float(d.alpha_bar[t]), float(d.alpha_bar[t - 1]), 1.0) ** 2
         assert math.isclose(s2, float(d.beta_tilde[t]), rel_tol=1e-9)
-    steps = spaced_timesteps(1000, 20, "quadratic")
+    steps = timestep_spacing(1000, 20, "ddim_quadratic")
     sub = respace(d, steps)
     for i in range(1, 20):
         s2 = ddim_sigma(float(d.alpha_bar[steps[i]]), float(d.alpha_bar[steps[i - 1]]), 1.0) ** 2
@@ -173,7 +224,7 @@ def test_ddim_eta1_step_song_eq12_has_ancestral_mean_and_posterior_variance(tau,
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     d = Diffusion.from_schedule("linear", 100)
     model = GaussianDenoiser(d, M, S)
-    steps = spaced_timesteps(100, 8, "quadratic")
+    steps = timestep_spacing(100, 8, "ddim_quadratic")
     x_T = torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     a = sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(1), x_T=x_T)
     b = sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(2), x_T=x_T,
@@ -193,7 +244,7 @@ def test_ddim_encode_decode_round_trip_song_eq13(mean_type):
     x0 = discretize(M + S * torch.randn(256, 1, 2, 2, generator=g)).float()
     errors = {}
     for n in (200, 1000):
-        steps = spaced_timesteps(1000, n, "uniform")
+        steps = timestep_spacing(1000, n, "leading")
         x_T = ddim_encode(d, model, x0, steps, progress=(n == 200))
         x_rec = sample_ddim(d, model, x0.shape, steps, 0.0, g, clip_x0=False, x_T=x_T)
         errors[n] = float((x_rec - x0).abs().max())

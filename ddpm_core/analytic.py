@@ -1,0 +1,151 @@
+"""The optimal reverse variance of Analytic-DPM (Bao, Li, Zhu & Zhang, ICLR 2022).
+
+For the DDPM reverse process with λ² = β̃ (index convention and notation as in diffusion.py):
+
+    Γ_t  = E_q ‖ε̂(x_t, t)‖² / d                         (one number per step, Monte Carlo)
+    σ*_t² = β̃_t + β_t² / (α_t (1 − ᾱ_t)) · (1 − Γ_t)      (Theorem 1)
+    β̃_t ≤ σ*_t² ≤ β̃_t + ᾱ_{t−1} β_t² / (1 − ᾱ_t)²        (Theorem 2, data in [−1, 1])
+
+On a respaced chain τ_0 < … < τ_{K−1} every quantity is the chain's own: α'_k = ᾱ_{τ_k}/ᾱ_{τ_{k−1}},
+β'_k = 1 − α'_k, ᾱ'_k = ᾱ_{τ_k}, β̃'_k = (1 − ᾱ'_{k−1}) β'_k / (1 − ᾱ'_k), with Γ taken at the
+original index τ_k (the network sees τ_k). Γ is estimated once on training images and reused
+for every chain.
+
+Reverse-variance choices (`Sigma2`): the four VarTypes of diffusion.py, plus "analytic", which
+needs Γ: samplers and bits/dim take it as an explicit `gamma` argument (no hidden state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ddpm_core.diffusion import (
+    Diffusion,
+    Model,
+    VarType,
+    predict_eps_from_x0,
+    predict_x0_from_mu,
+    q_sample,
+)
+
+Sigma2 = Literal["fixed_large", "fixed_small", "learned", "learned_range", "analytic"]
+SIGMA2_CHOICES: tuple[Sigma2, ...] = get_args(Sigma2)
+assert set(SIGMA2_CHOICES) == {*get_args(VarType), "analytic"}
+
+
+def _chain(diff: Diffusion, timesteps: Sequence[int] | None) -> tuple[list[int], Tensor]:
+    """Original indices τ [K] and the chain's ᾱ'_{k−1} [K] (1 before the first step)."""
+    steps = list(range(diff.T)) if timesteps is None else [int(s) for s in timesteps]
+    if not steps or any(not 0 <= s < diff.T for s in steps) or any(
+            b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ValueError(f"timesteps must be increasing indices in 0..{diff.T - 1}")
+    alpha_bar = diff.alpha_bar[steps]
+    return steps, torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+
+
+def _eps_from_output(diff: Diffusion, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """ε̂ [B,C,H,W] from the mean channels of the network output, whatever the mean type."""
+    C = x_t.shape[1]
+    mean_out = out[:, :C].to(torch.float64)
+    if diff.mean_type == "eps":
+        return mean_out
+    x0 = mean_out if diff.mean_type == "x0" else predict_x0_from_mu(diff, x_t, t, mean_out)
+    return predict_eps_from_x0(diff, x_t, t, x0)
+
+
+# Bao et al. 2022, Sec. 3 (Γ_n = E_q ‖s_n(x_n)‖² β̄_n / d written with ε̂ = −√β̄_n s_n)
+@torch.no_grad()
+def estimate_gamma(model: Model, diff: Diffusion, x0: Tensor, M: int,
+                   generator: torch.Generator, batch_size: int,
+                   timesteps: Sequence[int] | None = None, progress: bool = False) -> Tensor:
+    """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 by Monte Carlo on the first M images of x0 [N,C,H,W].
+
+    One noise draw per image and timestep; NaN at the indices not in `timesteps` (default all).
+    Every network call holds `batch_size` (image, timestep) pairs, several timesteps per call
+    when M < batch_size; the noise comes from `generator` in that order.
+    """
+    if x0.ndim != 4:
+        raise ValueError(f"x0 must be [N,C,H,W], got {tuple(x0.shape)}")
+    if not 1 <= M <= x0.shape[0]:
+        raise ValueError(f"M={M} must lie in 1..{x0.shape[0]} (the number of images given)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if float(x0.min()) < -1.0 or float(x0.max()) > 1.0:
+        raise ValueError("x0 must lie in [-1, 1]; map uint8 images with data.to_unit first")
+    steps = _chain(diff, timesteps)[0]
+    images = x0[:M]
+    device = x0.device
+    # (t, image) pairs, t-major: pair p is image p % M at step steps[p // M]
+    n_pairs = len(steps) * M
+    step_of = torch.tensor(steps, device=device).repeat_interleave(M)
+    sums = torch.zeros(diff.T, dtype=torch.float64)
+    starts = range(0, n_pairs, batch_size)
+    for start in tqdm(starts, desc="gamma", leave=False) if progress else starts:
+        stop = min(start + batch_size, n_pairs)
+        t = step_of[start:stop]
+        x0_b = images[torch.arange(start, stop, device=device) % M].to(torch.float64)
+        eps = torch.randn(x0_b.shape, generator=generator, device=generator.device,
+                          dtype=torch.float64).to(device)
+        x_t = q_sample(diff, x0_b, t, eps)
+        eps_hat = _eps_from_output(diff, model(x_t.to(x0.dtype), t), x_t, t)
+        sq = eps_hat.pow(2).mean(dim=(1, 2, 3)).cpu()
+        sums.index_add_(0, t.cpu(), sq)
+    gamma = torch.full((diff.T,), float("nan"), dtype=torch.float64)
+    gamma[steps] = sums[steps] / M
+    return gamma
+
+
+# Bao et al. 2022, Theorem 1 with λ² = β̃: σ*² = β̃ + β²/(α(1−ᾱ)) · (1 − Γ)
+def optimal_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int] | None = None
+                   ) -> Tensor:
+    """Unclipped σ*² [K] float64 of the chain τ (default all T steps); Γ [T] at original indices."""
+    steps, alpha_bar_prev = _chain(diff, timesteps)
+    alpha_bar = diff.alpha_bar[steps]
+    alpha = alpha_bar / alpha_bar_prev
+    beta = 1.0 - alpha
+    beta_tilde = (1.0 - alpha_bar_prev) * beta / (1.0 - alpha_bar)
+    g = _gamma_at(gamma, diff, steps)
+    return beta_tilde + beta**2 / (alpha * (1.0 - alpha_bar)) * (1.0 - g)
+
+
+# Bao et al. 2022, Theorem 2: β̃ ≤ σ*² ≤ β̃ + ᾱ_{t−1} β² / (1 − ᾱ)² for data in [−1, 1]
+def optimal_sigma2_bounds(diff: Diffusion, timesteps: Sequence[int] | None = None
+                          ) -> tuple[Tensor, Tensor]:
+    """Lower and upper bound [K] float64 of σ*² on the chain τ for data in [−1, 1]^d."""
+    steps, alpha_bar_prev = _chain(diff, timesteps)
+    alpha_bar = diff.alpha_bar[steps]
+    beta = 1.0 - alpha_bar / alpha_bar_prev
+    beta_tilde = (1.0 - alpha_bar_prev) * beta / (1.0 - alpha_bar)
+    return beta_tilde, beta_tilde + alpha_bar_prev * beta**2 / (1.0 - alpha_bar) ** 2
+
+
+def _gamma_at(gamma: Tensor, diff: Diffusion, steps: list[int]) -> Tensor:
+    gamma = torch.as_tensor(gamma, dtype=torch.float64).cpu()
+    if gamma.shape != (diff.T,):
+        raise ValueError(f"gamma must have shape [T] = [{diff.T}], got {tuple(gamma.shape)}")
+    g = gamma[steps]
+    if not bool(torch.isfinite(g).all()):
+        raise ValueError("gamma is missing (NaN) at some timesteps of this chain; "
+                         "estimate_gamma with timesteps=None or these timesteps")
+    return g
+
+
+# Bao et al. 2022, Theorems 1-2 (their code clips σ*² to the bounds); index 0 as diffusion.py
+def analytic_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int] | None = None
+                    ) -> Tensor:
+    """σ̂² [K] float64 per step of the chain τ: σ*² clipped to its bounds.
+
+    Index 0 (the decoder p(x_0 | x_{τ_0}); sampling adds no noise there) is β̃ of the chain at
+    index 1, the convention of every σ² choice in diffusion.py and of Bao et al.'s code.
+    """
+    lower, upper = optimal_sigma2_bounds(diff, timesteps)
+    sigma2 = torch.minimum(torch.maximum(optimal_sigma2(diff, gamma, timesteps), lower), upper)
+    # a one-step chain has no index 1: β' = 1 − ᾱ_{τ_0}, as diffusion.py falls back to β for T = 1
+    first = _chain(diff, timesteps)[0][0]
+    sigma2[0] = lower[1] if sigma2.numel() > 1 else 1.0 - diff.alpha_bar[first]
+    return sigma2
