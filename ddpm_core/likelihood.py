@@ -15,78 +15,202 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import get_args
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion, Model, VarType, q_sample
-from ddpm_core.losses import mean_flat, normal_kl, vlb_terms_from_output
+from ddpm_core.analytic import SIGMA2_CHOICES, Sigma2, analytic_sigma2
+from ddpm_core.diffusion import (
+    LEARNED_VAR_TYPES,
+    Diffusion,
+    Model,
+    extract,
+    p_mean_variance_from_output,
+    predict_x0_from_mu,
+    q_posterior,
+    q_sample,
+)
+from ddpm_core.losses import (
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+    vlb_terms_from_output,
+)
+from ddpm_core.samplers import respace, timestep_spacing
 
 
 @dataclass(frozen=True)
 class BpdResult:
-    """Bits/dim per image (CPU float64): total [B], prior L_T [B], terms [B, T] (0 is L_0)."""
+    """Bits/dim per image (CPU float64): total [B], prior L_T [B], terms [B, K] (0 is L_0).
+
+    timesteps: the original index τ_k of each term (range(T) for the full chain).
+    """
 
     total: Tensor
     prior: Tensor
     terms: Tensor
+    timesteps: tuple[int, ...] = ()
 
 
 # Ho et al. 2020, eq. (5): L_T = KL(q(x_T | x_0) ‖ N(0, I))
-def prior_bpd(diff: Diffusion, x0: Tensor) -> Tensor:
-    """Prior term L_T per image [B] in bits/dim for x0 [B,C,H,W]."""
+def prior_bpd(diff: Diffusion, x0: Tensor, t_index: int | None = None) -> Tensor:
+    """Prior term L_T per image [B] in bits/dim for x0 [B,C,H,W], at index t (default T−1)."""
+    t = diff.T - 1 if t_index is None else t_index
     x0 = x0.to(torch.float64)
-    mean = x0 * float(diff.sqrt_alpha_bar[-1])
-    log_var = torch.full_like(x0, float(diff.log_one_minus_alpha_bar[-1]))
+    mean = x0 * float(diff.sqrt_alpha_bar[t])
+    log_var = torch.full_like(x0, float(diff.log_one_minus_alpha_bar[t]))
     zero = torch.zeros_like(x0)
     return mean_flat(normal_kl(mean, log_var, zero, zero)) / math.log(2.0)
 
 
-def _check_var_types(diff: Diffusion, var_types: Sequence[VarType] | None) -> list[VarType]:
-    chosen = [diff.var_type] if var_types is None else list(dict.fromkeys(var_types))
+def even_trajectory(T: int, K: int) -> list[int]:
+    """Bao et al. 2022's even trajectory round(linspace(0, T−1, K)): keeps 0 and T−1."""
+    if not 2 <= K <= T and K != T:
+        raise ValueError(f"need 2 <= K <= T={T} steps (K = T is the full chain), got K={K}")
+    return list(range(T)) if K == T else timestep_spacing(T, K, "linspace")
+
+
+def _check_var_types(diff: Diffusion, var_types: Sequence[Sigma2] | None,
+                     gamma: Tensor | None) -> list[Sigma2]:
+    chosen: list[Sigma2] = [diff.var_type] if var_types is None else list(
+        dict.fromkeys(var_types))
     for v in chosen:
-        if v not in get_args(VarType):
-            raise ValueError(f"unknown var type {v!r}; expected one of {get_args(VarType)}")
+        if v not in SIGMA2_CHOICES:
+            raise ValueError(f"unknown var type {v!r}; expected one of {SIGMA2_CHOICES}")
         if v in LEARNED_VAR_TYPES and v != diff.var_type:
             raise ValueError(f"var type {v!r} needs a model trained with it; {diff!r}")
+        if v == "analytic" and gamma is None:
+            raise ValueError("var type 'analytic' needs gamma: pass gamma=estimate_gamma(...)")
     if not chosen:
         raise ValueError("var_types is empty")
     return chosen
 
 
-@torch.no_grad()
-def bits_per_dim(diff: Diffusion, model: Model, x0: Tensor,
-                 var_types: Sequence[VarType] | None = None, clip_x0: bool = True,
-                 progress: bool = False, t_batch: int = 10,
-                 generator: torch.Generator | None = None) -> dict[VarType, BpdResult]:
-    """Full variational bound of p_θ(x_0) for x0 [B,C,H,W] on the 256-level grid, per var type.
+# Ho et al. 2020, eq. (5) with a given σ² per step (Bao et al. 2022, eq. 5 with σ̂²)
+def vlb_terms_given_variance(diff: Diffusion, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor,
+                             log_sigma2: Tensor, clip_x0: bool = True) -> Tensor:
+    """VLB terms [B] in bits/dim with the model's mean and log σ² = log_sigma2[t] (of [T])."""
+    true_mean, _, true_log_var = q_posterior(diff, x0, x_t, t)
+    p = p_mean_variance_from_output(diff, out, x_t, t, clip_x0=clip_x0, var_type="fixed_small")
+    log_var = extract(log_sigma2, t, x_t.shape, p["mean"].dtype)
+    terms = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], log_var))
+    first = t == 0
+    if bool(first.any()):
+        ll = discretized_gaussian_log_likelihood(
+            x0[first], p["mean"][first], (0.5 * log_var[first]).expand_as(x0[first]))
+        terms = terms.masked_scatter(first, -mean_flat(ll))
+    return terms / math.log(2.0)
 
-    The noise of q(x_t|x_0) comes from `generator` (default: a fresh one seeded 0 on x0's
-    device, so the result is deterministic).
+
+class _Chain:
+    """One K-step chain of the bound: its diffusion, positions of τ and the analytic σ²."""
+
+    def __init__(self, diff: Diffusion, K: int, chosen: list[Sigma2],
+                 gamma: Tensor | None) -> None:
+        self.steps = even_trajectory(diff.T, K)
+        full = K == diff.T
+        # the full chain keeps the exact coefficients of diff (K = T equals bits_per_dim)
+        self.diff = diff if full else respace(diff, self.steps)
+        self.mu_as_x0 = not full and diff.mean_type == "mu"
+        if self.mu_as_x0:
+            # μ̃ outputs belong to the one-step chain: read them as x̂_0 (as the sampler does)
+            self.diff = self.diff.with_mean_type("x0")
+        if not full and "learned" in chosen:
+            raise ValueError(f"var type 'learned' is a one-step variance; it has no K={K}-step "
+                             "chain (learned_range interpolates and has one)")
+        self.position = {tau: k for k, tau in enumerate(self.steps)}
+        self.log_sigma2 = None
+        if "analytic" in chosen:
+            assert gamma is not None
+            self.log_sigma2 = torch.log(analytic_sigma2(diff, gamma, None if full else self.steps))
+
+
+@torch.no_grad()
+def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, steps: Sequence[int],
+                          var_types: Sequence[Sigma2] | None = None,
+                          gamma: Tensor | None = None, clip_x0: bool = True,
+                          progress: bool = False, t_batch: int = 10,
+                          generator: torch.Generator | None = None
+                          ) -> dict[int, dict[Sigma2, BpdResult]]:
+    """Variational bound of the K-step chains (even trajectory) for each K in steps, per σ².
+
+    x0 [B,C,H,W] on the 256-level grid. Chain K visits τ = round(linspace(0, T−1, K)) with
+    β'_k = 1 − ᾱ_{τ_k}/ᾱ_{τ_{k−1}}; K = T is the full chain. "analytic" needs gamma [T].
+    One network call per group of t_batch original indices of the union of the trajectories:
+    every K and every σ² reuse it, and x_τ is drawn once per index τ (noise from `generator`,
+    default seeded 0), so with T in steps the cost is that of the full chain alone.
     """
     assert x0.ndim == 4, f"x0 must be [B,C,H,W], got {tuple(x0.shape)}"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
-    assert t_batch >= 1
-    chosen = _check_var_types(diff, var_types)
+    if t_batch < 1:
+        raise ValueError(f"t_batch={t_batch} must be >= 1")
+    chosen = _check_var_types(diff, var_types, gamma)
+    Ks = sorted({int(K) for K in steps})
+    if not Ks:
+        raise ValueError("steps is empty: give the chain lengths K, e.g. [10, 100, T]")
+    chains = {K: _Chain(diff, K, chosen, gamma) for K in Ks}
     if generator is None:
         generator = torch.Generator(device=x0.device).manual_seed(0)
-    B, T = x0.shape[0], diff.T
+    B, C = x0.shape[:2]
     x0_64 = x0.to(torch.float64)
-    terms = {v: torch.zeros(B, T, dtype=torch.float64, device=x0.device) for v in chosen}
-    starts = range(0, T, t_batch)
+    terms = {K: {v: torch.zeros(B, K, dtype=torch.float64, device=x0.device) for v in chosen}
+             for K in Ks}
+    union = sorted(set().union(*(c.steps for c in chains.values())))
+    starts = range(0, len(union), t_batch)
     for start in tqdm(starts, desc="bpd", leave=False) if progress else starts:
-        k = min(t_batch, T - start)
-        t = torch.arange(start, start + k, device=x0.device).repeat_interleave(B)
-        x0_rep = x0_64.repeat(k, 1, 1, 1)
+        group = union[start:start + t_batch]
+        n = len(group)
+        t = torch.tensor(group, device=x0.device).repeat_interleave(B)
+        x0_rep = x0_64.repeat(n, 1, 1, 1)
         noise = torch.randn(x0_rep.shape, generator=generator, device=generator.device,
                             dtype=torch.float64).to(x0.device)
         x_t = q_sample(diff, x0_rep, t, noise)
         out = model(x_t.to(x0.dtype), t).to(torch.float64)
-        for v in chosen:
-            vt = vlb_terms_from_output(diff, out, x0_rep, x_t, t, clip_x0=clip_x0, var_type=v)
-            terms[v][:, start:start + k] = vt.reshape(k, B).T
-    prior = prior_bpd(diff, x0_64)
-    return {v: BpdResult(total=(prior + terms[v].sum(dim=1)).cpu(), prior=prior.cpu(),
-                         terms=terms[v].cpu()) for v in chosen}
+        for K, chain in chains.items():
+            js = [j for j, tau in enumerate(group) if tau in chain.position]
+            if not js:
+                continue
+            ks = [chain.position[group[j]] for j in js]
+            if len(js) == n:
+                o, x0_c, x_t_c, t_orig = out, x0_rep, x_t, t
+            else:
+                rows = (torch.tensor(js, device=x0.device)[:, None] * B
+                        + torch.arange(B, device=x0.device)[None]).reshape(-1)
+                o, x0_c, x_t_c, t_orig = out[rows], x0_rep[rows], x_t[rows], t[rows]
+            k = t_orig if chain.diff is diff else torch.tensor(
+                ks, device=x0.device).repeat_interleave(B)
+            if chain.mu_as_x0:
+                o = torch.cat([predict_x0_from_mu(diff, x_t_c, t_orig, o[:, :C]), o[:, C:]], 1)
+            for v in chosen:
+                if v == "analytic":
+                    assert chain.log_sigma2 is not None
+                    vt = vlb_terms_given_variance(chain.diff, o, x0_c, x_t_c, k,
+                                                  chain.log_sigma2, clip_x0=clip_x0)
+                else:
+                    vt = vlb_terms_from_output(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0,
+                                               var_type=v)
+                terms[K][v][:, ks] = vt.reshape(len(js), B).T
+    results: dict[int, dict[Sigma2, BpdResult]] = {}
+    for K, chain in chains.items():
+        prior = prior_bpd(diff, x0_64, chain.steps[-1]).cpu()
+        results[K] = {v: BpdResult(total=(prior + terms[K][v].cpu().sum(dim=1)), prior=prior,
+                                   terms=terms[K][v].cpu(), timesteps=tuple(chain.steps))
+                      for v in chosen}
+    return results
+
+
+@torch.no_grad()
+def bits_per_dim(diff: Diffusion, model: Model, x0: Tensor,
+                 var_types: Sequence[Sigma2] | None = None, clip_x0: bool = True,
+                 progress: bool = False, t_batch: int = 10,
+                 generator: torch.Generator | None = None,
+                 gamma: Tensor | None = None) -> dict[Sigma2, BpdResult]:
+    """Full variational bound of p_θ(x_0) for x0 [B,C,H,W] on the 256-level grid, per var type.
+
+    ⌈T / t_batch⌉ network calls of t_batch timesteps × B images. The noise of q(x_t|x_0) comes
+    from `generator` (default: a fresh one seeded 0 on x0's device, so the result is
+    deterministic). "analytic" needs gamma [T] from analytic.estimate_gamma.
+    """
+    return bits_per_dim_at_steps(diff, model, x0, [diff.T], var_types, gamma, clip_x0,
+                                 progress, t_batch, generator)[diff.T]

@@ -71,3 +71,21 @@ class GaussianDenoiser(nn.Module):
         elif diff.var_type == "learned_range":
             out = torch.cat([out, torch.full_like(out, self.var_value)], dim=1)
         return out.to(x_t.dtype)
+
+
+def gaussian_gamma(diff: Diffusion, s: float) -> Tensor:
+    """Γ_t = E‖E[ε | x_t]‖²/d [T] for x_0 ~ N(m, s²): Var(E[ε | x_t]) = (1−ᾱ)/(ᾱ s² + 1 − ᾱ)."""
+    ab = diff.alpha_bar
+    return (1 - ab) / (ab * s**2 + 1 - ab)
+
+
+def gaussian_reverse_variance(ab: Tensor, ab_prev: Tensor, s: float) -> Tensor:
+    """Var(x_prev | x_t) of one step ᾱ_prev -> ᾱ for x_0 ~ N(m, s²), by Gaussian conditioning.
+
+    (x_0, x_prev, x_t) are jointly Gaussian: condition x_prev on x_t directly (no DDPM formulas).
+    """
+    var_prev = ab_prev * s**2 + 1 - ab_prev
+    var_t = ab * s**2 + 1 - ab
+    # x_t = √(ᾱ/ᾱ_prev) x_prev + noise of variance 1 − ᾱ/ᾱ_prev
+    cov = (ab / ab_prev).sqrt() * var_prev
+    return var_prev - cov**2 / var_t
