@@ -1,14 +1,23 @@
-"""Bits/dim: the prior term, the full bound against the data's exact entropy, shared passes."""
+"""Bits/dim: the prior term, full and K-step bounds against closed forms, shared passes."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from analytic import GRID, GaussianDenoiser, discretize, discretized_gaussian_probs, entropy_bits
+from analytic import (
+    GRID,
+    GaussianDenoiser,
+    discretize,
+    discretized_gaussian_probs,
+    entropy_bits,
+    gaussian_gamma,
+    gaussian_reverse_variance,
+)
 
 from ddpm_core.diffusion import Diffusion, q_sample
-from ddpm_core.likelihood import bits_per_dim, prior_bpd
-from ddpm_core.losses import vlb_terms_from_output
+from ddpm_core.likelihood import bits_per_dim, bits_per_dim_at_steps, even_trajectory, prior_bpd
+from ddpm_core.losses import discretized_gaussian_log_likelihood, vlb_terms_from_output
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,3 +102,181 @@ def test_bits_per_dim_learned_variance_and_argument_checks():
         bits_per_dim(d, model, x0, ["huge"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="empty"):
         bits_per_dim(d, model, x0, [])
+
+
+def _todays_full_chain_bound(diff, model, x0, var_types, t_batch, generator):
+    """The full-chain loop as it was before K-step chains existed (the reference for K = T)."""
+    B, T = x0.shape[0], diff.T
+    x0_64 = x0.to(torch.float64)
+    terms = {v: torch.zeros(B, T, dtype=torch.float64) for v in var_types}
+    for start in range(0, T, t_batch):
+        k = min(t_batch, T - start)
+        t = torch.arange(start, start + k).repeat_interleave(B)
+        x0_rep = x0_64.repeat(k, 1, 1, 1)
+        noise = torch.randn(x0_rep.shape, generator=generator, dtype=torch.float64)
+        x_t = q_sample(diff, x0_rep, t, noise)
+        out = model(x_t.to(x0.dtype), t).to(torch.float64)
+        for v in var_types:
+            vt = vlb_terms_from_output(diff, out, x0_rep, x_t, t, clip_x0=True, var_type=v)
+            terms[v][:, start:start + k] = vt.reshape(k, B).T
+    prior = prior_bpd(diff, x0_64)
+    return {v: prior + terms[v].sum(dim=1) for v in var_types}, terms
+
+
+@pytest.mark.parametrize("mean_type,var_type", [("eps", "fixed_large"), ("mu", "learned_range"),
+                                                ("x0", "learned")])
+def test_K_equal_T_chain_equals_the_full_chain_bound_exactly(mean_type, var_type):
+    d = Diffusion.from_schedule("cosine", 50, mean_type=mean_type, var_type=var_type)
+    x0 = discretize(0.1 + 0.3 * torch.randn(6, 2, 2, 2, generator=torch.Generator().manual_seed(0)))
+    model = GaussianDenoiser(d, 0.1, 0.3, var_value=0.3)
+    var_types = ["fixed_large", "fixed_small", var_type]
+    ref_total, ref_terms = _todays_full_chain_bound(d, model, x0.float(), list(dict.fromkeys(
+        var_types)), 7, torch.Generator().manual_seed(2))
+    steps = [10, 50] if var_type != "learned" else [50]  # 'learned' has no 10-step chain
+    res = bits_per_dim_at_steps(d, model, x0.float(), steps, var_types, t_batch=7,
+                                generator=torch.Generator().manual_seed(2))
+    full = bits_per_dim(d, model, x0.float(), var_types, t_batch=7,
+                        generator=torch.Generator().manual_seed(2))
+    for v in ref_total:
+        assert torch.equal(res[50][v].total, ref_total[v]), v
+        assert torch.equal(res[50][v].terms, ref_terms[v]) and torch.equal(full[v].total,
+                                                                           ref_total[v])
+        assert res[50][v].timesteps == tuple(range(50))
+
+
+def test_K_step_chains_share_one_pass_of_network_calls():
+    T = 60
+    d = Diffusion.from_schedule("linear", T)
+    x0 = discretize(0.3 * torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(0)))
+    gamma = gaussian_gamma(d, 0.3)
+    model = GaussianDenoiser(d, 0.0, 0.3)
+    res = bits_per_dim_at_steps(d, model, x0, [5, 20, T], ["fixed_large", "analytic"],
+                                gamma=gamma, t_batch=7)
+    assert model.calls == math.ceil(T / 7)  # every K and σ² for the cost of the full chain
+    assert sorted(int(v) for t in model.seen_t for v in t.unique()) == list(range(T))
+    model = GaussianDenoiser(d, 0.0, 0.3)
+    only = bits_per_dim_at_steps(d, model, x0, [5, 20], ["fixed_large", "analytic"],
+                                 gamma=gamma, t_batch=7)
+    union = sorted(set(even_trajectory(T, 5)) | set(even_trajectory(T, 20)))
+    assert model.calls == math.ceil(len(union) / 7)
+    assert sorted(int(v) for t in model.seen_t for v in t.unique()) == union
+    for K in (5, 20):
+        assert res[K]["analytic"].timesteps == tuple(even_trajectory(T, K))
+        assert res[K]["analytic"].terms.shape == (5, K)
+        assert even_trajectory(T, K)[0] == 0 and even_trajectory(T, K)[-1] == T - 1
+        # the same prior (ᾱ at T − 1) and the same decoder variance (β̃ at index 1) for all σ²
+        assert torch.equal(res[K]["analytic"].prior, res[T]["analytic"].prior)
+        assert torch.equal(res[K]["analytic"].terms[:, 0], res[K]["fixed_large"].terms[:, 0])
+        assert bool(torch.isfinite(only[K]["analytic"].total).all())
+    with pytest.raises(ValueError, match="needs gamma"):
+        bits_per_dim_at_steps(d, model, x0, [5], ["analytic"])
+    with pytest.raises(ValueError, match="2 <= K"):
+        bits_per_dim_at_steps(d, model, x0, [1])
+
+
+def test_learned_range_on_a_K_step_chain_interpolates_its_own_beta_and_beta_tilde():
+    """Nichol & Dhariwal 2021, eq. 15 on the respaced chain: v = ±1 gives β' / β̃'."""
+    d = Diffusion.from_schedule("linear", 100, var_type="learned_range")
+    x0 = discretize(0.3 * torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0)))
+    res = {}
+    for value in (1.0, -1.0):
+        res[value] = bits_per_dim_at_steps(
+            d, GaussianDenoiser(d, 0.0, 0.3, var_value=value), x0, [10],
+            ["learned_range", "fixed_large", "fixed_small"],
+            generator=torch.Generator().manual_seed(1))[10]
+    assert torch.allclose(res[1.0]["learned_range"].terms[:, 1:],
+                          res[1.0]["fixed_large"].terms[:, 1:], rtol=1e-10)
+    assert torch.allclose(res[-1.0]["learned_range"].terms[:, 1:],
+                          res[-1.0]["fixed_small"].terms[:, 1:], rtol=1e-10)
+    assert not torch.allclose(res[1.0]["fixed_large"].terms, res[1.0]["fixed_small"].terms)
+    learned = d.with_var_type("learned")
+    with pytest.raises(ValueError, match="one-step variance"):
+        bits_per_dim_at_steps(learned, GaussianDenoiser(learned, 0.0, 0.3), x0, [10, 100])
+
+
+def test_K_step_bound_is_the_same_for_every_mean_parameterization():
+    base = Diffusion.from_schedule("linear", 200)
+    x0 = discretize(0.3 * torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0)))
+    totals = {}
+    for mean_type in ("eps", "x0", "mu"):
+        d = base.with_mean_type(mean_type)
+        r = bits_per_dim_at_steps(d, GaussianDenoiser(d, 0.0, 0.3), x0, [10, 200],
+                                  ["fixed_large", "analytic"], gamma=gaussian_gamma(d, 0.3),
+                                  generator=torch.Generator().manual_seed(1))
+        totals[mean_type] = torch.stack([r[K][v].total for K in (10, 200)
+                                         for v in ("fixed_large", "analytic")])
+    assert torch.allclose(totals["x0"], totals["eps"], rtol=1e-5)
+    assert torch.allclose(totals["mu"], totals["eps"], rtol=1e-5)
+
+
+def _expected_K_step_bound(d, steps, m, s, probs, sigma2_kind):
+    """E over discretized N(m, s²) data of the K-step bound with the exact denoiser, unclipped.
+
+    x̂_0 = a x_t + b is linear in x_t, so each KL term depends on the data through its first two
+    moments only; the decoder term is integrated over the noise by Gauss-Hermite quadrature.
+    """
+    mu1, mu2 = float((probs * GRID).sum()), float((probs * GRID**2).sum())
+    ab_all = d.alpha_bar[steps]
+    ab_prev_all = torch.cat([torch.ones(1, dtype=torch.float64), ab_all[:-1]])
+    total = 0.5 * (float(ab_all[-1]) * mu2 - float(ab_all[-1]) - math.log1p(-float(ab_all[-1])))
+    beta_tilde = (1 - ab_prev_all) * (1 - ab_all / ab_prev_all) / (1 - ab_all)
+    true_var = gaussian_reverse_variance(ab_all, ab_prev_all, s)
+    for k in range(len(steps)):
+        ab, ab_prev = float(ab_all[k]), float(ab_prev_all[k])
+        D = ab * s**2 + 1 - ab
+        a, b = math.sqrt(ab) * s**2 / D, (1 - ab) * m / D
+        beta = 1 - ab / ab_prev
+        c0 = math.sqrt(ab_prev) * beta / (1 - ab)
+        if k == 0:
+            # decoder: −log P(bin x_0 | mean x̂_0(x_1), β̃' at index 1), x_1 = √ᾱ x_0 + √(1−ᾱ) ε
+            nodes, weights = np.polynomial.hermite_e.hermegauss(60)
+            nodes = torch.tensor(nodes, dtype=torch.float64)
+            weights = torch.tensor(weights / weights.sum(), dtype=torch.float64)
+            x = GRID[:, None].expand(256, 60)
+            mean = a * (math.sqrt(ab) * x + math.sqrt(1 - ab) * nodes[None]) + b
+            log_scale = torch.full_like(x, 0.5 * math.log(float(beta_tilde[1])))
+            ll = discretized_gaussian_log_likelihood(x.contiguous(), mean, log_scale)
+            total += float(-(probs[:, None] * weights[None] * ll).sum())
+            continue
+        err2 = (1 - a * math.sqrt(ab)) ** 2 * mu2 - 2 * b * (1 - a * math.sqrt(ab)) * mu1 \
+            + b**2 + a**2 * (1 - ab)
+        bt = float(beta_tilde[k])
+        sigma2 = {"fixed_large": beta, "fixed_small": bt, "analytic": float(true_var[k])}[
+            sigma2_kind]
+        total += 0.5 * (math.log(sigma2 / bt) + bt / sigma2 - 1 + c0**2 * err2 / sigma2)
+    return total / math.log(2)
+
+
+def test_K_step_bounds_bao2022_match_closed_form_and_order_analytic_below_fixed():
+    """Discretized N(m, s²) data, exact ε-predictor, T = 1000, K = 10 and 100 (even trajectory)."""
+    m, s = 0.1, 0.3
+    probs = discretized_gaussian_probs(m, s)
+    H = entropy_bits(probs)
+    d = Diffusion.from_schedule("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = discretize(m + s * torch.randn(3000, 1, 2, 2, generator=g, dtype=torch.float64)).float()
+    info = -torch.log2(probs[torch.round((x0.double() + 1) * 127.5).long()]).mean(dim=(1, 2, 3))
+    kinds = ["fixed_large", "fixed_small", "analytic"]
+    # unclipped x̂_0 keeps the closed form linear; exact Γ isolates the bound from Γ's MC error
+    res = bits_per_dim_at_steps(d, GaussianDenoiser(d, m, s), x0, [10, 100], kinds,
+                                gamma=gaussian_gamma(d, s), clip_x0=False, t_batch=20,
+                                generator=torch.Generator().manual_seed(1))
+    for K in (10, 100):
+        steps = even_trajectory(1000, K)
+        line = []
+        for v in kinds:
+            total = res[K][v].total
+            se = float(total.std()) / math.sqrt(len(total))
+            expected = _expected_K_step_bound(d, steps, m, s, probs, v)
+            z = (float(total.mean()) - expected) / se
+            gap = total - info
+            gap_se = float(gap.std()) / math.sqrt(len(gap))
+            line.append(f"{v} {float(total.mean()):.4f} (closed form {expected:.4f}, z {z:+.2f},"
+                        f" gap to entropy {float(gap.mean()):.4f} ± {gap_se:.4f})")
+            assert abs(z) < 4, (K, v, float(total.mean()), expected, se)
+            assert float(gap.mean()) > -3 * gap_se, f"K={K} {v}: the bound is below the entropy"
+        print(f"K={K}, entropy {H:.4f}: " + "; ".join(line))
+        for v in ("fixed_large", "fixed_small"):
+            diff_v = res[K][v].total - res[K]["analytic"].total
+            se = float(diff_v.std()) / math.sqrt(len(diff_v))
+            assert float(diff_v.mean()) > 5 * se, (K, v, float(diff_v.mean()), se)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from analytic import GaussianDenoiser, discretize
+from analytic import GaussianDenoiser, discretize, gaussian_gamma
 
 from ddpm_core.diffusion import Diffusion, p_mean_variance_from_output
 from ddpm_core.samplers import (
@@ -162,6 +162,33 @@ def test_ancestral_sampling_with_exact_reverse_variance_reproduces_data():
           f"(expected {expected_var:.5f})")
     assert abs(float(x.mean()) - M) < 5 * se_mean
     assert abs(float(x.var()) - expected_var) < 5 * se_var, (float(x.var()), expected_var)
+
+
+@pytest.mark.parametrize("K", [10, 25])
+def test_analytic_variance_sampling_bao2022_matches_the_exact_reverse_kernel(K):
+    """With exact Γ, σ̂² is the true Var(x_{τ_{k−1}} | x_{τ_k}) of Gaussian data on any chain."""
+    d = Diffusion.from_schedule("linear", 200, var_type="fixed_small")
+    steps = timestep_spacing(200, K, "linspace")  # ends at 0: the output should be the data
+    model = GaussianDenoiser(d, M, S)
+    N = 16000
+    x = sample_ancestral(d, model, (N, 1, 2, 2), torch.Generator().manual_seed(3),
+                         timesteps=steps, sigma2="analytic", gamma=gaussian_gamma(d, S)).double()
+    mean, var = _predicted_moments(d, steps, exact_var=True)
+    small_var = _predicted_moments(d, steps)[1]
+    se_mean, se_var = math.sqrt(var / x.numel()), var * math.sqrt(2 / x.numel())
+    print(f"K={K} analytic: sample var {float(x.var()):.5f} (exact-kernel recursion {var:.5f}, "
+          f"σ² = β̃ gives {small_var:.5f}, data {S**2})")
+    assert abs(float(x.mean()) - mean) < 5 * se_mean
+    assert abs(float(x.var()) - var) < 5 * se_var
+    assert small_var < 0.75 * var  # β̃ undershoots on a short chain; σ̂² does not
+    assert abs(var - S**2) < 0.01 * S**2
+    with pytest.raises(ValueError, match="needs gamma"):
+        sample_ancestral(d, model, (2, 1, 2, 2), torch.Generator(), steps, sigma2="analytic")
+    with pytest.raises(ValueError, match="needs a model trained"):
+        sample_ancestral(d, model, (2, 1, 2, 2), torch.Generator(), steps, sigma2="learned")
+    with pytest.raises(ValueError, match="unknown sigma2"):
+        sample_ancestral(d, model, (2, 1, 2, 2), torch.Generator(), steps,
+                         sigma2="huge")  # type: ignore[arg-type]
 
 
 def test_ancestral_is_reproducible_and_calls_model_with_original_indices():
