@@ -58,7 +58,7 @@ def _eps_from_output(diff: Diffusion, out: Tensor, x_t: Tensor, t: Tensor) -> Te
     return predict_eps_from_x0(diff, x_t, t, x0)
 
 
-# Bao et al. 2022, Sec. 3 (Γ_n = E_q ‖s_n(x_n)‖² β̄_n / d written with ε̂ = −√β̄_n s_n)
+# Bao et al. 2022, Theorem 1: Γ_n = β̄_n E_q ‖∇log q_n‖² / d, written with ε̂ = −√β̄_n ∇log q_n
 @torch.no_grad()
 def estimate_gamma(model: Model, diff: Diffusion, x0: Tensor, M: int,
                    generator: torch.Generator, batch_size: int,

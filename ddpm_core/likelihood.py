@@ -5,9 +5,14 @@ L_T = KL(q(x_T|x_0) ‖ N(0, I)) and L_0 the discretized Gaussian decoder. As in
 the predicted x_0 is clipped to [-1, 1] and, for σ² = β ("fixed_large"), the decoder step uses
 β̃ at index 1 as its variance (see diffusion.py).
 
-All T terms are evaluated with ⌈T / t_batch⌉ network calls, each on t_batch timesteps × B images.
-Fixed variance types differ only in σ², so several of them share one pass of network calls.
-The mathematics runs in float64 whatever the model's precision.
+The bound of a K-step chain (as in Bao et al. 2022's likelihood tables) uses the even trajectory
+τ = round(linspace(0, T−1, K)), β'_k = 1 − ᾱ_{τ_k}/ᾱ_{τ_{k−1}} and the same conventions: x̂_0
+clipped, the decoder's variance is the chain's β̃ at index 1, the prior is at τ_{K−1} = T−1, and
+learned_range interpolates between the chain's β' and β̃'. K = T is the full chain.
+
+All chains and σ² choices (β, β̃, learned, analytic) share one pass of network calls over the
+union of their original indices, t_batch indices × B images per call: ⌈T / t_batch⌉ calls when
+T is among the K. The mathematics runs in float64 whatever the model's precision.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ def _check_var_types(diff: Diffusion, var_types: Sequence[Sigma2] | None,
     return chosen
 
 
-# Ho et al. 2020, eq. (5) with a given σ² per step (Bao et al. 2022, eq. 5 with σ̂²)
+# Ho et al. 2020, eq. (5) with a given σ² per step (σ̂²: Bao et al. 2022, Theorem 1)
 def vlb_terms_given_variance(diff: Diffusion, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor,
                              log_sigma2: Tensor, clip_x0: bool = True) -> Tensor:
     """VLB terms [B] in bits/dim with the model's mean and log σ² = log_sigma2[t] (of [T])."""

@@ -2,7 +2,9 @@
 
 Plain functions: the model is called with the ORIGINAL indices τ_i (0..T−1); a respaced chain
 only recomputes β from ᾱ at the kept steps. Every random draw (x_T and each step's noise) uses
-the explicit generator, so (seed, shape, timesteps) fixes the samples.
+the explicit generator, so (seed, shape, timesteps) fixes the samples. `timestep_spacing` makes
+the step lists (default `trailing`, which starts at T − 1); `prior_kl_at` says how much a chain
+that starts earlier loses.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def _check_sigma2(diff: Diffusion, sigma2: Sigma2 | None, gamma: Tensor | None) 
 
 
 # Ho et al. 2020, Algorithm 2 (on a subsequence: Nichol & Dhariwal 2021, Sec. 4; σ² = σ̂²:
-# Bao et al. 2022, Algorithm 1)
+# Bao et al. 2022, Theorem 1)
 @torch.no_grad()
 def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
                      generator: torch.Generator, timesteps: Sequence[int] | None = None,
@@ -168,8 +170,9 @@ def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
         x = p["mean"]
         if i > 0:  # no noise on the last step (Algorithm 2, z = 0 for t = 1)
             noise = torch.randn(x.shape, generator=generator, device=generator.device)
-            log_var = p["log_variance"] if log_sigma2 is None else float(log_sigma2[i])
-            x = x + torch.exp(0.5 * torch.as_tensor(log_var, dtype=x.dtype)) * noise
+            std = (torch.exp(0.5 * p["log_variance"]) if log_sigma2 is None
+                   else math.exp(0.5 * float(log_sigma2[i])))
+            x = x + std * noise
     return x.clamp(-1.0, 1.0)
 
 
