@@ -149,3 +149,26 @@ def analytic_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int] | N
     first = _chain(diff, timesteps)[0][0]
     sigma2[0] = lower[1] if sigma2.numel() > 1 else 1.0 - diff.alpha_bar[first]
     return sigma2
+
+
+# Bao et al. 2022, Theorems 1-2 for the DDIM family: λ² = σ_τ(η)² (Song et al. 2021, eq. 16)
+def ddim_analytic_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int],
+                         eta: float) -> Tensor:
+    """σ̂² [K] float64 of DDIM steps τ_k -> τ_{k−1} with λ = σ_τ(η): σ*² clipped to its bounds.
+
+    σ*² = λ² + (√((1−ᾱ_k)/α'_k) − √(1−ᾱ_{k−1}−λ²))² (1 − Γ), clipped to [λ², λ² + the smaller
+    of (√((1−ᾱ_k)/α'_k) − √(1−ᾱ_{k−1}−λ²))² and (√ᾱ_{k−1} − √(1−ᾱ_{k−1}−λ²) √(ᾱ_k/(1−ᾱ_k)))²]
+    (data in [−1, 1]). η = 1 is analytic_sigma2; index 0 (the deterministic last step) is unused.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    steps, alpha_bar_prev = _chain(diff, timesteps)
+    alpha_bar = diff.alpha_bar[steps]
+    alpha = alpha_bar / alpha_bar_prev
+    lam2 = eta**2 * (1.0 - alpha_bar_prev) * (1.0 - alpha) / (1.0 - alpha_bar)
+    rest = (1.0 - alpha_bar_prev - lam2).clamp(min=0.0).sqrt()
+    coef_eps = ((1.0 - alpha_bar) / alpha).sqrt() - rest
+    coef_x0 = alpha_bar_prev.sqrt() - rest * (alpha_bar / (1.0 - alpha_bar)).sqrt()
+    sigma2 = lam2 + coef_eps**2 * (1.0 - _gamma_at(gamma, diff, steps))
+    upper = lam2 + torch.minimum(coef_eps**2, coef_x0**2)
+    return torch.minimum(torch.maximum(sigma2, lam2), upper)

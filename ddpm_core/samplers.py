@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ddpm_core.analytic import SIGMA2_CHOICES, Sigma2, analytic_sigma2
+from ddpm_core.analytic import SIGMA2_CHOICES, Sigma2, analytic_sigma2, ddim_analytic_sigma2
 from ddpm_core.diffusion import (
     LEARNED_VAR_TYPES,
     Diffusion,
@@ -194,8 +194,13 @@ def _pred_x0_eps(diff: Diffusion, model: Model, x: Tensor, tau: int,
 # Song et al. 2021, eq. (12)
 @torch.no_grad()
 def ddim_step(diff: Diffusion, model: Model, x: Tensor, tau: int, tau_prev: int | None,
-              eta: float, generator: torch.Generator, clip_x0: bool = True) -> Tensor:
-    """One DDIM step x_τ -> x_{τ_prev} [B,C,H,W]; tau_prev=None means ᾱ_prev = 1 (x̂_0)."""
+              eta: float, generator: torch.Generator, clip_x0: bool = True,
+              noise_sigma2: float | None = None) -> Tensor:
+    """One DDIM step x_τ -> x_{τ_prev} [B,C,H,W]; tau_prev=None means ᾱ_prev = 1 (x̂_0).
+
+    The mean uses λ = σ_τ(η); the added noise has variance noise_sigma2 (default λ², e.g.
+    Bao et al.'s optimal σ*² from analytic.ddim_analytic_sigma2).
+    """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     ab = float(diff.alpha_bar[tau])
@@ -203,23 +208,44 @@ def ddim_step(diff: Diffusion, model: Model, x: Tensor, tau: int, tau_prev: int 
     x0, eps = _pred_x0_eps(diff, model, x, tau, clip_x0)
     sigma = ddim_sigma(ab, ab_prev, eta)
     x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * eps
-    if sigma > 0:
-        x = x + sigma * torch.randn(x.shape, generator=generator, device=generator.device)
+    std = sigma if noise_sigma2 is None else math.sqrt(noise_sigma2)
+    if std > 0:
+        x = x + std * torch.randn(x.shape, generator=generator, device=generator.device)
     return x
+
+
+DdimSigma2 = Literal["eta", "analytic"]
 
 
 @torch.no_grad()
 def sample_ddim(diff: Diffusion, model: Model, shape: Sequence[int], timesteps: Sequence[int],
                 eta: float, generator: torch.Generator, clip_x0: bool = True,
-                progress: bool = False, x_T: Tensor | None = None) -> Tensor:
-    """x_0 by DDIM on the increasing steps τ with stochasticity η ∈ [0, 1]; [B,C,H,W] in [-1,1]."""
+                progress: bool = False, x_T: Tensor | None = None, sigma2: DdimSigma2 = "eta",
+                gamma: Tensor | None = None) -> Tensor:
+    """x_0 by DDIM on the increasing steps τ with stochasticity η ∈ [0, 1]; [B,C,H,W] in [-1,1].
+
+    sigma2 "eta": each step adds noise of variance σ_τ(η)²; "analytic" (η > 0 only; η = 0 stays
+    deterministic): Bao et al.'s optimal variance for λ = σ_τ(η), with gamma = Γ [T] from
+    analytic.estimate_gamma. The last step adds no noise either way.
+    """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     steps = _check_timesteps(diff, timesteps)
+    noise_sigma2: list[float | None] = [None] * len(steps)
+    if sigma2 == "analytic":
+        if eta == 0.0:
+            raise ValueError("sigma2 'analytic' needs eta > 0 (DDIM with eta = 0 is "
+                             "deterministic); use sigma2='eta'")
+        if gamma is None:
+            raise ValueError("sigma2 'analytic' needs gamma: pass gamma=estimate_gamma(...)")
+        noise_sigma2 = ddim_analytic_sigma2(diff, gamma, steps, eta).tolist()
+    elif sigma2 != "eta":
+        raise ValueError(f"unknown sigma2 {sigma2!r} for DDIM; expected 'eta' or 'analytic'")
     x = _initial_noise(shape, generator, x_T)
     for i in _progress(range(len(steps) - 1, -1, -1), progress, "ddim"):
         prev = steps[i - 1] if i > 0 else None
-        x = ddim_step(diff, model, x, steps[i], prev, eta, generator, clip_x0)
+        x = ddim_step(diff, model, x, steps[i], prev, eta, generator, clip_x0,
+                      noise_sigma2[i] if i > 0 else None)
     return x.clamp(-1.0, 1.0)
 
 

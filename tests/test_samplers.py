@@ -7,6 +7,7 @@ import pytest
 import torch
 from analytic import GaussianDenoiser, discretize, gaussian_gamma
 
+from ddpm_core.analytic import analytic_sigma2, ddim_analytic_sigma2
 from ddpm_core.diffusion import Diffusion, p_mean_variance_from_output
 from ddpm_core.samplers import (
     SPACINGS,
@@ -189,6 +190,69 @@ def test_analytic_variance_sampling_bao2022_matches_the_exact_reverse_kernel(K):
     with pytest.raises(ValueError, match="unknown sigma2"):
         sample_ancestral(d, model, (2, 1, 2, 2), torch.Generator(), steps,
                          sigma2="huge")  # type: ignore[arg-type]
+
+
+def _ddim_moments(d, steps, eta, noise_var):
+    """Mean and variance of DDIM's output on N(M, S²) data by the linear-Gaussian recursion."""
+    mean, var = 0.0, 1.0
+    for i in range(len(steps) - 1, -1, -1):
+        ab = float(d.alpha_bar[steps[i]])
+        ab_prev = float(d.alpha_bar[steps[i - 1]]) if i > 0 else 1.0
+        D = ab * S**2 + 1 - ab
+        a, b = math.sqrt(ab) * S**2 / D, (1 - ab) * M / D  # x̂_0 = a x + b
+        lam2 = ddim_sigma(ab, ab_prev, eta) ** 2
+        r = math.sqrt(max(1 - ab_prev - lam2, 0.0)) / math.sqrt(1 - ab)
+        # x_prev = √ᾱ_prev x̂_0 + r (x − √ᾱ x̂_0) + noise
+        slope = math.sqrt(ab_prev) * a + r * (1 - math.sqrt(ab) * a)
+        offset = (math.sqrt(ab_prev) - r * math.sqrt(ab)) * b
+        mean, var = slope * mean + offset, slope**2 * var + (noise_var[i] if i > 0 else 0.0)
+    return mean, var
+
+
+def test_ddim_analytic_variance_bao2022_is_the_true_kernel_variance_of_song_eq7():
+    """q_λ(x_prev | x_t) = ∫ q_λ(x_prev | x_t, x_0) q(x_0 | x_t) dx_0, Gaussian for Gaussian x_0."""
+    d = Diffusion.from_schedule("linear", 1000)
+    steps = timestep_spacing(1000, 20, "linspace")
+    gamma = gaussian_gamma(d, S)
+    ab = d.alpha_bar[steps]
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    for eta in (0.3, 1.0):
+        lam2 = torch.tensor([ddim_sigma(float(a), float(p), eta) ** 2
+                             for a, p in zip(ab, ab_prev, strict=True)], dtype=torch.float64)
+        # Song et al. 2021, eq. (7): the x_0 coefficient of q_λ's mean given x_t
+        c0 = ab_prev.sqrt() - (1 - ab_prev - lam2).sqrt() * (ab / (1 - ab)).sqrt()
+        true_var = lam2 + c0**2 * S**2 * (1 - ab) / (ab * S**2 + 1 - ab)
+        got = ddim_analytic_sigma2(d, gamma, steps, eta)
+        assert torch.allclose(got[1:], true_var[1:], rtol=1e-9, atol=0)
+        assert bool((got[1:] > lam2[1:]).all())
+    assert torch.allclose(ddim_analytic_sigma2(d, gamma, steps, 1.0)[1:],
+                          analytic_sigma2(d, gamma, steps)[1:], rtol=1e-10)
+
+
+def test_ddim_eta_half_with_analytic_variance_matches_recursion():
+    d = Diffusion.from_schedule("linear", 200)
+    steps = timestep_spacing(200, 10, "linspace")
+    model = GaussianDenoiser(d, M, S)
+    gamma = gaussian_gamma(d, S)
+    N = 16000
+    x = sample_ddim(d, model, (N, 1, 2, 2), steps, 0.5, torch.Generator().manual_seed(4),
+                    sigma2="analytic", gamma=gamma).double()
+    noise_var = ddim_analytic_sigma2(d, gamma, steps, 0.5).tolist()
+    mean, var = _ddim_moments(d, steps, 0.5, noise_var)
+    plain = _ddim_moments(d, steps, 0.5, [ddim_sigma(float(d.alpha_bar[steps[i]]),
+                                                     float(d.alpha_bar[steps[i - 1]]), 0.5) ** 2
+                                          if i > 0 else 0.0 for i in range(len(steps))])[1]
+    se_mean, se_var = math.sqrt(var / x.numel()), var * math.sqrt(2 / x.numel())
+    print(f"DDIM η=0.5 K=10 analytic: sample var {float(x.var()):.5f} (recursion {var:.5f}, "
+          f"σ_τ(η)² noise gives {plain:.5f}, data {S**2})")
+    assert abs(float(x.mean()) - mean) < 5 * se_mean
+    assert abs(float(x.var()) - var) < 5 * se_var
+    assert abs(var - S**2) < 0.01 * S**2 < abs(plain - S**2)
+    with pytest.raises(ValueError, match="eta > 0"):
+        sample_ddim(d, model, (2, 1, 2, 2), steps, 0.0, torch.Generator(), sigma2="analytic",
+                    gamma=gamma)
+    with pytest.raises(ValueError, match="needs gamma"):
+        sample_ddim(d, model, (2, 1, 2, 2), steps, 0.5, torch.Generator(), sigma2="analytic")
 
 
 def test_ancestral_is_reproducible_and_calls_model_with_original_indices():
