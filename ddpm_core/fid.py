@@ -9,8 +9,6 @@ names the feature network next to every value.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,6 +24,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ddpm_core.data import download_file
+from ddpm_core.files import save_torch
 
 Features = Literal["inception", "digits_classifier"]
 
@@ -145,17 +144,8 @@ def classifier_accuracy(model: DigitsClassifier, images: np.ndarray, labels: np.
 
 
 def save_classifier(model: DigitsClassifier, path: str | Path) -> None:
-    """Write {config, state_dict} atomically (temp file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"config": model.config, "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write {config, state_dict} through the atomic writer."""
+    save_torch({"config": model.config, "state_dict": model.state_dict()}, path)
 
 
 def load_classifier(path: str | Path) -> DigitsClassifier:

@@ -81,7 +81,7 @@ def test_foreign_file_missing_file_and_missing_keys_are_checkpoint_errors(tmp_pa
 def test_prune_keeps_newest_k_by_step_and_removes_stale_temp_files(tmp_path: Path) -> None:
     for s in (5, 100, 20, 10000):
         save_checkpoint(fake_state(s), checkpoint_path(tmp_path, s))
-    (tmp_path / ".ckpt_00000020.pt.abc.tmp").write_bytes(b"half")
+    (tmp_path / ".tmp-ckpt_00000020.pt-123-abcdef").write_bytes(b"half")  # a crashed writer
     kept = prune_checkpoints(tmp_path, 2)
     assert [p.name for p in kept] == ["ckpt_00000100.pt", "ckpt_00010000.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in kept]
