@@ -44,6 +44,7 @@ from ddpm_core.checkpoint import (
     save_checkpoint,
 )
 from ddpm_core.inference import Autocast
+from ddpm_core.modelfile import ModelSpec
 
 __all__ = ["Batcher", "CheckpointError", "EpochSampler", "TrainResult", "TrainStep",
            "TrainingDiverged", "TrainingInterrupted", "train"]
@@ -250,8 +251,14 @@ def _cpu_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 
 def train(model: nn.Module, objective: Any, data_uint8: Tensor, cfg: Any, ckpt_dir: Path,
           device: str | torch.device | None = None,
-          on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train `model` (in place) on uint8 images [N,C,H,W]; resumes from ckpt_dir if it holds any."""
+          on_log: Callable[[int, dict[str, float]], None] | None = None,
+          spec: ModelSpec | None = None) -> TrainResult:
+    """Train `model` (in place) on uint8 images [N,C,H,W]; resumes from ckpt_dir if it holds any.
+
+    `spec` (the architecture and diffusion of `model`) is stored in every checkpoint, so that
+    `ddpm_core.modelfile.load_model_file` rebuilds the network from a checkpoint alone.
+    """
+    spec_dict = _check_spec(spec, model)
     info = D.init_distributed(device)
     dev, ckpt_dir = info.device, Path(ckpt_dir)
     if info.world_size != cfg.nproc:
@@ -309,7 +316,8 @@ def train(model: nn.Module, objective: Any, data_uint8: Tensor, cfg: Any, ckpt_d
                 window = (step, time.perf_counter())
             if do_ckpt:
                 t_save = time.perf_counter()
-                last_path = _save(step, step_fn, batcher, objective, cfg, info, ckpt_dir)
+                last_path = _save(step, step_fn, batcher, objective, cfg, info, ckpt_dir,
+                                  spec_dict)
                 # images/s count training only: shift the window start past the write
                 window = (window[0], window[1] + time.perf_counter() - t_save)
             if signum is not None and step < cfg.steps:
@@ -332,8 +340,19 @@ def _check_finite(first_bad: Tensor, last_path: Path | None, cfg: Any) -> None:
         f"mapped to [-1, 1], or train in fp32 (precision={cfg.precision!r}).")
 
 
+def _check_spec(spec: ModelSpec | None, model: nn.Module) -> dict | None:
+    """spec.to_dict(), after checking that spec builds a network shaped like `model`."""
+    if spec is None:
+        return None
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in spec.build_net().state_dict().items()}
+    if shapes != {k: v.shape for k, v in model.state_dict().items()}:
+        raise ValueError(f"spec.unet {spec.unet} does not describe the model being trained")
+    return spec.to_dict()
+
+
 def _save(step: int, step_fn: TrainStep, batcher: Batcher, objective: Any, cfg: Any,
-          info: D.DistInfo, ckpt_dir: Path) -> Path:
+          info: D.DistInfo, ckpt_dir: Path, spec: dict | None = None) -> Path:
     """Write the full training state after `step` (rank 0 writes; all ranks give RNG states)."""
     rng_all = D.all_gather_objects(_rng_state(info.device))
     path = checkpoint_path(ckpt_dir, step)
@@ -346,6 +365,8 @@ def _save(step: int, step_fn: TrainStep, batcher: Batcher, objective: Any, cfg: 
             "objective": objective.state_dict(), "data": batcher.sampler.state_dict(),
             "rng": {"generator": batcher.gen.get_state(), "ranks": rng_all},
         }
+        if spec is not None:
+            state["spec"] = spec
         save_checkpoint(state, path)
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     return path

@@ -23,20 +23,19 @@ from ddpm_core.config import Params, TrainConfig, VariantConfig
 from ddpm_core.data import load_images, to_model_tensor
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.losses import Objective
+from ddpm_core.modelfile import ModelSpec, save_model
 from ddpm_core.training import TrainingDiverged, train
 from ddpm_core.unet import UNet
 from pipeline.common import (
     CKPT_DIR,
     DATA_DIR,
     METRICS_DIR,
-    MODEL_FILE_FORMAT,
     MODELS_DIR,
     PLOTS_DIR,
     atomic_dir,
     device,
     relaunch_under_torchrun,
     run_stage,
-    save_torch,
     stable_hash,
     unet_config,
     write_json,
@@ -92,6 +91,7 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
     torch.manual_seed(cfg.seed)  # the initial weights
     model = UNet(ucfg)
     objective = Objective(diff, v.loss, v.t_sampling)
+    spec = ModelSpec(ucfg, params.schedule, params.diffusion.timesteps, v.mean_type, v.var_type)
 
     def on_log(step: int, metrics: dict) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,8 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
 
     t0 = time.perf_counter()
     try:
-        result = train(model, objective, data, cfg, ckpt_dir, device=device(), on_log=on_log)
+        result = train(model, objective, data, cfg, ckpt_dir, device=device(), on_log=on_log,
+                       spec=spec)
     except TrainingDiverged as e:
         if is_main:
             from pipeline.tracking import record_failure
@@ -113,12 +114,9 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
     seconds = time.perf_counter() - t0
     history = _read_history(hist_file)
     if is_main:
-        save_torch({"format": MODEL_FILE_FORMAT, "name": v.name, "variant": dataclasses.asdict(v),
-                    "unet": dataclasses.asdict(ucfg), "schedule": params.schedule,
-                    "timesteps": params.diffusion.timesteps, "mean_type": v.mean_type,
-                    "var_type": v.var_type, "step": result.step,
-                    "model": result.model.state_dict(), "ema": result.ema.state_dict()},
-                   MODELS_DIR / f"{v.name}.pt")
+        save_model(MODELS_DIR / f"{v.name}.pt", spec,
+                   {"ema": result.ema.state_dict(), "model": result.model.state_dict()},
+                   meta={"name": v.name, "variant": dataclasses.asdict(v), "step": result.step})
     resumed = str(result.resumed_from) if result.resumed_from else None
     if is_main:
         print(f"train[{v.name}]: {result.step} steps in {seconds:.1f} s"
