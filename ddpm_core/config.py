@@ -20,11 +20,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-Schedule = Literal["linear", "quadratic", "cosine", "constant"]
-MeanType = Literal["eps", "x0", "mu"]
-VarType = Literal["fixed_large", "fixed_small", "learned", "learned_range"]
-LossType = Literal["simple", "vlb", "hybrid"]
-TSampling = Literal["uniform", "importance"]
+from ddpm_core.modes import LossType, MeanType, TSampling, VarType
+from ddpm_core.modes import ScheduleKind as Schedule
+
+# Not yet ddpm_core.modes.Spacing: samplers.spaced_timesteps still takes these two names.
 Spacing = Literal["uniform", "quadratic"]
 
 

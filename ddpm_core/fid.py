@@ -12,7 +12,6 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -25,8 +24,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ddpm_core.data import download_file
 from ddpm_core.files import save_torch
-
-Features = Literal["inception", "digits_classifier"]
+from ddpm_core.modes import Features
 
 INCEPTION_NAME = "inception-v3-compat"
 # torch-fidelity's own copy of the TF-FID Inception weights (feature_extractor_inceptionv3.py).

@@ -13,25 +13,20 @@ L_simple + λ · T · L_t with λ = 0.001 and the mean's gradient stopped in L_t
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor
 
 from ddpm_core.diffusion import (
-    FIXED_VAR_TYPES,
-    LEARNED_VAR_TYPES,
     Diffusion,
     Model,
-    VarType,
     mean_target,
     p_mean_variance_from_output,
     q_posterior,
     q_sample,
 )
-
-LossType = Literal["simple", "vlb", "hybrid"]
-TSampling = Literal["uniform", "importance"]
+from ddpm_core.modes import FIXED_VAR_TYPES, LEARNED_VAR_TYPES, LossType, TSampling, VarType
 
 HYBRID_LAMBDA = 0.001  # Nichol & Dhariwal 2021, Sec. 3.1
 HISTORY_PER_T = 10  # improved-diffusion LossSecondMomentResampler

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from ddpm_core.checkpoint import MAGIC, CheckpointError, load_checkpoint
-from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion, MeanType, VarType
+from ddpm_core.diffusion import Diffusion
 from ddpm_core.files import save_torch
-from ddpm_core.schedules import ScheduleKind
+from ddpm_core.modes import LEARNED_VAR_TYPES, MeanType, ScheduleKind, VarType
 from ddpm_core.unet import UNet, UNetConfig
 
 FORMAT = "ddpm-model/1"
