@@ -17,11 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import FakeObjective, tiny_cfg, tiny_data, tiny_model  # noqa: E402
-
-from ddpm_core import distributed as D  # noqa: E402
-from ddpm_core.training import train  # noqa: E402
+from ddpm_core import distributed as D
+from ddpm_core.training import train
+from tests.helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES, SAMPLE_BATCH, SAMPLE_SEED = 7, 2, 3

@@ -14,17 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import FakeObjective, tiny_cfg, tiny_data, tiny_model  # noqa: E402
-
-from ddpm_core.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
-from ddpm_core.training import train  # noqa: E402
+from ddpm_core.checkpoint import CheckpointError, list_checkpoints
+from ddpm_core.training import train
+from tests.helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PAUSE_AT = 30, 12
@@ -33,15 +30,6 @@ STEPS, PAUSE_AT = 30, 12
 def resume_cfg(**kw: object):
     """30 steps, checkpoints every 5, log (and on_log) every step, dropout model."""
     return tiny_cfg(steps=STEPS, checkpoint_every=5, log_every=1, **kw)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Run the in-process reference with the subprocess's thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def run_to_end(ckpt_dir: Path, **kw: object):

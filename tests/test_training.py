@@ -1,7 +1,7 @@
 """Training loop: warm-up, clipping, EMA recurrence, data order, NaN handling, precision modes.
 
-Also home of the tiny model / fake objective that test_resume.py and test_distributed.py import
-(so those tests never depend on the real U-Net or losses).
+The tiny model / fake objective live in tests/helpers.py (shared with test_resume.py and
+test_distributed.py, so those tests never depend on the real U-Net or losses).
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
 
-from ddpm_core import distributed as D
 from ddpm_core.checkpoint import list_checkpoints, load_checkpoint
-from ddpm_core.config import TrainConfig
 from ddpm_core.training import (
     EpochSampler,
     TrainingDiverged,
@@ -24,85 +21,7 @@ from ddpm_core.training import (
     train,
     warmup_factor,
 )
-
-T_FAKE = 10
-
-
-class TinyNet(nn.Module):
-    """conv -> + embedding(t) -> SiLU -> dropout -> conv: a stand-in for the U-Net."""
-
-    def __init__(self, channels: int = 3, hidden: int = 8, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.emb = nn.Embedding(T_FAKE, hidden)
-        self.norm = nn.GroupNorm(2, hidden)
-        self.drop = nn.Dropout(dropout)
-        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        h = self.conv_in(x) + self.emb(t)[:, :, None, None]
-        return self.conv_out(self.drop(nn.functional.silu(self.norm(h))))
-
-
-class FakeObjective:
-    """The Objective protocol on a toy forward process; weights depend on the loss history."""
-
-    def __init__(self, nan_at_call: int | None = None) -> None:
-        self.alpha_bar = torch.linspace(0.99, 0.1, T_FAKE)
-        self.history = torch.zeros(T_FAKE, dtype=torch.float64)
-        self.count = torch.zeros(T_FAKE, dtype=torch.int64)
-        self.calls, self.nan_at_call = 0, nan_at_call
-
-    def sample_t(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        dev = generator.device
-        t = torch.randint(0, T_FAKE, (n,), generator=generator, device=dev)
-        mean = self.history / self.count.clamp(min=1)
-        w = (1.0 + 0.1 * torch.tanh(mean)).float().to(dev)
-        return t, w[t]
-
-    def losses(self, model, x0: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
-        a = self.alpha_bar.to(x0.device)[t][:, None, None, None]
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        mse = ((model(x_t, t) - noise) ** 2).mean(dim=(1, 2, 3))
-        self.calls += 1
-        if self.calls == self.nan_at_call:
-            mse = mse * float("nan")
-        return {"loss": mse, "mse": mse}
-
-    def update(self, t: Tensor, losses: dict[str, Tensor]) -> None:
-        self.history.index_add_(0, t.cpu(), losses["loss"].detach().double().cpu())
-        self.count.index_add_(0, t.cpu(), torch.ones_like(t.cpu()))
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"history": self.history.clone(), "count": self.count.clone()}
-
-    def load_state_dict(self, d: dict[str, Tensor]) -> None:
-        self.history, self.count = d["history"].clone(), d["count"].clone()
-
-
-def tiny_cfg(**kw: object) -> TrainConfig:
-    """Seconds-sized settings; ema_decay 0.9 so the EMA moves visibly in a few steps."""
-    base = dict(steps=12, batch_size=8, lr=1e-3, warmup_steps=3, grad_clip=1.0, ema_decay=0.9,
-                hflip=True, checkpoint_every=5, keep_checkpoints=2, log_every=5, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def tiny_data(n: int = 20) -> Tensor:
-    """n random uint8 images [n, 3, 8, 8]."""
-    return torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(123))
-
-
-def tiny_model(dropout: float = 0.0) -> TinyNet:
-    """A freshly initialised TinyNet with fixed weights."""
-    torch.manual_seed(0)
-    return TinyNet(dropout=dropout)
-
-
-def cpu_info() -> D.DistInfo:
-    """Single-process CPU placement."""
-    return D.DistInfo(0, 1, 0, torch.device("cpu"))
+from tests.helpers import FakeObjective, cpu_info, tiny_cfg, tiny_data, tiny_model
 
 
 def test_warmup_factor_is_linear_then_constant() -> None:
