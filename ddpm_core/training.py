@@ -43,6 +43,7 @@ from ddpm_core.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from ddpm_core.config import weight_settings
 from ddpm_core.inference import Autocast
 from ddpm_core.modelfile import ModelSpec
 
@@ -372,14 +373,11 @@ def _save(step: int, step_fn: TrainStep, batcher: Batcher, objective: Any, cfg: 
     return path
 
 
-_MUST_MATCH = ("batch_size", "seed", "hflip", "lr", "warmup_steps", "ema_decay", "grad_clip")
-
-
 def _restore(ck: dict, step_fn: TrainStep, batcher: Batcher, objective: Any, cfg: Any,
              info: D.DistInfo) -> int:
     """Load a verified checkpoint into the live training state; returns its step."""
     old = ck.get("config", {})
-    changed = [k for k in _MUST_MATCH if k in old and old[k] != getattr(cfg, k)]
+    changed = [k for k, v in weight_settings(cfg).items() if k in old and old[k] != v]
     if changed:
         warnings.warn(f"resuming with changed settings {changed}: the run will not equal an "
                       "uninterrupted one", stacklevel=3)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ddpm_core.checkpoint import list_checkpoints
-from ddpm_core.config import Params, TrainConfig, VariantConfig
+from ddpm_core.config import Params, TrainConfig, VariantConfig, weight_settings
 from ddpm_core.data import load_images, to_model_tensor
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.losses import Objective
@@ -42,9 +42,6 @@ from pipeline.common import (
 )
 
 LOSS_DIR = PLOTS_DIR / "loss"
-# Settings that do not change the trained weights (or are handled by resuming).
-_NOT_IN_KEY = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "resume_fallback",
-               "nproc", "compile")
 
 
 def train_config(params: Params) -> TrainConfig:
@@ -58,8 +55,7 @@ def ckpt_dir_for(params: Params, v: VariantConfig, ucfg: object, cfg: TrainConfi
     key = stable_hash({"schedule": params.schedule, "T": params.diffusion.timesteps,
                        "variant": dataclasses.asdict(v), "unet": dataclasses.asdict(ucfg),
                        "data": dataclasses.asdict(params.data),
-                       "train": {k: x for k, x in dataclasses.asdict(cfg).items()
-                                 if k not in _NOT_IN_KEY}})
+                       "train": weight_settings(cfg)})
     d = CKPT_DIR / v.name / key
     done = list_checkpoints(d)
     if done and int(done[-1].name[5:-3]) > cfg.steps:
