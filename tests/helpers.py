@@ -1,5 +1,6 @@
 """Helpers shared by the tests: a tiny network and objective for the training loop, and tiny
-pipeline params with a runner for the stage scripts. Import as `from tests.helpers import ...`."""
+pipeline params with a runner for the stage scripts. `from helpers import ...` works under pytest
+(rootdir-less tests/ is put on sys.path) and in the scripts tests run as (their own folder)."""
 
 from __future__ import annotations
 

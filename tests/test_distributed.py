@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
 
 from ddpm_core import distributed as D
 from ddpm_core.training import train
-from tests.helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES, SAMPLE_BATCH, SAMPLE_SEED = 7, 2, 3

@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import FID, make_outputs, run_stage
+from helpers import FID, make_outputs, run_stage
 
 
 def _runs(db: str) -> list:

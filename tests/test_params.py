@@ -4,8 +4,7 @@ stderr, exit status 2, no traceback, no work done and earlier outputs left as th
 from __future__ import annotations
 
 import pytest
-
-from tests.helpers import run_stage, tiny_params
+from helpers import run_stage, tiny_params
 
 
 def assert_one_line_error(r, key: str, code: int = 2) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from tests.helpers import REPO, tiny_params
+from helpers import REPO, tiny_params
 
 BIN = Path(sys.executable).parent
 COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tests.helpers import make_outputs, run_stage
+from helpers import make_outputs, run_stage
 
 
 def test_report_is_self_contained_and_labels_every_number(tmp_path):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
 
 from ddpm_core.checkpoint import CheckpointError, list_checkpoints
 from ddpm_core.training import train
-from tests.helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PAUSE_AT = 30, 12

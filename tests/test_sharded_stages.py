@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tests.helpers import run_stage, tiny_params
+from helpers import run_stage, tiny_params
 
 
 @pytest.fixture(scope="module")

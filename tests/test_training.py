@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeObjective, cpu_info, tiny_cfg, tiny_data, tiny_model
 
 from ddpm_core.checkpoint import list_checkpoints, load_checkpoint
 from ddpm_core.training import (
@@ -21,7 +22,6 @@ from ddpm_core.training import (
     train,
     warmup_factor,
 )
-from tests.helpers import FakeObjective, cpu_info, tiny_cfg, tiny_data, tiny_model
 
 
 def test_warmup_factor_is_linear_then_constant() -> None:

@@ -32,8 +32,9 @@ def test_weight_settings_follow_the_classification() -> None:
 
 
 def test_resuming_with_a_changed_weight_setting_warns(tmp_path: Path) -> None:
+    from helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
+
     from ddpm_core.training import train
-    from tests.helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
 
     train(tiny_model(), FakeObjective(), tiny_data(), tiny_cfg(steps=5), tmp_path, device="cpu")
     with warnings.catch_warnings():
