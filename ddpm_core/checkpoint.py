@@ -27,7 +27,7 @@ MAGIC = b"DDPMCKPT"
 _HEADER = struct.Struct("<8sQ32s")
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 REQUIRED_KEYS = ("format_version", "step", "model", "ema", "optimizer", "scheduler",
-                 "objective", "data", "rng")
+                 "t_sampler", "data", "rng")
 
 
 class CheckpointError(RuntimeError):
@@ -88,6 +88,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} has format_version "
                               f"{state.get('format_version')!r}; this code reads "
                               f"{FORMAT_VERSION}")
+    if "objective" in state and "t_sampler" not in state:  # written before the loss/sampler split
+        state["t_sampler"] = state.pop("objective")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks keys {missing}")

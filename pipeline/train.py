@@ -22,8 +22,9 @@ from ddpm_core.checkpoint import list_checkpoints
 from ddpm_core.config import Params, TrainConfig, VariantConfig, weight_settings
 from ddpm_core.data import load_images, to_model_tensor
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.losses import Objective
+from ddpm_core.losses import Loss
 from ddpm_core.modelfile import ModelSpec, save_model
+from ddpm_core.resample import make_sampler
 from ddpm_core.training import TrainingDiverged, train
 from ddpm_core.unet import UNet
 from pipeline.common import (
@@ -86,7 +87,7 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
     hist_file = ckpt_dir / "history.jsonl"
     torch.manual_seed(cfg.seed)  # the initial weights
     model = UNet(ucfg)
-    objective = Objective(diff, v.loss, v.t_sampling)
+    loss, t_sampler = Loss(diff, v.loss), make_sampler(v.t_sampling, diff.T)
     spec = ModelSpec(ucfg, params.schedule, params.diffusion.timesteps, v.mean_type, v.var_type)
 
     def on_log(step: int, metrics: dict) -> None:
@@ -99,7 +100,7 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
 
     t0 = time.perf_counter()
     try:
-        result = train(model, objective, data, cfg, ckpt_dir, device=device(), on_log=on_log,
+        result = train(model, loss, t_sampler, data, cfg, ckpt_dir, device=device(), on_log=on_log,
                        spec=spec)
     except TrainingDiverged as e:
         if is_main:

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: a tiny network and objective for the training loop, and tiny
+"""Helpers shared by the tests: a tiny network, loss and timestep sampler for the
+training loop, and tiny
 pipeline params with a runner for the stage scripts. `from helpers import ...` works under pytest
 (rootdir-less tests/ is put on sys.path) and in the scripts tests run as (their own folder)."""
 
@@ -40,21 +41,12 @@ class TinyNet(nn.Module):
         return self.conv_out(self.drop(nn.functional.silu(self.norm(h))))
 
 
-class FakeObjective:
-    """The Objective protocol on a toy forward process; weights depend on the loss history."""
+class FakeLoss:
+    """The Loss protocol on a toy forward process; NaN at a chosen call."""
 
     def __init__(self, nan_at_call: int | None = None) -> None:
         self.alpha_bar = torch.linspace(0.99, 0.1, T_FAKE)
-        self.history = torch.zeros(T_FAKE, dtype=torch.float64)
-        self.count = torch.zeros(T_FAKE, dtype=torch.int64)
         self.calls, self.nan_at_call = 0, nan_at_call
-
-    def sample_t(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        dev = generator.device
-        t = torch.randint(0, T_FAKE, (n,), generator=generator, device=dev)
-        mean = self.history / self.count.clamp(min=1)
-        w = (1.0 + 0.1 * torch.tanh(mean)).float().to(dev)
-        return t, w[t]
 
     def losses(self, model, x0: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
         a = self.alpha_bar.to(x0.device)[t][:, None, None, None]
@@ -65,8 +57,23 @@ class FakeObjective:
             mse = mse * float("nan")
         return {"loss": mse, "mse": mse}
 
-    def update(self, t: Tensor, losses: dict[str, Tensor]) -> None:
-        self.history.index_add_(0, t.cpu(), losses["loss"].detach().double().cpu())
+
+class FakeSampler:
+    """The timestep-sampler protocol; weights depend on the loss history (state to resume)."""
+
+    def __init__(self) -> None:
+        self.history = torch.zeros(T_FAKE, dtype=torch.float64)
+        self.count = torch.zeros(T_FAKE, dtype=torch.int64)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        dev = generator.device
+        t = torch.randint(0, T_FAKE, (n,), generator=generator, device=dev)
+        mean = self.history / self.count.clamp(min=1)
+        w = (1.0 + 0.1 * torch.tanh(mean)).float().to(dev)
+        return t, w[t]
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        self.history.index_add_(0, t.cpu(), losses.detach().double().cpu())
         self.count.index_add_(0, t.cpu(), torch.ones_like(t.cpu()))
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ def fake_state(step: int) -> dict:
     """A state with every required key and distinguishable tensors."""
     w = torch.full((3, 2), float(step))
     return {"step": step, "model": {"w": w}, "ema": {"w": w + 0.5}, "optimizer": {},
-            "scheduler": {}, "objective": {}, "data": {"epoch": 0, "offset": step},
+            "scheduler": {}, "t_sampler": {}, "data": {"epoch": 0, "offset": step},
             "rng": {"generator": torch.Generator().get_state()}}
 
 
@@ -76,6 +76,17 @@ def test_foreign_file_missing_file_and_missing_keys_are_checkpoint_errors(tmp_pa
     save_checkpoint(partial, checkpoint_path(tmp_path, 2))
     with pytest.raises(CheckpointError, match=r"lacks keys \['ema'\]"):
         load_checkpoint(checkpoint_path(tmp_path, 2))
+
+
+def test_checkpoint_from_before_the_loss_sampler_split_loads(tmp_path: Path) -> None:
+    old = fake_state(4)
+    history = {"history": torch.rand(3, 10), "count": torch.full((3,), 10)}
+    del old["t_sampler"]
+    old["objective"] = history  # the key of the Objective that drew t before resample.py
+    save_checkpoint(old, checkpoint_path(tmp_path, 4))
+    got = load_checkpoint(checkpoint_path(tmp_path, 4))
+    assert torch.equal(got["t_sampler"]["history"], history["history"])
+    assert "objective" not in got
 
 
 def test_prune_keeps_newest_k_by_step_and_removes_stale_temp_files(tmp_path: Path) -> None:

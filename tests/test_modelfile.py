@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddpm_core.config import TrainConfig
-from ddpm_core.losses import Objective
+from ddpm_core.losses import Loss
 from ddpm_core.modelfile import (
     FORMAT,
     ModelFileError,
@@ -20,6 +20,7 @@ from ddpm_core.modelfile import (
     load_model_file,
     save_model,
 )
+from ddpm_core.resample import ImportanceSampler, UniformSampler
 from ddpm_core.training import train
 from ddpm_core.unet import PRESETS
 
@@ -148,8 +149,8 @@ def test_training_checkpoint_loads_as_a_model_file(tmp_path: Path) -> None:
     data = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
     cfg = TrainConfig(steps=2, batch_size=4, warmup_steps=1, hflip=False, checkpoint_every=2,
                       log_every=1)
-    res = train(net, Objective(spec.diffusion(), "hybrid"), data, cfg, tmp_path, device="cpu",
-                spec=spec)
+    res = train(net, Loss(spec.diffusion(), "hybrid"), UniformSampler(spec.timesteps), data, cfg,
+                tmp_path, device="cpu", spec=spec)
     m = load_model_file(tmp_path / "ckpt_00000002.pt")
     assert m.spec == spec and m.meta == {"step": 2}
     x, t = _probe()
@@ -158,7 +159,7 @@ def test_training_checkpoint_loads_as_a_model_file(tmp_path: Path) -> None:
         assert torch.equal(load_model_file(tmp_path / "ckpt_00000002.pt", "model").net(x, t),
                            res.model(x, t))
     with pytest.raises(ValueError, match="does not describe"):
-        train(spec.build_net(), Objective(spec.diffusion(), "hybrid"), data, cfg,
+        train(spec.build_net(), Loss(spec.diffusion(), "hybrid"), UniformSampler(50), data, cfg,
               tmp_path / "other", device="cpu", spec=dataclasses.replace(SPEC, unet=PRESETS[
                   "digits"], var_type="fixed_large", mean_type="eps"))
 
@@ -168,7 +169,8 @@ def test_checkpoint_without_spec_names_the_fix(tmp_path: Path) -> None:
                                unet=dataclasses.replace(UNET, out_channels=1))
     data = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
     cfg = TrainConfig(steps=1, batch_size=4, hflip=False, log_every=1)
-    train(spec.build_net(), Objective(spec.diffusion()), data, cfg, tmp_path, device="cpu")
+    train(spec.build_net(), Loss(spec.diffusion()), ImportanceSampler(50), data, cfg, tmp_path,
+          device="cpu")
     with pytest.raises(ModelFileError, match="without a model spec"):
         load_model_file(tmp_path / "ckpt_00000001.pt")
     (tmp_path / "ckpt_00000001.pt").write_bytes((tmp_path / "ckpt_00000001.pt").read_bytes()[:99])

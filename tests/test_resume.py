@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
+from helpers import FakeLoss, FakeSampler, tiny_cfg, tiny_data, tiny_model
 
 from ddpm_core.checkpoint import CheckpointError, list_checkpoints
 from ddpm_core.training import train
@@ -34,7 +34,7 @@ def resume_cfg(**kw: object):
 
 def run_to_end(ckpt_dir: Path, **kw: object):
     """Train (or resume) in this process to STEPS."""
-    return train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(), resume_cfg(**kw),
+    return train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(), resume_cfg(**kw),
                  ckpt_dir, device="cpu")
 
 
@@ -103,7 +103,7 @@ def test_sigterm_saves_at_step_boundary_exits_143_and_resumes_bitwise(
 def test_corrupt_latest_checkpoint_needs_resume_fallback(tmp_path: Path, one_thread) -> None:
     reference = run_to_end(tmp_path / "ref")
     ckpt = tmp_path / "c"
-    train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(),
+    train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(),
           dataclasses.replace(resume_cfg(), steps=10), ckpt, device="cpu")
     newest = ckpt / "ckpt_00000010.pt"
     newest.write_bytes(newest.read_bytes()[:-7])
@@ -124,8 +124,8 @@ def _worker(ckpt_dir: str, go: str) -> None:
         while step == PAUSE_AT and not Path(go).exists():
             time.sleep(0.01)
 
-    train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(), resume_cfg(), Path(ckpt_dir),
-          device="cpu", on_log=on_log)
+    train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(), resume_cfg(),
+          Path(ckpt_dir), device="cpu", on_log=on_log)
 
 
 if __name__ == "__main__":

@@ -32,15 +32,16 @@ def test_weight_settings_follow_the_classification() -> None:
 
 
 def test_resuming_with_a_changed_weight_setting_warns(tmp_path: Path) -> None:
-    from helpers import FakeObjective, tiny_cfg, tiny_data, tiny_model
+    from helpers import FakeLoss, FakeSampler, tiny_cfg, tiny_data, tiny_model
 
     from ddpm_core.training import train
 
-    train(tiny_model(), FakeObjective(), tiny_data(), tiny_cfg(steps=5), tmp_path, device="cpu")
+    train(tiny_model(), FakeLoss(), FakeSampler(), tiny_data(), tiny_cfg(steps=5), tmp_path,
+          device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # more steps and other bookkeeping: silent
-        train(tiny_model(), FakeObjective(), tiny_data(), tiny_cfg(steps=6, log_every=1),
+        train(tiny_model(), FakeLoss(), FakeSampler(), tiny_data(), tiny_cfg(steps=6, log_every=1),
               tmp_path, device="cpu")
     with pytest.warns(UserWarning, match=r"changed settings \['channels_last'\]"):
-        train(tiny_model(), FakeObjective(), tiny_data(), tiny_cfg(steps=7, channels_last=True),
-              tmp_path, device="cpu")
+        train(tiny_model(), FakeLoss(), FakeSampler(), tiny_data(),
+              tiny_cfg(steps=7, channels_last=True), tmp_path, device="cpu")
