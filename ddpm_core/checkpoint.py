@@ -16,7 +16,6 @@ import re
 import struct
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -94,14 +93,6 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks keys {missing}")
     return state
-
-
-def load_weights(path: Path, which: Literal["ema", "model"] = "ema",
-                 map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The EMA (default) or raw model state dict from a verified checkpoint."""
-    if which not in ("ema", "model"):
-        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-    return load_checkpoint(path, map_location)[which]
 
 
 def find_resume(ckpt_dir: Path, fallback: bool = False) -> tuple[dict, Path] | None:

@@ -82,12 +82,19 @@ def from_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def _check_nhwc(images: np.ndarray, what: str) -> None:
+def nhwc_problem(images: object) -> str | None:
+    """What keeps `images` from being uint8 [N, H, W, C] with C = 1 or 3, or None."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise DataError(f"{what}: expected a uint8 numpy array, got "
-                        f"{getattr(images, 'dtype', type(images).__name__)}")
+        return (f"expected uint8 numpy images, got "
+                f"{getattr(images, 'dtype', type(images).__name__)}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{what}: expected shape [N, H, W, C] with C = 1 or 3, got {images.shape}")
+        return f"expected shape [N, H, W, C] with C = 1 or 3, got {images.shape}"
+    return None
+
+
+def _check_nhwc(images: np.ndarray, what: str) -> None:
+    if (problem := nhwc_problem(images)) is not None:
+        raise DataError(f"{what}: {problem}")
 
 
 # ----------------------------------------------------------------------------- sources

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ddpm_core.data import nhwc_problem
 from ddpm_core.files import save_torch
 
 
@@ -50,10 +51,8 @@ class DigitsClassifier(nn.Module):
 
 def _unit_nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float32 [N, C, H, W] in [0, 1]."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        raise ClassifierError(f"images: expected uint8 numpy [N, H, W, C], got "
-                              f"{getattr(images, 'dtype', type(images).__name__)} "
-                              f"{getattr(images, 'shape', '')}")
+    if (problem := nhwc_problem(images)) is not None:
+        raise ClassifierError(f"images: {problem}")
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 

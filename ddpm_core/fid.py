@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ddpm_core.data import download_file
+from ddpm_core.data import download_file, nhwc_problem
 from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_classifier
 from ddpm_core.modes import Features
 
@@ -149,11 +149,8 @@ class _Uint8Images(Dataset):
 
 
 def _check_images(images: np.ndarray, what: str) -> None:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise MetricsError(f"{what}: expected uint8 numpy images, got "
-                           f"{getattr(images, 'dtype', type(images).__name__)}")
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise MetricsError(f"{what}: expected [N, H, W, C] with C = 1 or 3, got {images.shape}")
+    if (problem := nhwc_problem(images)) is not None:
+        raise MetricsError(f"{what}: {problem}")
 
 
 def compute_metrics(samples: np.ndarray, reference: np.ndarray, features: Features, *,

@@ -27,12 +27,12 @@ from typing import IO, Any
 TMP_PREFIX = ".tmp-"
 
 
-def tmp_name(path: Path) -> Path:
+def _tmp_name(path: Path) -> Path:
     """A fresh temporary sibling of `path`: `.tmp-<name>-<pid>-<random>`."""
     return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
 
 
-def fsync_dir(d: str | Path) -> None:
+def _fsync_dir(d: str | Path) -> None:
     """Persist a rename: fsync the directory entry (POSIX; skipped where unsupported)."""
     try:
         fd = os.open(d, os.O_RDONLY)
@@ -51,7 +51,7 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
     """A binary file that appears at `path` only when the block ends without an exception."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
+    tmp = _tmp_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
     try:
         with os.fdopen(fd, "wb") as f:
@@ -62,7 +62,7 @@ def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> None:
@@ -106,7 +106,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fsync_dir(dirpath)
+        _fsync_dir(dirpath)
 
 
 @contextmanager
@@ -114,7 +114,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """An empty temporary folder beside `path` that replaces `path` as a whole on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
+    tmp = _tmp_name(path)
     tmp.mkdir()  # mode 0777 & ~umask
     old = tmp.with_name(tmp.name + "-old")
     try:
@@ -128,7 +128,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if old.exists():
                 old.rename(path)
             raise
-        fsync_dir(path.parent)
+        _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -140,6 +140,8 @@ def test_weights_that_do_not_fit_the_spec(tmp_path: Path) -> None:
     torch.save(blob, p)
     with pytest.raises(ModelFileError, match="do not fit"):
         load_model_file(p)
+    with pytest.raises(ValueError, match="which"):
+        load_model_file(p, "bogus")  # type: ignore[arg-type]
 
 
 def test_training_checkpoint_loads_as_a_model_file(tmp_path: Path) -> None:
