@@ -20,13 +20,13 @@ def test_each_literal_equals_its_tuple_of_names() -> None:
 
 
 def test_library_and_config_use_the_same_literals() -> None:
-    from ddpm_core import config, diffusion, fid, inference, losses, schedules
+    from ddpm_core import config, diffusion, fid, inference, losses, resample, schedules
 
     assert config.MeanType is modes.MeanType and diffusion.MeanType is modes.MeanType
     assert config.VarType is modes.VarType and diffusion.VarType is modes.VarType
     assert config.Schedule is modes.ScheduleKind and schedules.ScheduleKind is modes.ScheduleKind
     assert config.LossType is modes.LossType and losses.LossType is modes.LossType
-    assert config.TSampling is modes.TSampling and losses.TSampling is modes.TSampling
+    assert config.TSampling is modes.TSampling and resample.TSampling is modes.TSampling
     assert inference.Precision is modes.Precision and fid.Features is modes.Features
     assert diffusion.LEARNED_VAR_TYPES is modes.LEARNED_VAR_TYPES
 
