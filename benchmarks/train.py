@@ -1,7 +1,7 @@
 """Training and sampling throughput of our U-Net beside diffusers' UNet2DModel, same step.
 
 Training images/s time the trainer's real step (`TrainStep`: data draw on the device, L_simple
-from `Objective`, backward, clip at global norm, Adam, warm-up, EMA). Sampling is network
+from `Loss`, backward, clip at global norm, Adam, warm-up, EMA). Sampling is network
 evaluations x images per second: one forward pass at a large batch without gradients. Both
 models run in the same process with the same settings; the implied wall time of the CIFAR-10
 reproduction is 800k steps x 128 images, 50k samples x 1000 steps, 10k test images x 1000
@@ -22,7 +22,8 @@ from benchmarks.unet import diffusers_twin, measure_forward, sync
 from ddpm_core.config import TrainConfig
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.distributed import DistInfo
-from ddpm_core.losses import Objective
+from ddpm_core.losses import Loss
+from ddpm_core.resample import UniformSampler
 from ddpm_core.training import Batcher, TrainStep
 from ddpm_core.unet import PRESETS, UNet, UNetConfig
 
@@ -55,12 +56,12 @@ def bench_train(model: nn.Module, args: argparse.Namespace, ucfg: UNetConfig,
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, hflip=True,
                       precision=args.precision, compile=args.compile,
                       channels_last=args.channels_last, checkpoint_every=10**9, log_every=10**9)
-    objective = Objective(Diffusion.from_schedule("linear", 1000))
+    t_sampler = UniformSampler(1000)
     info = DistInfo(0, 1, 0, device)
-    step = TrainStep(model, objective, cfg, info)
+    step = TrainStep(model, Loss(Diffusion.from_schedule("linear", 1000)), t_sampler, cfg, info)
     shape = (max(4 * args.batch, 64), ucfg.in_channels, ucfg.image_size, ucfg.image_size)
     data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator())
-    batcher = Batcher(data, objective, cfg, info)
+    batcher = Batcher(data, t_sampler, cfg, info)
     first, per_step = timed(lambda: step(*batcher.draw()), args.steps, args.warmup, device)
     return args.batch / per_step, first
 

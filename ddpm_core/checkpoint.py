@@ -1,33 +1,32 @@
 """Training checkpoints: atomic writes, a checksum that catches truncation, keep-last-k.
 
 File layout (`ckpt_{step:08d}.pt`): 8-byte magic, 8-byte little-endian payload length,
-32-byte SHA-256 of the payload, then the payload (`torch.save` of a dict). A file is written to
-a temporary name in the same directory, fsynced and moved into place with `os.replace`, so a
-crash leaves either the old set of checkpoints or the new one, never a partial file under a
-checkpoint name. Loading verifies magic, length, checksum, format version and required keys
-and raises `CheckpointError` naming the file otherwise (never a silent partial load).
+32-byte SHA-256 of the payload, then the payload (`torch.save` of a dict). Files are written by
+`ddpm_core.files.atomic_open` (temporary name, fsync, rename), so a crash leaves either the old
+set of checkpoints or the new one, never a partial file under a checkpoint name. Loading
+verifies magic, length, checksum, format version and required keys and raises
+`CheckpointError` naming the file otherwise (never a silent partial load).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import struct
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import torch
+
+from ddpm_core.files import atomic_open, remove_stale_tmp
 
 FORMAT_VERSION = 1
 MAGIC = b"DDPMCKPT"
 _HEADER = struct.Struct("<8sQ32s")
 _NAME = re.compile(r"^ckpt_(\d{8,})\.pt$")
 REQUIRED_KEYS = ("format_version", "step", "model", "ema", "optimizer", "scheduler",
-                 "objective", "data", "rng")
+                 "t_sampler", "data", "rng")
 
 
 class CheckpointError(RuntimeError):
@@ -49,39 +48,14 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    """Write `state` to path atomically (temp file in the same dir, fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `state` to path atomically; identical states give byte-identical files."""
     buf = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buf)
     payload = buf.getbuffer()
     header = _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    """Persist a rename: fsync the directory entry (POSIX; skipped where unsupported)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_open(path) as f:
+        f.write(header)
+        f.write(payload)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -113,18 +87,12 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} has format_version "
                               f"{state.get('format_version')!r}; this code reads "
                               f"{FORMAT_VERSION}")
+    if "objective" in state and "t_sampler" not in state:  # written before the loss/sampler split
+        state["t_sampler"] = state.pop("objective")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks keys {missing}")
     return state
-
-
-def load_weights(path: Path, which: Literal["ema", "model"] = "ema",
-                 map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The EMA (default) or raw model state dict from a verified checkpoint."""
-    if which not in ("ema", "model"):
-        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-    return load_checkpoint(path, map_location)[which]
 
 
 def find_resume(ckpt_dir: Path, fallback: bool = False) -> tuple[dict, Path] | None:
@@ -148,8 +116,7 @@ def find_resume(ckpt_dir: Path, fallback: bool = False) -> tuple[dict, Path] | N
 def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest `keep` checkpoints and stale temp files; returns what was kept."""
     assert keep >= 1, f"keep={keep}"
-    for tmp in Path(ckpt_dir).glob(".ckpt_*.tmp"):
-        tmp.unlink(missing_ok=True)
+    remove_stale_tmp(ckpt_dir, "ckpt_*")
     paths = list_checkpoints(ckpt_dir)
     for p in paths[:-keep]:
         p.unlink(missing_ok=True)

@@ -20,11 +20,10 @@ from typing import Any, Literal, Union
 
 import yaml
 
-Schedule = Literal["linear", "quadratic", "cosine", "constant"]
-MeanType = Literal["eps", "x0", "mu"]
-VarType = Literal["fixed_large", "fixed_small", "learned", "learned_range"]
-LossType = Literal["simple", "vlb", "hybrid"]
-TSampling = Literal["uniform", "importance"]
+from ddpm_core.modes import LossType, MeanType, TSampling, VarType
+from ddpm_core.modes import ScheduleKind as Schedule
+
+# Not yet ddpm_core.modes.Spacing: samplers.spaced_timesteps still takes these two names.
 Spacing = Literal["uniform", "quadratic"]
 
 
@@ -114,26 +113,36 @@ class VariantConfig:
                      "importance sampling of t is defined for loss 'vlb' only")
 
 
+def _setting(default: Any, *, weights: bool) -> Any:
+    """A TrainConfig field that says whether it changes the trained weights."""
+    return field(default=default, metadata={"weights": weights})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """train stage: Adam with warm-up, clipping and EMA (DDPM's official settings)."""
+    """train stage: Adam with warm-up, clipping and EMA (DDPM's official settings).
 
-    steps: int = 800_000
-    batch_size: int = 128
-    lr: float = 2e-4
-    warmup_steps: int = 5000
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    hflip: bool = True  # the pipeline turns it off for digits (a flipped digit is another glyph)
-    precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
-    channels_last: bool = False
-    checkpoint_every: int = 10_000
-    keep_checkpoints: int = 2
-    log_every: int = 100
-    resume_fallback: bool = False
-    nproc: int = 1
-    seed: int = 0
+    Each field says whether it changes the weights (`weight_settings`): those key the training
+    checkpoints, and resuming with a changed one warns. `steps` does not: more steps continue.
+    """
+
+    steps: int = _setting(800_000, weights=False)
+    batch_size: int = _setting(128, weights=True)
+    lr: float = _setting(2e-4, weights=True)
+    warmup_steps: int = _setting(5000, weights=True)
+    grad_clip: float = _setting(1.0, weights=True)
+    ema_decay: float = _setting(0.9999, weights=True)
+    # the pipeline turns it off for digits (a flipped digit is another glyph)
+    hflip: bool = _setting(True, weights=True)
+    precision: Literal["fp32", "bf16"] = _setting("fp32", weights=True)
+    compile: bool = _setting(False, weights=False)
+    channels_last: bool = _setting(False, weights=True)  # changes float summation order
+    checkpoint_every: int = _setting(10_000, weights=False)
+    keep_checkpoints: int = _setting(2, weights=False)
+    log_every: int = _setting(100, weights=False)
+    resume_fallback: bool = _setting(False, weights=False)
+    nproc: int = _setting(1, weights=False)  # the global batch is the same on N processes
+    seed: int = _setting(0, weights=True)
 
     def validate(self, key: str) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
@@ -145,6 +154,12 @@ class TrainConfig:
         _require(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", "must be in [0, 1)")
         _require(self.batch_size % self.nproc == 0, f"{key}.batch_size",
                  f"must be divisible by nproc={self.nproc}")
+
+
+def weight_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig settings that change the trained weights, by name."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.metadata["weights"]}
 
 
 @dataclass(frozen=True)

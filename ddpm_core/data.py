@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import tarfile
-import tempfile
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
 from ddpm_core.config import DataConfig
+from ddpm_core.files import atomic_open, save_npy
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official archive (torchvision's tgz_md5)
@@ -83,12 +82,19 @@ def from_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def _check_nhwc(images: np.ndarray, what: str) -> None:
+def nhwc_problem(images: object) -> str | None:
+    """What keeps `images` from being uint8 [N, H, W, C] with C = 1 or 3, or None."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise DataError(f"{what}: expected a uint8 numpy array, got "
-                        f"{getattr(images, 'dtype', type(images).__name__)}")
+        return (f"expected uint8 numpy images, got "
+                f"{getattr(images, 'dtype', type(images).__name__)}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{what}: expected shape [N, H, W, C] with C = 1 or 3, got {images.shape}")
+        return f"expected shape [N, H, W, C] with C = 1 or 3, got {images.shape}"
+    return None
+
+
+def _check_nhwc(images: np.ndarray, what: str) -> None:
+    if (problem := nhwc_problem(images)) is not None:
+        raise DataError(f"{what}: {problem}")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -146,17 +152,10 @@ def download_cifar10(dest: Path, url: str = CIFAR10_URL, timeout: float = 30.0) 
 
 
 def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """Fetch `url` to `dest` (temp file beside it, then rename: never half-written)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Fetch `url` to `dest` through the atomic writer (never half-written)."""
+    with atomic_open(dest) as f, urllib.request.urlopen(url, timeout=timeout) as r:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
 
 
 def load_cifar10(path: str | Path, *, expected_md5: str | None = CIFAR10_MD5,
@@ -352,19 +351,8 @@ def prepare_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
 
 
 def save_array(arr: np.ndarray, path: str | Path) -> None:
-    """np.save to a temp file in the same folder, then os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """np.save through the atomic writer (never half-written)."""
+    save_npy(arr, path)
 
 
 def save_splits(splits: Splits, out_dir: str | Path) -> None:

@@ -30,17 +30,13 @@ Models with a learned variance output 2C channels: the first C are the mean para
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor
 
-from ddpm_core.schedules import ScheduleKind, make_betas
-
-MeanType = Literal["eps", "x0", "mu"]
-VarType = Literal["fixed_large", "fixed_small", "learned", "learned_range"]
-LEARNED_VAR_TYPES: tuple[VarType, ...] = ("learned", "learned_range")
-FIXED_VAR_TYPES: tuple[VarType, ...] = ("fixed_large", "fixed_small")
+from ddpm_core.modes import LEARNED_VAR_TYPES, MeanType, ScheduleKind, VarType
+from ddpm_core.schedules import make_betas
 
 Model = torch.nn.Module  # any callable model(x_t [B,C,H,W], t [B] long) -> [B, C or 2C, H, W]
 

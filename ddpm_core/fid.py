@@ -2,32 +2,27 @@
 
 Natural images use torch-fidelity's Inception-v3 ('inception-v3-compat', TF-FID compatible).
 Inception features of 8x8 grey digits mean nothing, so the digits data set uses the penultimate
-layer of a small CNN classifier trained on the digits training split, registered with
-torch-fidelity as a custom feature extractor. The two numbers are not comparable: `metric_label`
-names the feature network next to every value.
+layer of a small CNN classifier trained on the digits training split (digits_classifier.py),
+registered here with torch-fidelity as a custom feature extractor. The two numbers are not
+comparable: `metric_label` names the feature network next to every value.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ddpm_core.data import download_file
-
-Features = Literal["inception", "digits_classifier"]
+from ddpm_core.data import download_file, nhwc_problem
+from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_classifier
+from ddpm_core.modes import Features
 
 INCEPTION_NAME = "inception-v3-compat"
 # torch-fidelity's own copy of the TF-FID Inception weights (feature_extractor_inceptionv3.py).
@@ -57,121 +52,7 @@ def metric_label(features: Features, metric: str = "FID") -> str:
     return f"{metric} ({_LABELS[features]})"
 
 
-# ----------------------------------------------------------------------------- digits classifier
-
-
-class DigitsClassifier(nn.Module):
-    """Small CNN: uint8-scaled [B, C, H, W] in [0, 1] -> logits [B, classes]; 64-d features."""
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, feature_dim: int = 64):
-        super().__init__()
-        self.config = {"in_channels": in_channels, "num_classes": num_classes,
-                       "feature_dim": feature_dim}
-        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.pool = nn.AdaptiveAvgPool2d(4)  # 8x8 -> 4x4; other sizes too
-        self.fc1 = nn.Linear(64 * 16, feature_dim)
-        self.fc2 = nn.Linear(feature_dim, num_classes)
-        # Set after training so the training features have unit RMS: KID's polynomial kernel
-        # (x.y / d + 1)^3 then sees O(1) dot products, as with Inception's pool features.
-        self.register_buffer("feature_scale", torch.ones(()))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations [B, feature_dim] of images [B, C, H, W] in [0, 1]."""
-        h = F.relu(self.conv1(x))
-        h = self.pool(F.relu(self.conv2(h)))
-        return F.relu(self.fc1(h.flatten(1))) * self.feature_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, classes] of images [B, C, H, W] in [0, 1]."""
-        return self.fc2(self.features(x) / self.feature_scale)
-
-
-def _unit_nchw(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> float32 [N, C, H, W] in [0, 1]."""
-    _check_images(images, "images")
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-
-
-def _random_shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image [B, C, H, W] by -1..1 pixels (zero fill): cheap augmentation."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (1, 1, 1, 1))
-    dy, dx = torch.randint(0, 3, (2, b), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(-1, x.shape[1], -1, w + 2)
-    padded = padded.gather(2, rows)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(-1, x.shape[1], h, -1)
-    return padded.gather(3, cols)
-
-
-def train_digits_classifier(images: np.ndarray, labels: np.ndarray, epochs: int = 30,
-                            seed: int = 0, batch_size: int = 32) -> DigitsClassifier:
-    """Fit DigitsClassifier (Adam, cross-entropy) on uint8 [N, H, W, C] with labels [N]."""
-    x = _unit_nchw(images)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    assert y.shape == (len(x),), f"labels {tuple(y.shape)} do not match images {tuple(x.shape)}"
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DigitsClassifier(in_channels=x.shape[1], num_classes=int(y.max()) + 1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a model this small runs fastest on one thread (no sync costs)
-    try:
-        model.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), batch_size):
-                idx = perm[i:i + batch_size]
-                loss = F.cross_entropy(model(_random_shift(x[idx], gen)), y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sched.step()
-        model.eval()
-        with torch.no_grad():
-            model.feature_scale.fill_(model.features(x).pow(2).mean().rsqrt().item())
-    finally:
-        torch.set_num_threads(threads)
-    return model
-
-
-@torch.no_grad()
-def classifier_accuracy(model: DigitsClassifier, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy on uint8 [N, H, W, C] with labels [N]."""
-    pred = model.eval()(_unit_nchw(images)).argmax(1).numpy()
-    return float((pred == np.asarray(labels)).mean())
-
-
-def save_classifier(model: DigitsClassifier, path: str | Path) -> None:
-    """Write {config, state_dict} atomically (temp file, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"config": model.config, "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_classifier(path: str | Path) -> DigitsClassifier:
-    """Read a classifier written by save_classifier (eval mode)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetricsError(f"{path}: digits classifier not found; run the fid stage, which trains "
-                           "it on the training split")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = DigitsClassifier(**ckpt["config"])
-        model.load_state_dict(ckpt["state_dict"])
-    except Exception as e:  # truncated file, wrong keys, wrong shapes
-        raise MetricsError(f"{path}: corrupt digits classifier ({e}); delete it and run the fid "
-                           "stage again") from None
-    return model.eval()
+# ----------------------------------------------------------------------------- digits extractor
 
 
 class DigitsFeatureExtractor(FeatureExtractorBase):
@@ -183,7 +64,7 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         if feature_extractor_weights_path is None:
             raise MetricsError("digits classifier features need feature_extractor_weights_path "
                                "(the saved classifier)")
-        self.model = load_classifier(feature_extractor_weights_path)
+        self.model = _load_classifier(feature_extractor_weights_path)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -202,6 +83,13 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         assert x.dtype == torch.uint8 and x.dim() == 4, f"expected uint8 [B,C,H,W], got {x.shape}"
         return (self.model.features(x.float() / 255.0),)
+
+
+def _load_classifier(path: str | Path) -> DigitsClassifier:
+    try:
+        return load_classifier(path)
+    except ClassifierError as e:
+        raise MetricsError(str(e)) from None
 
 
 def _register_digits_extractor() -> None:
@@ -261,11 +149,8 @@ class _Uint8Images(Dataset):
 
 
 def _check_images(images: np.ndarray, what: str) -> None:
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise MetricsError(f"{what}: expected uint8 numpy images, got "
-                           f"{getattr(images, 'dtype', type(images).__name__)}")
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise MetricsError(f"{what}: expected [N, H, W, C] with C = 1 or 3, got {images.shape}")
+    if (problem := nhwc_problem(images)) is not None:
+        raise MetricsError(f"{what}: {problem}")
 
 
 def compute_metrics(samples: np.ndarray, reference: np.ndarray, features: Features, *,
@@ -285,7 +170,7 @@ def compute_metrics(samples: np.ndarray, reference: np.ndarray, features: Featur
         if classifier_path is None:
             raise MetricsError("digits classifier features need classifier_path")
         # Fails early (and clearly) on a missing/corrupt file or a channel mismatch.
-        expect_c = load_classifier(classifier_path).config["in_channels"]
+        expect_c = _load_classifier(classifier_path).config["in_channels"]
         if samples.shape[-1] != expect_c:
             raise MetricsError(f"images have {samples.shape[-1]} channels, the classifier at "
                                f"{classifier_path} expects {expect_c}")

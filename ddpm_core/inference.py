@@ -8,12 +8,10 @@ On CUDA, `compile=True` uses mode "reduce-overhead", i.e. CUDA graphs for the fi
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
-Precision = Literal["fp32", "bf16"]
+from ddpm_core.modes import Precision
 
 
 class Autocast(nn.Module):

@@ -1,4 +1,4 @@
-"""Training objectives: L_simple, L_vlb and L_hybrid, and importance sampling of t.
+"""Training losses: L_simple, L_vlb and L_hybrid (the timestep samplers are in resample.py).
 
 Per-example losses are [B] tensors. VLB terms are in bits per dimension (mean over C, H, W of
 nats, divided by ln 2), like improved-diffusion. Index convention as in diffusion.py:
@@ -13,29 +13,22 @@ L_simple + λ · T · L_t with λ = 0.001 and the mean's gradient stopped in L_t
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor
 
 from ddpm_core.diffusion import (
-    FIXED_VAR_TYPES,
-    LEARNED_VAR_TYPES,
     Diffusion,
     Model,
-    VarType,
     mean_target,
     p_mean_variance_from_output,
     q_posterior,
     q_sample,
 )
-
-LossType = Literal["simple", "vlb", "hybrid"]
-TSampling = Literal["uniform", "importance"]
+from ddpm_core.modes import FIXED_VAR_TYPES, LEARNED_VAR_TYPES, LossType, VarType
 
 HYBRID_LAMBDA = 0.001  # Nichol & Dhariwal 2021, Sec. 3.1
-HISTORY_PER_T = 10  # improved-diffusion LossSecondMomentResampler
-UNIFORM_PROB = 1e-3  # mixed into p_t so no step is starved
 BIN_HALF_WIDTH = 1.0 / 255.0  # half a bin of the 256-level grid on [-1, 1]
 EDGE = 0.999  # x below −0.999 / above 0.999 is the first / last bin
 PROB_FLOOR = 1e-12  # official code: log(max(p, 1e-12)) on every bin
@@ -103,15 +96,12 @@ def vlb_terms_from_output(diff: Diffusion, out: Tensor, x0: Tensor, x_t: Tensor,
     return terms / math.log(2.0)
 
 
-class Objective:
-    """What the trainer minimises: per-example losses [B] and the sampler of t."""
+class Loss:
+    """What the trainer minimises: per-example losses [B] for given t (drawn by resample.py)."""
 
-    def __init__(self, diff: Diffusion, loss_type: LossType = "simple",
-                 t_sampling: TSampling = "uniform") -> None:
+    def __init__(self, diff: Diffusion, loss_type: LossType = "simple") -> None:
         if loss_type not in get_args(LossType):
             raise ValueError(f"unknown loss_type {loss_type!r}; expected {get_args(LossType)}")
-        if t_sampling not in get_args(TSampling):
-            raise ValueError(f"unknown t_sampling {t_sampling!r}; expected {get_args(TSampling)}")
         learned = diff.var_type in LEARNED_VAR_TYPES
         if loss_type == "simple" and learned:
             raise ValueError(f"loss_type 'simple' leaves the variance of {diff!r} untrained; "
@@ -121,29 +111,6 @@ class Objective:
                              f"{diff.var_type!r} (one of {FIXED_VAR_TYPES}); use 'simple'")
         self.diff = diff
         self.loss_type: LossType = loss_type
-        self.t_sampling: TSampling = t_sampling
-        # plain Python lists: update() runs per example on every training step
-        self._history: list[list[float]] = [[] for _ in range(diff.T)]
-
-    # Nichol & Dhariwal 2021, Sec. 3.3: p_t ∝ sqrt(E[L_t²])
-    def probabilities(self) -> Tensor:
-        """p_t [T] float64: uniform until every t has HISTORY_PER_T losses, then ∝ √E[L_t²]."""
-        T = self.diff.T
-        if self.t_sampling == "uniform" or any(len(h) < HISTORY_PER_T for h in self._history):
-            return torch.full((T,), 1.0 / T, dtype=torch.float64)
-        w = torch.tensor(self._history, dtype=torch.float64).pow(2).mean(dim=1).sqrt()
-        w = w / w.sum()
-        return w * (1.0 - UNIFORM_PROB) + UNIFORM_PROB / T
-
-    def sample_t(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Timesteps [n] long and importance weights 1/(T p_t) [n] float, on generator.device."""
-        device = generator.device
-        if self.t_sampling == "uniform":
-            t = torch.randint(0, self.diff.T, (n,), generator=generator, device=device)
-            return t, torch.ones(n, device=device)
-        p = self.probabilities().to(device)
-        t = torch.multinomial(p, n, replacement=True, generator=generator)
-        return t, (1.0 / (self.diff.T * p[t])).float()
 
     def losses(self, model: Model, x0: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
         """Per-example [B] losses: "loss" (to minimise), "mse", and "vlb" (T·L_t) / "vlb_term"."""
@@ -170,31 +137,3 @@ class Objective:
         else:
             terms["loss"] = terms["mse"] + HYBRID_LAMBDA * terms["vlb"]
         return terms
-
-    def update(self, t: Tensor, losses: dict[str, Tensor]) -> None:
-        """Record losses["loss"] [B] per timestep t [B] (no-op for uniform sampling)."""
-        if self.t_sampling == "uniform":
-            return
-        loss = losses["loss"].detach().to("cpu", torch.float64)
-        assert loss.shape == t.shape, f"loss {tuple(loss.shape)} vs t {tuple(t.shape)}"
-        for ti, li in zip(t.tolist(), loss.tolist(), strict=True):
-            h = self._history[ti]
-            h.append(li)
-            if len(h) > HISTORY_PER_T:
-                del h[0]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        """The importance history: "history" [T, 10] float64 (oldest first), "count" [T]."""
-        history = torch.zeros(self.diff.T, HISTORY_PER_T, dtype=torch.float64)
-        for ti, h in enumerate(self._history):
-            history[ti, : len(h)] = torch.tensor(h, dtype=torch.float64)
-        count = torch.tensor([len(h) for h in self._history], dtype=torch.int64)
-        return {"history": history, "count": count}
-
-    def load_state_dict(self, d: dict[str, Tensor]) -> None:
-        """Restore the history saved by state_dict."""
-        history, count = torch.as_tensor(d["history"]), torch.as_tensor(d["count"])
-        if history.shape != (self.diff.T, HISTORY_PER_T) or count.shape != (self.diff.T,):
-            raise ValueError(f"importance history {tuple(history.shape)} does not match "
-                             f"T={self.diff.T} × {HISTORY_PER_T}")
-        self._history = [history[ti, : int(c)].tolist() for ti, c in enumerate(count.tolist())]

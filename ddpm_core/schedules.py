@@ -6,11 +6,11 @@ Index ``i = 0..T-1`` of every returned tensor is the paper's step ``t = i + 1``.
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 
-ScheduleKind = Literal["linear", "quadratic", "cosine", "constant"]
+from ddpm_core.modes import ScheduleKind
 
 # Ho et al. 2020, Sec. 4: β_1 = 1e-4 ... β_T = 0.02 at T = 1000.
 BETA_START = 1e-4

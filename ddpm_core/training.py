@@ -6,7 +6,7 @@ the state after `step` updates; update s + 1 uses lr = cfg.lr * min(1, (s + 1) /
 
 Determinism: every rank draws the GLOBAL batch's data indices, t, importance weights, flips and
 noise from generators seeded identically, then keeps its own slice; gradients are averaged by
-DDP and the objective's importance history is fed the gathered global batch. So k steps on N
+DDP and the timestep sampler's importance history is fed the gathered global batch. So k steps on N
 processes equal k steps on one process with the same global batch, up to float summation order
 (exactly so for dropout-free models: dropout masks come from each rank's own torch RNG).
 
@@ -43,7 +43,11 @@ from ddpm_core.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from ddpm_core.config import weight_settings
 from ddpm_core.inference import Autocast
+from ddpm_core.losses import Loss
+from ddpm_core.modelfile import ModelSpec
+from ddpm_core.resample import TimestepSampler
 
 __all__ = ["Batcher", "CheckpointError", "EpochSampler", "TrainResult", "TrainStep",
            "TrainingDiverged", "TrainingInterrupted", "train"]
@@ -129,7 +133,8 @@ class EpochSampler:
 class Batcher:
     """Draws this rank's slice of each global batch: x0 [b,C,H,W] in [-1,1], t, weights, noise."""
 
-    def __init__(self, data_uint8: Tensor, objective: Any, cfg: Any, info: D.DistInfo) -> None:
+    def __init__(self, data_uint8: Tensor, t_sampler: TimestepSampler, cfg: Any,
+                 info: D.DistInfo) -> None:
         assert data_uint8.dtype == torch.uint8 and data_uint8.ndim == 4, \
             f"data must be uint8 [N,C,H,W], got {data_uint8.dtype} {tuple(data_uint8.shape)}"
         assert cfg.batch_size % info.world_size == 0, \
@@ -139,7 +144,7 @@ class Batcher:
             data_uint8.nbytes <= torch.cuda.mem_get_info(dev)[0] // 4)
         data = data_uint8.contiguous()
         self.data = data.to(dev) if self.on_device else data.pin_memory()
-        self.objective, self.cfg, self.device = objective, cfg, dev
+        self.t_sampler, self.cfg, self.device = t_sampler, cfg, dev
         self.B, self.b = cfg.batch_size, cfg.batch_size // info.world_size
         self.lo = info.rank * self.b
         self.sampler = EpochSampler(data.shape[0], cfg.seed, dev)
@@ -148,10 +153,10 @@ class Batcher:
                               else torch.contiguous_format)
 
     def draw(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(x0, t, weights, noise) for this rank, plus the global t [B] for objective.update."""
+        """(x0, t, weights, noise) for this rank, plus the global t [B] for t_sampler.update."""
         B, lo, hi, gen, dev = self.B, self.lo, self.lo + self.b, self.gen, self.device
         idx_cpu, idx_dev = self.sampler.next(B)
-        t, w = self.objective.sample_t(B, gen)
+        t, w = self.t_sampler.sample(B, gen)
         flip = torch.rand(B, generator=gen, device=dev) < 0.5 if self.cfg.hflip else None
         shape = (B, *self.data.shape[1:])
         noise = torch.randn(shape, generator=gen, device=dev)[lo:hi]
@@ -168,9 +173,10 @@ class Batcher:
 
 
 class TrainStep:
-    """One update: objective loss, backward, global-norm clip, Adam, warm-up, EMA (fp32)."""
+    """One update: loss, backward, global-norm clip, Adam, warm-up, EMA (fp32), sampler update."""
 
-    def __init__(self, model: nn.Module, objective: Any, cfg: Any, info: D.DistInfo) -> None:
+    def __init__(self, model: nn.Module, loss: Loss, t_sampler: TimestepSampler, cfg: Any,
+                 info: D.DistInfo) -> None:
         dev = info.device
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = model.to(dev).float().to(memory_format=mf).train()
@@ -187,7 +193,8 @@ class TrainStep:
         self.opt = torch.optim.Adam(params, lr=cfg.lr, fused=fused or None,
                                     foreach=None if fused else True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_factor(cfg.warmup_steps))
-        self.objective, self.cfg, self.world = objective, cfg, info.world_size
+        self.loss, self.t_sampler = loss, t_sampler
+        self.cfg, self.world = cfg, info.world_size
         self._params = params
         self._ema_params = list(self.ema.parameters())
         self._pairs_buf = list(zip(self.ema.buffers(), self.model.buffers(), strict=True))
@@ -195,7 +202,7 @@ class TrainStep:
     def __call__(self, x0: Tensor, t: Tensor, w: Tensor, noise: Tensor,
                  t_global: Tensor) -> tuple[Tensor, Tensor]:
         """Apply one update; returns (weighted mean loss, pre-clip grad norm), both on device."""
-        terms = self.objective.losses(self.forward, x0, t, noise)
+        terms = self.loss.losses(self.forward, x0, t, noise)
         loss = (terms["loss"] * w).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,10 +213,10 @@ class TrainStep:
         torch._foreach_lerp_(self._ema_params, self._params, 1.0 - self.cfg.ema_decay)
         for eb, b in self._pairs_buf:
             eb.copy_(b)
-        detached = {k: v.detach() for k, v in terms.items()}
+        per_example = terms["loss"].detach()
         if self.world > 1:  # importance history sees the global batch on every rank
-            detached = {k: D.all_gather_cat(v) for k, v in detached.items()}
-        self.objective.update(t_global, detached)
+            per_example = D.all_gather_cat(per_example)
+        self.t_sampler.update(t_global, per_example)
         return loss.detach(), gnorm.detach()
 
 
@@ -248,10 +255,17 @@ def _cpu_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     return m.eval()
 
 
-def train(model: nn.Module, objective: Any, data_uint8: Tensor, cfg: Any, ckpt_dir: Path,
+def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: Tensor, cfg: Any,
+          ckpt_dir: Path,
           device: str | torch.device | None = None,
-          on_log: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train `model` (in place) on uint8 images [N,C,H,W]; resumes from ckpt_dir if it holds any."""
+          on_log: Callable[[int, dict[str, float]], None] | None = None,
+          spec: ModelSpec | None = None) -> TrainResult:
+    """Train `model` (in place) on uint8 images [N,C,H,W]; resumes from ckpt_dir if it holds any.
+
+    `spec` (the architecture and diffusion of `model`) is stored in every checkpoint, so that
+    `ddpm_core.modelfile.load_model_file` rebuilds the network from a checkpoint alone.
+    """
+    spec_dict = _check_spec(spec, model)
     info = D.init_distributed(device)
     dev, ckpt_dir = info.device, Path(ckpt_dir)
     if info.world_size != cfg.nproc:
@@ -261,13 +275,13 @@ def train(model: nn.Module, objective: Any, data_uint8: Tensor, cfg: Any, ckpt_d
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as in the peer measurements
     torch.manual_seed(cfg.seed + info.rank)  # dropout; restored from the checkpoint on resume
-    step_fn = TrainStep(model, objective, cfg, info)
-    batcher = Batcher(data_uint8, objective, cfg, info)
+    step_fn = TrainStep(model, loss, t_sampler, cfg, info)
+    batcher = Batcher(data_uint8, t_sampler, cfg, info)
     step, resumed_from, last_path = 0, None, None
     found = find_resume(ckpt_dir, cfg.resume_fallback)
     if found is not None:
         ck, resumed_from = found
-        step = _restore(ck, step_fn, batcher, objective, cfg, info)
+        step = _restore(ck, step_fn, batcher, cfg, info)
         last_path = resumed_from
     history: list[dict[str, float]] = []
     acc = torch.zeros(2, device=dev)
@@ -309,7 +323,7 @@ def train(model: nn.Module, objective: Any, data_uint8: Tensor, cfg: Any, ckpt_d
                 window = (step, time.perf_counter())
             if do_ckpt:
                 t_save = time.perf_counter()
-                last_path = _save(step, step_fn, batcher, objective, cfg, info, ckpt_dir)
+                last_path = _save(step, step_fn, batcher, cfg, info, ckpt_dir, spec_dict)
                 # images/s count training only: shift the window start past the write
                 window = (window[0], window[1] + time.perf_counter() - t_save)
             if signum is not None and step < cfg.steps:
@@ -332,8 +346,19 @@ def _check_finite(first_bad: Tensor, last_path: Path | None, cfg: Any) -> None:
         f"mapped to [-1, 1], or train in fp32 (precision={cfg.precision!r}).")
 
 
-def _save(step: int, step_fn: TrainStep, batcher: Batcher, objective: Any, cfg: Any,
-          info: D.DistInfo, ckpt_dir: Path) -> Path:
+def _check_spec(spec: ModelSpec | None, model: nn.Module) -> dict | None:
+    """spec.to_dict(), after checking that spec builds a network shaped like `model`."""
+    if spec is None:
+        return None
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in spec.build_net().state_dict().items()}
+    if shapes != {k: v.shape for k, v in model.state_dict().items()}:
+        raise ValueError(f"spec.unet {spec.unet} does not describe the model being trained")
+    return spec.to_dict()
+
+
+def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: Any, info: D.DistInfo,
+          ckpt_dir: Path, spec: dict | None = None) -> Path:
     """Write the full training state after `step` (rank 0 writes; all ranks give RNG states)."""
     rng_all = D.all_gather_objects(_rng_state(info.device))
     path = checkpoint_path(ckpt_dir, step)
@@ -343,22 +368,20 @@ def _save(step: int, step_fn: TrainStep, batcher: Batcher, objective: Any, cfg: 
             "step": step, "world_size": info.world_size, "config": cfg_dict,
             "model": step_fn.model.state_dict(), "ema": step_fn.ema.state_dict(),
             "optimizer": step_fn.opt.state_dict(), "scheduler": step_fn.sched.state_dict(),
-            "objective": objective.state_dict(), "data": batcher.sampler.state_dict(),
+            "t_sampler": step_fn.t_sampler.state_dict(), "data": batcher.sampler.state_dict(),
             "rng": {"generator": batcher.gen.get_state(), "ranks": rng_all},
         }
+        if spec is not None:
+            state["spec"] = spec
         save_checkpoint(state, path)
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     return path
 
 
-_MUST_MATCH = ("batch_size", "seed", "hflip", "lr", "warmup_steps", "ema_decay", "grad_clip")
-
-
-def _restore(ck: dict, step_fn: TrainStep, batcher: Batcher, objective: Any, cfg: Any,
-             info: D.DistInfo) -> int:
+def _restore(ck: dict, step_fn: TrainStep, batcher: Batcher, cfg: Any, info: D.DistInfo) -> int:
     """Load a verified checkpoint into the live training state; returns its step."""
     old = ck.get("config", {})
-    changed = [k for k in _MUST_MATCH if k in old and old[k] != getattr(cfg, k)]
+    changed = [k for k, v in weight_settings(cfg).items() if k in old and old[k] != v]
     if changed:
         warnings.warn(f"resuming with changed settings {changed}: the run will not equal an "
                       "uninterrupted one", stacklevel=3)
@@ -367,10 +390,10 @@ def _restore(ck: dict, step_fn: TrainStep, batcher: Batcher, objective: Any, cfg
         step_fn.ema.load_state_dict(ck["ema"])
         step_fn.opt.load_state_dict(ck["optimizer"])
         step_fn.sched.load_state_dict(ck["scheduler"])
-        objective.load_state_dict(ck["objective"])
+        step_fn.t_sampler.load_state_dict(ck["t_sampler"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"checkpoint at step {ck['step']} does not fit this model or "
-                              f"objective: {e}") from e
+                              f"timestep sampler: {e}") from e
     batcher.sampler.load_state_dict(ck["data"])
     batcher.gen.set_state(ck["rng"]["generator"])
     ranks = ck["rng"]["ranks"]

@@ -242,25 +242,18 @@ def check_model_names(params: Params) -> None:
                           "choose another")
 
 
-def _from_model_file(name: str, blob: dict, use_ema: bool, source: str) -> LoadedModel:
-    from ddpm_core.diffusion import Diffusion
-    from ddpm_core.unet import UNet, UNetConfig
+def _from_model_file(name: str, path: Path, use_ema: bool, key: str = "") -> LoadedModel:
+    from ddpm_core.modelfile import ModelFileError, load_model_file
 
-    ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
-                         for k, v in blob["unet"].items()})
-    net = UNet(ucfg)
-    net.load_state_dict(blob["ema" if use_ema else "model"])
-    diff = Diffusion.from_schedule(blob["schedule"], blob["timesteps"], blob["mean_type"],
-                                   blob["var_type"])
-    return LoadedModel(name, net.eval(), diff, source,
-                       (ucfg.in_channels, ucfg.image_size, ucfg.image_size))
+    try:
+        m = load_model_file(path, "ema" if use_ema else "model")
+    except ModelFileError as e:
+        raise StageError(f"{key}{e}") from None
+    return LoadedModel(name, m.net, m.diffusion, m.source, m.spec.image_shape_chw)
 
 
 def load_models(params: Params, use_ema: bool) -> list[LoadedModel]:
     """The trained variants (models/<name>.pt) and, when set, the pretrained checkpoint."""
-    import torch
-
-    from ddpm_core.checkpoint import CheckpointError, load_checkpoint
     from ddpm_core.diffusion import Diffusion
 
     out = []
@@ -268,8 +261,7 @@ def load_models(params: Params, use_ema: bool) -> list[LoadedModel]:
         path = MODELS_DIR / f"{v.name}.pt"
         if not path.is_file():
             raise StageError(f"{path}: not found; run the train stage first (dvc repro train)")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        out.append(_from_model_file(v.name, blob, use_ema, str(path)))
+        out.append(_from_model_file(v.name, path, use_ema))
     p = params.pretrained
     if p.path is None:
         return out
@@ -289,34 +281,10 @@ def load_models(params: Params, use_ema: bool) -> list[LoadedModel]:
                  else _chw(data_shape("test")))
         out.append(LoadedModel(p.name, net.eval(), diff, f"diffusers:{path}", shape))
         return out
-    from ddpm_core.checkpoint import MAGIC
-
     if not path.is_file():
         raise StageError(f"pretrained.path: {path} is a folder; format 'ours' wants a file "
                          "(models/<variant>.pt or ckpt_*.pt), format 'diffusers' a folder")
-    with path.open("rb") as f:
-        is_training_checkpoint = f.read(len(MAGIC)) == MAGIC
-    if not is_training_checkpoint:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # not a torch file at all
-            raise StageError(f"pretrained.path: {path} is not a model file of this pipeline "
-                             f"({type(e).__name__}); use models/<name>.pt or ckpt_*.pt") from None
-        if not (isinstance(blob, dict) and blob.get("format") == MODEL_FILE_FORMAT):
-            raise StageError(f"pretrained.path: {path} is not a model file of this pipeline; "
-                             "use models/<variant>.pt, ckpt_*.pt or format: diffusers")
-        out.append(_from_model_file(p.name, blob, use_ema, str(path)))
-        return out
-    try:  # a training checkpoint of ddpm_core.checkpoint: the network comes from params.model
-        state = load_checkpoint(path)
-    except CheckpointError as e:
-        raise StageError(f"pretrained.path: {e}") from None
-    from ddpm_core.unet import UNet
-
-    hwc = data_shape("test")
-    net = UNet(unet_config(params, hwc, diff.out_channels(hwc[2])))
-    net.load_state_dict(state["ema" if use_ema else "model"])
-    out.append(LoadedModel(p.name, net.eval(), diff, str(path), _chw(hwc)))
+    out.append(_from_model_file(p.name, path, use_ema, "pretrained.path: "))
     return out
 
 

@@ -16,14 +16,12 @@ import numpy as np
 
 from ddpm_core.config import Params
 from ddpm_core.data import load_images, load_labels
-from ddpm_core.fid import (
+from ddpm_core.digits_classifier import (
     classifier_accuracy,
-    compute_metrics,
-    metric_label,
-    resolve_features,
     save_classifier,
     train_digits_classifier,
 )
+from ddpm_core.fid import compute_metrics, metric_label, resolve_features
 from pipeline.common import (
     DATA_DIR,
     FID_DIR,

@@ -19,33 +19,30 @@ from pathlib import Path
 import torch
 
 from ddpm_core.checkpoint import list_checkpoints
-from ddpm_core.config import Params, TrainConfig, VariantConfig
+from ddpm_core.config import Params, TrainConfig, VariantConfig, weight_settings
 from ddpm_core.data import load_images, to_model_tensor
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.losses import Objective
+from ddpm_core.losses import Loss
+from ddpm_core.modelfile import ModelSpec, save_model
+from ddpm_core.resample import make_sampler
 from ddpm_core.training import TrainingDiverged, train
 from ddpm_core.unet import UNet
 from pipeline.common import (
     CKPT_DIR,
     DATA_DIR,
     METRICS_DIR,
-    MODEL_FILE_FORMAT,
     MODELS_DIR,
     PLOTS_DIR,
     atomic_dir,
     device,
     relaunch_under_torchrun,
     run_stage,
-    save_torch,
     stable_hash,
     unet_config,
     write_json,
 )
 
 LOSS_DIR = PLOTS_DIR / "loss"
-# Settings that do not change the trained weights (or are handled by resuming).
-_NOT_IN_KEY = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "resume_fallback",
-               "nproc", "compile")
 
 
 def train_config(params: Params) -> TrainConfig:
@@ -59,8 +56,7 @@ def ckpt_dir_for(params: Params, v: VariantConfig, ucfg: object, cfg: TrainConfi
     key = stable_hash({"schedule": params.schedule, "T": params.diffusion.timesteps,
                        "variant": dataclasses.asdict(v), "unet": dataclasses.asdict(ucfg),
                        "data": dataclasses.asdict(params.data),
-                       "train": {k: x for k, x in dataclasses.asdict(cfg).items()
-                                 if k not in _NOT_IN_KEY}})
+                       "train": weight_settings(cfg)})
     d = CKPT_DIR / v.name / key
     done = list_checkpoints(d)
     if done and int(done[-1].name[5:-3]) > cfg.steps:
@@ -91,7 +87,8 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
     hist_file = ckpt_dir / "history.jsonl"
     torch.manual_seed(cfg.seed)  # the initial weights
     model = UNet(ucfg)
-    objective = Objective(diff, v.loss, v.t_sampling)
+    loss, t_sampler = Loss(diff, v.loss), make_sampler(v.t_sampling, diff.T)
+    spec = ModelSpec(ucfg, params.schedule, params.diffusion.timesteps, v.mean_type, v.var_type)
 
     def on_log(step: int, metrics: dict) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +100,8 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
 
     t0 = time.perf_counter()
     try:
-        result = train(model, objective, data, cfg, ckpt_dir, device=device(), on_log=on_log)
+        result = train(model, loss, t_sampler, data, cfg, ckpt_dir, device=device(), on_log=on_log,
+                       spec=spec)
     except TrainingDiverged as e:
         if is_main:
             from pipeline.tracking import record_failure
@@ -113,12 +111,9 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
     seconds = time.perf_counter() - t0
     history = _read_history(hist_file)
     if is_main:
-        save_torch({"format": MODEL_FILE_FORMAT, "name": v.name, "variant": dataclasses.asdict(v),
-                    "unet": dataclasses.asdict(ucfg), "schedule": params.schedule,
-                    "timesteps": params.diffusion.timesteps, "mean_type": v.mean_type,
-                    "var_type": v.var_type, "step": result.step,
-                    "model": result.model.state_dict(), "ema": result.ema.state_dict()},
-                   MODELS_DIR / f"{v.name}.pt")
+        save_model(MODELS_DIR / f"{v.name}.pt", spec,
+                   {"ema": result.ema.state_dict(), "model": result.model.state_dict()},
+                   meta={"name": v.name, "variant": dataclasses.asdict(v), "step": result.step})
     resumed = str(result.resumed_from) if result.resumed_from else None
     if is_main:
         print(f"train[{v.name}]: {result.step} steps in {seconds:.1f} s"

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeLoss, FakeSampler, tiny_cfg, tiny_data, tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import FakeObjective, tiny_cfg, tiny_data, tiny_model  # noqa: E402
-
-from ddpm_core import distributed as D  # noqa: E402
-from ddpm_core.training import train  # noqa: E402
+from ddpm_core import distributed as D
+from ddpm_core.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 N_SAMPLES, SAMPLE_BATCH, SAMPLE_SEED = 7, 2, 3
@@ -93,9 +91,9 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        obj = FakeObjective()
-        single = train(tiny_model(), obj, tiny_data(), dataclasses.replace(ddp_cfg(), nproc=1),
-                       tmp_path / "single", device="cpu")
+        obj = FakeSampler()
+        single = train(tiny_model(), FakeLoss(), obj, tiny_data(),
+                       dataclasses.replace(ddp_cfg(), nproc=1), tmp_path / "single", device="cpu")
     finally:
         torch.set_num_threads(n)
     for which in ("model", "ema"):
@@ -108,8 +106,8 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
         assert moved
     # the importance history saw the whole global batch on every rank
     for key in ("history", "count"):
-        assert torch.equal(ranks[0]["objective"][key], ranks[1]["objective"][key])
-        torch.testing.assert_close(ranks[0]["objective"][key], obj.state_dict()[key])
+        assert torch.equal(ranks[0]["t_sampler"][key], ranks[1]["t_sampler"][key])
+        torch.testing.assert_close(ranks[0]["t_sampler"][key], obj.state_dict()[key])
     assert int(obj.count.sum()) == 6 * 8
     # only rank 0 wrote checkpoints, and they are the ones a single process writes
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
@@ -126,13 +124,14 @@ def _worker(out: str) -> None:
     """Script mode (one rank): train, sample with the EMA and a fixed net, save the results."""
     torch.set_num_threads(1)
     out_dir = Path(out)
-    obj = FakeObjective()
-    res = train(tiny_model(), obj, tiny_data(), ddp_cfg(), out_dir / "ckpt", device="cpu")
+    obj = FakeSampler()
+    res = train(tiny_model(), FakeLoss(), obj, tiny_data(), ddp_cfg(), out_dir / "ckpt",
+                device="cpu")
     samples = D.sample_in_batches(draw(res.ema), N_SAMPLES, SAMPLE_BATCH, SAMPLE_SEED)
     fixed = D.sample_in_batches(draw(tiny_model()), N_SAMPLES, SAMPLE_BATCH, SAMPLE_SEED)
     rank = int(os.environ["RANK"])
     torch.save({"model": res.model.state_dict(), "ema": res.ema.state_dict(),
-                "objective": obj.state_dict(), "samples": samples, "samples_fixed": fixed},
+                "t_sampler": obj.state_dict(), "samples": samples, "samples_fixed": fixed},
                out_dir / f"rank{rank}.pt")
     D.cleanup()
 

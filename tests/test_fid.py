@@ -12,6 +12,7 @@ import torch
 import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+from ddpm_core import digits_classifier as dc
 from ddpm_core import fid
 from ddpm_core.config import DataConfig
 from ddpm_core.data import prepare_splits
@@ -31,22 +32,22 @@ def one_thread():
 def clf(tmp_path_factory):
     """The digits splits and a classifier trained once (8 epochs, ~3 s), saved to a file."""
     s = prepare_splits(DataConfig())
-    model = fid.train_digits_classifier(s.train, s.train_labels, epochs=8, seed=0)
+    model = dc.train_digits_classifier(s.train, s.train_labels, epochs=8, seed=0)
     path = tmp_path_factory.mktemp("fid") / "classifier.pt"
-    fid.save_classifier(model, path)
+    dc.save_classifier(model, path)
     return s, model, path
 
 
 def test_classifier_accuracy_on_digits_test_split(clf):
     s, model, _ = clf
-    acc = fid.classifier_accuracy(model, s.test, s.test_labels)
+    acc = dc.classifier_accuracy(model, s.test, s.test_labels)
     print(f"digits classifier test accuracy: {acc:.4f}")
     assert acc >= 0.90
 
 
 def test_classifier_save_load_gives_the_same_features(clf, tmp_path):
     s, model, path = clf
-    loaded = fid.load_classifier(path)
+    loaded = dc.load_classifier(path)
     x = torch.from_numpy(s.test[:50]).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         assert torch.equal(loaded.features(x), model.features(x))
@@ -55,8 +56,11 @@ def test_classifier_save_load_gives_the_same_features(clf, tmp_path):
     with torch.no_grad():
         assert abs(model.features(xt).pow(2).mean().item() - 1.0) < 1e-4
     (tmp_path / "bad.pt").write_bytes(path.read_bytes()[:100])
-    with pytest.raises(MetricsError, match=r"bad\.pt: corrupt digits classifier"):
-        fid.load_classifier(tmp_path / "bad.pt")
+    with pytest.raises(dc.ClassifierError, match=r"bad\.pt: corrupt digits classifier"):
+        dc.load_classifier(tmp_path / "bad.pt")
+    with pytest.raises(MetricsError, match=r"bad\.pt: corrupt digits classifier \(\w+\);"):
+        fid.compute_metrics(s.test, s.train, "digits_classifier",
+                            classifier_path=tmp_path / "bad.pt")
     with pytest.raises(MetricsError, match=r"nope\.pt: digits classifier not found"):
         fid.compute_metrics(s.test, s.train, "digits_classifier",
                             classifier_path=tmp_path / "nope.pt")

@@ -1,4 +1,4 @@
-"""KL, discretized decoder, L_simple / L_vlb / L_hybrid and the importance sampler of t."""
+"""KL, discretized decoder, L_simple / L_vlb / L_hybrid (samplers of t: test_resample.py)."""
 
 import math
 
@@ -10,14 +10,13 @@ from torch import nn
 
 from ddpm_core.diffusion import Diffusion, p_mean_variance_from_output, q_posterior, q_sample
 from ddpm_core.losses import (
-    HISTORY_PER_T,
-    UNIFORM_PROB,
-    Objective,
+    Loss,
     discretized_gaussian_log_likelihood,
     normal_kl,
     standard_normal_cdf,
     vlb_terms_from_output,
 )
+from ddpm_core.resample import make_sampler
 
 F64 = torch.float64
 
@@ -103,7 +102,7 @@ def _setup(mean_type, var_type, C=2, B=8, T=50):
 @pytest.mark.parametrize("mean_type", ["eps", "x0", "mu"])
 def test_L_simple_ho2020_eq14_is_mse_to_the_parameterization_target(mean_type):
     d, x0, noise, t, model = _setup(mean_type, "fixed_large")
-    terms = Objective(d, "simple").losses(model, x0, t, noise)
+    terms = Loss(d, "simple").losses(model, x0, t, noise)
     x_t = q_sample(d, x0, t, noise)
     target = {"eps": noise, "x0": x0, "mu": q_posterior(d, x0, x_t, t)[0]}[mean_type]
     expected = ((target - model.out) ** 2).mean(dim=(1, 2, 3))
@@ -112,7 +111,7 @@ def test_L_simple_ho2020_eq14_is_mse_to_the_parameterization_target(mean_type):
 
 def test_L_hybrid_nichol_sec3_1_stops_mean_gradient_in_vlb():
     d, x0, noise, t, model = _setup("eps", "learned_range")
-    terms = Objective(d, "hybrid").losses(model, x0, t, noise)
+    terms = Loss(d, "hybrid").losses(model, x0, t, noise)
     assert torch.allclose(terms["vlb"], d.T * terms["vlb_term"])
     assert torch.allclose(terms["loss"], terms["mse"] + 0.001 * terms["vlb"])
     terms["vlb"].sum().backward()
@@ -120,75 +119,27 @@ def test_L_hybrid_nichol_sec3_1_stops_mean_gradient_in_vlb():
     assert float(grad[:, :2].abs().max()) == 0.0, "mean channels must get no VLB gradient"
     assert float(grad[:, 2:].abs().max()) > 0.0
     model.out.grad = None
-    terms = Objective(d, "vlb").losses(model, x0, t, noise)  # pure L_vlb trains the mean too
+    terms = Loss(d, "vlb").losses(model, x0, t, noise)  # pure L_vlb trains the mean too
     terms["loss"].sum().backward()
     assert float(model.out.grad[:, :2].abs().max()) > 0.0
 
 
 def test_L_vlb_is_T_times_the_term_for_fixed_variance():
     d, x0, noise, t, model = _setup("eps", "fixed_small")
-    terms = Objective(d, "vlb").losses(model, x0, t, noise)
+    terms = Loss(d, "vlb").losses(model, x0, t, noise)
     x_t = q_sample(d, x0, t, noise)
     term = vlb_terms_from_output(d, model.out.detach(), x0, x_t, t)
     assert torch.allclose(terms["loss"], d.T * term, rtol=1e-6)
 
 
-def test_objective_rejects_inconsistent_settings():
+def test_loss_rejects_inconsistent_settings():
     d = Diffusion.from_schedule("linear", 10)
     with pytest.raises(ValueError, match="hybrid"):
-        Objective(d, "hybrid")
+        Loss(d, "hybrid")
     with pytest.raises(ValueError, match="untrained"):
-        Objective(d.with_var_type("learned"), "simple")
+        Loss(d.with_var_type("learned"), "simple")
     with pytest.raises(ValueError, match="loss_type"):
-        Objective(d, "l1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="t_sampling"):
-        Objective(d, t_sampling="stratified")  # type: ignore[arg-type]
-
-
-def test_uniform_t_sampling_has_unit_weights_and_update_is_noop():
-    obj = Objective(Diffusion.from_schedule("linear", 7))
-    t, w = obj.sample_t(1000, torch.Generator().manual_seed(0))
-    assert t.dtype == torch.long and int(t.min()) == 0 and int(t.max()) == 6
-    assert torch.equal(w, torch.ones(1000))
-    obj.update(t, {"loss": torch.ones(1000)})
-    assert int(obj.state_dict()["count"].sum()) == 0
-
-
-def test_importance_sampling_nichol_sec3_3_p_proportional_to_rms_loss():
-    T = 5
-    obj = Objective(Diffusion.from_schedule("linear", T), "vlb", "importance")
-    g = torch.Generator().manual_seed(0)
-    # each t sees losses t+1, t+2, ... (15 of them): only the last 10 are kept
-    for k in range(15):
-        obj.update(torch.arange(T), {"loss": torch.arange(T, dtype=F64) + 1 + k})
-        if k < HISTORY_PER_T - 1:
-            assert torch.allclose(obj.probabilities(), torch.full((T,), 1 / T, dtype=F64))
-    kept = torch.arange(T, dtype=F64)[:, None] + 1 + torch.arange(5, 15, dtype=F64)[None]
-    rms = kept.pow(2).mean(1).sqrt()
-    expected = rms / rms.sum() * (1 - UNIFORM_PROB) + UNIFORM_PROB / T
-    assert torch.allclose(obj.probabilities(), expected, rtol=1e-12)
-    t, w = obj.sample_t(200_000, g)
-    freq = torch.bincount(t, minlength=T).double() / 200_000
-    se = (expected * (1 - expected) / 200_000).sqrt()
-    assert bool(((freq - expected).abs() < 5 * se).all()), (freq, expected)
-    assert torch.allclose(w.double(), 1 / (T * expected[t]), rtol=1e-6)
-
-
-def test_importance_state_dict_round_trip_resumes_exactly():
-    T = 4
-    obj = Objective(Diffusion.from_schedule("linear", T), "vlb", "importance")
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(12):
-        obj.update(torch.arange(T), {"loss": torch.rand(T, generator=gen, dtype=F64)})
-    obj.update(torch.tensor([2]), {"loss": torch.tensor([0.5])})
-    other = Objective(Diffusion.from_schedule("linear", T), "vlb", "importance")
-    other.load_state_dict(obj.state_dict())
-    assert torch.equal(other.probabilities(), obj.probabilities())
-    a = obj.sample_t(50, torch.Generator().manual_seed(9))
-    b = other.sample_t(50, torch.Generator().manual_seed(9))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    with pytest.raises(ValueError, match="does not match"):
-        Objective(Diffusion.from_schedule("linear", 5)).load_state_dict(obj.state_dict())
+        Loss(d, "l1")  # type: ignore[arg-type]
 
 
 class TinyMLP(nn.Module):
@@ -222,7 +173,8 @@ def test_tiny_mlp_training_lowers_each_loss(loss_type, mean_type, var_type):
     torch.manual_seed(0)
     T = 50
     d = Diffusion.from_schedule("linear", T, mean_type=mean_type, var_type=var_type)
-    obj = Objective(d, loss_type, "importance" if loss_type == "vlb" else "uniform")
+    obj = Loss(d, loss_type)
+    sampler = make_sampler("importance" if loss_type == "vlb" else "uniform", T)
     model = TinyMLP(T, d.out_channels(2))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
@@ -238,9 +190,9 @@ def test_tiny_mlp_training_lowers_each_loss(loss_type, mean_type, var_type):
     before = eval_loss()
     for _ in range(150):
         x0 = _two_blob_data(128, g)
-        t, w = obj.sample_t(128, g)
+        t, w = sampler.sample(128, g)
         terms = obj.losses(model, x0, t, torch.randn(x0.shape, generator=g))
-        obj.update(t, terms)
+        sampler.update(t, terms["loss"])
         opt.zero_grad()
         (terms["loss"] * w).mean().backward()
         opt.step()

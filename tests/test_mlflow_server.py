@@ -13,9 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_params import run_stage  # noqa: E402
-from test_report import FID, make_outputs  # noqa: E402
+from helpers import FID, make_outputs, run_stage
 
 
 def _runs(db: str) -> list:

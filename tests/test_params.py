@@ -3,36 +3,8 @@ stderr, exit status 2, no traceback, no work done and earlier outputs left as th
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_params() -> dict:
-    """The shipped params.yaml shrunk to seconds of work."""
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
-    p["diffusion"]["timesteps"] = 10
-    p["model"].update(base_channels=8, channel_mult=[1], attn_resolutions=[])
-    p["train"].update(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1)
-    p["sample"].update(num_samples=8, batch_size=8, steps=[2], grid_size=4)
-    p["bpd"].update(num_images=4, batch_size=4, t_batch=5)
-    p["fid"].update(classifier_epochs=1, kid_subset_size=4)
-    return p
-
-
-def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None):
-    text = params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False)
-    (cwd / "params.yaml").write_text(text)
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    full_env.pop("DDPM_PARAMS", None)
-    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+from helpers import run_stage, tiny_params
 
 
 def assert_one_line_error(r, key: str, code: int = 2) -> None:

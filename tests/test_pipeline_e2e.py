@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_params import REPO, tiny_params  # noqa: E402
+from helpers import REPO, tiny_params
 
 BIN = Path(sys.executable).parent
 COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore"]

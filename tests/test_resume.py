@@ -14,17 +14,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import FakeLoss, FakeSampler, tiny_cfg, tiny_data, tiny_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_training import FakeObjective, tiny_cfg, tiny_data, tiny_model  # noqa: E402
-
-from ddpm_core.checkpoint import CheckpointError, list_checkpoints  # noqa: E402
-from ddpm_core.training import train  # noqa: E402
+from ddpm_core.checkpoint import CheckpointError, list_checkpoints
+from ddpm_core.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PAUSE_AT = 30, 12
@@ -35,18 +32,9 @@ def resume_cfg(**kw: object):
     return tiny_cfg(steps=STEPS, checkpoint_every=5, log_every=1, **kw)
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Run the in-process reference with the subprocess's thread count."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_to_end(ckpt_dir: Path, **kw: object):
     """Train (or resume) in this process to STEPS."""
-    return train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(), resume_cfg(**kw),
+    return train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(), resume_cfg(**kw),
                  ckpt_dir, device="cpu")
 
 
@@ -115,7 +103,7 @@ def test_sigterm_saves_at_step_boundary_exits_143_and_resumes_bitwise(
 def test_corrupt_latest_checkpoint_needs_resume_fallback(tmp_path: Path, one_thread) -> None:
     reference = run_to_end(tmp_path / "ref")
     ckpt = tmp_path / "c"
-    train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(),
+    train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(),
           dataclasses.replace(resume_cfg(), steps=10), ckpt, device="cpu")
     newest = ckpt / "ckpt_00000010.pt"
     newest.write_bytes(newest.read_bytes()[:-7])
@@ -136,8 +124,8 @@ def _worker(ckpt_dir: str, go: str) -> None:
         while step == PAUSE_AT and not Path(go).exists():
             time.sleep(0.01)
 
-    train(tiny_model(dropout=0.2), FakeObjective(), tiny_data(), resume_cfg(), Path(ckpt_dir),
-          device="cpu", on_log=on_log)
+    train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(), resume_cfg(),
+          Path(ckpt_dir), device="cpu", on_log=on_log)
 
 
 if __name__ == "__main__":

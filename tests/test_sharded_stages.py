@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_params import run_stage, tiny_params  # noqa: E402
+from helpers import run_stage, tiny_params
 
 
 @pytest.fixture(scope="module")

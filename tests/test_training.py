@@ -1,7 +1,7 @@
 """Training loop: warm-up, clipping, EMA recurrence, data order, NaN handling, precision modes.
 
-Also home of the tiny model / fake objective that test_resume.py and test_distributed.py import
-(so those tests never depend on the real U-Net or losses).
+The tiny model / fake objective live in tests/helpers.py (shared with test_resume.py and
+test_distributed.py, so those tests never depend on the real U-Net or losses).
 """
 
 from __future__ import annotations
@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from helpers import FakeLoss, FakeSampler, cpu_info, tiny_cfg, tiny_data, tiny_model
 
-from ddpm_core import distributed as D
 from ddpm_core.checkpoint import list_checkpoints, load_checkpoint
-from ddpm_core.config import TrainConfig
 from ddpm_core.training import (
     EpochSampler,
     TrainingDiverged,
@@ -24,85 +22,6 @@ from ddpm_core.training import (
     train,
     warmup_factor,
 )
-
-T_FAKE = 10
-
-
-class TinyNet(nn.Module):
-    """conv -> + embedding(t) -> SiLU -> dropout -> conv: a stand-in for the U-Net."""
-
-    def __init__(self, channels: int = 3, hidden: int = 8, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
-        self.emb = nn.Embedding(T_FAKE, hidden)
-        self.norm = nn.GroupNorm(2, hidden)
-        self.drop = nn.Dropout(dropout)
-        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
-
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        h = self.conv_in(x) + self.emb(t)[:, :, None, None]
-        return self.conv_out(self.drop(nn.functional.silu(self.norm(h))))
-
-
-class FakeObjective:
-    """The Objective protocol on a toy forward process; weights depend on the loss history."""
-
-    def __init__(self, nan_at_call: int | None = None) -> None:
-        self.alpha_bar = torch.linspace(0.99, 0.1, T_FAKE)
-        self.history = torch.zeros(T_FAKE, dtype=torch.float64)
-        self.count = torch.zeros(T_FAKE, dtype=torch.int64)
-        self.calls, self.nan_at_call = 0, nan_at_call
-
-    def sample_t(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        dev = generator.device
-        t = torch.randint(0, T_FAKE, (n,), generator=generator, device=dev)
-        mean = self.history / self.count.clamp(min=1)
-        w = (1.0 + 0.1 * torch.tanh(mean)).float().to(dev)
-        return t, w[t]
-
-    def losses(self, model, x0: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
-        a = self.alpha_bar.to(x0.device)[t][:, None, None, None]
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        mse = ((model(x_t, t) - noise) ** 2).mean(dim=(1, 2, 3))
-        self.calls += 1
-        if self.calls == self.nan_at_call:
-            mse = mse * float("nan")
-        return {"loss": mse, "mse": mse}
-
-    def update(self, t: Tensor, losses: dict[str, Tensor]) -> None:
-        self.history.index_add_(0, t.cpu(), losses["loss"].detach().double().cpu())
-        self.count.index_add_(0, t.cpu(), torch.ones_like(t.cpu()))
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {"history": self.history.clone(), "count": self.count.clone()}
-
-    def load_state_dict(self, d: dict[str, Tensor]) -> None:
-        self.history, self.count = d["history"].clone(), d["count"].clone()
-
-
-def tiny_cfg(**kw: object) -> TrainConfig:
-    """Seconds-sized settings; ema_decay 0.9 so the EMA moves visibly in a few steps."""
-    base = dict(steps=12, batch_size=8, lr=1e-3, warmup_steps=3, grad_clip=1.0, ema_decay=0.9,
-                hflip=True, checkpoint_every=5, keep_checkpoints=2, log_every=5, seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def tiny_data(n: int = 20) -> Tensor:
-    """n random uint8 images [n, 3, 8, 8]."""
-    return torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8,
-                         generator=torch.Generator().manual_seed(123))
-
-
-def tiny_model(dropout: float = 0.0) -> TinyNet:
-    """A freshly initialised TinyNet with fixed weights."""
-    torch.manual_seed(0)
-    return TinyNet(dropout=dropout)
-
-
-def cpu_info() -> D.DistInfo:
-    """Single-process CPU placement."""
-    return D.DistInfo(0, 1, 0, torch.device("cpu"))
 
 
 def test_warmup_factor_is_linear_then_constant() -> None:
@@ -127,13 +46,13 @@ def test_epoch_sampler_visits_every_image_once_per_epoch() -> None:
 
 def test_ema_follows_recurrence_ema_k_equals_decay_ema_plus_one_minus_decay_theta() -> None:
     cfg = tiny_cfg(ema_decay=0.7)
-    model, obj = tiny_model(), FakeObjective()
-    step = TrainStep(model, obj, cfg, cpu_info())
+    model, obj = tiny_model(), FakeSampler()
+    step = TrainStep(model, FakeLoss(), obj, cfg, cpu_info())
     ema = {k: v.double().clone() for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(0)
     for _ in range(4):
         x0 = torch.rand(8, 3, 8, 8, generator=g) * 2 - 1
-        t, w = obj.sample_t(8, g)
+        t, w = obj.sample(8, g)
         step(x0, t, w, torch.randn(8, 3, 8, 8, generator=g), t)
         for k, v in model.state_dict().items():
             ema[k] = 0.7 * ema[k] + 0.3 * v.double()
@@ -143,13 +62,13 @@ def test_ema_follows_recurrence_ema_k_equals_decay_ema_plus_one_minus_decay_thet
 
 def test_gradients_are_clipped_to_global_norm_and_lr_warms_up() -> None:
     cfg = tiny_cfg(grad_clip=1e-3, warmup_steps=4, lr=0.01)
-    model, obj = tiny_model(), FakeObjective()
-    step = TrainStep(model, obj, cfg, cpu_info())
+    model, obj = tiny_model(), FakeSampler()
+    step = TrainStep(model, FakeLoss(), obj, cfg, cpu_info())
     g = torch.Generator().manual_seed(1)
     lrs = []
     for _ in range(5):
         lrs.append(step.opt.param_groups[0]["lr"])
-        t, w = obj.sample_t(8, g)
+        t, w = obj.sample(8, g)
         _, gnorm = step(torch.rand(8, 3, 8, 8, generator=g), t, w,
                         torch.randn(8, 3, 8, 8, generator=g), t)
         clipped = torch.linalg.vector_norm(torch.stack(
@@ -161,7 +80,7 @@ def test_gradients_are_clipped_to_global_norm_and_lr_warms_up() -> None:
 
 def test_train_logs_every_log_every_steps_and_ends_with_checkpoint(tmp_path: Path) -> None:
     logged: list[tuple[int, dict]] = []
-    res = train(tiny_model(), FakeObjective(), tiny_data(), tiny_cfg(), tmp_path,
+    res = train(tiny_model(), FakeLoss(), FakeSampler(), tiny_data(), tiny_cfg(), tmp_path,
                 device="cpu", on_log=lambda s, m: logged.append((s, m)))
     assert [s for s, _ in logged] == [5, 10, 12]
     assert [h["step"] for h in res.history] == [5, 10, 12]
@@ -177,7 +96,8 @@ def test_train_logs_every_log_every_steps_and_ends_with_checkpoint(tmp_path: Pat
     assert not torch.equal(res.ema.conv_in.weight, res.model.conv_in.weight)
     assert res.resumed_from is None and res.step == 12
     # a second call finds the finished run and trains no further
-    again = train(tiny_model(), FakeObjective(), tiny_data(), tiny_cfg(), tmp_path, device="cpu")
+    again = train(tiny_model(), FakeLoss(), FakeSampler(), tiny_data(), tiny_cfg(), tmp_path,
+                  device="cpu")
     assert again.resumed_from == tmp_path / "ckpt_00000012.pt"
     assert torch.equal(again.model.conv_in.weight, res.model.conv_in.weight)
 
@@ -185,12 +105,12 @@ def test_train_logs_every_log_every_steps_and_ends_with_checkpoint(tmp_path: Pat
 def test_nan_loss_raises_training_diverged_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     cfg = tiny_cfg(steps=20, log_every=10)
     with pytest.raises(TrainingDiverged, match=r"step 7\b.*ckpt_00000005.pt.*learning rate"):
-        train(tiny_model(), FakeObjective(nan_at_call=7), tiny_data(), cfg, tmp_path / "a",
-              device="cpu")
+        train(tiny_model(), FakeLoss(nan_at_call=7), FakeSampler(), tiny_data(), cfg,
+              tmp_path / "a", device="cpu")
     assert [p.name for p in list_checkpoints(tmp_path / "a")] == ["ckpt_00000005.pt"]
     kept = load_checkpoint(tmp_path / "a" / "ckpt_00000005.pt")
     # the surviving checkpoint is the good state of step 5: equal to a run that never saw a NaN
-    train(tiny_model(), FakeObjective(), tiny_data(), dataclasses.replace(cfg, steps=5),
+    train(tiny_model(), FakeLoss(), FakeSampler(), tiny_data(), dataclasses.replace(cfg, steps=5),
           tmp_path / "b", device="cpu")
     clean = load_checkpoint(tmp_path / "b" / "ckpt_00000005.pt")
     for which in ("model", "ema"):
@@ -200,14 +120,14 @@ def test_nan_loss_raises_training_diverged_and_keeps_last_good_checkpoint(tmp_pa
 
 def test_nan_before_first_checkpoint_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(TrainingDiverged, match="step 2.*no checkpoint was written"):
-        train(tiny_model(), FakeObjective(nan_at_call=2), tiny_data(), tiny_cfg(), tmp_path,
-              device="cpu")
+        train(tiny_model(), FakeLoss(nan_at_call=2), FakeSampler(), tiny_data(), tiny_cfg(),
+              tmp_path, device="cpu")
     assert list_checkpoints(tmp_path) == []
 
 
 def test_bf16_autocast_and_channels_last_keep_fp32_master_weights(tmp_path: Path) -> None:
     cfg = tiny_cfg(steps=3, precision="bf16", channels_last=True, log_every=3)
-    res = train(tiny_model(), FakeObjective(), tiny_data(), cfg, tmp_path, device="cpu")
+    res = train(tiny_model(), FakeLoss(), FakeSampler(), tiny_data(), cfg, tmp_path, device="cpu")
     assert math.isfinite(res.history[-1]["loss"])
     assert all(p.dtype == torch.float32 for p in res.model.parameters())
     assert all(p.dtype == torch.float32 for p in res.ema.parameters())
@@ -215,18 +135,19 @@ def test_bf16_autocast_and_channels_last_keep_fp32_master_weights(tmp_path: Path
     assert not torch.equal(res.model.conv_in.weight, tiny_model().conv_in.weight)
 
 
-def test_real_unet_and_objective_digits_step(tmp_path: Path) -> None:
+def test_real_unet_and_loss_digits_step(tmp_path: Path) -> None:
     unet = pytest.importorskip("ddpm_core.unet")
     from ddpm_core.diffusion import Diffusion
-    from ddpm_core.losses import Objective
+    from ddpm_core.losses import Loss
+    from ddpm_core.resample import UniformSampler
 
     ucfg = dataclasses.replace(unet.PRESETS["digits"], base_channels=16, channel_mult=(1, 2),
                                num_res_blocks=1, attn_resolutions=())
     torch.manual_seed(0)
     model = unet.UNet(ucfg)
-    obj = Objective(Diffusion.from_schedule("linear", 100), "simple", "uniform")
+    loss = Loss(Diffusion.from_schedule("linear", 100), "simple")
     size, c = ucfg.image_size, ucfg.in_channels
     data = torch.randint(0, 256, (8, c, size, size), dtype=torch.uint8)
-    res = train(model, obj, data, tiny_cfg(steps=2, batch_size=4, hflip=False, log_every=1),
-                tmp_path, device="cpu")
+    res = train(model, loss, UniformSampler(100), data,
+                tiny_cfg(steps=2, batch_size=4, hflip=False, log_every=1), tmp_path, device="cpu")
     assert len(res.history) == 2 and all(math.isfinite(h["loss"]) for h in res.history)

@@ -1,0 +1,201 @@
+"""Model files: trained weights that carry their own network and diffusion settings.
+
+A model file is a plain `torch.save` zip of
+    {"format": "ddpm-model/1", "spec": ModelSpec.to_dict(), "meta": {...},
+     "ema": state_dict, "model": state_dict}
+written through the atomic writer, so identical weights give byte-identical files. Training
+checkpoints (ddpm_core.checkpoint) store the same spec, so `load_model_file` rebuilds the network
+from either kind of file with nothing else: no params.yaml, no guessing from leading bytes.
+Every file is read with `torch.load(weights_only=True)` after the zip's CRC-32s are checked
+(torch.load itself does not check them); a missing, truncated, corrupt or foreign file is one
+`ModelFileError` line naming the file and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+from ddpm_core.checkpoint import MAGIC, CheckpointError, load_checkpoint
+from ddpm_core.diffusion import Diffusion
+from ddpm_core.files import save_torch
+from ddpm_core.modes import LEARNED_VAR_TYPES, MeanType, ScheduleKind, VarType
+from ddpm_core.unet import UNet, UNetConfig
+
+FORMAT = "ddpm-model/1"
+WEIGHT_KEYS = ("ema", "model")
+_FIX = ("use a model file written by save_model (models/<name>.pt) or a training checkpoint "
+        "ckpt_*.pt")
+
+
+class ModelFileError(RuntimeError):
+    """A model file is missing, truncated, corrupt or not one of ours; the message names it."""
+
+
+def _check_mode(value: Any, kind: Any, key: str) -> None:
+    if value not in get_args(kind):
+        raise ValueError(f"{key}: {value!r} is not one of {list(get_args(kind))}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the network and its diffusion."""
+
+    unet: UNetConfig
+    schedule: ScheduleKind
+    timesteps: int
+    mean_type: MeanType
+    var_type: VarType
+
+    def __post_init__(self) -> None:
+        _check_mode(self.schedule, ScheduleKind, "schedule")
+        _check_mode(self.mean_type, MeanType, "mean_type")
+        _check_mode(self.var_type, VarType, "var_type")
+        if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) \
+                or self.timesteps < 1:
+            raise ValueError(f"timesteps: {self.timesteps!r} is not a positive integer")
+        want = self.unet.in_channels * (2 if self.var_type in LEARNED_VAR_TYPES else 1)
+        if self.unet.out_channels != want:
+            raise ValueError(f"unet.out_channels={self.unet.out_channels} but var_type "
+                             f"{self.var_type!r} needs {want} output channels")
+
+    @property
+    def image_shape_chw(self) -> tuple[int, int, int]:
+        """[C, H, W] of the images the network takes."""
+        u = self.unet
+        return (u.in_channels, u.image_size, u.image_size)
+
+    def diffusion(self) -> Diffusion:
+        """The forward process and reverse-process parameterisation."""
+        return Diffusion.from_schedule(self.schedule, self.timesteps, self.mean_type,
+                                       self.var_type)
+
+    def build_net(self) -> UNet:
+        """A freshly initialised network of this architecture."""
+        return UNet(self.unet)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (lists for tuples): JSON- and weights_only-loadable."""
+        unet = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self.unet).items()}
+        return {"unet": unet, "schedule": self.schedule, "timesteps": self.timesteps,
+                "mean_type": self.mean_type, "var_type": self.var_type}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelSpec:
+        """Inverse of to_dict; ValueError names what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError(f"model spec must be a mapping, got {type(d).__name__}")
+        keys = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != keys:
+            raise ValueError(f"model spec keys {sorted(d)} differ from {sorted(keys)}")
+        if not isinstance(d["unet"], dict):
+            raise ValueError("model spec: unet must be a mapping")
+        unet_keys = {f.name for f in dataclasses.fields(UNetConfig)}
+        if set(d["unet"]) != unet_keys:
+            raise ValueError(f"model spec: unet keys {sorted(d['unet'])} differ from "
+                             f"{sorted(unet_keys)}")
+        unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in d["unet"].items()})
+        return cls(unet=unet, schedule=d["schedule"], timesteps=d["timesteps"],
+                   mean_type=d["mean_type"], var_type=d["var_type"])
+
+
+def save_model(path: str | Path, spec: ModelSpec, weights: dict[str, dict[str, Tensor]],
+               meta: dict[str, Any] | None = None) -> None:
+    """Write a model file atomically; identical inputs give byte-identical files."""
+    if set(weights) != set(WEIGHT_KEYS):
+        raise ValueError(f"weights must have keys {list(WEIGHT_KEYS)}, got {sorted(weights)}")
+    meta = dict(meta or {})
+    try:
+        json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"meta must be plain JSON data: {e}") from None
+    net = spec.build_net()
+    for k in WEIGHT_KEYS:  # refuse a file that could not be loaded back
+        net.load_state_dict(weights[k])
+    blob = {"format": FORMAT, "spec": spec.to_dict(), "meta": meta,
+            **{k: {n: t.detach().cpu().contiguous() for n, t in weights[k].items()}
+               for k in WEIGHT_KEYS}}
+    save_torch(blob, path)
+
+
+@dataclass
+class LoadedModel:
+    """A network in eval mode on the CPU, its diffusion, spec, metadata and source file."""
+
+    net: nn.Module
+    diffusion: Diffusion
+    spec: ModelSpec
+    meta: dict[str, Any]
+    source: str
+
+
+def _read_blob(path: Path) -> tuple[dict, dict[str, Any]]:
+    """(state holding "spec" and the weights, meta) from a model file or a training checkpoint."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: not found; {_FIX}") from None
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot be read ({e.strerror}); {_FIX}") from None
+    if raw.startswith(MAGIC):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            raise ModelFileError(f"{e}; use an older checkpoint or a model file") from None
+        if "spec" not in state:
+            raise ModelFileError(f"{path}: training checkpoint without a model spec (written "
+                                 "before checkpoints carried one); use models/<name>.pt "
+                                 "or train again")
+        return state, {"step": int(state["step"])}
+    try:  # torch.load does not check the zip's CRC-32s: a flipped weight bit would load
+        bad = zipfile.ZipFile(io.BytesIO(raw)).testzip()
+    except Exception as e:  # not a zip at all (text, a bare pickle) or a cut-off one
+        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}); "
+                             f"{_FIX}") from None
+    if bad is not None:
+        raise ModelFileError(f"{path}: corrupt (CRC-32 of {bad} does not match); {_FIX}")
+    try:
+        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, a pickle with code in it, not torch at all
+        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}); "
+                             f"{_FIX}") from None
+    fmt = blob.get("format") if isinstance(blob, dict) else None
+    if fmt != FORMAT:
+        found = f"format {fmt!r}" if fmt is not None else f"a {type(blob).__name__}"
+        raise ModelFileError(f"{path}: holds {found}, not {FORMAT!r}; {_FIX}")
+    meta = blob.get("meta")
+    return blob, meta if isinstance(meta, dict) else {}
+
+
+def load_model_file(path: str | Path, which: Literal["ema", "model"] = "ema") -> LoadedModel:
+    """Rebuild the network (EMA or raw weights) and diffusion from a model file or checkpoint."""
+    if which not in WEIGHT_KEYS:
+        raise ValueError(f"which must be one of {list(WEIGHT_KEYS)}, got {which!r}")
+    path = Path(path)
+    blob, meta = _read_blob(path)
+    try:
+        spec = ModelSpec.from_dict(blob["spec"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path}: bad model spec ({e}); {_FIX}") from None
+    weights = blob.get(which)
+    if not isinstance(weights, dict):
+        raise ModelFileError(f"{path}: no {which!r} weights; {_FIX}")
+    net = spec.build_net()
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ModelFileError(f"{path}: weights do not fit the stored spec ({first}); "
+                             f"{_FIX}") from None
+    return LoadedModel(net=net.eval(), diffusion=spec.diffusion(), spec=spec, meta=meta,
+                       source=str(path))

@@ -1,0 +1,187 @@
+"""Helpers shared by the tests: a tiny network, loss and timestep sampler for the
+training loop, and tiny
+pipeline params with a runner for the stage scripts. `from helpers import ...` works under pytest
+(rootdir-less tests/ is put on sys.path) and in the scripts tests run as (their own folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch import Tensor, nn
+
+from ddpm_core import distributed as D
+from ddpm_core.config import TrainConfig
+
+# ----------------------------------------------------------------------------- training loop
+
+T_FAKE = 10
+
+
+class TinyNet(nn.Module):
+    """conv -> + embedding(t) -> SiLU -> dropout -> conv: a stand-in for the U-Net."""
+
+    def __init__(self, channels: int = 3, hidden: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.emb = nn.Embedding(T_FAKE, hidden)
+        self.norm = nn.GroupNorm(2, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.conv_out = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        h = self.conv_in(x) + self.emb(t)[:, :, None, None]
+        return self.conv_out(self.drop(nn.functional.silu(self.norm(h))))
+
+
+class FakeLoss:
+    """The Loss protocol on a toy forward process; NaN at a chosen call."""
+
+    def __init__(self, nan_at_call: int | None = None) -> None:
+        self.alpha_bar = torch.linspace(0.99, 0.1, T_FAKE)
+        self.calls, self.nan_at_call = 0, nan_at_call
+
+    def losses(self, model, x0: Tensor, t: Tensor, noise: Tensor) -> dict[str, Tensor]:
+        a = self.alpha_bar.to(x0.device)[t][:, None, None, None]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        mse = ((model(x_t, t) - noise) ** 2).mean(dim=(1, 2, 3))
+        self.calls += 1
+        if self.calls == self.nan_at_call:
+            mse = mse * float("nan")
+        return {"loss": mse, "mse": mse}
+
+
+class FakeSampler:
+    """The timestep-sampler protocol; weights depend on the loss history (state to resume)."""
+
+    def __init__(self) -> None:
+        self.history = torch.zeros(T_FAKE, dtype=torch.float64)
+        self.count = torch.zeros(T_FAKE, dtype=torch.int64)
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        dev = generator.device
+        t = torch.randint(0, T_FAKE, (n,), generator=generator, device=dev)
+        mean = self.history / self.count.clamp(min=1)
+        w = (1.0 + 0.1 * torch.tanh(mean)).float().to(dev)
+        return t, w[t]
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        self.history.index_add_(0, t.cpu(), losses.detach().double().cpu())
+        self.count.index_add_(0, t.cpu(), torch.ones_like(t.cpu()))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"history": self.history.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, d: dict[str, Tensor]) -> None:
+        self.history, self.count = d["history"].clone(), d["count"].clone()
+
+
+def tiny_cfg(**kw: object) -> TrainConfig:
+    """Seconds-sized settings; ema_decay 0.9 so the EMA moves visibly in a few steps."""
+    base = dict(steps=12, batch_size=8, lr=1e-3, warmup_steps=3, grad_clip=1.0, ema_decay=0.9,
+                hflip=True, checkpoint_every=5, keep_checkpoints=2, log_every=5, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def tiny_data(n: int = 20) -> Tensor:
+    """n random uint8 images [n, 3, 8, 8]."""
+    return torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(123))
+
+
+def tiny_model(dropout: float = 0.0) -> TinyNet:
+    """A freshly initialised TinyNet with fixed weights."""
+    torch.manual_seed(0)
+    return TinyNet(dropout=dropout)
+
+
+def cpu_info() -> D.DistInfo:
+    """Single-process CPU placement."""
+    return D.DistInfo(0, 1, 0, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- stages
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_params() -> dict:
+    """The shipped params.yaml shrunk to seconds of work."""
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p["diffusion"]["timesteps"] = 10
+    p["model"].update(base_channels=8, channel_mult=[1], attn_resolutions=[])
+    p["train"].update(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1)
+    p["sample"].update(num_samples=8, batch_size=8, steps=[2], grid_size=4)
+    p["bpd"].update(num_images=4, batch_size=4, t_batch=5)
+    p["fid"].update(classifier_epochs=1, kid_subset_size=4)
+    return p
+
+
+def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None):
+    text = params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False)
+    (cwd / "params.yaml").write_text(text)
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env.pop("DDPM_PARAMS", None)
+    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+FID = {"ancestral_fixed_large": 3.5, "ancestral_fixed_small": 4.25, "respaced_S2": 9.0,
+       "ddim_S2": 6.0}
+
+
+def make_outputs(root: Path, names: tuple[str, ...] = ("simple", "vlb")) -> dict:
+    """The files sample, bpd, fid and train write, with known numbers; returns the params."""
+    p = tiny_params()
+    p["variants"] = [v for v in p["variants"] if v["name"] in names]
+    T = p["diffusion"]["timesteps"]
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    index, train, bpd, fid, details = {}, {}, {}, {}, {"models": {}}
+    for k, name in enumerate(names):
+        (root / "samples" / name).mkdir(parents=True)
+        index[name] = {"source": f"models/{name}.pt", "samplers": {}}
+        for sampler in FID:
+            kind = sampler.split("_")[0]
+            spec = {"sampler": sampler, "kind": kind, "steps": T if kind == "ancestral" else 2,
+                    "variance": None if kind == "ddim" else
+                    ("fixed_small" if sampler.endswith("small") else "fixed_large"),
+                    "sigma2": None if kind == "ddim" else
+                    ("sigma2_beta_tilde" if sampler.endswith("small") else "sigma2_beta"),
+                    "num_samples": 8, "seconds": 0.1}
+            index[name]["samplers"][sampler] = spec
+            imgs = np.full((8, 8, 8, 1), 40 * k, np.uint8)
+            np.save(root / "samples" / name / f"{sampler}.npy", imgs)
+            Image.fromarray(np.full((20, 20), 128, np.uint8)).save(
+                root / "samples" / name / f"{sampler}.png")
+        train[name] = {"final_loss": 0.05 + k, "steps": 4, "seconds": 1.0}
+        bpd[name] = {"bpd_sigma2_beta": 2.5 + k, "bpd_sigma2_beta_tilde": 3.5 + k}
+        fid[name] = {s: v + k for s, v in FID.items()}
+        details["models"][name] = {s: {"fid": v + k, "kid_mean": 0.01, "kid_std": 0.001}
+                                   for s, v in FID.items()}
+        (root / "plots" / "loss").mkdir(parents=True, exist_ok=True)
+        (root / "plots" / "loss" / f"{name}.csv").write_text(
+            "step,loss,grad_norm,lr\n1,1.0,1.0,0.001\n2,0.5,0.8,0.001\n")
+        (root / "bpd").mkdir(exist_ok=True)
+        rows = ["term,t,sigma2_beta,sigma2_beta_tilde", "L_T,,0.001,0.001"]
+        rows += [f"L_{i},{i + 1},{0.1 * (i + 1)},{0.2 * (i + 1)}" for i in range(T - 1, -1, -1)]
+        (root / "bpd" / f"{name}.csv").write_text("\n".join(rows) + "\n")
+    fid["floor_test_vs_train"] = 0.75
+    details.update(features="digits_classifier", label="FID (digits classifier)",
+                   reference="train split", reference_images=1437, classifier_test_accuracy=0.95,
+                   floor={"what": "test split vs train split", "images": 360, "fid": 0.75})
+    (root / "metrics").mkdir()
+    (root / "fid").mkdir()
+    for path, obj in (("samples/index.json", index), ("metrics/train.json", train),
+                      ("metrics/bpd.json", bpd),
+                      ("metrics/fid.json", {"fid_digits_classifier": fid}),
+                      ("fid/details.json", details)):
+        (root / path).write_text(json.dumps(obj))
+    return p
