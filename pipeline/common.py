@@ -22,29 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddpm_core.config import ConfigError, Params, load_params
+from ddpm_core.config import ConfigError, Params, VariantConfig, load_params
 
 if TYPE_CHECKING:  # torch is imported where it is used: a bad params.yaml fails in a blink
     import torch
 
 PARAMS_FILE = Path("params.yaml")
-DATA_DIR = Path("data/prepared")
-CKPT_DIR = Path("checkpoints")
-MODELS_DIR = Path("models")
-SAMPLES_DIR = Path("samples")
-BPD_DIR = Path("bpd")
-FID_DIR = Path("fid")
-METRICS_DIR = Path("metrics")
-PLOTS_DIR = Path("plots")
-REPORTS_DIR = Path("reports")
-
 MODEL_FILE_FORMAT = "ddpm-pipeline-model/1"
-
-# Names shown for the two fixed reverse variances (metric keys stay ASCII for DVC and MLflow).
-SIGMA2_NAME = {"fixed_large": "sigma2_beta", "fixed_small": "sigma2_beta_tilde",
-               "learned": "sigma2_learned", "learned_range": "sigma2_learned_range"}
-SIGMA2_LABEL = {"fixed_large": "σ² = β", "fixed_small": "σ² = β̃",
-                "learned": "σ² learned", "learned_range": "σ² learned (range)"}
 
 
 class StageError(RuntimeError):
@@ -59,7 +43,7 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     from ddpm_core.training import TrainingDiverged
 
     return (StageError, CheckpointError, DataError, MetricsError, TrainingDiverged,
-            FileNotFoundError)
+            FileNotFoundError)  # includes records.MissingResult
 
 
 def fail(msg: str, code: int) -> None:
@@ -68,22 +52,41 @@ def fail(msg: str, code: int) -> None:
     sys.exit(code)
 
 
-def run_stage(main: Callable[[Params], None], check: Callable[[Params], None] | None = None,
-              params_path: str | Path | None = None) -> None:
-    """Load params.yaml (exit 2 on any problem), run `check`, then `main`; errors are one line."""
+def run_stage(main: Callable[..., None], check: Callable[..., None] | None = None,
+              params_path: str | Path | None = None, per_variant: bool = False) -> None:
+    """Load params.yaml (exit 2 on any problem), run `check`, then `main`; errors are one line.
+
+    A per-variant stage (`python -m pipeline.<stage> <variant>`, DVC's foreach) gets the
+    variant's VariantConfig as a second argument."""
     path = Path(params_path or os.environ.get("DDPM_PARAMS", PARAMS_FILE))
+    args: tuple = ()
     try:
         params = load_params(path)
+        if per_variant:
+            args = (variant_from_argv(params),)
         if check is not None:
-            check(params)
+            check(params, *args)
     except ConfigError as e:
         fail(str(e), 2)
     try:
-        main(params)
+        main(params, *args)
     except ConfigError as e:  # a cross-field problem found once the data are known
         fail(str(e), 2)
     except _runtime_errors() as e:
         fail(str(e), 1)
+
+
+def variant_from_argv(params: Params) -> VariantConfig:
+    """The variant named on the command line (sys.argv[1]), checked against params.yaml."""
+    stage = Path(sys.argv[0]).stem if sys.argv[0] not in ("-m", "-c") else "stage"
+    if len(sys.argv) != 2:
+        raise ConfigError(f"usage: python -m pipeline.{stage} <variant>; one of "
+                          f"{sorted(params.variants)}")
+    name = sys.argv[1]
+    if name not in params.variants:
+        raise ConfigError(f"variants.{name}: no such variant in params.yaml; one of "
+                          f"{sorted(params.variants)}")
+    return params.variants[name]
 
 
 def stable_hash(obj: Any, n: int = 12) -> str:
@@ -93,12 +96,12 @@ def stable_hash(obj: Any, n: int = 12) -> str:
 
 
 def relaunch_under_torchrun(module: str, n: int) -> None:
-    """Unless already under torchrun, re-run `python -m module` on n processes and exit."""
+    """Unless already under torchrun, re-run `python -m module <args>` on n processes and exit."""
     if n <= 1 or "LOCAL_RANK" in os.environ:
         return
     exe = Path(sys.executable).with_name("torchrun")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", f"--nproc_per_node={n}", "-m", module]
+    cmd += ["--standalone", f"--nproc_per_node={n}", "-m", module, *sys.argv[1:]]
     print(f"{module}: " + " ".join(cmd), flush=True)
     sys.exit(subprocess.call(cmd))
 
@@ -183,6 +186,8 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 # ----------------------------------------------------------------------------- models
+# Model files carry their own network and diffusion spec, so the evaluation stages never rebuild
+# a network from params.yaml. (To be replaced by ddpm_core.modelfile.)
 
 
 def unet_config(params: Params, image_shape_hwc: tuple[int, ...], out_channels: int) -> Any:
@@ -208,6 +213,8 @@ def data_shape(split: str = "train") -> tuple[int, int, int]:
     """[H, W, C] of a prepared split, read from the .npy header only."""
     import numpy as np
 
+    from pipeline.records import DATA_DIR
+
     path = DATA_DIR / f"{split}.npy"
     if not path.is_file():
         raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
@@ -217,116 +224,44 @@ def data_shape(split: str = "train") -> tuple[int, int, int]:
 
 @dataclass
 class LoadedModel:
-    """A network to evaluate, with its diffusion; `name` keys every output file."""
+    """A network to evaluate with its diffusion (what a model file holds)."""
 
-    name: str
     net: torch.nn.Module
-    diff: Any
+    diffusion: Any
+    spec: dict
+    meta: dict
     source: str
-    image_shape_chw: tuple[int, int, int]
+
+    @property
+    def image_shape_chw(self) -> tuple[int, int, int]:
+        u = self.spec["unet"]
+        return (u["in_channels"], u["image_size"], u["image_size"])
 
 
-def model_names(params: Params) -> list[str]:
-    """Every model the evaluation stages cover: the trained variants, then the pretrained one."""
-    names = [v.name for v in params.variants]
-    if params.pretrained.path is not None:
-        names.append(params.pretrained.name)
-    return names
+def save_model(path: Path, spec: dict, weights: dict, meta: dict) -> None:
+    """A model file: spec {unet, schedule, timesteps, mean_type, var_type}, weights
+    {"ema": state_dict, "model": state_dict}, meta (free-form, JSON-able)."""
+    save_torch({"format": MODEL_FILE_FORMAT, **spec, "meta": meta, **weights}, path)
 
 
-def check_model_names(params: Params) -> None:
-    """pretrained.name must not collide with a variant name."""
-    if params.pretrained.path is not None and params.pretrained.name in \
-            [v.name for v in params.variants]:
-        raise ConfigError(f"pretrained.name: {params.pretrained.name!r} is also a variant name; "
-                          "choose another")
+def load_model_file(path: Path, which: str = "ema") -> LoadedModel:
+    """A model file written by save_model, as (network, diffusion)."""
+    import torch
 
-
-def _from_model_file(name: str, blob: dict, use_ema: bool, source: str) -> LoadedModel:
     from ddpm_core.diffusion import Diffusion
     from ddpm_core.unet import UNet, UNetConfig
 
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run the train stage first (dvc repro)")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(blob, dict) and blob.get("format") == MODEL_FILE_FORMAT):
+        raise StageError(f"{path}: not a model file of this pipeline")
     ucfg = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
                          for k, v in blob["unet"].items()})
     net = UNet(ucfg)
-    net.load_state_dict(blob["ema" if use_ema else "model"])
+    net.load_state_dict(blob[which])
     diff = Diffusion.from_schedule(blob["schedule"], blob["timesteps"], blob["mean_type"],
                                    blob["var_type"])
-    return LoadedModel(name, net.eval(), diff, source,
-                       (ucfg.in_channels, ucfg.image_size, ucfg.image_size))
-
-
-def load_models(params: Params, use_ema: bool) -> list[LoadedModel]:
-    """The trained variants (models/<name>.pt) and, when set, the pretrained checkpoint."""
-    import torch
-
-    from ddpm_core.checkpoint import CheckpointError, load_checkpoint
-    from ddpm_core.diffusion import Diffusion
-
-    out = []
-    for v in params.variants:
-        path = MODELS_DIR / f"{v.name}.pt"
-        if not path.is_file():
-            raise StageError(f"{path}: not found; run the train stage first (dvc repro train)")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        out.append(_from_model_file(v.name, blob, use_ema, str(path)))
-    p = params.pretrained
-    if p.path is None:
-        return out
-    path = Path(p.path)
-    if not path.exists():
-        raise StageError(f"pretrained.path: {path} not found; point it at one of our checkpoints "
-                         "(models/<variant>.pt or checkpoints/.../ckpt_*.pt) or a diffusers "
-                         "DDPM folder (format: diffusers)")
-    diff = Diffusion.from_schedule(params.schedule, params.diffusion.timesteps, p.mean_type,
-                                   p.var_type)
-    if p.format == "diffusers":
-        from ddpm_core.convert import load_diffusers_unet
-
-        net = load_diffusers_unet(path)
-        cfg = net.cfg if hasattr(net, "cfg") else None
-        shape = ((cfg.in_channels, cfg.image_size, cfg.image_size) if cfg is not None
-                 else _chw(data_shape("test")))
-        out.append(LoadedModel(p.name, net.eval(), diff, f"diffusers:{path}", shape))
-        return out
-    from ddpm_core.checkpoint import MAGIC
-
-    if not path.is_file():
-        raise StageError(f"pretrained.path: {path} is a folder; format 'ours' wants a file "
-                         "(models/<variant>.pt or ckpt_*.pt), format 'diffusers' a folder")
-    with path.open("rb") as f:
-        is_training_checkpoint = f.read(len(MAGIC)) == MAGIC
-    if not is_training_checkpoint:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # not a torch file at all
-            raise StageError(f"pretrained.path: {path} is not a model file of this pipeline "
-                             f"({type(e).__name__}); use models/<name>.pt or ckpt_*.pt") from None
-        if not (isinstance(blob, dict) and blob.get("format") == MODEL_FILE_FORMAT):
-            raise StageError(f"pretrained.path: {path} is not a model file of this pipeline; "
-                             "use models/<variant>.pt, ckpt_*.pt or format: diffusers")
-        out.append(_from_model_file(p.name, blob, use_ema, str(path)))
-        return out
-    try:  # a training checkpoint of ddpm_core.checkpoint: the network comes from params.model
-        state = load_checkpoint(path)
-    except CheckpointError as e:
-        raise StageError(f"pretrained.path: {e}") from None
-    from ddpm_core.unet import UNet
-
-    hwc = data_shape("test")
-    net = UNet(unet_config(params, hwc, diff.out_channels(hwc[2])))
-    net.load_state_dict(state["ema" if use_ema else "model"])
-    out.append(LoadedModel(p.name, net.eval(), diff, str(path), _chw(hwc)))
-    return out
-
-
-def _chw(hwc: tuple[int, ...]) -> tuple[int, int, int]:
-    return (hwc[2], hwc[0], hwc[1])
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file the pipeline wrote, with a one-line error when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"{path}: not found; run the stage that writes it (dvc repro)")
-    return json.loads(path.read_text())
+    spec = {k: blob[k] for k in ("unet", "schedule", "timesteps", "mean_type", "var_type")}
+    return LoadedModel(net.eval(), diff, spec, blob.get("meta", {}), str(path))
