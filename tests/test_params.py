@@ -26,13 +26,25 @@ def tiny_params() -> dict:
     return p
 
 
-def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None):
+PER_VARIANT = {"train", "sample", "bpd", "fid"}  # DVC foreach stages: `<stage> <variant>`
+
+
+def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None,
+              variant: str | None = None):
+    """`python -m pipeline.<stage> [variant]` in cwd; a per-variant stage defaults to the
+    first variant of the params."""
     text = params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False)
     (cwd / "params.yaml").write_text(text)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("DDPM_PARAMS", None)
-    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    args = []
+    if stage in PER_VARIANT:
+        if variant is None and isinstance(params, dict) and isinstance(params.get("variants"),
+                                                                       dict):
+            variant = next(iter(params["variants"]), None)
+        args = [variant or "simple"]
+    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=300)
 
 
 def assert_one_line_error(r, key: str, code: int = 2) -> None:
@@ -52,11 +64,15 @@ CASES = [
     ("sample", lambda p: p["sample"].update(num_samples=0), "sample.num_samples"),
     ("sample", lambda p: p["sample"].update(steps=[50]), "sample.steps"),  # > T = 10
     ("bpd", lambda p: p["bpd"].update(variances=["learned"]), "bpd.variances"),
-    ("fid", lambda p: p["fid"].update(features="clip"), "fid.features"),
+    ("features", lambda p: p["fid"].update(features="clip"), "fid.features"),
+    ("fid", lambda p: p["fid"].update(kid_subset_size=1), "fid.kid_subset_size"),
+    ("sample", lambda p: p["variants"].update(bad={"los": "vlb"}), "variants.bad.los"),
+    ("train", lambda p: p.update(variants=[{"name": "a"}]), "variants: expected a mapping"),
     ("report", lambda p: p.update(schedule="cosin"), "schedule"),
     ("track", lambda p: p["mlflow"].update(experimnt="x"), "mlflow.experimnt"),
 ]
-assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "fid", "report", "track"}
+assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "features", "fid",
+                                   "report", "track"}
 
 
 @pytest.mark.parametrize(("stage", "mutate", "key"), CASES,
@@ -65,8 +81,9 @@ def test_bad_value_fails_before_work_with_one_line_naming_the_key(tmp_path, stag
     p = tiny_params()
     mutate(p)
     # outputs of an earlier run must survive the failed one
-    sentinels = [tmp_path / "data" / "prepared" / "info.json", tmp_path / "samples" / "index.json",
-                 tmp_path / "metrics" / "bpd.json", tmp_path / "reports" / "report.md"]
+    sentinels = [tmp_path / "data" / "prepared" / "info.json",
+                 tmp_path / "samples" / "simple" / "index.json",
+                 tmp_path / "metrics" / "bpd" / "simple.json", tmp_path / "reports" / "report.md"]
     for s in sentinels:
         s.parent.mkdir(parents=True, exist_ok=True)
         s.write_text("earlier output")
@@ -85,7 +102,7 @@ def test_nan_loss_exits_nonzero_and_marks_the_mlflow_run_failed(tmp_path):
     from mlflow.tracking import MlflowClient
 
     p = tiny_params()
-    p["variants"] = p["variants"][:1]
+    p["variants"] = {"simple": p["variants"]["simple"]}
     assert run_stage("prepare", tmp_path, p).returncode == 0
     p["train"].update(lr=1e30, warmup_steps=0, grad_clip=1e30)
     db = f"sqlite:///{tmp_path}/mlflow.db"
@@ -99,3 +116,21 @@ def test_nan_loss_exits_nonzero_and_marks_the_mlflow_run_failed(tmp_path):
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
     assert any("NaN" in r.data.tags.get("ddpm.error", "") for r in runs)
     assert not (tmp_path / "models" / "simple.pt").exists()
+
+
+def test_a_per_variant_stage_names_an_unknown_variant(tmp_path):
+    r = run_stage("sample", tmp_path, tiny_params(), variant="nope")
+    assert_one_line_error(r, "variants.nope: no such variant")
+
+
+def test_hflip_auto_is_resolved_where_mlflow_reads_it():
+    from ddpm_core.config import params_from_dict, to_dict
+
+    p = tiny_params()
+    assert p["train"]["hflip"] == "auto"
+    digits = params_from_dict(p)
+    assert digits.train.hflip is False and to_dict(digits)["train"]["hflip"] is False
+    p["data"].update(dataset="cifar10")
+    assert params_from_dict(p).train.hflip is True
+    p["train"]["hflip"] = False
+    assert params_from_dict(p).train.hflip is False
