@@ -150,6 +150,11 @@ class VariantPaths:
         return Path("metrics/train") / f"{self.name}.json"
 
     @property
+    def gamma(self) -> Path:
+        """Γ of the analytic variance (a per-variant `gamma` stage feeding sample and bpd)."""
+        return Path("gamma") / f"{self.name}.json"
+
+    @property
     def samples(self) -> Path:
         return Path("samples") / self.name
 
