@@ -1,5 +1,6 @@
-"""Shared plumbing of the stage scripts: paths, params loading, one-line errors, atomic writes,
-and building the (network, diffusion) pairs every stage evaluates.
+"""Shared plumbing of the stage scripts: params loading (and the variant a foreach stage runs
+for), one-line errors, atomic writes and model files. File paths, sampler specs and metric keys
+are pipeline/records.py's.
 
 Every stage runs from the repository root (DVC's default wdir). A stage loads and validates the
 whole params.yaml before doing any work; a bad value prints `error: <key>: <why>` to stderr and
