@@ -371,7 +371,9 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
     data = _Uint8Images(images, net.rgb)
     out: dict[str, list[Tensor]] = {}
     for i in range(0, len(data), batch_size):
-        batch = data.x[i:i + batch_size].to(net.device)
+        # a fresh standard-strided batch as torch-fidelity's DataLoader makes (a grey [N, 1, H, W]
+        # view of NHWC data also passes for channels_last, and convolutions then round differently)
+        batch = torch.stack(list(data.x[i:i + batch_size])).to(net.device)
         feats = net.extractor.convert_features_tuple_to_dict(net.extractor(batch))
         for k, v in feats.items():
             out.setdefault(k, []).append(v.cpu())
