@@ -433,9 +433,9 @@ def load_reference(path: str | Path) -> ReferenceStats:
 
 def metrics_against(net: FeatureNet, sample_feats: dict[str, Tensor], ref: ReferenceStats, *,
                     kid_subset_size: int = 100, kid_subsets: int = 100,
-                    seed: int = 2020) -> dict[str, float]:
+                    seed: int = 2020, kid: bool = True) -> dict[str, float]:
     """FID, KID (and IS for Inception) of extracted sample features against `ref`; equal to
-    compute_metrics(samples, reference, ...) with the same seed."""
+    compute_metrics(samples, reference, ...) with the same seed. kid=False: FID (and IS) only."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -448,12 +448,13 @@ def metrics_against(net: FeatureNet, sample_feats: dict[str, Tensor], ref: Refer
         raise MetricsError(f"need >= 2 images per set, got {len(f)}")
     fid = fid_statistics_to_metric(fid_features_to_statistics(f),
                                    {"mu": ref.mu, "sigma": ref.sigma}, verbose=False)
-    size = min(kid_subset_size, len(f), ref.num_images)
-    kid = kid_features_to_metric(f, ref.kid_features, kid_subsets=kid_subsets,
-                                 kid_subset_size=size, rng_seed=seed, verbose=False)
-    out = {"fid": float(fid["frechet_inception_distance"]),
-           "kid_mean": float(kid["kernel_inception_distance_mean"]),
-           "kid_std": float(kid["kernel_inception_distance_std"])}
+    out = {"fid": float(fid["frechet_inception_distance"])}
+    if kid:
+        size = min(kid_subset_size, len(f), ref.num_images)
+        k = kid_features_to_metric(f, ref.kid_features, kid_subsets=kid_subsets,
+                                   kid_subset_size=size, rng_seed=seed, verbose=False)
+        out["kid_mean"] = float(k["kernel_inception_distance_mean"])
+        out["kid_std"] = float(k["kernel_inception_distance_std"])
     if net.isc_layer is not None and len(f) >= 10:
         isc = isc_features_to_metric(sample_feats[net.isc_layer], rng_seed=seed)
         out["isc_mean"] = float(isc["inception_score_mean"])

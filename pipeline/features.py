@@ -5,7 +5,7 @@ The feature network follows fid.features: Inception-v3 for natural images; for t
 set a small classifier trained here on the digits training split, so its numbers are labelled
 "FID (digits classifier)" and are not comparable with Inception FIDs. One pass over the training
 split gives the reference statistics (mu, sigma and the features KID draws from); one pass over
-the test split gives the floor: the test split scored against the training split, what a perfect
+the test split gives the floor: the test split's FID against the training split, what a perfect
 model with this many images would score. Writes features/ (reference.npz, classifier.pt,
 info.json), metrics/features.json and timings/features.json.
 """
@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from ddpm_core.config import Params
 from ddpm_core.data import load_images, load_labels
 from ddpm_core.fid import (
+    FeatureNet,
     classifier_accuracy,
     extract_features,
     feature_network,
@@ -43,10 +46,12 @@ from pipeline.records import (
 )
 
 
-def features_pass(net, images, what: str) -> dict:
-    """One pass of the feature network over `images`, with progress (printed: tests count it)."""
-    print(f"features: extracting {what} features of {len(images)} images", flush=True)
-    with Progress(len(images), f"features[{what}]", "images") as bar:
+def features_pass(net: FeatureNet, images: np.ndarray, what: str,
+                  stage: str = "features") -> dict:
+    """One pass of the feature network over `images`, with progress (the line is printed so that
+    the passes over the reference set can be counted)."""
+    print(f"{stage}: extracting {what} features of {len(images)} images", flush=True)
+    with Progress(len(images), f"{stage}[{what}]", "images") as bar:
         return extract_features(net, images, on_batch=bar.update)
 
 
@@ -82,8 +87,9 @@ def main(params: Params) -> None:
         ref = reference_statistics(net, features_pass(net, train, "reference"))
         timings["reference_seconds"] = round(time.perf_counter() - t0, 2)
         save_reference(ref, tmp / REFERENCE_FILE.name)
-        floor = metrics_against(net, features_pass(net, test, "floor"), ref,
-                                kid_subset_size=f.kid_subset_size)
+        # FID only: the stage must not depend on fid.kid_subset_size (one reference pass per
+        # data set and feature network, whatever the KID settings)
+        floor = metrics_against(net, features_pass(net, test, "floor"), ref, kid=False)
         out["floor"] = floor
         write_json(out, tmp / FEATURES_INFO.name)
     metrics = {FLOOR_FID: round(floor["fid"], 5)}

@@ -56,7 +56,7 @@ def main(params: Params, v: VariantConfig) -> None:
         spec = SamplerSpec.from_dict(d)
         samples = np.load(paths.samples / f"{spec.name}.npy", allow_pickle=False)
         t0 = time.perf_counter()
-        r = metrics_against(net, features_pass(net, samples, f"{v.name}/{spec.name}"), ref,
+        r = metrics_against(net, features_pass(net, samples, spec.name, f"fid[{v.name}]"), ref,
                             kid_subset_size=params.fid.kid_subset_size)
         seconds[spec.name] = round(time.perf_counter() - t0, 2)
         details[spec.name] = {"images": int(len(samples)), **r}

@@ -239,7 +239,7 @@ class FeatureInfo:
     features: str
     label: str  # e.g. "FID (digits classifier)"
     reference_images: int
-    floor: dict[str, float]  # fid, kid_mean, ... of the test split
+    floor: dict[str, float]  # {"fid": ...} of the test split (IS too for Inception)
     floor_images: int
     classifier_test_accuracy: float | None
 

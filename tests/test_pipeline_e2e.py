@@ -169,8 +169,14 @@ def test_rerun_and_params_changes_rerun_only_what_changed(repo):
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     st = sh([DVC, "status"], root, env).stdout
     assert changed(st) == {"sample@simple", "sample@vlb", "track"}, st
-    # one variant's settings invalidate only that variant's stages
+    # KID settings re-score the samples; the reference statistics stay (one pass per data set)
     p["sample"]["steps"] = [2]
+    p["fid"]["kid_subset_size"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    st = sh([DVC, "status"], root, env).stdout
+    assert changed(st) == {"fid@simple", "fid@vlb", "track"}, st
+    # one variant's settings invalidate only that variant's stages
+    p["fid"]["kid_subset_size"] = 4
     p["variants"]["vlb"]["t_sampling"] = "importance"
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     st = sh([DVC, "status"], root, env).stdout
