@@ -20,11 +20,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ddpm_core.modes import LossType, MeanType, TSampling, VarType
+from ddpm_core.modes import LossType, MeanType, Spacing, TSampling, VarType
 from ddpm_core.modes import ScheduleKind as Schedule
-
-# Not yet ddpm_core.modes.Spacing: samplers.spaced_timesteps still takes these two names.
-Spacing = Literal["uniform", "quadratic"]
 
 
 class ConfigError(ValueError):
@@ -91,21 +88,33 @@ class DiffusionConfig:
         _require(self.timesteps >= 2, f"{key}.timesteps", "must be >= 2")
 
 
+# A variant's name is its key in the `variants` mapping: it names the DVC stages (train@<name>,
+# sample@<name>, ...) and every file of the variant, so it must be a plain file-name word.
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
 @dataclass(frozen=True)
 class VariantConfig:
-    """One trained model: a row of DDPM Table 2 (or improved DDPM's hybrid objective)."""
+    """One model: a row of DDPM Table 2 (or improved DDPM's hybrid objective) that the train
+    stage trains, or, with `pretrained`, existing weights that the train stage imports."""
 
-    name: str
+    name: str = field(default="", metadata={"from_key": True})  # the mapping key
     mean_type: MeanType = "eps"
     var_type: VarType = "fixed_large"
     loss: LossType = "simple"
     t_sampling: TSampling = "uniform"
+    # Evaluate existing weights instead of training: one of our model files
+    # (models/<name>.pt), a training checkpoint (checkpoints/.../ckpt_*.pt), or with
+    # format: diffusers a diffusers DDPM folder (config.json + weights).
+    pretrained: str | None = None
+    format: Literal["ours", "diffusers"] = "ours"
 
     def validate(self, key: str) -> None:
-        _require(bool(self.name) and self.name.replace("_", "").replace("-", "").isalnum(),
-                 f"{key}.name", "must be a non-empty name of letters, digits, '-' or '_'")
+        _require(bool(self.name) and set(self.name) <= _NAME_CHARS, key,
+                 "a variant name must be letters, digits, '-' or '_' (it names the DVC stages "
+                 "and files)")
         learned = self.var_type in ("learned", "learned_range")
-        if learned:
+        if learned and self.pretrained is None:
             _require(self.loss != "simple", f"{key}.loss",
                      "a learned variance needs loss 'vlb' or 'hybrid' (L_simple does not train it)")
         if self.t_sampling == "importance":
@@ -132,8 +141,10 @@ class TrainConfig:
     warmup_steps: int = _setting(5000, weights=True)
     grad_clip: float = _setting(1.0, weights=True)
     ema_decay: float = _setting(0.9999, weights=True)
-    # the pipeline turns it off for digits (a flipped digit is another glyph)
-    hflip: bool = _setting(True, weights=True)
+    # Random horizontal flips. "auto" (params.yaml): on, except for digits (a flipped digit is
+    # another glyph); Params resolves it to true/false when it is built, so every consumer
+    # (training, MLflow) sees the value training used.
+    hflip: bool | Literal["auto"] = _setting(True, weights=True)
     precision: Literal["fp32", "bf16"] = _setting("fp32", weights=True)
     compile: bool = _setting(False, weights=False)
     channels_last: bool = _setting(False, weights=True)  # changes float summation order
@@ -174,7 +185,9 @@ class SampleConfig:
     variances: tuple[VarType, ...] = ("fixed_large", "fixed_small")
     # Respaced ancestral (sigma^2 = beta) and DDIM at these step counts, for FID vs steps.
     steps: tuple[int, ...] = (10, 20, 50, 100)
-    spacing: Spacing = "quadratic"  # the DDIM paper's choice for CIFAR-10
+    # trailing: every chain starts at step T (Lin et al. 2024); the DDIM paper's conventions
+    # (leading, ddim_quadratic) start earlier and stay available for comparing with its table.
+    spacing: Spacing = "trailing"
     ddim_eta: float = 0.0
     seed: int = 0
     grid_size: int = 64
@@ -239,25 +252,16 @@ class FidConfig:
 
 
 @dataclass(frozen=True)
-class PretrainedConfig:
-    """Evaluate an existing checkpoint instead of training (sample, bpd, fid, report only)."""
-
-    path: str | None = None
-    format: Literal["ours", "diffusers"] = "ours"
-    name: str = "pretrained"
-    mean_type: MeanType = "eps"
-    var_type: VarType = "fixed_large"
-
-    def validate(self, key: str) -> None:
-        _require(bool(self.name), f"{key}.name", "must be non-empty")
-
-
-@dataclass(frozen=True)
 class MlflowConfig:
     """Where runs go; MLFLOW_TRACKING_URI overrides `tracking_uri`."""
 
     experiment: str = "ddpm"
     tracking_uri: str | None = None  # None: sqlite:///<DVC_ROOT or repo root>/mlflow.db
+
+
+def _default_variants() -> dict[str, VariantConfig]:
+    return {"simple": VariantConfig(name="simple", loss="simple"),
+            "vlb": VariantConfig(name="vlb", loss="vlb")}
 
 
 @dataclass(frozen=True)
@@ -268,26 +272,40 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    variants: tuple[VariantConfig, ...] = (
-        VariantConfig(name="simple", loss="simple"),
-        VariantConfig(name="vlb", loss="vlb"),
-    )
+    # name -> variant; each gets its own DVC stages (train@name, sample@name, bpd@name, fid@name)
+    variants: dict[str, VariantConfig] = field(default_factory=_default_variants)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     bpd: BpdConfig = field(default_factory=BpdConfig)
     fid: FidConfig = field(default_factory=FidConfig)
-    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
+    def __post_init__(self) -> None:
+        # The effective training settings, resolved once here (see TrainConfig.hflip).
+        if self.train.hflip == "auto":
+            object.__setattr__(self, "train", dataclasses.replace(
+                self.train, hflip=self.data.dataset != "digits"))
+
     def validate(self, key: str) -> None:
-        names = [v.name for v in self.variants]
-        _require(len(set(names)) == len(names), f"{key}variants", f"names repeat: {names}")
-        _require(bool(names) or self.pretrained.path is not None, f"{key}variants",
-                 "give at least one variant, or pretrained.path")
-
-
+        _require(bool(self.variants), f"{key}variants",
+                 "give at least one variant (a model to train, or one with `pretrained: path`)")
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _union_name(args: tuple) -> str:
+    """'true or false or 'auto'' for bool | Literal['auto'], and so on."""
+    names = []
+    for a in args:
+        if a is type(None):
+            names.append("null")
+        elif a is bool:
+            names.append("true or false")
+        elif typing.get_origin(a) is Literal:
+            names += [repr(x) for x in typing.get_args(a)]
+        else:
+            names.append(_type_name(a))
+    return " or ".join(names)
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -307,7 +325,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{key}: expected {_type_name(tp)}, got {value!r}")
+                          f"{key}: expected {_union_name(args)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -320,6 +338,18 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp, _ellipsis) = typing.get_args(tp)
         return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            hint = (" (variants is a mapping name -> settings, e.g. `simple: {loss: simple}`)"
+                    if isinstance(value, list) else "")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}{hint}")
+        _key_tp, item_tp = typing.get_args(tp)
+        out = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise ConfigError(f"{key}: key {name!r} must be a string")
+            out[name] = _build(item_tp, item, f"{key}.{name}", from_key=name)
+        return out
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -341,15 +371,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"config annotation {tp!r} at {key} is not supported")  # a bug, not input
 
 
-def _build(cls: type, raw: Any, key: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys by name."""
+def _build(cls: type, raw: Any, key: str, from_key: str | None = None) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by name; a field marked
+    `from_key` (a variant's name) takes the mapping key `from_key` instead of a value."""
     where = key or "params.yaml"
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    keyed = [f.name for f in dataclasses.fields(cls) if f.metadata.get("from_key")]
+    fields = {f.name for f in dataclasses.fields(cls)} - set(keyed)
     prefix = f"{key}." if key else ""
     for name in raw:
         if name not in fields:
@@ -357,6 +389,8 @@ def _build(cls: type, raw: Any, key: str) -> Any:
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
             raise ConfigError(f"{prefix}{name}: unknown key{hint}")
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in raw.items()}
+    if from_key is not None:
+        kwargs.update({name: from_key for name in keyed})
     missing = [f.name for f in dataclasses.fields(cls)
                if f.name not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
@@ -388,5 +422,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 
 def to_dict(obj: Any) -> dict:
-    """A dataclass tree as plain dicts/lists (for logging)."""
-    return dataclasses.asdict(obj)
+    """A dataclass tree as plain dicts/lists, as params.yaml writes it (for logging); a
+    variant's name is its key, not a field."""
+    def strip(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    d = strip(dataclasses.asdict(obj))
+    if isinstance(obj, Params):
+        for v in d["variants"].values():
+            v.pop("name", None)
+    return d

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch_fidelity
+from torch import Tensor
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -199,3 +202,140 @@ def compute_metrics(samples: np.ndarray, reference: np.ndarray, features: Featur
         metrics["isc_mean"] = float(out["inception_score_mean"])
         metrics["isc_std"] = float(out["inception_score_std"])
     return metrics
+
+
+# ----------------------------------------------------------------------------- reference statistics
+# The pipeline extracts the reference set's features ONCE (the `features` stage) and scores every
+# sample set against the stored statistics: the same numbers as compute_metrics, which would
+# re-extract the reference for every call (same torch-fidelity functions, same seeds).
+
+
+@dataclass
+class FeatureNet:
+    """A torch-fidelity feature extractor with the layers FID/KID and IS read."""
+
+    extractor: FeatureExtractorBase
+    features: Features
+    rgb: bool
+    fid_layer: str
+    isc_layer: str | None
+    device: str
+
+
+def feature_network(features: Features, *, classifier_path: str | Path | None = None,
+                    inception_weights: str | Path | None = None,
+                    device: str | None = None) -> FeatureNet:
+    """The feature network of `features` (the digits classifier file, or Inception-v3)."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = dev.startswith("cuda")
+    if features == "digits_classifier":
+        if classifier_path is None:
+            raise MetricsError("digits classifier features need classifier_path")
+        load_classifier(classifier_path)  # a clear error for a missing or corrupt file
+        _register_digits_extractor()
+        ex = create_feature_extractor(DIGITS_EXTRACTOR_NAME, ["features"], cuda=cuda,
+                                      feature_extractor_weights_path=str(classifier_path),
+                                      verbose=False)
+        return FeatureNet(ex, features, False, "features", None, dev)
+    if features == "inception":
+        weights = str(resolve_inception_weights(inception_weights))
+        ex = create_feature_extractor(INCEPTION_NAME, ["2048", "logits_unbiased"], cuda=cuda,
+                                      feature_extractor_weights_path=weights, verbose=False)
+        return FeatureNet(ex, features, True, "2048", "logits_unbiased", dev)
+    raise MetricsError(f"features: {features!r} is not inception or digits_classifier")
+
+
+@torch.no_grad()
+def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
+                     on_batch: Callable[[int], None] | None = None) -> dict[str, Tensor]:
+    """One pass of the feature network over uint8 [N, H, W, C]: {layer: float32 [N, D] (CPU)}.
+    `on_batch(n)` is called after every batch of n images (progress)."""
+    _check_images(images, "images")
+    data = _Uint8Images(images, net.rgb)
+    out: dict[str, list[Tensor]] = {}
+    for i in range(0, len(data), batch_size):
+        # a fresh standard-strided batch as torch-fidelity's DataLoader makes (a grey [N, 1, H, W]
+        # view of NHWC data also passes for channels_last, and convolutions then round differently)
+        batch = torch.stack(list(data.x[i:i + batch_size])).to(net.device)
+        feats = net.extractor.convert_features_tuple_to_dict(net.extractor(batch))
+        for k, v in feats.items():
+            out.setdefault(k, []).append(v.cpu())
+        if on_batch is not None:
+            on_batch(len(batch))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@dataclass
+class ReferenceStats:
+    """FID statistics (mu [D], sigma [D, D]) and the features KID draws its subsets from."""
+
+    features: Features
+    mu: np.ndarray
+    sigma: np.ndarray
+    kid_features: Tensor  # float32 [N, D]
+
+    @property
+    def num_images(self) -> int:
+        return int(len(self.kid_features))
+
+
+def reference_statistics(net: FeatureNet, feats: dict[str, Tensor]) -> ReferenceStats:
+    """The statistics of extracted reference features (torch-fidelity's own estimators)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    f = feats[net.fid_layer]
+    stats = fid_features_to_statistics(f)
+    return ReferenceStats(net.features, stats["mu"], stats["sigma"], f)
+
+
+def save_reference(ref: ReferenceStats, path: str | Path) -> None:
+    """The statistics as one .npz, through the one atomic writer."""
+    from ddpm_core.files import atomic_open
+
+    with atomic_open(path) as f:
+        np.savez(f, features=np.array(ref.features), mu=ref.mu, sigma=ref.sigma,
+                 kid_features=ref.kid_features.numpy())
+
+
+def load_reference(path: str | Path) -> ReferenceStats:
+    """Statistics written by save_reference."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"{path}: reference statistics not found; run the features stage "
+                           "(dvc repro features)")
+    with np.load(path, allow_pickle=False) as z:
+        return ReferenceStats(str(z["features"]), z["mu"], z["sigma"],  # type: ignore[arg-type]
+                              torch.from_numpy(z["kid_features"]))
+
+
+def metrics_against(net: FeatureNet, sample_feats: dict[str, Tensor], ref: ReferenceStats, *,
+                    kid_subset_size: int = 100, kid_subsets: int = 100,
+                    seed: int = 2020, kid: bool = True) -> dict[str, float]:
+    """FID, KID (and IS for Inception) of extracted sample features against `ref`; equal to
+    compute_metrics(samples, reference, ...) with the same seed. kid=False: FID (and IS) only."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    if ref.features != net.features:
+        raise MetricsError(f"reference statistics are {ref.features} features, the samples "
+                           f"{net.features}; run the features stage again")
+    f = sample_feats[net.fid_layer]
+    if len(f) < 2:
+        raise MetricsError(f"need >= 2 images per set, got {len(f)}")
+    fid = fid_statistics_to_metric(fid_features_to_statistics(f),
+                                   {"mu": ref.mu, "sigma": ref.sigma}, verbose=False)
+    out = {"fid": float(fid["frechet_inception_distance"])}
+    if kid:
+        size = min(kid_subset_size, len(f), ref.num_images)
+        k = kid_features_to_metric(f, ref.kid_features, kid_subsets=kid_subsets,
+                                   kid_subset_size=size, rng_seed=seed, verbose=False)
+        out["kid_mean"] = float(k["kernel_inception_distance_mean"])
+        out["kid_std"] = float(k["kernel_inception_distance_std"])
+    if net.isc_layer is not None and len(f) >= 10:
+        isc = isc_features_to_metric(sample_feats[net.isc_layer], rng_seed=seed)
+        out["isc_mean"] = float(isc["inception_score_mean"])
+        out["isc_std"] = float(isc["inception_score_std"])
+    return out

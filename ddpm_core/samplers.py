@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,9 +28,8 @@ from ddpm_core.diffusion import (
     predict_eps_from_x0,
     predict_x0_from_mu,
 )
+from ddpm_core.modes import SPACINGS, Spacing  # noqa: E402  (one source of the names)
 
-Spacing = Literal["leading", "ddim_quadratic", "linspace", "trailing"]
-SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
 # Lin et al. 2024: a chain must start at the last step; `trailing` does, as DPM-Solver's does
 DEFAULT_SPACING: Spacing = "trailing"
 

@@ -1,38 +1,35 @@
-"""Stage `bpd`: the full-chain variational bound (bits/dim) on the test split.
+"""Stage `bpd@<variant>`: the full-chain variational bound (bits/dim) on the test split.
 
-For every model and every σ² choice in bpd.variances (one pass of network calls serves all
-fixed choices; a learned-variance model is evaluated with its own σ²). Writes
-metrics/bpd.json (the totals, what `dvc exp show` compares) and bpd/<model>.csv: the mean
-per-term breakdown, one row per term (L_T, L_{T-1}, ..., L_1, L_0), one column per σ² choice.
+For every σ² choice in bpd.variances (one pass of network calls serves all fixed choices; a
+learned-variance model is evaluated with its own σ²). Writes metrics/bpd/<v>.json (the totals,
+keys from pipeline.records.bpd_key), bpd/<v>.csv (the mean per-term breakdown, one row per term
+L_T, L_{T-1}, ..., L_1, L_0, one column per σ²) and timings/bpd/<v>.json.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
-from ddpm_core.config import Params
+from ddpm_core.config import Params, VariantConfig
 from ddpm_core.data import load_images, to_model_tensor, to_unit
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, init_distributed, map_shards
 from ddpm_core.inference import inference_model
 from ddpm_core.likelihood import bits_per_dim
+from ddpm_core.progress import Progress, counting
 from pipeline.common import (
-    BPD_DIR,
-    DATA_DIR,
-    METRICS_DIR,
-    SIGMA2_NAME,
     LoadedModel,
-    atomic_dir,
-    check_model_names,
     device,
-    load_models,
+    load_model_file,
     relaunch_under_torchrun,
     run_stage,
-    scratch_dir,
     write_json,
+    write_text,
 )
+from pipeline.records import DATA_DIR, SIGMA2_NAME, VariantPaths, bpd_key, variant_metrics
 
 
 def per_image_bounds(params: Params, m: LoadedModel, net: torch.nn.Module, x_all: torch.Tensor,
@@ -45,12 +42,12 @@ def per_image_bounds(params: Params, m: LoadedModel, net: torch.nn.Module, x_all
     starts = list(range(0, len(x_all), b.batch_size))
 
     def run(batches: range) -> torch.Tensor:
-        rows = [torch.zeros(0, len(var_types), m.diff.T + 1, dtype=torch.float64)]
+        rows = [torch.zeros(0, len(var_types), m.diffusion.T + 1, dtype=torch.float64)]
         for j in batches:
             start = starts[j]
             x0 = to_unit(x_all[start:start + b.batch_size]).to(dev)
             gen = torch.Generator(dev).manual_seed(start)
-            res = bits_per_dim(m.diff, net, x0, var_types=var_types, t_batch=b.t_batch,
+            res = bits_per_dim(m.diffusion, net, x0, var_types=var_types, t_batch=b.t_batch,
                                generator=gen)
             rows.append(torch.stack([torch.cat([res[v].prior[:, None], res[v].terms], dim=1)
                                      for v in var_types], dim=1))
@@ -59,45 +56,45 @@ def per_image_bounds(params: Params, m: LoadedModel, net: torch.nn.Module, x_all
     return map_shards(run, len(starts)).cpu()
 
 
-def main(params: Params) -> None:
+def main(params: Params, v: VariantConfig) -> None:
     b = params.bpd
     relaunch_under_torchrun("pipeline.bpd", b.nproc)
     info = init_distributed(device())
     dev = info.device
+    paths = VariantPaths(v.name)
     x_all = to_model_tensor(load_images(DATA_DIR / "test.npy"))
     if b.num_images is not None:
         x_all = x_all[:b.num_images]
-    metrics = {}
-    out = atomic_dir(BPD_DIR) if info.is_main else scratch_dir()
-    with out as tmp:
-        for m in load_models(params, b.use_ema):
-            learned = m.diff.var_type in LEARNED_VAR_TYPES
-            var_types = [m.diff.var_type] if learned else list(b.variances)
-            net = inference_model(m.net.to(dev), b.precision, compile=b.compile)
-            t0 = time.perf_counter()
-            bounds = per_image_bounds(params, m, net, x_all, var_types, dev)
-            seconds = time.perf_counter() - t0
-            n, T = len(x_all), m.diff.T
-            mean = bounds.mean(dim=0)  # [V, T + 1]
-            metrics[m.name] = {f"bpd_{SIGMA2_NAME[v]}": round(float(mean[i].sum()), 5)
-                               for i, v in enumerate(var_types)}
-            # rows: L_T (prior), then L_{t-1} evaluated at step t = T..1 (terms index t-1)
-            columns = {v: [float(mean[i, 0])] + [float(x) for x in mean[i, 1:].flip(0)]
-                       for i, v in enumerate(var_types)}
-            lines = ["term,t," + ",".join(SIGMA2_NAME[v] for v in columns)]
-            names = ["L_T"] + [f"L_{i}" for i in range(T - 1, -1, -1)]
-            steps = [""] + list(range(T, 0, -1))  # L_T has no step: it is the prior at x_T
-            for i, (name, t) in enumerate(zip(names, steps, strict=True)):
-                lines.append(f"{name},{t}," + ",".join(f"{columns[v][i]:.8g}" for v in columns))
-            (tmp / f"{m.name}.csv").write_text("\n".join(lines) + "\n")
-            if info.is_main:
-                print(f"bpd[{m.name}]: " + ", ".join(f"{k} {x:.4f}" for k, x in
-                                                      metrics[m.name].items())
-                      + f" on {n} test images in {seconds:.1f} s", flush=True)
+    m = load_model_file(paths.model, "ema" if b.use_ema else "model")
+    learned = m.diffusion.var_type in LEARNED_VAR_TYPES
+    var_types = [m.diffusion.var_type] if learned else list(b.variances)
+    n, T = len(x_all), m.diffusion.T
+    batches = -(-n // b.batch_size)
+    calls = -(-batches // info.world_size) * math.ceil(T / b.t_batch)
+    with Progress(calls, f"bpd[{v.name}]", "calls", enabled=info.is_main) as bar:
+        net = counting(inference_model(m.net.to(dev), b.precision, compile=b.compile), bar)
+        t0 = time.perf_counter()
+        bounds = per_image_bounds(params, m, net, x_all, var_types, dev)
+        seconds = time.perf_counter() - t0
     if info.is_main:
-        write_json(metrics, METRICS_DIR / "bpd.json")
+        mean = bounds.mean(dim=0)  # [V, T + 1]
+        metrics = {bpd_key(vt): round(float(mean[i].sum()), 5) for i, vt in enumerate(var_types)}
+        # rows: L_T (prior), then L_{t-1} evaluated at step t = T..1 (terms index t-1)
+        columns = {vt: [float(mean[i, 0])] + [float(x) for x in mean[i, 1:].flip(0)]
+                   for i, vt in enumerate(var_types)}
+        lines = ["term,t," + ",".join(SIGMA2_NAME[vt] for vt in columns)]
+        names = ["L_T"] + [f"L_{i}" for i in range(T - 1, -1, -1)]
+        steps = [""] + list(range(T, 0, -1))  # L_T has no step: it is the prior at x_T
+        for i, (name, t) in enumerate(zip(names, steps, strict=True)):
+            lines.append(f"{name},{t}," + ",".join(f"{columns[vt][i]:.8g}" for vt in columns))
+        write_text("\n".join(lines) + "\n", paths.bpd_terms)
+        write_json(variant_metrics(v.name, metrics), paths.bpd_metrics)
+        write_json({"seconds": round(seconds, 2), "images": n,
+                    "images_per_s": round(n / seconds, 3)}, paths.timings("bpd"))
+        print(f"bpd[{v.name}]: " + ", ".join(f"{k} {x:.4f}" for k, x in metrics.items())
+              + f" on {n} test images in {seconds:.1f} s", flush=True)
     cleanup()
 
 
 if __name__ == "__main__":
-    run_stage(main, check_model_names)
+    run_stage(main, per_variant=True)

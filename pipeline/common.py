@@ -1,5 +1,6 @@
-"""Shared plumbing of the stage scripts: paths, params loading, one-line errors, atomic writes,
-and building the (network, diffusion) pairs every stage evaluates.
+"""Shared plumbing of the stage scripts: params loading (and the variant a foreach stage runs
+for), one-line errors, atomic writes and model files. File paths, sampler specs and metric keys
+are pipeline/records.py's.
 
 Every stage runs from the repository root (DVC's default wdir). A stage loads and validates the
 whole params.yaml before doing any work; a bad value prints `error: <key>: <why>` to stderr and
@@ -18,33 +19,16 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddpm_core.config import ConfigError, Params, load_params
+from ddpm_core.config import ConfigError, Params, VariantConfig, load_params
 
 if TYPE_CHECKING:  # torch is imported where it is used: a bad params.yaml fails in a blink
     import torch
 
 PARAMS_FILE = Path("params.yaml")
-DATA_DIR = Path("data/prepared")
-CKPT_DIR = Path("checkpoints")
-MODELS_DIR = Path("models")
-SAMPLES_DIR = Path("samples")
-BPD_DIR = Path("bpd")
-FID_DIR = Path("fid")
-METRICS_DIR = Path("metrics")
-PLOTS_DIR = Path("plots")
-REPORTS_DIR = Path("reports")
-
 MODEL_FILE_FORMAT = "ddpm-pipeline-model/1"
-
-# Names shown for the two fixed reverse variances (metric keys stay ASCII for DVC and MLflow).
-SIGMA2_NAME = {"fixed_large": "sigma2_beta", "fixed_small": "sigma2_beta_tilde",
-               "learned": "sigma2_learned", "learned_range": "sigma2_learned_range"}
-SIGMA2_LABEL = {"fixed_large": "σ² = β", "fixed_small": "σ² = β̃",
-                "learned": "σ² learned", "learned_range": "σ² learned (range)"}
 
 
 class StageError(RuntimeError):
@@ -59,7 +43,7 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     from ddpm_core.training import TrainingDiverged
 
     return (StageError, CheckpointError, DataError, MetricsError, TrainingDiverged,
-            FileNotFoundError)
+            FileNotFoundError)  # includes records.MissingResult
 
 
 def fail(msg: str, code: int) -> None:
@@ -68,22 +52,41 @@ def fail(msg: str, code: int) -> None:
     sys.exit(code)
 
 
-def run_stage(main: Callable[[Params], None], check: Callable[[Params], None] | None = None,
-              params_path: str | Path | None = None) -> None:
-    """Load params.yaml (exit 2 on any problem), run `check`, then `main`; errors are one line."""
+def run_stage(main: Callable[..., None], check: Callable[..., None] | None = None,
+              params_path: str | Path | None = None, per_variant: bool = False) -> None:
+    """Load params.yaml (exit 2 on any problem), run `check`, then `main`; errors are one line.
+
+    A per-variant stage (`python -m pipeline.<stage> <variant>`, DVC's foreach) gets the
+    variant's VariantConfig as a second argument."""
     path = Path(params_path or os.environ.get("DDPM_PARAMS", PARAMS_FILE))
+    args: tuple = ()
     try:
         params = load_params(path)
+        if per_variant:
+            args = (variant_from_argv(params),)
         if check is not None:
-            check(params)
+            check(params, *args)
     except ConfigError as e:
         fail(str(e), 2)
     try:
-        main(params)
+        main(params, *args)
     except ConfigError as e:  # a cross-field problem found once the data are known
         fail(str(e), 2)
     except _runtime_errors() as e:
         fail(str(e), 1)
+
+
+def variant_from_argv(params: Params) -> VariantConfig:
+    """The variant named on the command line (sys.argv[1]), checked against params.yaml."""
+    stage = Path(sys.argv[0]).stem if sys.argv[0] not in ("-m", "-c") else "stage"
+    if len(sys.argv) != 2:
+        raise ConfigError(f"usage: python -m pipeline.{stage} <variant>; one of "
+                          f"{sorted(params.variants)}")
+    name = sys.argv[1]
+    if name not in params.variants:
+        raise ConfigError(f"variants.{name}: no such variant in params.yaml; one of "
+                          f"{sorted(params.variants)}")
+    return params.variants[name]
 
 
 def stable_hash(obj: Any, n: int = 12) -> str:
@@ -93,12 +96,12 @@ def stable_hash(obj: Any, n: int = 12) -> str:
 
 
 def relaunch_under_torchrun(module: str, n: int) -> None:
-    """Unless already under torchrun, re-run `python -m module` on n processes and exit."""
+    """Unless already under torchrun, re-run `python -m module <args>` on n processes and exit."""
     if n <= 1 or "LOCAL_RANK" in os.environ:
         return
     exe = Path(sys.executable).with_name("torchrun")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", f"--nproc_per_node={n}", "-m", module]
+    cmd += ["--standalone", f"--nproc_per_node={n}", "-m", module, *sys.argv[1:]]
     print(f"{module}: " + " ".join(cmd), flush=True)
     sys.exit(subprocess.call(cmd))
 
@@ -121,68 +124,19 @@ def device() -> torch.device:
 
 
 # ----------------------------------------------------------------------------- atomic writes
+# One writer for every stage: ddpm_core.files (temp file, fsync, rename, mode 0644).
+from ddpm_core.files import atomic_dir  # noqa: E402, F401
+from ddpm_core.files import write_json as _write_json  # noqa: E402
 
 
 def write_json(obj: Any, path: Path) -> None:
-    """JSON to a temp file beside `path`, then os.replace."""
-    write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
-
-
-def write_text(text: str, path: Path) -> None:
-    """Text to a temp file beside `path`, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    """torch.save to a temp file beside `path`, then os.replace."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield an empty temp folder beside `path`; on success it replaces `path` as a whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    """JSON (keys in the order given) through the one atomic writer."""
+    _write_json(obj, path, sort_keys=False)
 
 
 # ----------------------------------------------------------------------------- models
+# Model files carry their own network and diffusion spec, so the evaluation stages never rebuild
+# a network from params.yaml. (To be replaced by ddpm_core.modelfile.)
 
 
 def unet_config(params: Params, image_shape_hwc: tuple[int, ...], out_channels: int) -> Any:
@@ -208,6 +162,8 @@ def data_shape(split: str = "train") -> tuple[int, int, int]:
     """[H, W, C] of a prepared split, read from the .npy header only."""
     import numpy as np
 
+    from pipeline.records import DATA_DIR
+
     path = DATA_DIR / f"{split}.npy"
     if not path.is_file():
         raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
@@ -215,86 +171,15 @@ def data_shape(split: str = "train") -> tuple[int, int, int]:
     return tuple(arr.shape[1:])  # type: ignore[return-value]
 
 
-@dataclass
-class LoadedModel:
-    """A network to evaluate, with its diffusion; `name` keys every output file."""
+def load_model_file(path: Path, which: str = "ema") -> Any:
+    """A model file (or training checkpoint) as ddpm_core.modelfile.LoadedModel; one-line error."""
+    from ddpm_core.modelfile import ModelFileError
+    from ddpm_core.modelfile import load_model_file as _load
 
-    name: str
-    net: torch.nn.Module
-    diff: Any
-    source: str
-    image_shape_chw: tuple[int, int, int]
-
-
-def model_names(params: Params) -> list[str]:
-    """Every model the evaluation stages cover: the trained variants, then the pretrained one."""
-    names = [v.name for v in params.variants]
-    if params.pretrained.path is not None:
-        names.append(params.pretrained.name)
-    return names
-
-
-def check_model_names(params: Params) -> None:
-    """pretrained.name must not collide with a variant name."""
-    if params.pretrained.path is not None and params.pretrained.name in \
-            [v.name for v in params.variants]:
-        raise ConfigError(f"pretrained.name: {params.pretrained.name!r} is also a variant name; "
-                          "choose another")
-
-
-def _from_model_file(name: str, path: Path, use_ema: bool, key: str = "") -> LoadedModel:
-    from ddpm_core.modelfile import ModelFileError, load_model_file
-
-    try:
-        m = load_model_file(path, "ema" if use_ema else "model")
-    except ModelFileError as e:
-        raise StageError(f"{key}{e}") from None
-    return LoadedModel(name, m.net, m.diffusion, m.source, m.spec.image_shape_chw)
-
-
-def load_models(params: Params, use_ema: bool) -> list[LoadedModel]:
-    """The trained variants (models/<name>.pt) and, when set, the pretrained checkpoint."""
-    from ddpm_core.diffusion import Diffusion
-
-    out = []
-    for v in params.variants:
-        path = MODELS_DIR / f"{v.name}.pt"
-        if not path.is_file():
-            raise StageError(f"{path}: not found; run the train stage first (dvc repro train)")
-        out.append(_from_model_file(v.name, path, use_ema))
-    p = params.pretrained
-    if p.path is None:
-        return out
-    path = Path(p.path)
-    if not path.exists():
-        raise StageError(f"pretrained.path: {path} not found; point it at one of our checkpoints "
-                         "(models/<variant>.pt or checkpoints/.../ckpt_*.pt) or a diffusers "
-                         "DDPM folder (format: diffusers)")
-    diff = Diffusion.from_schedule(params.schedule, params.diffusion.timesteps, p.mean_type,
-                                   p.var_type)
-    if p.format == "diffusers":
-        from ddpm_core.convert import load_diffusers_unet
-
-        net = load_diffusers_unet(path)
-        cfg = net.cfg if hasattr(net, "cfg") else None
-        shape = ((cfg.in_channels, cfg.image_size, cfg.image_size) if cfg is not None
-                 else _chw(data_shape("test")))
-        out.append(LoadedModel(p.name, net.eval(), diff, f"diffusers:{path}", shape))
-        return out
-    if not path.is_file():
-        raise StageError(f"pretrained.path: {path} is a folder; format 'ours' wants a file "
-                         "(models/<variant>.pt or ckpt_*.pt), format 'diffusers' a folder")
-    out.append(_from_model_file(p.name, path, use_ema, "pretrained.path: "))
-    return out
-
-
-def _chw(hwc: tuple[int, ...]) -> tuple[int, int, int]:
-    return (hwc[2], hwc[0], hwc[1])
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file the pipeline wrote, with a one-line error when it is missing."""
     path = Path(path)
     if not path.is_file():
-        raise StageError(f"{path}: not found; run the stage that writes it (dvc repro)")
-    return json.loads(path.read_text())
+        raise StageError(f"{path}: not found; run the train stage first (dvc repro)")
+    try:
+        return _load(path, which)  # type: ignore[arg-type]
+    except ModelFileError as e:
+        raise StageError(str(e)) from None

@@ -1,11 +1,9 @@
-"""Stage `fid`: FID and KID (IS for Inception) of every sample set against the training split.
+"""Stage `fid@<variant>`: FID and KID (IS for Inception) of every sample set of the variant
+against the reference statistics of the `features` stage (never recomputed here).
 
-The feature network follows fid.features: Inception-v3 for natural images; for the digits data
-set a small classifier trained here on the digits training split (torch-fidelity custom
-extractor), so its numbers are labelled "FID (digits classifier)" and are not comparable with
-Inception FIDs. The test split against the training split gives the floor: what a perfect model
-with this many samples would score. Writes metrics/fid.json, fid/details.json (KID, IS,
-classifier accuracy) and fid/classifier.pt (digits only).
+Writes metrics/fid/<v>.json (keys from pipeline.records.fid_key), fid/<v>.json (FID, KID, IS
+per sampler), plots/fid_steps/<v>.csv (FID against the number of sampling steps: DDIM and
+respaced ancestral σ² = β, the full chain at S = T) and timings/fid/<v>.json.
 """
 
 from __future__ import annotations
@@ -14,80 +12,64 @@ import time
 
 import numpy as np
 
-from ddpm_core.config import Params
-from ddpm_core.data import load_images, load_labels
-from ddpm_core.digits_classifier import (
-    classifier_accuracy,
-    save_classifier,
-    train_digits_classifier,
-)
-from ddpm_core.fid import compute_metrics, metric_label, resolve_features
-from pipeline.common import (
-    DATA_DIR,
-    FID_DIR,
-    METRICS_DIR,
-    SAMPLES_DIR,
-    StageError,
-    atomic_dir,
+from ddpm_core.config import Params, VariantConfig
+from ddpm_core.fid import feature_network, load_reference, metrics_against
+from pipeline.common import run_stage, write_json, write_text
+from pipeline.features import features_pass
+from pipeline.records import (
+    CLASSIFIER_FILE,
+    REFERENCE_FILE,
+    SamplerSpec,
+    VariantPaths,
+    fid_key,
     read_json,
-    run_stage,
-    write_json,
+    variant_metrics,
 )
 
 
-def metric_key(features: str) -> str:
-    """Top-level key of metrics/fid.json: names the feature network (fid_digits_classifier)."""
-    return f"fid_{features}"
+def steps_csv(specs: list[SamplerSpec], fids: dict[str, float]) -> str:
+    """steps,ddim,respaced: FID against S; the full chain σ² = β is the respaced point S = T."""
+    rows: dict[int, dict[str, float]] = {}
+    for s in specs:
+        if s.kind == "ddim":
+            rows.setdefault(s.steps, {})["ddim"] = fids[s.name]
+        elif s.variance in ("fixed_large", "learned", "learned_range"):
+            rows.setdefault(s.steps, {})["respaced"] = fids[s.name]
+
+    def cell(x: float | None) -> str:
+        return "" if x is None else f"{x:.6g}"
+
+    return "\n".join(["steps,ddim,respaced"] + [
+        f"{S},{cell(r.get('ddim'))},{cell(r.get('respaced'))}" for S, r in sorted(rows.items())
+    ]) + "\n"
 
 
-def main(params: Params) -> None:
-    f = params.fid
-    info = read_json(DATA_DIR / "info.json")
-    features = resolve_features(f.features, info["dataset"])
-    train = load_images(DATA_DIR / "train.npy")
-    test = load_images(DATA_DIR / "test.npy")
-    index = read_json(SAMPLES_DIR / "index.json")
-    label = metric_label(features)
-    details: dict = {"features": features, "label": label, "reference": "train split",
-                     "reference_images": int(len(train))}
-    with atomic_dir(FID_DIR) as tmp:
-        kw: dict = {"kid_subset_size": f.kid_subset_size}
-        if features == "digits_classifier":
-            labels_path = DATA_DIR / "train_labels.npy"
-            if not labels_path.is_file():
-                raise StageError(f"{labels_path}: the digits classifier needs labels; set "
-                                 "fid.features: inception for unlabelled data")
-            t0 = time.perf_counter()
-            clf = train_digits_classifier(train, load_labels(labels_path), f.classifier_epochs,
-                                          f.classifier_seed)
-            save_classifier(clf, tmp / "classifier.pt")
-            kw["classifier_path"] = tmp / "classifier.pt"
-            test_labels = DATA_DIR / "test_labels.npy"
-            if test_labels.is_file():
-                details["classifier_test_accuracy"] = round(
-                    classifier_accuracy(clf, test, load_labels(test_labels)), 4)
-            details["classifier_seconds"] = round(time.perf_counter() - t0, 2)
-        else:
-            kw["inception_weights"] = f.inception_weights
-        floor = compute_metrics(test, train, features, **kw)
-        details["floor"] = {"what": "test split vs train split", "images": int(len(test)),
-                            **floor}
-        print(f"fid: floor (test vs train, {len(test)} images): {label} {floor['fid']:.3f}",
+def main(params: Params, v: VariantConfig) -> None:
+    paths = VariantPaths(v.name)
+    ref = load_reference(REFERENCE_FILE)
+    net = feature_network(ref.features, classifier_path=CLASSIFIER_FILE
+                          if ref.features == "digits_classifier" else None,
+                          inception_weights=params.fid.inception_weights)
+    index = read_json(paths.sample_index)
+    details, fids, seconds = {}, {}, {}
+    for d in index["samplers"]:
+        spec = SamplerSpec.from_dict(d)
+        samples = np.load(paths.samples / f"{spec.name}.npy", allow_pickle=False)
+        t0 = time.perf_counter()
+        r = metrics_against(net, features_pass(net, samples, spec.name, f"fid[{v.name}]"), ref,
+                            kid_subset_size=params.fid.kid_subset_size)
+        seconds[spec.name] = round(time.perf_counter() - t0, 2)
+        details[spec.name] = {"images": int(len(samples)), **r}
+        fids[spec.name] = r["fid"]
+        print(f"fid[{v.name}] {spec.name}: FID {r['fid']:.3f} (KID {r['kid_mean']:.4f})",
               flush=True)
-        metrics: dict = {"floor_test_vs_train": round(floor["fid"], 5)}
-        details["models"] = {}
-        for name, entry in index.items():
-            metrics[name], details["models"][name] = {}, {}
-            for sampler in entry["samplers"]:
-                samples = np.load(SAMPLES_DIR / name / f"{sampler}.npy", allow_pickle=False)
-                r = compute_metrics(samples, train, features, **kw)
-                metrics[name][sampler] = round(r["fid"], 5)
-                details["models"][name][sampler] = {"images": int(len(samples)), **r}
-                print(f"fid[{name}] {sampler}: {label} {r['fid']:.3f} "
-                      f"(KID {r['kid_mean']:.4f})", flush=True)
-        write_json(details, tmp / "details.json")
-    write_json({metric_key(features): metrics}, METRICS_DIR / "fid.json")
+    specs = [SamplerSpec.from_dict(d) for d in index["samplers"]]
+    write_json(details, paths.fid_details)
+    write_json(variant_metrics(v.name, {fid_key(s): round(fids[s.name], 5) for s in specs}),
+               paths.fid_metrics)
+    write_text(steps_csv(specs, fids), paths.fid_steps)
+    write_json({"seconds": seconds}, paths.timings("fid"))
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, per_variant=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ddpm_core.config import Params
 from ddpm_core.data import prepare_splits, save_splits
-from pipeline.common import DATA_DIR, atomic_dir, run_stage, write_json
+from pipeline.common import atomic_dir, run_stage, write_json
+from pipeline.records import DATA_DIR
 
 
 def main(params: Params) -> None:

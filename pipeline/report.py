@@ -23,19 +23,13 @@ import pandas as pd  # noqa: E402
 
 from ddpm_core.config import Params  # noqa: E402
 from pipeline import published  # noqa: E402
-from pipeline.common import (  # noqa: E402
-    BPD_DIR,
-    FID_DIR,
-    METRICS_DIR,
-    PLOTS_DIR,
+from pipeline.common import atomic_dir, run_stage, write_text  # noqa: E402
+from pipeline.records import (  # noqa: E402
     REPORTS_DIR,
-    SAMPLES_DIR,
     SIGMA2_LABEL,
-    SIGMA2_NAME,
-    atomic_dir,
-    read_json,
-    run_stage,
-    write_text,
+    Results,
+    bpd_key,
+    load_results,
 )
 
 FIG_DIR = REPORTS_DIR / "figures"  # the Markdown cites figures/<name>.png
@@ -47,48 +41,38 @@ def _fmt(x: object, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def sampler_label(spec: dict) -> str:
-    """Human name of a sampler entry of samples/index.json."""
-    if spec["kind"] == "ancestral":
-        return f"ancestral {SIGMA2_LABEL[spec['variance']]}, {spec['steps']} steps"
-    if spec["kind"] == "respaced":
-        return f"respaced ancestral {SIGMA2_LABEL[spec['variance']]}, {spec['steps']} steps"
-    return f"DDIM η = {spec.get('eta', 0.0):g}, {spec['steps']} steps"
-
-
-def summary_table(index: dict, train: dict, bpd: dict, fid: dict, details: dict,
-                  label: str) -> pd.DataFrame:
-    """One row per model: final loss, bits/dim per σ², FID of the full ancestral chains;
+def summary_table(res: Results) -> pd.DataFrame:
+    """One row per variant: final loss, bits/dim per σ², FID of the full ancestral chains;
     then the floor (test split vs train split), which applies to every FID column."""
+    label = res.features.label
     rows = []
-    for name, entry in index.items():
-        row = {"model": name, "final training loss": _fmt(train.get(name, {}).get("final_loss"),
-                                                          4)}
-        for var, key in SIGMA2_NAME.items():
-            if f"bpd_{key}" in bpd.get(name, {}):
-                row[f"bits/dim {SIGMA2_LABEL[var]} (test)"] = _fmt(bpd[name][f"bpd_{key}"])
-        for sampler, spec in entry["samplers"].items():
-            if spec["kind"] == "ancestral":
-                row[f"{label}, ancestral {SIGMA2_LABEL[spec['variance']]}"] = _fmt(
-                    fid.get(name, {}).get(sampler))
+    for name, r in res.variants.items():
+        row = {"model": name, "final training loss": _fmt(r.train.get("final_loss"), 4)}
+        for var in SIGMA2_LABEL:
+            if bpd_key(var) in r.bpd:
+                row[f"bits/dim {SIGMA2_LABEL[var]} (test)"] = _fmt(r.bpd[bpd_key(var)])
+        for spec in r.samplers:
+            if spec.kind == "ancestral":
+                row[f"{label}, ancestral {SIGMA2_LABEL[spec.variance]}"] = _fmt(r.fid_of(spec))
         rows.append(row)
     df = pd.DataFrame(rows).set_index("model")
-    floor = {c: (_fmt(fid.get("floor_test_vs_train")) if c.startswith(label) else "–")
+    floor = {c: (_fmt(res.features.floor["fid"]) if c.startswith(label) else "–")
              for c in df.columns}
-    df.loc[f"floor: test split vs train split ({details['floor']['images']} images)"] = floor
+    df.loc[f"floor: test split vs train split ({res.features.floor_images} images)"] = floor
     return df.fillna("–")
 
 
-def steps_table(index: dict, fid: dict) -> pd.DataFrame:
+def steps_table(res: Results) -> pd.DataFrame:
     """FID against the number of sampling steps: rows (model, sampler), columns S."""
     rows = []
-    for name, entry in index.items():
+    for name, r in res.variants.items():
         for kind, title in (("ddim", "DDIM η = 0"), ("respaced", "ancestral σ² = β (respaced)")):
             row = {"model": name, "sampler": title}
-            for sampler, spec in entry["samplers"].items():
-                if spec["kind"] == kind or (kind == "respaced" and spec["kind"] == "ancestral"
-                                            and spec["variance"] == "fixed_large"):
-                    row[f"S = {spec['steps']}"] = fid.get(name, {}).get(sampler)
+            for spec in r.samplers:
+                if spec.kind == "ddim" and kind == "ddim" or (
+                        kind == "respaced" and spec.kind in ("respaced", "ancestral")
+                        and spec.variance != "fixed_small"):
+                    row[f"S = {spec.steps}"] = r.fid_of(spec)
             rows.append(row)
     df = pd.DataFrame(rows).set_index(["model", "sampler"])
     df = df[sorted(df.columns, key=lambda c: int(c.split("=")[1]))]
@@ -103,9 +87,9 @@ def fig_to_file(fig: plt.Figure, fig_dir: Path, name: str) -> str:
     return f"figures/{name}"
 
 
-def loss_figure(names: list[str], fig_dir: Path) -> str | None:
-    curves = {n: pd.read_csv(PLOTS_DIR / "loss" / f"{n}.csv") for n in names
-              if (PLOTS_DIR / "loss" / f"{n}.csv").is_file()}
+def loss_figure(res: Results, fig_dir: Path) -> str | None:
+    curves = {n: df for n, r in res.variants.items()
+              if r.paths.loss_csv.is_file() and len(df := pd.read_csv(r.paths.loss_csv))}
     if not curves:
         return None
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
@@ -117,9 +101,9 @@ def loss_figure(names: list[str], fig_dir: Path) -> str | None:
     return fig_to_file(fig, fig_dir, "loss.png")
 
 
-def terms_figure(names: list[str], fig_dir: Path) -> str | None:
-    tables = {n: pd.read_csv(BPD_DIR / f"{n}.csv") for n in names
-              if (BPD_DIR / f"{n}.csv").is_file()}
+def terms_figure(res: Results, fig_dir: Path) -> str | None:
+    tables = {n: pd.read_csv(r.paths.bpd_terms) for n, r in res.variants.items()
+              if r.paths.bpd_terms.is_file()}
     if not tables:
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -138,41 +122,37 @@ def terms_figure(names: list[str], fig_dir: Path) -> str | None:
     return fig_to_file(fig, fig_dir, "vlb_terms.png")
 
 
-def steps_figure(index: dict, fid: dict, label: str, fig_dir: Path) -> str | None:
+def steps_figure(res: Results, fig_dir: Path) -> str | None:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     drawn = False
-    for name, entry in index.items():
-        for kind, style in (("ddim", "-o"), ("respaced", "--s")):
-            pts = sorted((s["steps"], fid.get(name, {}).get(k))
-                         for k, s in entry["samplers"].items() if s["kind"] == kind)
-            pts = [p for p in pts if p[1] is not None]
-            full = [(s["steps"], fid.get(name, {}).get(k)) for k, s in entry["samplers"].items()
-                    if s["kind"] == "ancestral" and s["variance"] == "fixed_large"]
-            if kind == "respaced":
-                pts = sorted(pts + [p for p in full if p[1] is not None])
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style,
-                        label=f"{name}: {'DDIM η=0' if kind == 'ddim' else 'ancestral σ²=β'}")
+    for name, r in res.variants.items():
+        df = pd.read_csv(r.paths.fid_steps) if r.paths.fid_steps.is_file() else None
+        if df is None:
+            continue
+        for col, style, what in (("ddim", "-o", "DDIM η=0"), ("respaced", "--s",
+                                                             "ancestral σ²=β")):
+            pts = df[["steps", col]].dropna()
+            if len(pts):
+                ax.plot(pts["steps"], pts[col], style, label=f"{name}: {what}")
                 drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    if "floor_test_vs_train" in fid:
-        ax.axhline(fid["floor_test_vs_train"], color="grey", lw=0.8, label="floor (test vs train)")
+    ax.axhline(res.features.floor["fid"], color="grey", lw=0.8, label="floor (test vs train)")
     ax.set_xscale("log")
     ax.set_xlabel("sampling steps S")
-    ax.set_ylabel(label)
+    ax.set_ylabel(res.features.label)
     ax.set_title("FID vs number of sampling steps")
     ax.legend(fontsize=7)
     return fig_to_file(fig, fig_dir, "fid_vs_steps.png")
 
 
-def build_markdown(params: Params, index: dict, train: dict, bpd: dict, fid: dict,
-                   details: dict, figures: dict[str, str | None]) -> str:
-    label = details["label"]
+def build_markdown(params: Params, res: Results, figures: dict[str, str | None]) -> str:
+    label = res.features.label
+    feats = res.features
     p = params
-    summary = summary_table(index, train, bpd, fid, details, label)
-    steps = steps_table(index, fid)
+    summary = summary_table(res)
+    steps = steps_table(res)
     md = [
         "# DDPM reproduction report",
         "",
@@ -181,9 +161,9 @@ def build_markdown(params: Params, index: dict, train: dict, bpd: dict, fid: dic
         f"{p.train.steps} training steps at batch {p.train.batch_size}, "
         f"{p.sample.num_samples} samples per sampler, bits/dim on the test split. "
         f"FID is **{label}** against the training split "
-        f"({details.get('reference_images')} images)"
-        + (f"; the classifier's test accuracy is {details['classifier_test_accuracy']:.3f}"
-           if "classifier_test_accuracy" in details else "")
+        f"({feats.reference_images} images)"
+        + (f"; the classifier's test accuracy is {feats.classifier_test_accuracy:.3f}"
+           if feats.classifier_test_accuracy is not None else "")
         + ". The floor row is the test split scored against the training split: no model can "
           "be expected to beat it with this many images.",
         "",
@@ -216,15 +196,14 @@ def build_markdown(params: Params, index: dict, train: dict, bpd: dict, fid: dic
         "## Sample grids",
         "",
     ]
-    for name, entry in index.items():
+    for name, r in res.variants.items():
         md += [f"### {name}", ""]
-        for sampler, spec in entry["samplers"].items():
-            if spec["kind"] == "respaced":
+        for spec in r.samplers:
+            if spec.kind == "respaced":
                 continue
-            grid = f"figures/samples_{name}_{sampler}.png"
-            md += [f"**{sampler_label(spec)}** ({label} "
-                   f"{_fmt(fid.get(name, {}).get(sampler))})", "",
-                   f"![{name} {sampler}]({grid})", ""]
+            grid = f"figures/samples_{name}_{spec.name}.png"
+            md += [f"**{spec.label()}** ({label} {_fmt(r.fid_of(spec))})", "",
+                   f"![{name} {spec.name}]({grid})", ""]
     for title, key in (("Loss curves", "loss"), ("Per-timestep terms of the bound (DDPM Fig. 5 "
                                                   "style)", "terms"),
                        ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps")):
@@ -278,21 +257,15 @@ def markdown_to_html(md: str, fig_dir: Path) -> str:
 
 
 def main(params: Params) -> None:
-    train = read_json(METRICS_DIR / "train.json")
-    bpd = read_json(METRICS_DIR / "bpd.json")
-    fid_all = read_json(METRICS_DIR / "fid.json")
-    fid = next(iter(fid_all.values()))
-    details = read_json(FID_DIR / "details.json")
-    index = read_json(SAMPLES_DIR / "index.json")
-    names = list(index)
+    res = load_results(params)
     with atomic_dir(FIG_DIR) as tmp_fig:
-        for name, entry in index.items():
-            for sampler in entry["samplers"]:
-                src = SAMPLES_DIR / name / f"{sampler}.png"
-                (tmp_fig / f"samples_{name}_{sampler}.png").write_bytes(src.read_bytes())
-        figures = {"loss": loss_figure(names, tmp_fig), "terms": terms_figure(names, tmp_fig),
-                   "steps": steps_figure(index, fid, details["label"], tmp_fig)}
-        md = build_markdown(params, index, train, bpd, fid, details, figures)
+        for name, r in res.variants.items():
+            for spec in r.samplers:
+                src = r.paths.grids / f"{spec.name}.png"
+                (tmp_fig / f"samples_{name}_{spec.name}.png").write_bytes(src.read_bytes())
+        figures = {"loss": loss_figure(res, tmp_fig), "terms": terms_figure(res, tmp_fig),
+                   "steps": steps_figure(res, tmp_fig)}
+        md = build_markdown(params, res, figures)
         page = markdown_to_html(md, tmp_fig)
     write_text(md, REPORTS_DIR / "report.md")
     write_text(page, REPORTS_DIR / "report.html")

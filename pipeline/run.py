@@ -1,6 +1,6 @@
-"""Launcher of the DVC stage commands: `python3 pipeline/run.py <stage>` runs
-`python -m pipeline.<stage>` with the project's interpreter, so `.venv/bin/dvc repro` works
-without an activated virtual environment (DVC runs commands with the caller's PATH).
+"""Launcher of the DVC stage commands: `python3 pipeline/run.py <stage> [variant]` runs
+`python -m pipeline.<stage> [variant]` with the project's interpreter, so `.venv/bin/dvc repro`
+works without an activated virtual environment (DVC runs commands with the caller's PATH).
 
 Interpreter: $DDPM_PYTHON, else the active $VIRTUAL_ENV, else <DVC_ROOT>/.venv (DVC sets
 DVC_ROOT to the main repository, also for queued and temporary experiments), else ./.venv,
@@ -27,7 +27,7 @@ def interpreter() -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not sys.argv[1].isidentifier():
-        sys.exit("usage: python3 pipeline/run.py <stage>")
+    if len(sys.argv) not in (2, 3) or not sys.argv[1].isidentifier():
+        sys.exit("usage: python3 pipeline/run.py <stage> [variant]")
     py = interpreter()
-    os.execv(py, [py, "-m", f"pipeline.{sys.argv[1]}"])
+    os.execv(py, [py, "-m", f"pipeline.{sys.argv[1]}", *sys.argv[2:]])

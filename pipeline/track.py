@@ -15,17 +15,8 @@ from pathlib import Path
 import yaml
 
 from ddpm_core.config import Params, to_dict
-from pipeline.common import (
-    BPD_DIR,
-    FID_DIR,
-    METRICS_DIR,
-    PLOTS_DIR,
-    REPORTS_DIR,
-    SAMPLES_DIR,
-    read_json,
-    run_stage,
-    stable_hash,
-)
+from pipeline.common import run_stage, stable_hash
+from pipeline.records import REPORTS_DIR, Results, VariantResults, bpd_key, load_results
 from pipeline.tracking import (
     COMPLETE_TAG,
     LEVEL_TAG,
@@ -45,7 +36,7 @@ LOCK_FILE = Path("dvc.lock")
 def output_hashes() -> dict:
     """{stage: {path: md5}} of every stage output in dvc.lock except this stage's."""
     if not LOCK_FILE.is_file():  # stages run by hand: hash the results themselves
-        files = sorted(p for d in (METRICS_DIR, SAMPLES_DIR, BPD_DIR) for p in d.rglob("*")
+        files = sorted(p for d in ("metrics", "samples", "bpd", "fid") for p in Path(d).rglob("*")
                        if p.is_file())
         return {"files": {str(p): stable_hash(p.read_bytes().hex()) for p in files}}
     lock = yaml.safe_load(LOCK_FILE.read_text()) or {}
@@ -53,8 +44,8 @@ def output_hashes() -> dict:
             for name, st in (lock.get("stages") or {}).items() if name != "track"}
 
 
-def _loss_history(name: str) -> list[tuple[str, float, int]]:
-    path = PLOTS_DIR / "loss" / f"{name}.csv"
+def _loss_history(r: VariantResults) -> list[tuple[str, float, int]]:
+    path = r.paths.loss_csv
     if not path.is_file():
         return []
     with path.open() as f:
@@ -62,72 +53,69 @@ def _loss_history(name: str) -> list[tuple[str, float, int]]:
                 for k in ("loss", "grad_norm")]
 
 
+def _finish(client, run_id: str) -> None:
+    client.set_tag(run_id, COMPLETE_TAG, "true")
+    client.set_terminated(run_id, "FINISHED")
+
+
 def log_everything(params: Params, client, exp_id: str, key: str) -> str:
-    """Write the whole run tree for `key`; returns the parent run id."""
-    train = read_json(METRICS_DIR / "train.json")
-    bpd = read_json(METRICS_DIR / "bpd.json")
-    fid_all = read_json(METRICS_DIR / "fid.json")
-    details = read_json(FID_DIR / "details.json")
-    index = read_json(SAMPLES_DIR / "index.json")
-    fid_key = next(iter(fid_all))
-    fid = fid_all[fid_key]
-    label = details["label"]
+    """Write the whole run tree for `key` from pipeline.records; returns the parent run id."""
+    res: Results = load_results(params)
+    label = res.features.label
     tags = {**run_tags(params), "fid.features": label}
     p = params
+    common = {"schedule": p.schedule, "timesteps": p.diffusion.timesteps,
+              "dataset": p.data.dataset, "model.preset": p.model.preset}
     parent = create_run(client, exp_id, f"{tags['dvc.exp_name']} ({p.schedule}, "
                         f"{p.data.dataset}) {key[:8]}", key, "parent", tags=tags)
+    # params as training used them (e.g. train.hflip resolved for digits: see config.Params)
     log_batch(client, parent, params=flatten(to_dict(params)),
-              metrics={f"{fid_key}.floor_test_vs_train": fid["floor_test_vs_train"]})
+              metrics={"floor_fid": res.features.floor["fid"]})
     for f in (REPORTS_DIR / "report.html", REPORTS_DIR / "report.md"):
         if f.is_file():
             client.log_artifact(parent, str(f))
-    variants = {v.name: v for v in params.variants}
-    train_keys = {k: v for k, v in flatten(to_dict(params.train)).items()}
-    for name, entry in index.items():
-        v = variants.get(name)
-        vparams = ({"variant": name, **{k: getattr(v, k) for k in
-                                        ("mean_type", "var_type", "loss", "t_sampling")},
-                    **{f"train.{k}": x for k, x in train_keys.items()}} if v is not None else
-                   {"variant": name, **{f"pretrained.{k}": x for k, x in
-                                        flatten(to_dict(params.pretrained)).items()}})
-        vparams.update({"schedule": p.schedule, "timesteps": p.diffusion.timesteps,
-                        "dataset": p.data.dataset, "model.preset": p.model.preset})
-        metrics = {"final_loss": train.get(name, {}).get("final_loss"),
-                   "train_steps": train.get(name, {}).get("steps"),
-                   "train_seconds": train.get(name, {}).get("seconds")}
-        metrics.update(bpd.get(name, {}))
-        metrics.update({f"fid_{s}": x for s, x in fid.get(name, {}).items()})
+    train_keys = flatten(to_dict(params.train))
+    for name, r in res.variants.items():
+        v = params.variants[name]
+        vparams = {"variant": name, **{k: x for k, x in flatten(to_dict(v)).items()
+                                       if k != "name"}, **common}
+        if v.pretrained is None:
+            vparams.update({f"train.{k}": x for k, x in train_keys.items()})
+        t = r.timings
+        metrics = {**r.train, **r.bpd, **r.fid,
+                   "train_steps": t.get("train", {}).get("steps"),
+                   "train_seconds": t.get("train", {}).get("seconds"),
+                   "sample_seconds": t.get("sample", {}).get("seconds"),
+                   "bpd_seconds": t.get("bpd", {}).get("seconds")}
         vrun = create_run(client, exp_id, name, f"{key}/{name}", "variant", parent,
                           tags={**tags, "variant": name})
-        log_batch(client, vrun, params=vparams, metrics=metrics, steps=_loss_history(name))
-        for f in [BPD_DIR / f"{name}.csv", PLOTS_DIR / "loss" / f"{name}.csv",
-                  *sorted((SAMPLES_DIR / name).glob("*.png"))]:
+        log_batch(client, vrun, params=vparams, metrics=metrics, steps=_loss_history(r))
+        for f in [r.paths.bpd_terms, r.paths.loss_csv, r.paths.fid_steps,
+                  *sorted(r.paths.grids.glob("*.png"))]:
             if f.is_file():
                 client.log_artifact(vrun, str(f))
-        for sampler, spec in entry["samplers"].items():
-            d = details["models"].get(name, {}).get(sampler, {})
+        for spec in r.samplers:
+            d = r.fid_details.get(spec.name, {})
             sm = {"fid": d.get("fid"), "kid_mean": d.get("kid_mean"), "kid_std": d.get("kid_std"),
-                  "isc_mean": d.get("isc_mean"), "sampling_seconds": spec.get("seconds"),
-                  "num_samples": spec.get("num_samples")}
-            sigma2 = spec.get("sigma2")
-            if spec["kind"] == "ancestral" and sigma2 is not None:
-                sm["bpd"] = bpd.get(name, {}).get(f"bpd_{sigma2}")
-            sp = {"variant": name, "sampler": sampler, "kind": spec["kind"],
-                  "steps": spec["steps"], "sigma2": sigma2 or "ddim",
-                  "ddim_eta": spec.get("eta", "n/a"), "schedule": p.schedule}
-            srun = create_run(client, exp_id, f"{name} / {sampler}", f"{key}/{name}/{sampler}",
-                              "sampler", vrun, tags={**tags, "variant": name, "sampler": sampler,
-                                                     "fid.features": label})
+                  "isc_mean": d.get("isc_mean"), "num_samples": r.num_samples.get(spec.name),
+                  "sampling_seconds": t.get("sample", {}).get("samplers", {})
+                  .get(spec.name, {}).get("seconds")}
+            if spec.kind == "ancestral" and spec.variance is not None:
+                sm["bpd"] = r.bpd.get(bpd_key(spec.variance))
+            sp = {"variant": name, "sampler": spec.name, "kind": spec.kind,
+                  "steps": spec.steps, "sigma2": spec.sigma2 or "ddim",
+                  "spacing": spec.spacing or "all", "ddim_eta": "n/a" if spec.eta is None
+                  else spec.eta, "schedule": p.schedule}
+            srun = create_run(client, exp_id, f"{name} / {spec.name}",
+                              f"{key}/{name}/{spec.name}", "sampler", vrun,
+                              tags={**tags, "variant": name, "sampler": spec.name})
             log_batch(client, srun, params=sp, metrics=sm)
-            grid = SAMPLES_DIR / name / f"{sampler}.png"
+            grid = r.paths.grids / f"{spec.name}.png"
             if grid.is_file():
                 client.log_artifact(srun, str(grid))
-            client.set_tag(srun, COMPLETE_TAG, "true")
-            client.set_terminated(srun, "FINISHED")
-        client.set_tag(vrun, COMPLETE_TAG, "true")
-        client.set_terminated(vrun, "FINISHED")
-    client.set_tag(parent, COMPLETE_TAG, "true")
-    client.set_terminated(parent, "FINISHED")
+            _finish(client, srun)
+        _finish(client, vrun)
+    _finish(client, parent)
     return parent
 
 

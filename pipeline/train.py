@@ -1,11 +1,13 @@
-"""Stage `train`: one model per entry of params.variants (a DDPM Table 2 row or L_hybrid).
+"""Stage `train@<variant>`: one model (a DDPM Table 2 row or L_hybrid), or, for a variant with
+`pretrained: path`, the import of existing weights.
 
-Writes models/<variant>.pt (raw and EMA weights plus what is needed to rebuild the network and
-its diffusion), plots/loss/<variant>.csv (the loss curve `dvc plots` shows) and
-metrics/train.json. The training state lives in checkpoints/<variant>/<key>/ (a DVC `persist`
-output): `key` hashes every setting that changes the weights except train.steps, so an
-interrupted stage resumes where it stopped and raising train.steps continues training.
-With train.nproc > 1 the stage relaunches itself under `torchrun --nproc_per_node=N` (DDP).
+Writes models/<v>.pt (raw and EMA weights plus the network and diffusion spec),
+plots/loss/<v>.csv (appended at every log step, so `dvc plots show` works while training runs),
+metrics/train/<v>.json (the final loss) and timings/train/<v>.json. The training state lives in
+checkpoints/<v>/<key>/, deliberately not a DVC output (a persist output would keep DVC's run
+cache from restoring this stage): `key` hashes every setting that changes the weights except
+train.steps, so an interrupted stage resumes where it stopped and raising train.steps continues
+training. With train.nproc > 1 the stage relaunches itself under torchrun (DDP).
 """
 
 from __future__ import annotations
@@ -28,39 +30,32 @@ from ddpm_core.resample import make_sampler
 from ddpm_core.training import TrainingDiverged, train
 from ddpm_core.unet import UNet
 from pipeline.common import (
-    CKPT_DIR,
-    DATA_DIR,
-    METRICS_DIR,
-    MODELS_DIR,
-    PLOTS_DIR,
-    atomic_dir,
+    StageError,
     device,
     relaunch_under_torchrun,
     run_stage,
     stable_hash,
     unet_config,
     write_json,
+    write_text,
 )
+from pipeline.records import DATA_DIR, FINAL_LOSS, VariantPaths, variant_metrics
 
-LOSS_DIR = PLOTS_DIR / "loss"
-
-
-def train_config(params: Params) -> TrainConfig:
-    """params.train, with horizontal flips off where they change the class (digits)."""
-    return dataclasses.replace(params.train,
-                               hflip=params.train.hflip and params.data.dataset != "digits")
+LOSS_HEADER = "step,loss,grad_norm,lr"
 
 
 def ckpt_dir_for(params: Params, v: VariantConfig, ucfg: object, cfg: TrainConfig) -> Path:
     """checkpoints/<variant>/<key>: the key hashes what the weights depend on, steps excluded."""
+    variant = {k: x for k, x in dataclasses.asdict(v).items()
+               if k not in ("pretrained", "format")}
     key = stable_hash({"schedule": params.schedule, "T": params.diffusion.timesteps,
-                       "variant": dataclasses.asdict(v), "unet": dataclasses.asdict(ucfg),
+                       "variant": variant, "unet": dataclasses.asdict(ucfg),
                        "data": dataclasses.asdict(params.data),
                        "train": weight_settings(cfg)})
-    d = CKPT_DIR / v.name / key
+    d = VariantPaths(v.name).checkpoints() / key
     done = list_checkpoints(d)
     if done and int(done[-1].name[5:-3]) > cfg.steps:
-        d = CKPT_DIR / v.name / f"{key}-steps{cfg.steps}"  # fewer steps than trained: start anew
+        d = d.with_name(f"{key}-steps{cfg.steps}")  # fewer steps than trained: start anew
     return d
 
 
@@ -76,9 +71,15 @@ def _read_history(path: Path) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
-def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main: bool) -> dict:
+def _loss_row(h: dict) -> str:
+    return f"{h['step']},{h['loss']:.6g},{h['grad_norm']:.6g},{h['lr']:.6g}"
+
+
+def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
     """Train (or resume, or find finished) one variant; rank 0 writes its files."""
-    cfg = train_config(params)
+    paths = VariantPaths(v.name)
+    cfg = params.train
+    data = to_model_tensor(load_images(DATA_DIR / "train.npy"))
     diff = Diffusion.from_schedule(params.schedule, params.diffusion.timesteps, v.mean_type,
                                    v.var_type)
     hwc = (data.shape[2], data.shape[3], data.shape[1])
@@ -89,19 +90,25 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
     model = UNet(ucfg)
     loss, t_sampler = Loss(diff, v.loss), make_sampler(v.t_sampling, diff.T)
     spec = ModelSpec(ucfg, params.schedule, params.diffusion.timesteps, v.mean_type, v.var_type)
+    if is_main:  # the loss curve so far (a resumed run), then one appended row per log step
+        write_text("\n".join([LOSS_HEADER] + [_loss_row(h) for h in _read_history(hist_file)])
+                   + "\n", paths.loss_csv)
 
     def on_log(step: int, metrics: dict) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        row = {"step": step, **metrics}
         with hist_file.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps(row) + "\n")
+        with paths.loss_csv.open("a") as f:
+            f.write(_loss_row(row) + "\n")
         print(f"train[{v.name}] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "
               f"grad_norm {metrics['grad_norm']:.3f} {metrics['images_per_s']:.0f} img/s",
               flush=True)
 
     t0 = time.perf_counter()
     try:
-        result = train(model, loss, t_sampler, data, cfg, ckpt_dir, device=device(), on_log=on_log,
-                       spec=spec)
+        result = train(model, loss, t_sampler, data, cfg, ckpt_dir, device=device(),
+                       on_log=on_log, spec=spec)
     except TrainingDiverged as e:
         if is_main:
             from pipeline.tracking import record_failure
@@ -109,44 +116,73 @@ def train_variant(params: Params, v: VariantConfig, data: torch.Tensor, is_main:
             record_failure(params, "train", v.name, str(e), _read_history(hist_file))
         raise
     seconds = time.perf_counter() - t0
-    history = _read_history(hist_file)
-    if is_main:
-        save_model(MODELS_DIR / f"{v.name}.pt", spec,
-                   {"ema": result.ema.state_dict(), "model": result.model.state_dict()},
-                   meta={"name": v.name, "variant": dataclasses.asdict(v), "step": result.step})
-    resumed = str(result.resumed_from) if result.resumed_from else None
-    if is_main:
-        print(f"train[{v.name}]: {result.step} steps in {seconds:.1f} s"
-              + (f" (resumed from {resumed})" if resumed else ""), flush=True)
-    return {"history": history, "steps": result.step, "seconds": seconds, "resumed": resumed,
-            "checkpoints": str(ckpt_dir), "params": sum(p.numel() for p in model.parameters())}
-
-
-def main(params: Params) -> None:
-    relaunch_under_torchrun("pipeline.train", params.train.nproc)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    data = to_model_tensor(load_images(DATA_DIR / "train.npy"))
-    MODELS_DIR.mkdir(exist_ok=True)
-    summary, curves = {}, {}
-    for v in params.variants:
-        r = train_variant(params, v, data, is_main)
-        last = r["history"][-1] if r["history"] else {}
-        summary[v.name] = {"final_loss": last.get("loss"), "steps": r["steps"],
-                           "seconds": round(r["seconds"], 2),
-                           "images_per_s": last.get("images_per_s"), "parameters": r["params"]}
-        curves[v.name] = r["history"]
     if not is_main:
         return
-    stale = [p for p in MODELS_DIR.glob("*.pt") if p.stem not in summary]
-    for p in stale:  # variants no longer in params.yaml
-        p.unlink()
-    with atomic_dir(LOSS_DIR) as tmp:
-        for name, hist in curves.items():
-            lines = ["step,loss,grad_norm,lr"] + [
-                f"{h['step']},{h['loss']:.6g},{h['grad_norm']:.6g},{h['lr']:.6g}" for h in hist]
-            (tmp / f"{name}.csv").write_text("\n".join(lines) + "\n")
-    write_json(summary, METRICS_DIR / "train.json")
+    history = _read_history(hist_file)
+    save_model(paths.model, spec,
+               {"model": result.model.state_dict(), "ema": result.ema.state_dict()},
+               {"variant": v.name, "step": result.step, "train": dataclasses.asdict(cfg),
+                "loss": v.loss, "t_sampling": v.t_sampling})
+    # the curve once more, deduplicated (a resumed run re-logged steps after its checkpoint)
+    write_text("\n".join([LOSS_HEADER] + [_loss_row(h) for h in history]) + "\n",
+               paths.loss_csv)
+    last = history[-1] if history else {}
+    write_json(variant_metrics(v.name, {FINAL_LOSS: last.get("loss")}), paths.train_metrics)
+    resumed = str(result.resumed_from) if result.resumed_from else None
+    write_json({"seconds": round(seconds, 2), "steps": result.step,
+                "images_per_s": last.get("images_per_s"), "resumed_from": resumed,
+                "checkpoints": str(ckpt_dir),
+                "parameters": sum(p.numel() for p in model.parameters())},
+               paths.timings("train"))
+    print(f"train[{v.name}]: {result.step} steps in {seconds:.1f} s"
+          + (f" (resumed from {resumed})" if resumed else ""), flush=True)
+
+
+def import_pretrained(params: Params, v: VariantConfig) -> None:
+    """models/<v>.pt from existing weights: one of our model files, a training checkpoint
+    (its network is params.model) or a diffusers DDPM folder."""
+    from ddpm_core.modelfile import ModelFileError, load_model_file
+
+    paths = VariantPaths(v.name)
+    path = Path(v.pretrained or "")
+    key = f"variants.{v.name}.pretrained"
+    if not path.exists():
+        raise StageError(f"{key}: {path} not found; point it at one of our model files "
+                         "(models/<variant>.pt), a checkpoint (checkpoints/.../ckpt_*.pt) or a "
+                         "diffusers DDPM folder (format: diffusers)")
+    if v.format == "diffusers":
+        from ddpm_core.convert import load_diffusers_unet
+
+        net = load_diffusers_unet(path)
+        spec = ModelSpec(net.cfg, params.schedule, params.diffusion.timesteps, v.mean_type,
+                         v.var_type)
+        sd = net.state_dict()
+        weights = {"model": sd, "ema": sd}
+    elif path.is_dir():
+        raise StageError(f"{key}: {path} is a folder; format 'ours' wants a file "
+                         "(models/<variant>.pt or ckpt_*.pt), format 'diffusers' a folder")
+    else:  # our model file or training checkpoint: it carries its own spec
+        try:
+            m, raw = load_model_file(path, "ema"), load_model_file(path, "model")
+        except ModelFileError as e:
+            raise StageError(f"{key}: {e}") from None
+        spec = m.spec
+        weights = {"model": raw.net.state_dict(), "ema": m.net.state_dict()}
+    save_model(paths.model, spec, weights, {"variant": v.name, "pretrained": str(path),
+                                            "format": v.format})
+    write_text(LOSS_HEADER + "\n", paths.loss_csv)
+    write_json(variant_metrics(v.name, {}), paths.train_metrics)
+    write_json({"seconds": 0.0, "pretrained": str(path)}, paths.timings("train"))
+    print(f"train[{v.name}]: imported {v.format} weights from {path}", flush=True)
+
+
+def main(params: Params, v: VariantConfig) -> None:
+    if v.pretrained is not None:
+        import_pretrained(params, v)
+        return
+    relaunch_under_torchrun("pipeline.train", params.train.nproc)
+    train_variant(params, v, int(os.environ.get("RANK", "0")) == 0)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, per_variant=True)

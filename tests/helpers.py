@@ -125,63 +125,73 @@ def tiny_params() -> dict:
     return p
 
 
-def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None):
+PER_VARIANT = {"train", "sample", "bpd", "fid"}  # DVC foreach stages: `<stage> <variant>`
+
+
+def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None,
+              variant: str | None = None):
+    """`python -m pipeline.<stage> [variant]` in cwd; a per-variant stage defaults to the
+    first variant of the params."""
     text = params if isinstance(params, str) else yaml.safe_dump(params, sort_keys=False)
     (cwd / "params.yaml").write_text(text)
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     full_env.pop("DDPM_PARAMS", None)
-    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    args = []
+    if stage in PER_VARIANT:
+        if variant is None and isinstance(params, dict) and isinstance(params.get("variants"),
+                                                                       dict):
+            variant = next(iter(params["variants"]), None)
+        args = [variant or "simple"]
+    return subprocess.run([sys.executable, "-m", f"pipeline.{stage}", *args], cwd=cwd,
+                          env=full_env, capture_output=True, text=True, timeout=300)
 
 
-FID = {"ancestral_fixed_large": 3.5, "ancestral_fixed_small": 4.25, "respaced_S2": 9.0,
+FID = {"ancestral_beta": 3.5, "ancestral_beta_tilde": 4.25, "respaced_beta_S2": 9.0,
        "ddim_S2": 6.0}
 
 
 def make_outputs(root: Path, names: tuple[str, ...] = ("simple", "vlb")) -> dict:
-    """The files sample, bpd, fid and train write, with known numbers; returns the params."""
+    """The files train, sample, bpd, features and fid write (pipeline.records' layout), with
+    known numbers; returns the params."""
+    from pipeline.records import SamplerSpec, VariantPaths
+
     p = tiny_params()
-    p["variants"] = [v for v in p["variants"] if v["name"] in names]
+    p["variants"] = {k: v for k, v in p["variants"].items() if k in names}
     T = p["diffusion"]["timesteps"]
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    index, train, bpd, fid, details = {}, {}, {}, {}, {"models": {}}
+    specs = [SamplerSpec("ancestral", T, "fixed_large"), SamplerSpec("ancestral", T, "fixed_small"),
+             SamplerSpec("respaced", 2, "fixed_large", "quadratic"),
+             SamplerSpec("ddim", 2, None, "quadratic", 0.0)]
+    assert [s.name for s in specs] == list(FID)
+
+    def put(path: Path, obj: object) -> None:
+        path = root / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+
     for k, name in enumerate(names):
-        (root / "samples" / name).mkdir(parents=True)
-        index[name] = {"source": f"models/{name}.pt", "samplers": {}}
-        for sampler in FID:
-            kind = sampler.split("_")[0]
-            spec = {"sampler": sampler, "kind": kind, "steps": T if kind == "ancestral" else 2,
-                    "variance": None if kind == "ddim" else
-                    ("fixed_small" if sampler.endswith("small") else "fixed_large"),
-                    "sigma2": None if kind == "ddim" else
-                    ("sigma2_beta_tilde" if sampler.endswith("small") else "sigma2_beta"),
-                    "num_samples": 8, "seconds": 0.1}
-            index[name]["samplers"][sampler] = spec
-            imgs = np.full((8, 8, 8, 1), 40 * k, np.uint8)
-            np.save(root / "samples" / name / f"{sampler}.npy", imgs)
+        vp = VariantPaths(name)
+        (root / vp.samples).mkdir(parents=True)
+        (root / vp.grids).mkdir(parents=True)
+        for spec in specs:
+            np.save(root / vp.samples / f"{spec.name}.npy", np.full((8, 8, 8, 1), 40 * k, np.uint8))
             Image.fromarray(np.full((20, 20), 128, np.uint8)).save(
-                root / "samples" / name / f"{sampler}.png")
-        train[name] = {"final_loss": 0.05 + k, "steps": 4, "seconds": 1.0}
-        bpd[name] = {"bpd_sigma2_beta": 2.5 + k, "bpd_sigma2_beta_tilde": 3.5 + k}
-        fid[name] = {s: v + k for s, v in FID.items()}
-        details["models"][name] = {s: {"fid": v + k, "kid_mean": 0.01, "kid_std": 0.001}
-                                   for s, v in FID.items()}
-        (root / "plots" / "loss").mkdir(parents=True, exist_ok=True)
-        (root / "plots" / "loss" / f"{name}.csv").write_text(
-            "step,loss,grad_norm,lr\n1,1.0,1.0,0.001\n2,0.5,0.8,0.001\n")
-        (root / "bpd").mkdir(exist_ok=True)
+                root / vp.grids / f"{spec.name}.png")
+        put(vp.sample_index, {"variant": name, "source": str(vp.model),
+                              "samplers": [{**s.to_dict(), "num_samples": 8} for s in specs]})
+        put(vp.train_metrics, {name: {"final_loss": 0.05 + k}})
+        put(vp.timings("train"), {"seconds": 1.0, "steps": 4})
+        put(vp.bpd_metrics, {name: {"bpd_sigma2_beta": 2.5 + k, "bpd_sigma2_beta_tilde": 3.5 + k}})
+        put(vp.fid_metrics, {name: {f"fid_{s}": v + k for s, v in FID.items()}})
+        put(vp.fid_details, {s: {"fid": v + k, "kid_mean": 0.01, "kid_std": 0.001}
+                             for s, v in FID.items()})
+        put(vp.fid_steps, f"steps,ddim,respaced\n2,{6.0 + k},{9.0 + k}\n{T},,{3.5 + k}\n")
+        put(vp.loss_csv, "step,loss,grad_norm,lr\n1,1.0,1.0,0.001\n2,0.5,0.8,0.001\n")
         rows = ["term,t,sigma2_beta,sigma2_beta_tilde", "L_T,,0.001,0.001"]
         rows += [f"L_{i},{i + 1},{0.1 * (i + 1)},{0.2 * (i + 1)}" for i in range(T - 1, -1, -1)]
-        (root / "bpd" / f"{name}.csv").write_text("\n".join(rows) + "\n")
-    fid["floor_test_vs_train"] = 0.75
-    details.update(features="digits_classifier", label="FID (digits classifier)",
-                   reference="train split", reference_images=1437, classifier_test_accuracy=0.95,
-                   floor={"what": "test split vs train split", "images": 360, "fid": 0.75})
-    (root / "metrics").mkdir()
-    (root / "fid").mkdir()
-    for path, obj in (("samples/index.json", index), ("metrics/train.json", train),
-                      ("metrics/bpd.json", bpd),
-                      ("metrics/fid.json", {"fid_digits_classifier": fid}),
-                      ("fid/details.json", details)):
-        (root / path).write_text(json.dumps(obj))
+        put(vp.bpd_terms, "\n".join(rows) + "\n")
+    put(Path("features/info.json"), {
+        "features": "digits_classifier", "label": "FID (digits classifier)",
+        "reference": "train split", "reference_images": 1437, "floor_images": 360,
+        "classifier_test_accuracy": 0.95, "floor": {"fid": 0.75, "kid_mean": 0.0}})
     return p

@@ -20,16 +20,17 @@ def test_defaults_are_the_papers():
         2e-4, 128, 5000, 1.0, 0.9999)
     p = Params()
     assert p.schedule == "linear" and p.diffusion.timesteps == 1000
-    assert [v.loss for v in p.variants] == ["simple", "vlb"]
+    assert {k: v.loss for k, v in p.variants.items()} == {"simple": "simple", "vlb": "vlb"}
+    assert all(k == v.name for k, v in p.variants.items())
 
 
 def test_round_trip_through_dict_gives_equal_tree():
     raw = {"schedule": "cosine", "train": {"steps": 5, "lr": 1}, "sample": {"steps": [3, 7]},
-           "variants": [{"name": "h", "loss": "hybrid", "var_type": "learned_range"}]}
+           "variants": {"h": {"loss": "hybrid", "var_type": "learned_range"}}}
     p = params_from_dict(raw)
     assert p.train.lr == 1.0 and isinstance(p.train.lr, float)
     assert p.sample.steps == (3, 7)
-    assert p.variants[0].var_type == "learned_range"
+    assert p.variants["h"].var_type == "learned_range" and p.variants["h"].name == "h"
     assert params_from_dict(to_dict(p)) == p
 
 
@@ -48,7 +49,7 @@ def test_tree_is_frozen():
         ({"train": {"lr": "fast"}}, "train.lr: expected a number"),
         ({"train": {"steps": 1.5}}, "train.steps: expected an integer"),
         ({"train": {"steps": True}}, "train.steps: expected an integer"),
-        ({"train": {"hflip": "yes"}}, "train.hflip: expected true or false"),
+        ({"train": {"hflip": "yes"}}, "train.hflip: expected true or false or 'auto'"),
         ({"train": {"lr": -1}}, "train.lr: must be > 0"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay: must be in [0, 1)"),
         ({"train": {"batch_size": 5, "nproc": 2}}, "train.batch_size: must be divisible"),
@@ -60,11 +61,14 @@ def test_tree_is_frozen():
         ({"data": {"dataset": "npz"}}, "data.path: is required for dataset=npz"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction: must be in (0, 1)"),
         ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1)"),
-        ({"variants": [{"loss": "simple"}]}, "variants[0].name: required key is missing"),
-        ({"variants": [{"name": "a"}, {"name": "a"}]}, "variants: names repeat"),
-        ({"variants": [{"name": "a", "var_type": "learned"}]}, "variants[0].loss: a learned"),
-        ({"variants": [{"name": "a", "t_sampling": "importance"}]}, "variants[0].t_sampling"),
-        ({"variants": "simple"}, "variants: expected a list"),
+        ({"variants": [{"name": "a"}]}, "variants: expected a mapping"),
+        ({"variants": {}}, "variants: give at least one variant"),
+        ({"variants": {"a/b": {}}}, "variants.a/b: a variant name must be"),
+        ({"variants": {"a": {"name": "b"}}}, "variants.a.name: unknown key"),
+        ({"variants": {"a": {"var_type": "learned"}}}, "variants.a.loss: a learned"),
+        ({"variants": {"a": {"t_sampling": "importance"}}}, "variants.a.t_sampling"),
+        ({"variants": {"a": {"format": "onnx"}}}, "variants.a.format"),
+        ({"variants": "simple"}, "variants: expected a mapping"),
         ({"train": 3}, "train: expected a mapping"),
         ([1, 2], "params.yaml: expected a mapping"),
     ],

@@ -225,7 +225,7 @@ def test_L_vlb_at_T1000_trains_digits_unet_with_finite_gradients(mean_type):
 
     torch.manual_seed(0)
     d = Diffusion.from_schedule("linear", 1000, mean_type=mean_type, var_type="fixed_large")
-    obj = Objective(d, "vlb")
+    obj = Loss(d, "vlb")
     net = UNet(PRESETS["digits"])
     opt = torch.optim.Adam(net.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)

@@ -42,10 +42,10 @@ def test_track_logs_once_and_repairs_a_half_written_tree(tmp_path):
     simple = next(r for r in runs if r.info.run_name == "simple")
     assert simple.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert simple.data.metrics["bpd_sigma2_beta"] == 2.5
-    assert simple.data.metrics["fid_ancestral_fixed_small"] == 4.25
+    assert simple.data.metrics["fid_ancestral_beta_tilde"] == 4.25
     assert simple.data.metrics["final_loss"] == 0.05
     assert simple.data.params["loss"] == "simple"
-    beta_tilde = next(r for r in runs if r.info.run_name == "simple / ancestral_fixed_small")
+    beta_tilde = next(r for r in runs if r.info.run_name == "simple / ancestral_beta_tilde")
     assert beta_tilde.data.params["sigma2"] == "sigma2_beta_tilde"
     assert beta_tilde.data.metrics["bpd"] == 3.5 and beta_tilde.data.metrics["fid"] == 4.25
 
@@ -67,8 +67,8 @@ def test_track_logs_once_and_repairs_a_half_written_tree(tmp_path):
     assert parent.info.run_id not in {x.info.run_id for x in repaired}
 
     # different results (a metric changed) get a new parent
-    (tmp_path / "metrics" / "bpd.json").write_text(json.dumps(
-        {"simple": {"bpd_sigma2_beta": 9.0}, "vlb": {"bpd_sigma2_beta": 9.0}}))
+    (tmp_path / "metrics" / "bpd" / "simple.json").write_text(json.dumps(
+        {"simple": {"bpd_sigma2_beta": 9.0}}))
     _track(tmp_path, db)
     assert sum(x.data.tags["ddpm.level"] == "parent" for x in _runs(db)) == 2
 
@@ -119,7 +119,7 @@ def test_mlflow_server_serves_the_runs_over_rest(tmp_path):
         names = sorted(r["info"]["run_name"] for r in found)
         assert names == ["simple", "vlb"]
         metrics = {m["key"]: m["value"] for m in found[0]["data"]["metrics"]}
-        assert "bpd_sigma2_beta" in metrics and "fid_ancestral_fixed_large" in metrics
+        assert "bpd_sigma2_beta" in metrics and "fid_ancestral_beta" in metrics
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)

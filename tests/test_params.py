@@ -4,7 +4,7 @@ stderr, exit status 2, no traceback, no work done and earlier outputs left as th
 from __future__ import annotations
 
 import pytest
-from helpers import run_stage, tiny_params
+from helpers import REPO, run_stage, tiny_params  # noqa: F401
 
 
 def assert_one_line_error(r, key: str, code: int = 2) -> None:
@@ -24,11 +24,15 @@ CASES = [
     ("sample", lambda p: p["sample"].update(num_samples=0), "sample.num_samples"),
     ("sample", lambda p: p["sample"].update(steps=[50]), "sample.steps"),  # > T = 10
     ("bpd", lambda p: p["bpd"].update(variances=["learned"]), "bpd.variances"),
-    ("fid", lambda p: p["fid"].update(features="clip"), "fid.features"),
+    ("features", lambda p: p["fid"].update(features="clip"), "fid.features"),
+    ("fid", lambda p: p["fid"].update(kid_subset_size=1), "fid.kid_subset_size"),
+    ("sample", lambda p: p["variants"].update(bad={"los": "vlb"}), "variants.bad.los"),
+    ("train", lambda p: p.update(variants=[{"name": "a"}]), "variants: expected a mapping"),
     ("report", lambda p: p.update(schedule="cosin"), "schedule"),
     ("track", lambda p: p["mlflow"].update(experimnt="x"), "mlflow.experimnt"),
 ]
-assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "fid", "report", "track"}
+assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "features", "fid",
+                                   "report", "track"}
 
 
 @pytest.mark.parametrize(("stage", "mutate", "key"), CASES,
@@ -37,8 +41,9 @@ def test_bad_value_fails_before_work_with_one_line_naming_the_key(tmp_path, stag
     p = tiny_params()
     mutate(p)
     # outputs of an earlier run must survive the failed one
-    sentinels = [tmp_path / "data" / "prepared" / "info.json", tmp_path / "samples" / "index.json",
-                 tmp_path / "metrics" / "bpd.json", tmp_path / "reports" / "report.md"]
+    sentinels = [tmp_path / "data" / "prepared" / "info.json",
+                 tmp_path / "samples" / "simple" / "index.json",
+                 tmp_path / "metrics" / "bpd" / "simple.json", tmp_path / "reports" / "report.md"]
     for s in sentinels:
         s.parent.mkdir(parents=True, exist_ok=True)
         s.write_text("earlier output")
@@ -57,7 +62,7 @@ def test_nan_loss_exits_nonzero_and_marks_the_mlflow_run_failed(tmp_path):
     from mlflow.tracking import MlflowClient
 
     p = tiny_params()
-    p["variants"] = p["variants"][:1]
+    p["variants"] = {"simple": p["variants"]["simple"]}
     assert run_stage("prepare", tmp_path, p).returncode == 0
     p["train"].update(lr=1e30, warmup_steps=0, grad_clip=1e30)
     db = f"sqlite:///{tmp_path}/mlflow.db"
@@ -71,3 +76,21 @@ def test_nan_loss_exits_nonzero_and_marks_the_mlflow_run_failed(tmp_path):
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
     assert any("NaN" in r.data.tags.get("ddpm.error", "") for r in runs)
     assert not (tmp_path / "models" / "simple.pt").exists()
+
+
+def test_a_per_variant_stage_names_an_unknown_variant(tmp_path):
+    r = run_stage("sample", tmp_path, tiny_params(), variant="nope")
+    assert_one_line_error(r, "variants.nope: no such variant")
+
+
+def test_hflip_auto_is_resolved_where_mlflow_reads_it():
+    from ddpm_core.config import params_from_dict, to_dict
+
+    p = tiny_params()
+    assert p["train"]["hflip"] == "auto"
+    digits = params_from_dict(p)
+    assert digits.train.hflip is False and to_dict(digits)["train"]["hflip"] is False
+    p["data"].update(dataset="cifar10")
+    assert params_from_dict(p).train.hflip is True
+    p["train"]["hflip"] = False
+    assert params_from_dict(p).train.hflip is False

@@ -1,6 +1,9 @@
 """End to end: the real pipeline (real DVC in a temporary git repo, real MLflow store, real
-torch-fidelity) at tiny settings. Covers `dvc repro`, an idempotent re-run, `dvc exp run -S
-schedule=cosine` with `dvc exp show`, and evaluating a pretrained checkpoint without training."""
+torch-fidelity) at tiny settings. Covers `dvc repro` with the foreach layout (one stage per
+variant), the reference statistics computed in one pass, an idempotent re-run, what a params
+change invalidates, `dvc exp run -S schedule=cosine` then back to linear restored from DVC's run
+cache (no train, sample or bpd runs; MLflow not duplicated), a third variant running only its own
+stages, and evaluating pretrained weights without training."""
 
 from __future__ import annotations
 
@@ -17,7 +20,9 @@ import yaml
 from helpers import REPO, tiny_params
 
 BIN = Path(sys.executable).parent
-COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore"]
+COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore",
+        ".dvcignore", "data/raw/README.md"]
+VARIANT_STAGES = ("train", "sample", "bpd", "fid")
 DVC = str(BIN / "dvc")
 
 
@@ -29,8 +34,19 @@ def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.C
 
 def e2e_params() -> dict:
     p = tiny_params()
-    p["variants"] = p["variants"][:2]  # simple (L_simple) and vlb (L_vlb, fixed Σ)
+    assert list(p["variants"]) == ["simple", "vlb"]  # L_simple and L_vlb (fixed Σ)
     return p
+
+
+def ran(out: str) -> set[str]:
+    """Stages `dvc repro` / `dvc exp run` ran (not skipped, not restored from the run cache)."""
+    return {ln.split("'")[1] for ln in out.splitlines() if ln.startswith("Running stage '")}
+
+
+def changed(status: str) -> set[str]:
+    """Stages `dvc status` lists (its unindented `<stage>:` lines)."""
+    return {ln[:-1] for ln in status.splitlines()
+            if ln.endswith(":") and ln[:1].strip() and not ln.startswith("\t")}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +57,7 @@ def repo(tmp_path_factory):
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src, root / name)
     (root / "params.yaml").write_text(yaml.safe_dump(e2e_params(), sort_keys=False))
     # as after the README's install: <root>/.venv holds the project (pipeline/run.py finds it)
@@ -72,75 +89,111 @@ def runs(root: Path) -> list:
 
 @pytest.mark.slow
 def test_repro_writes_every_output(repo):
-    root, _, _ = repo
+    root, _, first = repo
     p = e2e_params()
     T, n = p["diffusion"]["timesteps"], p["sample"]["num_samples"]
-    index = json.loads((root / "samples" / "index.json").read_text())
-    assert list(index) == ["simple", "vlb"]
-    expected = {"ancestral_fixed_large", "ancestral_fixed_small", "respaced_S2", "ddim_S2"}
-    for name in index:
-        assert set(index[name]["samplers"]) == expected
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"prepare", "features", "report", "track"} | {
+        f"{s}@{v}" for s in VARIANT_STAGES for v in ("simple", "vlb")}
+    # the reference statistics: ONE pass over the training split for the whole run
+    out = first.stdout
+    assert out.count("features: extracting reference features") == 1, out
+    assert out.count("features: extracting floor features") == 1
+    expected = {"ancestral_beta", "ancestral_beta_tilde", "respaced_beta_S2", "ddim_S2"}
+    for name in ("simple", "vlb"):
+        index = json.loads((root / "samples" / name / "index.json").read_text())
+        assert {d["name"] for d in index["samplers"]} == expected
+        assert all(d["spacing"] == p["sample"]["spacing"] for d in index["samplers"]
+                   if d["kind"] != "ancestral")
         for s in expected:
             x = np.load(root / "samples" / name / f"{s}.npy")
             assert x.dtype == np.uint8 and x.shape == (n, 8, 8, 1)
-            assert (root / "samples" / name / f"{s}.png").stat().st_size > 0
-    # bits/dim: totals are the sum of the saved per-term breakdown (L_T + ... + L_0)
-    bpd = json.loads((root / "metrics" / "bpd.json").read_text())
-    for name in index:
+            assert (root / "grids" / name / f"{s}.png").stat().st_size > 0
+        # bits/dim: totals are the sum of the saved per-term breakdown (L_T + ... + L_0)
+        bpd = json.loads((root / "metrics" / "bpd" / f"{name}.json").read_text())[name]
         lines = (root / "bpd" / f"{name}.csv").read_text().splitlines()
         header, rows = lines[0].split(","), [ln.split(",") for ln in lines[1:]]
         assert header[:2] == ["term", "t"] and len(rows) == T + 1
         assert rows[0][0] == "L_T" and rows[-1][0] == "L_0"
         for col, key in ((2, "bpd_sigma2_beta"), (3, "bpd_sigma2_beta_tilde")):
             total = sum(float(r[col]) for r in rows)
-            assert abs(total - bpd[name][key]) < 1e-3 * max(1.0, total)
-    fid = json.loads((root / "metrics" / "fid.json").read_text())["fid_digits_classifier"]
-    assert fid["floor_test_vs_train"] >= 0
-    assert all(np.isfinite(fid[m][s]) for m in index for s in expected)
+            assert abs(total - bpd[key]) < 1e-3 * max(1.0, total)
+        fid = json.loads((root / "metrics" / "fid" / f"{name}.json").read_text())[name]
+        assert set(fid) == {f"fid_{s}" for s in expected}
+        assert all(np.isfinite(v) for v in fid.values())
+        # metrics files hold metrics only; timings live apart
+        assert set(json.loads((root / "metrics" / "train" / f"{name}.json").read_text())[name]) \
+            == {"final_loss"}
+        assert json.loads((root / "timings" / "train" / f"{name}.json").read_text())["seconds"] > 0
+    floor = json.loads((root / "metrics" / "features.json").read_text())
+    assert floor["floor_fid"] >= 0
     loss = (root / "plots" / "loss" / "simple.csv").read_text().splitlines()
     assert loss[0].startswith("step,loss") and len(loss) == 1 + p["train"]["steps"]
     assert (root / "reports" / "report.html").read_text().count("data:image/png;base64,") >= 4
     assert "FID (digits classifier)" in (root / "reports" / "report.md").read_text()
-    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert set(lock) == {"prepare", "train", "sample", "bpd", "fid", "report", "track"}
     # MLflow: one parent, one nested run per variant with its metrics and loss history
     rs = runs(root)
     parents = [r for r in rs if r.data.tags["ddpm.level"] == "parent"]
     variants = {r.info.run_name: r for r in rs if r.data.tags["ddpm.level"] == "variant"}
     assert len(parents) == 1 and set(variants) == {"simple", "vlb"}
     assert parents[0].data.tags["git.revision"] != "unknown"
+    assert parents[0].data.params["train.hflip"] == "False"  # what training used for digits
     m = variants["simple"].data.metrics
-    assert m["bpd_sigma2_beta"] == bpd["simple"]["bpd_sigma2_beta"]
-    assert m["fid_ancestral_fixed_large"] == fid["simple"]["ancestral_fixed_large"]
+    bpd = json.loads((root / "metrics" / "bpd" / "simple.json").read_text())["simple"]
+    fid = json.loads((root / "metrics" / "fid" / "simple.json").read_text())["simple"]
+    assert m["bpd_sigma2_beta"] == bpd["bpd_sigma2_beta"]
+    assert m["fid_ancestral_beta"] == fid["fid_ancestral_beta"]
     assert "final_loss" in m and "loss" in m
+    # dvc plots: titled plots from the top-level section, the grids as images
+    shown = json.loads(sh([DVC, "plots", "show", "--json"], root, repo[1]).stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    kinds = {k: v[0]["type"] for k, v in shown["data"].items()}
+    assert kinds["grids/simple/ancestral_beta.png"] == "image"
+    for f in ("plots/loss/simple.csv", "bpd/vlb.csv", "plots/fid_steps/simple.csv"):
+        assert kinds[f] == "vega" and shown["data"][f][0]["content"]["title"]["text"]
 
 
 @pytest.mark.slow
-def test_rerun_and_sampling_change_rerun_only_what_changed(repo):
+def test_rerun_and_params_changes_rerun_only_what_changed(repo):
     root, env, _ = repo
     before = {r.info.run_id for r in runs(root)}
     again = sh([DVC, "repro"], root, env)
-    assert "Running stage 'train'" not in again.stdout
+    assert ran(again.stdout) == {"track"}
     assert "already logged" in again.stdout
     assert {r.info.run_id for r in runs(root)} == before
-    # a sampling parameter re-runs sampling (and what reads it), never training
-    dry = sh([DVC, "status"], root, env)
-    assert "train" not in dry.stdout
     p = yaml.safe_load((root / "params.yaml").read_text())
-    p["sample"]["grid_size"] = 9
+    # a sampling parameter re-runs sampling (and what reads it), never training nor the bound
+    p["sample"]["steps"] = [2, 5]
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     st = sh([DVC, "status"], root, env).stdout
-    assert "sample:" in st and "train:" not in st and "bpd:" not in st
-    p["sample"]["grid_size"] = 4
+    assert changed(st) == {"sample@simple", "sample@vlb", "track"}, st
+    # KID settings re-score the samples; the reference statistics stay (one pass per data set)
+    p["sample"]["steps"] = [2]
+    p["fid"]["kid_subset_size"] = 3
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    st = sh([DVC, "status"], root, env).stdout
+    assert changed(st) == {"fid@simple", "fid@vlb", "track"}, st
+    # one variant's settings invalidate only that variant's stages
+    p["fid"]["kid_subset_size"] = 4
+    p["variants"]["vlb"]["t_sampling"] = "importance"
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    st = sh([DVC, "status"], root, env).stdout
+    assert changed(st) == {"train@vlb", "report", "track"}, st
+    sh(["git", "checkout", "-q", "--", "params.yaml"], root, env)
 
 
 @pytest.mark.slow
-def test_exp_run_cosine_shows_both_experiments(repo):
+def test_exp_run_cosine_then_linear_restores_from_the_run_cache(repo):
     root, env, _ = repo
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "baseline results"], root, env)
-    sh([DVC, "exp", "run", "-S", "schedule=cosine", "-n", "cosine"], root, env)
+    cos = sh([DVC, "exp", "run", "-S", "schedule=cosine", "-n", "cosine"], root, env)
+    assert {"train@simple", "sample@vlb", "bpd@simple"} <= ran(cos.stdout)
+    assert "features" not in ran(cos.stdout)  # the reference statistics do not depend on it
+    back = sh([DVC, "exp", "run", "-S", "schedule=linear", "-n", "linear"], root, env)
+    assert ran(back.stdout) == {"track"}, back.stdout  # all else restored from the run cache
+    assert "Stage 'train@simple' is cached - skipping run" in back.stdout
+    assert "already logged" in back.stdout
     shown = json.loads(sh([DVC, "exp", "show", "--json"], root, env).stdout)
     found = {}
 
@@ -149,7 +202,7 @@ def test_exp_run_cosine_shows_both_experiments(repo):
             data = node.get("data") if isinstance(node.get("data"), dict) else None
             if data and "params" in data and "metrics" in data:
                 sched = data["params"]["params.yaml"]["data"]["schedule"]
-                bpd = data["metrics"].get("metrics/bpd.json", {}).get("data", {})
+                bpd = data["metrics"].get("metrics/bpd/simple.json", {}).get("data", {})
                 if bpd:
                     found[(node.get("name") or data.get("name") or data.get("rev"), sched)] = bpd
             for v in node.values():
@@ -159,37 +212,58 @@ def test_exp_run_cosine_shows_both_experiments(repo):
                 walk(v)
 
     walk(shown)
-    scheds = {s for _, s in found}
-    assert scheds == {"linear", "cosine"}, found.keys()
+    assert {s for _, s in found} == {"linear", "cosine"}, found.keys()
+    # the README's comparison command fits a terminal
+    readme = (root / "README.md").read_text()
+    cmd = next(ln.strip() for ln in readme.splitlines()
+               if ln.strip().startswith(".venv/bin/dvc exp show --only-changed"))
+    table = subprocess.run(cmd.replace(".venv/bin/dvc", DVC) + " --no-pager", shell=True,
+                           cwd=root, env={**env, "COLUMNS": "400"}, capture_output=True,
+                           text=True, timeout=300)
+    assert table.returncode == 0, table.stderr
+    widths = [len(ln.rstrip()) for ln in table.stdout.splitlines()]
+    assert widths and max(widths) < 160, table.stdout
+    assert "cosine" in table.stdout and "simple.bpd_sigma2_beta" in table.stdout
+    # MLflow: linear and cosine once each (the linear results were logged by the first repro)
     rs = runs(root)
     variants = [r for r in rs if r.data.tags["ddpm.level"] == "variant"]
-    assert {(r.info.run_name, r.data.params["schedule"]) for r in variants} == {
-        ("simple", "linear"), ("vlb", "linear"), ("simple", "cosine"), ("vlb", "cosine")}
-    cos = next(r for r in rs if r.data.tags["ddpm.level"] == "parent"
-               and r.data.tags["schedule"] == "cosine")
-    assert cos.data.tags["dvc.exp_name"] == "cosine"
+    assert sorted((r.info.run_name, r.data.params["schedule"]) for r in variants) == [
+        ("simple", "cosine"), ("simple", "linear"), ("vlb", "cosine"), ("vlb", "linear")]
+    cos_run = next(r for r in rs if r.data.tags["ddpm.level"] == "parent"
+                   and r.data.tags["schedule"] == "cosine")
+    assert cos_run.data.tags["dvc.exp_name"] == "cosine"
 
 
 @pytest.mark.slow
-def test_pretrained_checkpoint_is_evaluated_without_training(repo):
+def test_a_third_variant_runs_only_its_own_stages(repo):
     root, env, _ = repo
-    sh(["git", "checkout", "-q", "--", "params.yaml"], root, env)  # the linear baseline
+    sh(["git", "checkout", "-q", "--", "params.yaml"], root, env)
+    sh([DVC, "checkout", "-q"], root, env)
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["variants"]["x0"] = {"mean_type": "x0", "var_type": "fixed_large", "loss": "simple"}
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    out = sh([DVC, "repro"], root, env).stdout
+    assert ran(out) == {f"{s}@x0" for s in VARIANT_STAGES} | {"report", "track"}, out
+    assert "extracting reference features" not in out
+    assert "x0" in (root / "reports" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_pretrained_weights_are_evaluated_without_training(repo):
+    root, env, _ = repo
     ckpts = sorted((root / "checkpoints" / "simple").rglob("ckpt_*.pt"))
     assert ckpts, "the train stage left no checkpoint"
     made = root / "external" / "ours.pt"  # a checkpoint file the test makes (outside outputs)
     made.parent.mkdir()
     shutil.copy(ckpts[-1], made)
     p = yaml.safe_load((root / "params.yaml").read_text())
-    p["variants"] = []
-    p["pretrained"].update(path=str(made), format="ours", name="mine")
+    p["variants"] = {"mine": {"pretrained": str(made), "format": "ours"}}
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = sh([DVC, "repro"], root, env).stdout
-    assert "train[" not in out  # nothing trained
-    index = json.loads((root / "samples" / "index.json").read_text())
-    assert list(index) == ["mine"]
-    bpd = json.loads((root / "metrics" / "bpd.json").read_text())
-    assert set(bpd["mine"]) == {"bpd_sigma2_beta", "bpd_sigma2_beta_tilde"}
-    fid = json.loads((root / "metrics" / "fid.json").read_text())["fid_digits_classifier"]
-    assert np.isfinite(fid["mine"]["ancestral_fixed_large"])
+    assert "train[mine] step" not in out and "train[mine]: imported ours weights" in out
+    bpd = json.loads((root / "metrics" / "bpd" / "mine.json").read_text())["mine"]
+    assert set(bpd) == {"bpd_sigma2_beta", "bpd_sigma2_beta_tilde"}
+    fid = json.loads((root / "metrics" / "fid" / "mine.json").read_text())["mine"]
+    assert np.isfinite(fid["fid_ancestral_beta"])
     assert "mine" in (root / "reports" / "report.md").read_text()
     assert any(r.info.run_name == "mine" for r in runs(root))

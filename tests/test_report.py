@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from helpers import make_outputs, run_stage
+from helpers import FID, make_outputs, run_stage, tiny_params  # noqa: F401
 
 
 def test_report_is_self_contained_and_labels_every_number(tmp_path):
@@ -36,7 +36,7 @@ def test_report_is_self_contained_and_labels_every_number(tmp_path):
 
 def test_report_stage_reports_a_missing_input_in_one_line(tmp_path):
     p = make_outputs(tmp_path)
-    (tmp_path / "metrics" / "bpd.json").unlink()
+    (tmp_path / "metrics" / "bpd" / "vlb.json").unlink()
     r = run_stage("report", tmp_path, p)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("error: metrics/bpd.json")
+    assert r.stderr.strip().startswith("error: metrics/bpd/vlb.json")

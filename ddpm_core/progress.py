@@ -1,0 +1,80 @@
+"""Progress of long loops: a tqdm bar on a terminal, periodic plain lines otherwise.
+
+Under `dvc repro` in a terminal the bar shows; when output goes to a file or a pipe (CI, a
+queued experiment, a log) a line `<desc>: n/total (p%), r <unit>/s, eta s` is printed every
+`every` seconds instead, plus one at the end, so a long stage is never silent.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+
+class Progress:
+    """A counter up to `total`; `update(n)` advances it. Use as a context manager."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", every: float = 10.0,
+                 enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.total, self.desc, self.unit, self.every = int(total), desc, unit, every
+        self.n, self.enabled = 0, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self._bar: Any = None
+        self._t0 = self._last = time.perf_counter()
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc=desc, unit=unit, dynamic_ncols=True,
+                             leave=False, file=self.stream)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self._last >= self.every:
+            self._last = now
+            self._line(now)
+
+    def _line(self, now: float) -> None:
+        rate = self.n / max(now - self._t0, 1e-9)
+        eta = (self.total - self.n) / rate if rate > 0 else float("inf")
+        pct = 100.0 * self.n / max(self.total, 1)
+        print(f"{self.desc}: {self.n}/{self.total} ({pct:.0f}%), {rate:.3g} {self.unit}/s, "
+              f"eta {eta:.0f} s", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.n and time.perf_counter() - self._t0 >= self.every:
+            self._line(time.perf_counter())
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def counting(model: Any, bar: Progress) -> Any:
+    """`model` wrapped so that every call `(x, t)` advances `bar` by one (network calls)."""
+    import torch
+
+    class _Counting(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = self.net(*args, **kwargs)
+            bar.update(1)
+            return out
+
+    return _Counting(model)

@@ -1,0 +1,288 @@
+"""The contract between the stages: which files a variant's stages write, what a sampler is, how
+every metric is named, and the one loader that `report` and `track` read the results with.
+
+Layout (<v> is a variant name, the key in params.yaml's `variants`):
+
+    models/<v>.pt                       train@<v>   network + diffusion spec, raw and EMA weights
+    plots/loss/<v>.csv                  train@<v>   step,loss,grad_norm,lr (grows while training)
+    metrics/train/<v>.json              train@<v>   {<v>: {final_loss}}
+    samples/<v>/<sampler>.npy, index.json  sample@<v>  uint8 [N, H, W, C]; the SamplerSpecs
+    grids/<v>/<sampler>.png             sample@<v>  image plots (`dvc plots show/diff`)
+    bpd/<v>.csv                         bpd@<v>     per-term bits/dim, one column per σ²
+    metrics/bpd/<v>.json                bpd@<v>     {<v>: {bpd_<sigma2>[_K<k>]}}
+    features/                           features    reference statistics (+ digits classifier)
+    metrics/features.json               features    {floor_fid, classifier_test_accuracy}
+    fid/<v>.json                        fid@<v>     FID/KID/IS per sampler
+    metrics/fid/<v>.json                fid@<v>     {<v>: {fid_<sampler>}}
+    plots/fid_steps/<v>.csv             fid@<v>     steps,ddim,respaced (FID against steps)
+    timings/<stage>/<v>.json            each        seconds, images/s (not metrics)
+
+Metric files nest their numbers under the variant name, so `dvc exp show` names a column
+`simple.bpd_sigma2_beta` (unique, no file prefix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ddpm_core.config import Params, SampleConfig
+
+DATA_DIR = Path("data/prepared")
+FEATURES_DIR = Path("features")
+REFERENCE_FILE = FEATURES_DIR / "reference.npz"
+CLASSIFIER_FILE = FEATURES_DIR / "classifier.pt"
+FEATURES_INFO = FEATURES_DIR / "info.json"
+FEATURES_METRICS = Path("metrics/features.json")
+FEATURES_TIMINGS = Path("timings/features.json")
+REPORTS_DIR = Path("reports")
+CKPT_DIR = Path("checkpoints")  # training state: NOT a DVC output (see README, Resuming)
+
+# σ² choices: the var type the diffusion code uses -> the name in metric keys and MLflow params.
+SIGMA2_NAME = {"fixed_large": "sigma2_beta", "fixed_small": "sigma2_beta_tilde",
+               "analytic": "sigma2_analytic", "learned": "sigma2_learned",
+               "learned_range": "sigma2_learned_range"}
+SIGMA2_LABEL = {"fixed_large": "σ² = β", "fixed_small": "σ² = β̃", "analytic": "σ² analytic",
+                "learned": "σ² learned", "learned_range": "σ² learned (range)"}
+
+
+def sigma2_short(var_type: str) -> str:
+    """'beta', 'beta_tilde', 'analytic', ...: the σ² part of a sampler name."""
+    return SIGMA2_NAME[var_type].removeprefix("sigma2_")
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sample set: `ancestral` (all T steps of Algorithm 2), `respaced` (ancestral on S
+    respaced steps, improved DDPM Sec. 4) or `ddim` (η = eta on S steps)."""
+
+    kind: Literal["ancestral", "respaced", "ddim"]
+    steps: int
+    variance: str | None = None  # σ² var type (ancestral, respaced); None for DDIM
+    spacing: str | None = None  # timestep spacing of respaced / DDIM; None: all T steps
+    eta: float | None = None  # DDIM only
+
+    @property
+    def name(self) -> str:
+        """File and metric name: ancestral_beta, respaced_beta_S10, ddim_S10."""
+        if self.kind == "ancestral":
+            return f"ancestral_{sigma2_short(self.variance or '')}"
+        if self.kind == "respaced":
+            return f"respaced_{sigma2_short(self.variance or '')}_S{self.steps}"
+        eta = "" if not self.eta else f"_eta{self.eta:g}"
+        return f"ddim{eta}_S{self.steps}"
+
+    @property
+    def sigma2(self) -> str | None:
+        return None if self.variance is None else SIGMA2_NAME[self.variance]
+
+    def label(self) -> str:
+        """Human name, e.g. 'ancestral σ² = β, 100 steps'."""
+        if self.kind == "ddim":
+            return f"DDIM η = {self.eta or 0.0:g}, {self.steps} steps"
+        what = "ancestral" if self.kind == "ancestral" else "respaced ancestral"
+        return f"{what} {SIGMA2_LABEL[self.variance or '']}, {self.steps} steps"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **dataclasses.asdict(self), "sigma2": self.sigma2}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamplerSpec:
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def sampler_specs(s: SampleConfig, T: int, var_type: str,
+                  learned: tuple[str, ...] = ("learned", "learned_range")) -> list[SamplerSpec]:
+    """What sample@<v> draws for a model whose own σ² is `var_type`: the full chain with each
+    fixed σ² of sample.variances (a learned σ² instead: its own), then respaced ancestral and
+    DDIM at every S of sample.steps."""
+    variances = [var_type] if var_type in learned else list(s.variances)
+    specs = [SamplerSpec("ancestral", T, v) for v in variances]
+    respaced_var = var_type if var_type in learned else "fixed_large"
+    for S in s.steps:
+        specs.append(SamplerSpec("respaced", S, respaced_var, s.spacing))
+        specs.append(SamplerSpec("ddim", S, None, s.spacing, s.ddim_eta))
+    return specs
+
+
+# ----------------------------------------------------------------------------- metric keys
+
+
+def fid_key(spec: SamplerSpec) -> str:
+    """Metric key of a sample set's FID: fid_<sampler>."""
+    return f"fid_{spec.name}"
+
+
+def bpd_key(var_type: str, K: int | None = None) -> str:
+    """Metric key of a bound: bpd_<sigma2> (all T terms) or bpd_<sigma2>_K<K> (K steps)."""
+    return f"bpd_{SIGMA2_NAME[var_type]}" + ("" if K is None else f"_K{K}")
+
+
+FINAL_LOSS = "final_loss"
+FLOOR_FID = "floor_fid"
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class VariantPaths:
+    """Every file of one variant's stages."""
+
+    name: str
+
+    @property
+    def model(self) -> Path:
+        return Path("models") / f"{self.name}.pt"
+
+    @property
+    def loss_csv(self) -> Path:
+        return Path("plots/loss") / f"{self.name}.csv"
+
+    @property
+    def train_metrics(self) -> Path:
+        return Path("metrics/train") / f"{self.name}.json"
+
+    @property
+    def gamma(self) -> Path:
+        """Γ of the analytic variance (a per-variant `gamma` stage feeding sample and bpd)."""
+        return Path("gamma") / f"{self.name}.json"
+
+    @property
+    def samples(self) -> Path:
+        return Path("samples") / self.name
+
+    @property
+    def sample_index(self) -> Path:
+        return self.samples / "index.json"
+
+    @property
+    def grids(self) -> Path:
+        return Path("grids") / self.name
+
+    @property
+    def bpd_terms(self) -> Path:
+        return Path("bpd") / f"{self.name}.csv"
+
+    @property
+    def bpd_metrics(self) -> Path:
+        return Path("metrics/bpd") / f"{self.name}.json"
+
+    @property
+    def fid_details(self) -> Path:
+        return Path("fid") / f"{self.name}.json"
+
+    @property
+    def fid_metrics(self) -> Path:
+        return Path("metrics/fid") / f"{self.name}.json"
+
+    @property
+    def fid_steps(self) -> Path:
+        return Path("plots/fid_steps") / f"{self.name}.csv"
+
+    def timings(self, stage: str) -> Path:
+        return Path("timings") / stage / f"{self.name}.json"
+
+    def checkpoints(self) -> Path:
+        return CKPT_DIR / self.name
+
+
+def variant_metrics(name: str, values: dict[str, float | None]) -> dict:
+    """The content of a variant's metrics file: {name: {key: value}}."""
+    return {name: {k: v for k, v in values.items() if v is not None}}
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+class MissingResult(FileNotFoundError):
+    """A stage output the reader needs is missing (one-line error)."""
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file a stage wrote, with a one-line error naming the stage to run."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingResult(f"{path}: not found; run the stage that writes it (dvc repro)")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class VariantResults:
+    """Everything the stages wrote about one variant."""
+
+    name: str
+    source: str
+    samplers: list[SamplerSpec]
+    num_samples: dict[str, int]  # sampler name -> images
+    train: dict[str, float]  # final_loss (absent for pretrained weights)
+    bpd: dict[str, float]  # bpd_<sigma2>[_K<k>] -> bits/dim
+    fid: dict[str, float]  # fid_<sampler> -> FID
+    fid_details: dict[str, dict[str, float]]  # sampler name -> {fid, kid_mean, kid_std, ...}
+    timings: dict[str, dict[str, Any]]  # stage -> {seconds, ...}
+    paths: VariantPaths = field(repr=False, default=None)  # type: ignore[assignment]
+
+    def fid_of(self, spec: SamplerSpec) -> float | None:
+        return self.fid.get(fid_key(spec))
+
+
+@dataclass
+class FeatureInfo:
+    """The feature network and the floor (test split against the training split)."""
+
+    features: str
+    label: str  # e.g. "FID (digits classifier)"
+    reference_images: int
+    floor: dict[str, float]  # {"fid": ...} of the test split (IS too for Inception)
+    floor_images: int
+    classifier_test_accuracy: float | None
+
+
+@dataclass
+class Results:
+    features: FeatureInfo
+    variants: dict[str, VariantResults]
+
+
+def _unwrap(path: Path, name: str) -> dict:
+    return read_json(path).get(name, {})
+
+
+def _timings(p: VariantPaths) -> dict:
+    out = {}
+    for stage in ("train", "sample", "bpd", "fid"):
+        if p.timings(stage).is_file():
+            out[stage] = read_json(p.timings(stage))
+    return out
+
+
+def load_variant(name: str) -> VariantResults:
+    p = VariantPaths(name)
+    index = read_json(p.sample_index)
+    specs = [SamplerSpec.from_dict(d) for d in index["samplers"]]
+    return VariantResults(
+        name=name, source=index.get("source", str(p.model)), samplers=specs,
+        num_samples={d["name"]: d["num_samples"] for d in index["samplers"]},
+        train=_unwrap(p.train_metrics, name), bpd=_unwrap(p.bpd_metrics, name),
+        fid=_unwrap(p.fid_metrics, name), fid_details=read_json(p.fid_details),
+        timings=_timings(p), paths=p)
+
+
+def load_features() -> FeatureInfo:
+    info = read_json(FEATURES_INFO)
+    return FeatureInfo(features=info["features"], label=info["label"],
+                       reference_images=info["reference_images"], floor=info["floor"],
+                       floor_images=info["floor_images"],
+                       classifier_test_accuracy=info.get("classifier_test_accuracy"))
+
+
+def load_results(params: Params) -> Results:
+    """The results of every variant in params.yaml (report and track read only this)."""
+    return Results(features=load_features(),
+                   variants={name: load_variant(name) for name in params.variants})
