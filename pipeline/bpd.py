@@ -19,9 +19,9 @@ from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, init_distributed, map_shards
 from ddpm_core.inference import inference_model
 from ddpm_core.likelihood import bits_per_dim
+from ddpm_core.modelfile import LoadedModel
 from ddpm_core.progress import Progress, counting
 from pipeline.common import (
-    LoadedModel,
     device,
     load_model_file,
     relaunch_under_torchrun,

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm_core.config import ConfigError, Params, VariantConfig, load_params
+from ddpm_core.files import atomic_dir, atomic_write_text
+from ddpm_core.files import write_json as _write_json
+
+__all__ = ["atomic_dir", "write_text", "write_json"]
 
 if TYPE_CHECKING:  # torch is imported where it is used: a bad params.yaml fails in a blink
     import torch
@@ -124,9 +128,13 @@ def device() -> torch.device:
 
 
 # ----------------------------------------------------------------------------- atomic writes
-# One writer for every stage: ddpm_core.files (temp file, fsync, rename, mode 0644).
-from ddpm_core.files import atomic_dir  # noqa: E402, F401
-from ddpm_core.files import write_json as _write_json  # noqa: E402
+# One writer for every stage: ddpm_core.files (temp file, fsync, rename, mode 0644);
+# atomic_dir and write_text are re-exported for the stage scripts.
+
+
+def write_text(text: str, path: Path) -> None:
+    """Text through the one atomic writer (argument order of the stage scripts)."""
+    atomic_write_text(path, text)
 
 
 def write_json(obj: Any, path: Path) -> None:

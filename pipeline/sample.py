@@ -25,10 +25,10 @@ from ddpm_core.data import from_unit, to_numpy_images
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, init_distributed, sample_in_batches
 from ddpm_core.inference import inference_model
+from ddpm_core.modelfile import LoadedModel
 from ddpm_core.progress import Progress, counting
 from ddpm_core.samplers import sample_ancestral, sample_ddim, timestep_spacing
 from pipeline.common import (
-    LoadedModel,
     atomic_dir,
     device,
     load_model_file,
@@ -63,7 +63,7 @@ def draw(params: Params, m: LoadedModel, spec: SamplerSpec, net: torch.nn.Module
         diff = diff.with_var_type(spec.variance)
 
     def fn(n: int, gen: torch.Generator) -> torch.Tensor:
-        shape = (n, *m.image_shape_chw)
+        shape = (n, *m.spec.image_shape_chw)
         if spec.kind == "ddim":
             x = sample_ddim(diff, net, shape, timesteps, spec.eta or 0.0, gen, clip_x0=s.clip_x0)
         else:
