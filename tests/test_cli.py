@@ -254,9 +254,10 @@ def test_table1_preset_then_check_on_fake_results(tmp_path: Path, monkeypatch, c
                                                   one_thread) -> None:
     """The documented CIFAR-10 path on small fake files: the preset writes a valid params.yaml
     whose pretrained folder loads and matches its T, and `ddpm check` judges fake metrics."""
+    from tiny import make_diffusers_folder
+
     import ddpm_core
     from ddpm_core.config import load_params
-    from tiny import make_diffusers_folder
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(ROOT / "presets", tmp_path / "presets")

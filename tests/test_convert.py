@@ -229,8 +229,9 @@ def test_our_schedules_written_for_diffusers_read_back_by_ddpmscheduler(kind: st
 
 def test_ours_to_diffusers_folder_loads_in_diffusers_with_equal_outputs(tmp_path: Path) -> None:
     """Round trip ours -> diffusers folder -> UNet2DModel/DDPMScheduler and -> ours again."""
-    from ddpm_core.convert import load_diffusers
     from tiny import make_diffusers_folder
+
+    from ddpm_core.convert import load_diffusers
 
     net, diff = make_diffusers_folder(tmp_path / "d", T=30, schedule="cosine",
                                       var_type="fixed_small")
@@ -276,8 +277,9 @@ def test_pipeline_folder_layout_and_missing_scheduler(tmp_path: Path) -> None:
     """unet/ + scheduler/ (a saved DDPMPipeline) loads; a folder without a scheduler says so."""
     import shutil
 
-    from ddpm_core.convert import load_diffusers
     from tiny import make_diffusers_folder
+
+    from ddpm_core.convert import load_diffusers
 
     net, diff = make_diffusers_folder(tmp_path / "flat", T=12)
     (tmp_path / "pipe" / "scheduler").mkdir(parents=True)
