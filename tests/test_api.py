@@ -172,7 +172,8 @@ def test_check_matches_catches_T_schedule_and_mean_type() -> None:
     with pytest.raises(ModelMismatch, match=r"diffusion.timesteps is 100 but the model has "
                                             r"T = 1000 \(set diffusion.timesteps: 1000\)"):
         ddpm_core.check_matches(official, schedule="linear", timesteps=100)
-    with pytest.raises(ModelMismatch, match=r"schedule 'cosine' gives β\[999\] = 0.999 but the model has 0.02"):
+    with pytest.raises(ModelMismatch,
+                       match=r"schedule 'cosine' gives β\[999\] = 0.999 but the model has 0.02"):
         ddpm_core.check_matches(official, schedule="cosine", timesteps=1000)
     with pytest.raises(ModelMismatch, match="mean_type is 'x0' but the model predicts 'eps'"):
         ddpm_core.check_matches(official, mean_type="x0")
