@@ -80,6 +80,23 @@ def _load_ours(path: Path, which: Which) -> tuple[torch.nn.Module, Diffusion]:
     return loaded.net, loaded.diffusion
 
 
+def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
+                    meta: dict | None = None) -> None:
+    """Our model file of (net, diff), the same weights as EMA and raw (ddpm_core.modelfile)."""
+    from ddpm_core.convert import schedule_kind
+    from ddpm_core.modelfile import ModelSpec, save_model
+
+    kind = schedule_kind(diff.betas)
+    if kind is None:
+        raise ValueError(f"the model's β (T = {diff.T}) are none of our schedules "
+                         f"{get_args(ScheduleKind)} at T = {diff.T}; our model file cannot "
+                         "hold them")
+    spec = ModelSpec(unet=net.cfg, schedule=kind, timesteps=diff.T, mean_type=diff.mean_type,
+                     var_type=diff.var_type)
+    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    save_model(Path(path), spec, weights={"ema": sd, "model": sd}, meta=meta)
+
+
 def check_matches(diff: Diffusion, *, schedule: ScheduleKind | None = None,
                   timesteps: int | None = None, mean_type: str | None = None,
                   var_type: str | None = None, source: str = "the model") -> None:

@@ -146,7 +146,7 @@ def cmd_bpd(a: argparse.Namespace) -> int:
 def cmd_convert(a: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ddpm_core.api import load_model
+    from ddpm_core.api import load_model, save_model_file
 
     to = a.to or ("ours" if Path(a.dst).suffix == ".pt" else "diffusers")
     with tqdm(total=2, desc="convert", unit="step") as bar:
@@ -157,19 +157,10 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
             save_diffusers(net, diff, Path(a.dst))
         else:
-            save_ours(net, diff, Path(a.dst), source=str(a.src))
+            save_model_file(net, diff, Path(a.dst), meta={"converted_from": str(a.src)})
         bar.update(1)
     print(f"wrote {to} model to {a.dst} ({diff!r})")
     return 0
-
-
-def save_ours(net: Any, diff: Any, path: Path, source: str) -> None:
-    """Our model file (ddpm_core.modelfile) holding the same weights as EMA and raw."""
-    from ddpm_core.modelfile import ModelSpec, save_model
-
-    spec = ModelSpec.from_network(net.cfg, diff)
-    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    save_model(path, spec, weights={"ema": sd, "model": sd}, meta={"converted_from": source})
 
 
 def cmd_check(a: argparse.Namespace) -> int:

@@ -179,3 +179,45 @@ def test_check_matches_catches_T_schedule_and_mean_type() -> None:
         ddpm_core.check_matches(official, mean_type="x0")
     with pytest.raises(ModelMismatch, match="var_type is 'learned_range'"):
         ddpm_core.check_matches(official, var_type="learned_range")
+
+
+# ----------------------------------------------------------------------------- our files
+
+
+def _readme_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_api_example_runs_as_written(tmp_path: Path, monkeypatch, capsys,
+                                            one_thread) -> None:
+    from tiny import make_model_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    ema, _, diff = make_model_file(tmp_path / "models" / "simple.pt", T=100)
+    code = _readme_block()
+    assert 'load_model("models/simple.pt")' in code
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "(64, 8, 8, 1) uint8"
+    images = ddpm_core.sample(ema, diff, n=64, sampler="ddim", steps=50, seed=0)
+    assert np.array_equal(scope["images"], images)
+    assert scope["bpd"] == pytest.approx(ddpm_core.bits_per_dim(ema, diff, images[:16]),
+                                         rel=1e-12)
+    assert out[1] == f"{scope['bpd']:.3f} bits/dim (sigma^2 = beta, all T steps)"
+
+
+def test_load_model_from_our_model_file_ema_or_raw(tmp_path: Path) -> None:
+    from tiny import make_model_file
+
+    ema, raw, diff = make_model_file(tmp_path / "m.pt", T=30, schedule="cosine",
+                                     var_type="fixed_small")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 29])
+    for which, want in (("ema", ema), ("model", raw)):
+        net, got = ddpm_core.load_model(tmp_path / "m.pt", which=which)
+        with torch.no_grad():
+            assert torch.equal(net(x, t), want(x, t)), which
+        assert torch.equal(got.betas, diff.betas) and got.var_type == "fixed_small"

@@ -295,3 +295,46 @@ def test_unknown_preset_names_the_ones_there(tmp_path: Path, monkeypatch, capsys
     code, _, err = run(["preset", "table9"], capsys)
     assert code == 2
     assert_one_line_error(err, "table9", "table1_cifar10")
+
+
+# ----------------------------------------------------------------------------- convert
+
+
+def test_convert_round_trip_ours_diffusers_ours(tmp_path: Path, capsys, one_thread) -> None:
+    """ours -> diffusers folder (read by real diffusers) -> ours: outputs equal."""
+    import torch
+
+    import ddpm_core
+    from tiny import DIFFUSERS_TINY, make_model_file
+
+    diffusers = pytest.importorskip("diffusers")
+    ema, _, diff = make_model_file(tmp_path / "m.pt", cfg=DIFFUSERS_TINY, T=50,
+                                   schedule="cosine", var_type="fixed_small")
+    code, _, err = run(["convert", str(tmp_path / "m.pt"), str(tmp_path / "hf")], capsys)
+    assert code == 0, err
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "hf").eval()
+    sched = diffusers.DDPMScheduler.from_pretrained(tmp_path / "hf")
+    code, _, err = run(["convert", str(tmp_path / "hf"), str(tmp_path / "back.pt")], capsys)
+    assert code == 0, err
+    back, back_diff = ddpm_core.load_model(tmp_path / "back.pt")
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 21, 49])
+    with torch.no_grad():
+        ours, ref, again = ema(x, t), theirs(x, t).sample, back(x, t)
+    assert ours.abs().max() > 0.1
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert torch.equal(ours, again)
+    assert sched.config.variance_type == "fixed_small"
+    assert sched.config.beta_schedule == "squaredcos_cap_v2"
+    torch.testing.assert_close(sched.betas.double(), diff.betas, rtol=1e-6, atol=1e-9)
+    assert torch.equal(back_diff.betas, diff.betas) and back_diff.var_type == "fixed_small"
+
+
+def test_convert_narrow_model_to_diffusers_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    from tiny import make_model_file
+
+    make_model_file(tmp_path / "m.pt")
+    code, _, err = run(["convert", str(tmp_path / "m.pt"), str(tmp_path / "hf")], capsys)
+    assert code == 2
+    assert_one_line_error(err, "32 GroupNorm groups")
+    assert not (tmp_path / "hf").exists()

@@ -37,3 +37,16 @@ def make_diffusers_folder(path: Path, T: int = 20, schedule: str = "linear",
     diff = Diffusion.from_schedule(schedule, T, "eps", var_type)
     save_diffusers(net, diff, path)
     return net, diff
+
+
+def make_model_file(path: Path, cfg: UNetConfig = OURS_TINY, T: int = 100,
+                    schedule: str = "linear", var_type: str = "fixed_large",
+                    seed: int = 0) -> tuple[UNet, UNet, Diffusion]:
+    """Our model file with different EMA and raw weights: (ema net, raw net, diffusion)."""
+    from ddpm_core.modelfile import ModelSpec, save_model
+
+    ema, raw = random_net(cfg, seed), random_net(cfg, seed + 1)
+    spec = ModelSpec(unet=cfg, schedule=schedule, timesteps=T, mean_type="eps",
+                     var_type=var_type)
+    save_model(path, spec, weights={"ema": ema.state_dict(), "model": raw.state_dict()})
+    return ema, raw, spec.diffusion()
