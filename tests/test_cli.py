@@ -302,12 +302,11 @@ def test_unknown_preset_names_the_ones_there(tmp_path: Path, monkeypatch, capsys
 
 def test_convert_round_trip_ours_diffusers_ours(tmp_path: Path, capsys, one_thread) -> None:
     """ours -> diffusers folder (read by real diffusers) -> ours: outputs equal."""
+    import diffusers
     import torch
-
-    import ddpm_core
     from tiny import DIFFUSERS_TINY, make_model_file
 
-    diffusers = pytest.importorskip("diffusers")
+    import ddpm_core
     ema, _, diff = make_model_file(tmp_path / "m.pt", cfg=DIFFUSERS_TINY, T=50,
                                    schedule="cosine", var_type="fixed_small")
     code, _, err = run(["convert", str(tmp_path / "m.pt"), str(tmp_path / "hf")], capsys)
