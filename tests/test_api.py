@@ -163,6 +163,35 @@ def test_hub_id_downloads_config_scheduler_and_weights(tmp_path: Path, monkeypat
     assert got_diff.T == 12 and torch.equal(got.conv_out.weight, net.conv_out.weight)
 
 
+def test_folder_saved_by_diffusers_itself_loads_and_checks_against_params(tmp_path: Path,
+                                                                         one_thread) -> None:
+    """UNet2DModel + DDPMScheduler.save_pretrained (diffusers' own writer): same outputs, the
+    scheduler's T and β; params with T = 100 against this 1000-step model are an error."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(128, 128),
+        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), flip_sin_to_cos=False, freq_shift=1,
+        norm_eps=1e-6, attention_head_dim=None, downsample_padding=0).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(tmp_path / "hf")
+    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                            variance_type="fixed_large").save_pretrained(tmp_path / "hf")
+    net, diff = ddpm_core.load_model(tmp_path / "hf")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 999])
+    with torch.no_grad():
+        assert (net(x, t) - unet(x, t).sample).abs().max().item() <= 1e-5
+    assert (diff.T, diff.mean_type, diff.var_type) == (1000, "eps", "fixed_large")
+    ddpm_core.check_matches(diff, schedule="linear", timesteps=1000)
+    with pytest.raises(ModelMismatch, match="diffusion.timesteps is 100 but .* has T = 1000"):
+        ddpm_core.check_matches(diff, schedule="linear", timesteps=100,
+                                source=f"pretrained.path {tmp_path / 'hf'}")
+
+
 # ----------------------------------------------------------------------------- check_matches
 
 
