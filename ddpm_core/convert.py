@@ -1,23 +1,33 @@
-"""Load diffusers ``UNet2DModel`` checkpoints of the official DDPM models into our ``UNet``.
+"""Our ``UNet`` + ``Diffusion`` <-> a diffusers folder (``UNet2DModel`` + ``DDPMScheduler``).
 
-The layout is google/ddpm-cifar10-32's: positional embedding with flip_sin_to_cos=False and
-freq_shift=1, GroupNorm eps 1e-6, single-head attention, conv down/up-sampling with
-downsample_padding=0 (TF "SAME"). Any other setting changes the computation, so it is an error.
-diffusers itself is not needed; huggingface_hub only to download from the hub.
+A diffusers folder holds config.json (UNet2DModel), diffusion_pytorch_model.safetensors (or
+.bin) and scheduler_config.json (DDPMScheduler), either side by side (google/ddpm-cifar10-32)
+or in unet/ and scheduler/ sub-folders (a saved DDPMPipeline). The network layout is the
+official DDPM one: positional embedding with flip_sin_to_cos=False and freq_shift=1, GroupNorm
+(32 groups) eps 1e-6, single-head attention, conv down/up-sampling with downsample_padding=0
+(TF "SAME"). Any other setting changes the computation, so it is an error.
+The scheduler's β, T, variance_type and prediction_type become our ``Diffusion``.
+diffusers itself is never imported; huggingface_hub only to download from the hub.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from ddpm_core.unet import PRESETS, UNet, UNetConfig
+from ddpm_core.diffusion import Diffusion, MeanType, VarType
+from ddpm_core.schedules import BETA_END, BETA_START, MAX_BETA, ScheduleKind, make_betas
+from ddpm_core.unet import PRESETS, UNet, UNetConfig, num_groups
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+SCHEDULER_FILE = "scheduler_config.json"
 
 # diffusers sub-module name -> ours, inside a residual block / an attention block.
 _RES = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "temb_proj", "norm2": "norm2",
@@ -178,20 +188,36 @@ def _from_hub(repo_id: str) -> Path:
         raise FileNotFoundError(
             f"{repo_id!r} is not a local path and huggingface_hub is not installed"
         ) from e
-    patterns = ["config.json", *WEIGHT_FILES]
+    files = ["config.json", SCHEDULER_FILE, *WEIGHT_FILES]
+    patterns = [*files, *(f"unet/{f}" for f in files), f"scheduler/{SCHEDULER_FILE}"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repository, ...
-        raise FileNotFoundError(f"could not fetch {repo_id!r} from the hub: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileNotFoundError(f"could not fetch {repo_id!r} from the Hugging Face hub "
+                                f"({type(e).__name__}: {first}); check the network or pass a "
+                                "local folder") from None
+
+
+def is_hub_id(path: str | Path) -> bool:
+    """'owner/name' that is not a local path: a Hugging Face hub repository id."""
+    return not Path(path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
+
+
+def resolve_diffusers_path(path: str | Path) -> Path:
+    """A local path as it is; a hub id downloaded (config, scheduler, weights) to the cache."""
+    if Path(path).exists():
+        return Path(path)
+    if not is_hub_id(path):
+        raise FileNotFoundError(f"{path}: no such file or directory (nor a hub id owner/name)")
+    return _from_hub(str(path))
 
 
 def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet:
     """UNet with the weights of a diffusers UNet2DModel (directory, weight file or hub id)."""
-    path = Path(path)
-    if not path.exists():
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
-            raise FileNotFoundError(f"{path}: no such file or directory (nor a hub id owner/name)")
-        path = _from_hub(str(path))
+    path = resolve_diffusers_path(path)
+    if path.is_dir() and (path / "unet" / "config.json").is_file():
+        path = path / "unet"  # a saved DDPMPipeline
     if path.is_dir():
         files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
         if not files:
@@ -211,3 +237,214 @@ def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet
     if odd:
         raise ValueError(f"our GroupNorm uses fewer than diffusers' 32 groups at widths {odd}")
     return load_converted(model, convert_diffusers_state_dict(_read_weights(weights)))
+
+
+# ----------------------------------------------------------------------------- scheduler
+
+# DDPMScheduler variance_type / prediction_type -> ours (the *_log variants differ from the
+# plain ones only in how diffusers computes the same σ²).
+_VAR_FROM_DIFFUSERS: dict[str, VarType] = {
+    "fixed_large": "fixed_large", "fixed_large_log": "fixed_large",
+    "fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
+    "learned": "learned", "learned_range": "learned_range"}
+_MEAN_FROM_DIFFUSERS: dict[str, MeanType] = {"epsilon": "eps", "sample": "x0"}
+_MEAN_TO_DIFFUSERS = {v: k for k, v in _MEAN_FROM_DIFFUSERS.items()}
+
+
+def _diffusers_betas(schedule: str, start: float, end: float, T: int) -> torch.Tensor:
+    """β [T] float64 of DDPMScheduler's named schedules (diffusers' formulas, in float64)."""
+    if schedule == "linear":
+        return torch.linspace(start, end, T, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64) ** 2
+    if schedule == "squaredcos_cap_v2":
+        return make_betas("cosine", T)  # Nichol & Dhariwal 2021, eq. (17), β capped at 0.999
+    raise ValueError(f"scheduler beta_schedule={schedule!r} unsupported (need linear, "
+                     "scaled_linear, squaredcos_cap_v2 or trained_betas)")
+
+
+def diffusion_from_scheduler_config(conf: dict[str, Any]) -> Diffusion:
+    """DDPMScheduler scheduler_config.json -> Diffusion (β, mean and variance types)."""
+    cls = conf.get("_class_name", "DDPMScheduler")
+    if cls not in ("DDPMScheduler", "DDIMScheduler"):
+        raise ValueError(f"scheduler _class_name={cls!r} unsupported (need DDPMScheduler)")
+    T = int(conf.get("num_train_timesteps", 1000))
+    if conf.get("trained_betas") is not None:
+        betas = torch.tensor(conf["trained_betas"], dtype=torch.float64)
+        if betas.shape != (T,):
+            raise ValueError(f"scheduler trained_betas has {betas.numel()} values, "
+                             f"num_train_timesteps is {T}")
+    else:
+        betas = _diffusers_betas(conf.get("beta_schedule", "linear"),
+                                 float(conf.get("beta_start", BETA_START)),
+                                 float(conf.get("beta_end", BETA_END)), T)
+    var = conf.get("variance_type", "fixed_small")  # DDPMScheduler's default
+    if var not in _VAR_FROM_DIFFUSERS:
+        raise ValueError(f"scheduler variance_type={var!r} unsupported (need one of "
+                         f"{sorted(_VAR_FROM_DIFFUSERS)})")
+    pred = conf.get("prediction_type", "epsilon")
+    if pred not in _MEAN_FROM_DIFFUSERS:
+        raise ValueError(f"scheduler prediction_type={pred!r} unsupported (need epsilon or "
+                         "sample)")
+    return Diffusion(betas, _MEAN_FROM_DIFFUSERS[pred], _VAR_FROM_DIFFUSERS[var])
+
+
+def schedule_kind(betas: torch.Tensor) -> ScheduleKind | None:
+    """Which of our schedules (at T = len(betas)) these β are, None if none (float64 exact)."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    for kind in get_args(ScheduleKind):
+        if torch.allclose(make_betas(kind, len(betas)), betas, rtol=1e-12, atol=0):
+            return kind
+    return None
+
+
+_KIND_TO_DIFFUSERS = {"linear": "linear", "quadratic": "scaled_linear",
+                      "cosine": "squaredcos_cap_v2"}
+
+
+def scheduler_config(diff: Diffusion) -> dict[str, Any]:
+    """Diffusion -> DDPMScheduler scheduler_config.json (a named schedule when β is one)."""
+    if diff.mean_type not in _MEAN_TO_DIFFUSERS:
+        raise ValueError(f"mean_type {diff.mean_type!r} has no diffusers prediction_type "
+                         "(only eps and x0 do)")
+    T = diff.T
+    start, end = BETA_START * 1000 / T, BETA_END * 1000 / T  # ours, rescaled for T != 1000
+    conf: dict[str, Any] = {"_class_name": "DDPMScheduler", "num_train_timesteps": T}
+    kind = schedule_kind(diff.betas)
+    if kind == "cosine" or (kind in _KIND_TO_DIFFUSERS and end < MAX_BETA):  # else clipped β
+        conf.update(beta_schedule=_KIND_TO_DIFFUSERS[kind], beta_start=start, beta_end=end,
+                    trained_betas=None)
+    else:
+        conf.update(beta_schedule="linear", beta_start=float(diff.betas[0]),
+                    beta_end=float(diff.betas[-1]), trained_betas=diff.betas.tolist())
+    conf.update(variance_type=diff.var_type, prediction_type=_MEAN_TO_DIFFUSERS[diff.mean_type],
+                clip_sample=True, clip_sample_range=1.0)
+    return conf
+
+
+def read_scheduler_config(path: str | Path) -> dict[str, Any]:
+    """scheduler_config.json of a diffusers folder (beside config.json or in scheduler/)."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    for f in (root / SCHEDULER_FILE, root / "scheduler" / SCHEDULER_FILE,
+              root.parent / "scheduler" / SCHEDULER_FILE):
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{f}: not valid JSON ({e})") from None
+    raise FileNotFoundError(f"{root}: no {SCHEDULER_FILE} (the diffusion's T and β); copy the "
+                            "model repository's scheduler_config.json beside config.json")
+
+
+def load_diffusers(path: str | Path) -> tuple[UNet, Diffusion]:
+    """(UNet, Diffusion) of a diffusers folder or hub id: UNet2DModel + DDPMScheduler."""
+    path = resolve_diffusers_path(path)
+    diff = diffusion_from_scheduler_config(read_scheduler_config(path))
+    net = load_diffusers_unet(path)
+    want = diff.out_channels(net.cfg.in_channels)
+    if net.cfg.out_channels != want:
+        raise ValueError(f"{path}: the network outputs {net.cfg.out_channels} channels but "
+                         f"variance_type={diff.var_type!r} needs {want}")
+    return net.eval(), diff
+
+
+# ----------------------------------------------------------------------------- ours -> diffusers
+
+_RES_INV = {v: k for k, v in _RES.items()}
+_ATTN_INV = {"norm": "group_norm", "proj": "to_out.0"}
+_TOP_INV = {v: k for k, v in _TOP.items()}
+
+
+def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
+    """UNetConfig -> diffusers UNet2DModel config.json (the official DDPM layout)."""
+    attn = [r in cfg.attn_resolutions for r in cfg.resolutions]
+    conf: dict[str, Any] = {
+        "_class_name": "UNet2DModel",
+        "sample_size": cfg.image_size, "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "block_out_channels": [cfg.base_channels * m for m in cfg.channel_mult],
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "layers_per_block": cfg.num_res_blocks, "dropout": cfg.dropout,
+    }
+    conf.update({k: want for k, (want, _) in _REQUIRED.items()})
+    conf["attention_head_dim"] = None
+    return conf
+
+
+def _unmap_key(key: str) -> str:
+    """One of our parameter names -> diffusers' (qkv still fused)."""
+    prefix, _, leaf = key.rpartition(".")
+    if prefix in _TOP_INV:
+        return f"{_TOP_INV[prefix]}.{leaf}"
+    m = re.fullmatch(r"(down|up)\.(\d+)\.(blocks|attns|resample)\.(?:(\d+)\.)?(.+)", prefix)
+    if m:
+        path, lvl, kind, j, sub = m.groups()
+        if kind == "resample" and sub == "conv":
+            sampler = "downsamplers" if path == "down" else "upsamplers"
+            return f"{path}_blocks.{lvl}.{sampler}.0.conv.{leaf}"
+        if kind == "blocks" and sub in _RES_INV:
+            return f"{path}_blocks.{lvl}.resnets.{j}.{_RES_INV[sub]}.{leaf}"
+        if kind == "attns" and sub in ("norm", "proj", "qkv"):
+            return f"{path}_blocks.{lvl}.attentions.{j}.{_ATTN_INV.get(sub, sub)}.{leaf}"
+    m = re.fullmatch(r"mid\.(block1|block2|attn)\.(.+)", prefix)
+    if m:
+        part, sub = m.groups()
+        if part == "attn" and sub in ("norm", "proj", "qkv"):
+            return f"mid_block.attentions.0.{_ATTN_INV.get(sub, sub)}.{leaf}"
+        if part != "attn" and sub in _RES_INV:
+            return f"mid_block.resnets.{int(part[-1]) - 1}.{_RES_INV[sub]}.{leaf}"
+    raise CheckpointMismatch(f"unexpected key {key!r} (not part of the DDPM U-Net)")
+
+
+def to_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> diffusers UNet2DModel's (renamed; qkv split into to_q, to_k, to_v)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        new = _unmap_key(key)
+        if new.rsplit(".", 2)[-2] == "qkv":
+            head = new.rsplit(".", 2)[0]
+            leaf = new.rsplit(".", 1)[1]
+            for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0), strict=True):
+                out[f"{head}.{name}.{leaf}"] = part.contiguous()
+        else:
+            out[new] = value.contiguous()
+    return out
+
+
+def save_diffusers(net: UNet, diff: Diffusion, path: str | Path) -> None:
+    """Write a diffusers folder: config.json, diffusion_pytorch_model.safetensors and
+    scheduler_config.json (loadable by UNet2DModel/DDPMScheduler.from_pretrained), atomically."""
+    from safetensors.torch import save_file
+
+    cfg: UNetConfig = net.cfg
+    odd = sorted({c for c in _norm_widths(net) if num_groups(c) != 32})
+    if odd:
+        raise ValueError(f"diffusers' UNet2DModel uses 32 GroupNorm groups in every layer; ours "
+                         f"uses fewer at widths {odd} (only networks whose layers are all >= 128 "
+                         "channels convert)")
+    if net.cfg.out_channels != diff.out_channels(cfg.in_channels):
+        raise ValueError(f"network outputs {cfg.out_channels} channels, {diff!r} needs "
+                         f"{diff.out_channels(cfg.in_channels)}")
+    sched = scheduler_config(diff)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        sd = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}
+        save_file(to_diffusers_state_dict(sd), str(tmp / WEIGHT_FILES[0]),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_to_diffusers(cfg), indent=2) + "\n")
+        (tmp / SCHEDULER_FILE).write_text(json.dumps(sched, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _norm_widths(net: UNet) -> list[int]:
+    return [m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]

@@ -154,3 +154,141 @@ def test_missing_local_path_is_a_clear_error(tmp_path: Path) -> None:
         load_diffusers_unet(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="none of"):
         load_diffusers_unet(tmp_path)  # a directory without weights
+
+
+# ----------------------------------------------------------------------------- scheduler_config
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02),
+     dict(beta_schedule="linear", beta_start=2e-4, beta_end=0.03, num_train_timesteps=50),
+     dict(beta_schedule="scaled_linear", beta_start=8.5e-4, beta_end=0.012),
+     dict(beta_schedule="squaredcos_cap_v2", num_train_timesteps=100),
+     dict(trained_betas=[0.01 * (i + 1) for i in range(10)], num_train_timesteps=10)],
+    ids=["linear", "linear_T50", "scaled_linear", "squaredcos_cap_v2", "trained_betas"],
+)
+def test_scheduler_config_gives_diffusers_own_betas(conf: dict) -> None:
+    """β of our reading of scheduler_config.json = DDPMScheduler's (its own float32 code)."""
+    from ddpm_core.convert import diffusion_from_scheduler_config
+
+    sched = diffusers.DDPMScheduler(**conf)
+    diff = diffusion_from_scheduler_config(dict(sched.config))
+    assert diff.T == sched.config.num_train_timesteps
+    torch.testing.assert_close(diff.betas, sched.betas.double(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(diff.alpha_bar, sched.alphas_cumprod.double(), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize(("theirs", "ours"), [
+    ("fixed_large", "fixed_large"), ("fixed_large_log", "fixed_large"),
+    ("fixed_small", "fixed_small"), ("fixed_small_log", "fixed_small"),
+    ("learned", "learned"), ("learned_range", "learned_range")])
+def test_scheduler_variance_type_maps_to_ours(theirs: str, ours: str) -> None:
+    from ddpm_core.convert import diffusion_from_scheduler_config
+
+    assert diffusion_from_scheduler_config({"variance_type": theirs}).var_type == ours
+
+
+def test_scheduler_defaults_and_prediction_type() -> None:
+    """An empty config is DDPMScheduler's defaults: T 1000, linear 1e-4..0.02, β̃, ε."""
+    from ddpm_core.convert import diffusion_from_scheduler_config
+    from ddpm_core.diffusion import Diffusion
+
+    diff = diffusion_from_scheduler_config({})
+    ref = Diffusion.from_schedule("linear", 1000)
+    assert torch.equal(diff.betas, ref.betas)
+    assert (diff.mean_type, diff.var_type) == ("eps", "fixed_small")
+    assert diffusion_from_scheduler_config({"prediction_type": "sample"}).mean_type == "x0"
+    for key, value in [("prediction_type", "v_prediction"), ("variance_type", "fixed_tiny"),
+                       ("beta_schedule", "sigmoid"), ("_class_name", "EulerDiscreteScheduler")]:
+        with pytest.raises(ValueError, match=f"{key}={value!r}"):
+            diffusion_from_scheduler_config({key: value})
+    with pytest.raises(ValueError, match="trained_betas has 3 values"):
+        diffusion_from_scheduler_config({"trained_betas": [0.1, 0.2, 0.3]})
+
+
+@pytest.mark.parametrize("kind", ["linear", "quadratic", "cosine", "constant"])
+@pytest.mark.parametrize("T", [1000, 40])
+def test_our_schedules_written_for_diffusers_read_back_by_ddpmscheduler(kind: str, T: int) -> None:
+    from ddpm_core.convert import diffusion_from_scheduler_config, scheduler_config
+    from ddpm_core.diffusion import Diffusion
+
+    diff = Diffusion.from_schedule(kind, T, "x0", "fixed_small")
+    conf = scheduler_config(diff)
+    assert conf["trained_betas"] is None or kind == "constant"
+    sched = diffusers.DDPMScheduler.from_config(conf)
+    torch.testing.assert_close(sched.betas.double(), diff.betas, rtol=1e-6, atol=1e-9)
+    assert (sched.config.variance_type, sched.config.prediction_type) == ("fixed_small", "sample")
+    back = diffusion_from_scheduler_config(conf)
+    torch.testing.assert_close(back.betas, diff.betas, rtol=1e-12, atol=0)
+    assert (back.mean_type, back.var_type) == ("x0", "fixed_small")
+
+
+# ----------------------------------------------------------------------------- ours -> diffusers
+
+
+def test_ours_to_diffusers_folder_loads_in_diffusers_with_equal_outputs(tmp_path: Path) -> None:
+    """Round trip ours -> diffusers folder -> UNet2DModel/DDPMScheduler and -> ours again."""
+    from tiny import make_diffusers_folder
+
+    from ddpm_core.convert import load_diffusers
+
+    net, diff = make_diffusers_folder(tmp_path / "d", T=30, schedule="cosine",
+                                      var_type="fixed_small")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+    theirs = diffusers.UNet2DModel.from_pretrained(tmp_path / "d").eval()
+    sched = diffusers.DDPMScheduler.from_pretrained(tmp_path / "d")
+    back, back_diff = load_diffusers(tmp_path / "d")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 17, 29])
+    with torch.no_grad():
+        ours, ref, again = net(x, t), theirs(x, t).sample, back(x, t)
+    assert ours.abs().max() > 0.1  # the weights are not the near-zero initialisation
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert torch.equal(ours, again)
+    _assert_same_weights(back, net.state_dict())
+    torch.testing.assert_close(sched.alphas_cumprod.double(), diff.alpha_bar, rtol=1e-4, atol=1e-9)
+    assert torch.equal(back_diff.betas, diff.betas)
+    assert (back_diff.mean_type, back_diff.var_type) == ("eps", "fixed_small")
+
+
+def test_diffusers_state_dict_names_invert_exactly(reference, converted) -> None:
+    from ddpm_core.convert import to_diffusers_state_dict
+
+    theirs = to_diffusers_state_dict(converted)
+    own = reference.state_dict()
+    assert theirs.keys() == own.keys()
+    assert all(torch.equal(theirs[k], own[k]) for k in own)
+
+
+def test_narrow_networks_are_refused_for_diffusers_by_name(tmp_path: Path) -> None:
+    from ddpm_core.convert import save_diffusers
+    from ddpm_core.diffusion import Diffusion
+
+    with pytest.raises(ValueError, match=r"32 GroupNorm groups.*widths \[32"):
+        save_diffusers(UNet(PRESETS["digits"]), Diffusion.from_schedule("linear", 10),
+                       tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
+def test_pipeline_folder_layout_and_missing_scheduler(tmp_path: Path) -> None:
+    """unet/ + scheduler/ (a saved DDPMPipeline) loads; a folder without a scheduler says so."""
+    import shutil
+
+    from tiny import make_diffusers_folder
+
+    from ddpm_core.convert import load_diffusers
+
+    net, diff = make_diffusers_folder(tmp_path / "flat", T=12)
+    (tmp_path / "pipe" / "scheduler").mkdir(parents=True)
+    shutil.copytree(tmp_path / "flat", tmp_path / "pipe" / "unet")
+    shutil.move(tmp_path / "pipe" / "unet" / "scheduler_config.json",
+                tmp_path / "pipe" / "scheduler" / "scheduler_config.json")
+    back, back_diff = load_diffusers(tmp_path / "pipe")
+    _assert_same_weights(back, net.state_dict())
+    assert torch.equal(back_diff.betas, diff.betas)
+    (tmp_path / "flat" / "scheduler_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no scheduler_config.json"):
+        load_diffusers(tmp_path / "flat")

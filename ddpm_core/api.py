@@ -1,0 +1,272 @@
+"""The public API: load a model from any source, draw images, measure bits/dim.
+
+    net, diffusion = ddpm_core.load_model("models/simple.pt")
+    images = ddpm_core.sample(net, diffusion, n=64, sampler="ddim", steps=50, seed=0)
+    bpd = ddpm_core.bits_per_dim(net, diffusion, images)
+
+Images are uint8 numpy arrays [N, H, W, C] (0..255, channels last) both ways: what
+`sample` returns is what `bits_per_dim`, PIL, np.savez and the FID code take. Batch j of a
+call is seeded by (seed, j) exactly as the pipeline's sample stage seeds it, so the same
+(model, sampler, seed, batch size) gives the same images here and in `samples/`.
+
+σ² names (the reverse-process variance of the ancestral sampler):
+    beta        σ² = β_t                 (DDPM's default; "fixed_large")
+    beta_tilde  σ² = β̃_t                 (the posterior variance; "fixed_small")
+    learned     the network's own σ²     (models trained with a learned variance)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion, VarType
+from ddpm_core.schedules import ScheduleKind, make_betas
+
+SamplerKind = Literal["ancestral", "ddim"]
+Sigma2 = Literal["beta", "beta_tilde", "learned"]
+Spacing = Literal["uniform", "quadratic"]
+Which = Literal["ema", "model"]
+
+SIGMA2_TO_VAR: dict[str, VarType] = {"beta": "fixed_large", "beta_tilde": "fixed_small"}
+
+
+class ModelMismatch(ValueError):
+    """A loaded model's diffusion differs from the one the caller's settings describe."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | Path, which: Which = "ema",
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Diffusion]:
+    """(network in eval mode, Diffusion) from any model source.
+
+    `path` is one of: our model file (models/<variant>.pt), a training checkpoint
+    (checkpoints/.../ckpt_*.pt), a diffusers folder (config.json +
+    diffusion_pytorch_model.safetensors/.bin + scheduler_config.json, side by side or in
+    unet/ + scheduler/), or a Hugging Face hub id such as google/ddpm-cifar10-32 (needs the
+    network). `which` picks the EMA (default) or raw weights of our files.
+    """
+    if which not in get_args(Which):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    from ddpm_core.convert import is_hub_id, load_diffusers
+
+    p = Path(path)
+    if p.is_dir() or p.suffix in (".safetensors", ".bin") or is_hub_id(path):
+        if p.is_dir() and not any((p / d / "config.json").is_file() for d in (".", "unet")):
+            raise FileNotFoundError(f"{p}: a folder without config.json; a diffusers model folder "
+                                    "holds config.json, diffusion_pytorch_model.safetensors and "
+                                    "scheduler_config.json")
+        net, diff = load_diffusers(path)
+    elif p.is_file():
+        net, diff = _load_ours(p, which)
+    else:
+        raise FileNotFoundError(f"{path}: no such file or folder (nor a hub id owner/name)")
+    return net.to(device).eval().requires_grad_(False), diff
+
+
+def _load_ours(path: Path, which: Which) -> tuple[torch.nn.Module, Diffusion]:
+    """Our model file or training checkpoint (ddpm_core.modelfile)."""
+    from ddpm_core.modelfile import load_model_file
+
+    loaded = load_model_file(path, which=which)
+    return loaded.net, loaded.diffusion
+
+
+def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
+                    meta: dict | None = None) -> None:
+    """Our model file of (net, diff), the same weights as EMA and raw (ddpm_core.modelfile)."""
+    from ddpm_core.convert import schedule_kind
+    from ddpm_core.modelfile import ModelSpec, save_model
+
+    kind = schedule_kind(diff.betas)
+    if kind is None:
+        raise ValueError(f"the model's β (T = {diff.T}) are none of our schedules "
+                         f"{get_args(ScheduleKind)} at T = {diff.T}; our model file cannot "
+                         "hold them")
+    spec = ModelSpec(unet=net.cfg, schedule=kind, timesteps=diff.T, mean_type=diff.mean_type,
+                     var_type=diff.var_type)
+    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    save_model(Path(path), spec, weights={"ema": sd, "model": sd}, meta=meta)
+
+
+def check_matches(diff: Diffusion, *, schedule: ScheduleKind | None = None,
+                  timesteps: int | None = None, mean_type: str | None = None,
+                  var_type: str | None = None, source: str = "the model") -> None:
+    """Raise ModelMismatch when `diff` is not the diffusion these settings describe.
+
+    For a pipeline evaluating a pretrained model: `diffusion.timesteps: 100` against the
+    official 1000-step model is an error naming both values, not a silently wrong bound.
+    """
+    problems = []
+    if timesteps is not None and timesteps != diff.T:
+        problems.append(f"diffusion.timesteps is {timesteps} but {source} has T = {diff.T} "
+                        f"(set diffusion.timesteps: {diff.T})")
+    elif schedule is not None:
+        try:
+            want = make_betas(schedule, diff.T)
+        except ValueError as e:
+            raise ModelMismatch(f"schedule: {e}") from None
+        if not torch.allclose(want, diff.betas, rtol=1e-6, atol=1e-12):
+            i = int((want - diff.betas).abs().argmax())
+            problems.append(f"schedule {schedule!r} gives β[{i}] = {float(want[i]):.6g} but "
+                            f"{source} has {float(diff.betas[i]):.6g} (set schedule to the "
+                            "model's)")
+    if mean_type is not None and mean_type != diff.mean_type:
+        problems.append(f"mean_type is {mean_type!r} but {source} predicts {diff.mean_type!r}")
+    if var_type is not None and var_type != diff.var_type and (
+            var_type in LEARNED_VAR_TYPES or diff.var_type in LEARNED_VAR_TYPES):
+        problems.append(f"var_type is {var_type!r} but {source} has {diff.var_type!r}")
+    if problems:
+        raise ModelMismatch("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _device(device: str | torch.device | None, net: torch.nn.Module) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return next(net.parameters()).device
+
+
+def timesteps_for(diff: Diffusion, steps: int | None, spacing: Spacing) -> list[int] | None:
+    """The increasing steps a chain of `steps` visits (None: all T, the full chain)."""
+    from ddpm_core.samplers import spaced_timesteps
+
+    if steps is None or steps == diff.T:
+        return None
+    if not 1 <= steps <= diff.T:
+        raise ValueError(f"steps must lie in 1..T = {diff.T}, got {steps}")
+    return spaced_timesteps(diff.T, steps, spacing)
+
+
+def with_sigma2(diff: Diffusion, sigma2: Sigma2 | None) -> Diffusion:
+    """The diffusion whose reverse variance is σ² = `sigma2` (None: the model's own)."""
+    if sigma2 is None:
+        return diff
+    if sigma2 == "learned":
+        if diff.var_type not in LEARNED_VAR_TYPES:
+            raise ValueError(f"sigma2='learned' needs a model with a learned variance; this one "
+                             f"has {diff.var_type!r} (use 'beta' or 'beta_tilde')")
+        return diff
+    if sigma2 not in SIGMA2_TO_VAR:
+        raise ValueError(f"unknown sigma2 {sigma2!r}; expected one of {get_args(Sigma2)}")
+    if diff.var_type in LEARNED_VAR_TYPES:
+        raise ValueError(f"this model learned its variance ({diff.var_type!r}): use "
+                         "sigma2='learned'")
+    return diff.with_var_type(SIGMA2_TO_VAR[sigma2])
+
+
+@torch.no_grad()
+def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
+           sampler: SamplerKind = "ancestral", steps: int | None = None,
+           sigma2: Sigma2 | None = None, spacing: Spacing = "quadratic", eta: float = 0.0,
+           seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None,
+           clip_x0: bool = True, progress: bool = False) -> np.ndarray:
+    """n images uint8 [n, H, W, C] drawn from p_θ.
+
+    sampler "ancestral" (DDPM Algorithm 2; `steps` < T respaces the chain, improved DDPM
+    Sec. 4) with reverse variance `sigma2`, or "ddim" (Song et al. 2021, η = `eta`). `steps`
+    None means all T steps (DDIM then visits every step too).
+    """
+    from ddpm_core.data import from_unit, to_numpy_images
+    from ddpm_core.distributed import sample_in_batches
+    from ddpm_core.samplers import sample_ancestral, sample_ddim
+
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+    if sampler not in get_args(SamplerKind):
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {get_args(SamplerKind)}")
+    if sampler == "ddim" and sigma2 is not None:
+        raise ValueError("sigma2 sets the ancestral sampler's variance; DDIM's noise is eta")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    diff = with_sigma2(diffusion, sigma2)
+    timesteps = timesteps_for(diff, steps, spacing)
+    dev = _device(device, net)
+    net = net.to(dev).eval()
+    cfg = getattr(net, "cfg", None)
+    if cfg is None:
+        raise ValueError("net must be a ddpm_core UNet (its .cfg gives the image shape)")
+    chw = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    bar = tqdm(total=n, desc=f"sample {sampler}", unit="img", disable=not progress)
+
+    def draw(size: int, gen: torch.Generator) -> torch.Tensor:
+        shape = (size, *chw)
+        if sampler == "ddim":
+            ts = timesteps if timesteps is not None else list(range(diff.T))
+            x = sample_ddim(diff, net, shape, ts, eta, gen, clip_x0=clip_x0)
+        else:
+            x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=clip_x0)
+        bar.update(size)
+        return from_unit(x).cpu()
+
+    try:
+        x = sample_in_batches(draw, n, batch_size, seed, rank=0, world=1, device=dev)
+    finally:
+        bar.close()
+    return to_numpy_images(x)
+
+
+# ----------------------------------------------------------------------------- bits/dim
+
+
+def _check_images(images: np.ndarray, chw: Sequence[int] | None) -> None:
+    from ddpm_core.data import DataError
+
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"images: expected uint8 numpy [N, H, W, C], got "
+                        f"{getattr(images, 'dtype', type(images).__name__)} "
+                        f"{getattr(images, 'shape', '')}")
+    if chw is not None and tuple(images.shape[1:]) != (chw[1], chw[2], chw[0]):
+        raise DataError(f"images are {tuple(images.shape[1:])} (H, W, C); the model takes "
+                        f"{(chw[1], chw[2], chw[0])}")
+
+
+@torch.no_grad()
+def bits_per_dim_per_image(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
+                           sigma2: Sigma2 | None = None, batch_size: int = 256,
+                           t_batch: int = 10, device: str | torch.device | None = None,
+                           progress: bool = False) -> np.ndarray:
+    """Full variational bound (DDPM eq. 5) per image, bits/dim float64 [N], for uint8 NHWC.
+
+    Batch j starting at image s draws the noise of q(x_t|x_0) from a generator seeded s, as
+    the pipeline's bpd stage does.
+    """
+    from ddpm_core.data import to_model_tensor, to_unit
+    from ddpm_core.likelihood import bits_per_dim as bound
+
+    cfg = getattr(net, "cfg", None)
+    _check_images(images, None if cfg is None else
+                  (cfg.in_channels, cfg.image_size, cfg.image_size))
+    diff = with_sigma2(diffusion, sigma2)
+    dev = _device(device, net)
+    net = net.to(dev).eval()
+    x_all = to_model_tensor(images)
+    out = []
+    starts = range(0, len(x_all), batch_size)
+    for start in tqdm(starts, desc="bpd", unit="batch", disable=not progress):
+        x0 = to_unit(x_all[start:start + batch_size]).to(dev)
+        gen = torch.Generator(dev).manual_seed(start)
+        res = bound(diff, net, x0, t_batch=t_batch, generator=gen)[diff.var_type]
+        out.append(res.total.numpy())
+    return np.concatenate(out)
+
+
+def bits_per_dim(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
+                 sigma2: Sigma2 | None = None, batch_size: int = 256, t_batch: int = 10,
+                 device: str | torch.device | None = None, progress: bool = False) -> float:
+    """Mean negative log-likelihood bound in bits/dim of uint8 images [N, H, W, C]."""
+    per = bits_per_dim_per_image(net, diffusion, images, sigma2=sigma2, batch_size=batch_size,
+                                 t_batch=t_batch, device=device, progress=progress)
+    value = float(per.mean())
+    assert math.isfinite(value), "bits/dim is not finite"
+    return value

@@ -1,0 +1,329 @@
+"""`ddpm` command line: sample, bpd, convert, check, preset.
+
+Every subcommand has --help. Errors are one line `error: ...` on stderr: exit status 2 for bad
+arguments or input (a missing file, a malformed model or params file), 1 for a failure while
+running (a metric check that misses, no expected entry for the params, out of memory). Set
+DDPM_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+PRESETS_DIR = Path("presets")
+
+
+class UsageError(ValueError):
+    """Bad arguments: exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage + error
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the input is wrong (exit 2); their messages are written for users."""
+    import yaml
+
+    from ddpm_core.checkpoint import CheckpointError
+    from ddpm_core.data import DataError
+
+    errors: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError, DataError,
+                                         CheckpointError, yaml.YAMLError]
+    try:
+        from ddpm_core.modelfile import ModelFileError
+
+        errors.append(ModelFileError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_grid(images: Any, path: Path, n: int = 64) -> None:
+    """The first n uint8 [N, H, W, C] images as a square PNG grid (1-pixel white gaps)."""
+    import numpy as np
+    from PIL import Image
+
+    images = images[:n]
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    h, w, c = images.shape[1:]
+    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = im
+    scale = max(1, 64 // h)
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+def _atomic_savez(path: Path, **arrays: Any) -> None:
+    import tempfile
+
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_images(path: str | Path) -> Any:
+    """uint8 [N, H, W, C] from an image folder, an .npz (`images`) or an .npy."""
+    from ddpm_core.data import DataError, load_image_folder, load_images, load_npz
+
+    path = Path(path)
+    if path.is_dir():
+        return load_image_folder(path)
+    if path.suffix == ".npz":
+        return load_npz(path)[0]
+    if path.suffix == ".npy":
+        return load_images(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found; give a folder of PNG/JPEG images, an .npz with "
+                        "uint8 `images` or an .npy")
+    raise DataError(f"{path}: unknown image source; give a folder of PNG/JPEG images, an .npz "
+                    "with uint8 `images` or an .npy")
+
+
+# ----------------------------------------------------------------------------- subcommands
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    from ddpm_core.api import load_model, sample
+
+    net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
+    images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
+                    spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
+                    clip_x0=not a.no_clip, progress=True)
+    out = Path(a.out)
+    _atomic_savez(out, images=images)
+    grid = Path(a.grid) if a.grid else out.with_suffix(".png")
+    save_grid(images, grid, a.grid_n)
+    print(f"wrote {len(images)} images {tuple(images.shape[1:])} to {out} and a grid to {grid}")
+    return 0
+
+
+def cmd_bpd(a: argparse.Namespace) -> int:
+    from ddpm_core.api import bits_per_dim_per_image, load_model
+
+    images = read_images(a.images)
+    if a.n is not None:
+        images = images[:a.n]
+    net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
+    per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, batch_size=a.batch_size,
+                                 t_batch=a.t_batch, progress=True)
+    mean, se = float(per.mean()), float(per.std(ddof=1) / math.sqrt(len(per))) if len(
+        per) > 1 else float("nan")
+    result = {"bpd": mean, "standard_error": se, "images": int(len(per)), "T": diff.T,
+              "var_type": a.sigma2 or diff.var_type}
+    print(f"bits/dim {mean:.5f} ± {se:.5f} (standard error) on {len(per)} images, "
+          f"T = {diff.T}, σ² {result['var_type']}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ddpm_core.api import load_model, save_model_file
+
+    to = a.to or ("ours" if Path(a.dst).suffix == ".pt" else "diffusers")
+    with tqdm(total=2, desc="convert", unit="step") as bar:
+        net, diff = load_model(a.src, which=a.which)
+        bar.update(1)
+        if to == "diffusers":
+            from ddpm_core.convert import save_diffusers
+
+            save_diffusers(net, diff, Path(a.dst))
+        else:
+            save_model_file(net, diff, Path(a.dst), meta={"converted_from": str(a.src)})
+        bar.update(1)
+    print(f"wrote {to} model to {a.dst} ({diff!r})")
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from ddpm_core.check import check, format_table
+
+    try:
+        entry, rows = check(a.params, a.metrics_dir, a.expected)
+    except LookupError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    print(f"entry: {entry.name}" + (f" ({entry.description})" if entry.description else ""))
+    print(format_table(rows))
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        reasons = {"FAIL": "outside tolerance", "MISSING": "not measured (run the pipeline)",
+                   "NO VALUE": f"no expected value recorded in {a.expected}"}
+        detail = "; ".join(f"{r.metric}: {reasons[r.status]}" for r in bad)
+        print(f"error: {len(bad)} of {len(rows)} metrics do not pass: {detail}", file=sys.stderr)
+        return 1
+    print(f"all {len(rows)} metrics pass")
+    return 0
+
+
+def merge(base: Any, over: Any) -> Any:
+    """Deep merge of mappings; lists and scalars in `over` replace those of `base`."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def cmd_preset(a: argparse.Namespace) -> int:
+    import yaml
+
+    from ddpm_core.check import read_params
+    from ddpm_core.config import ConfigError, params_from_dict
+
+    if a.list:
+        for f in sorted(PRESETS_DIR.glob("*.yaml")):
+            print(f.stem)
+        return 0
+    if a.name is None:
+        raise UsageError("give a preset name (ddpm preset --list shows them)")
+    file = Path(a.name) if a.name.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{a.name}.yaml"
+    if not file.is_file():
+        have = ", ".join(sorted(f.stem for f in PRESETS_DIR.glob("*.yaml"))) or "none"
+        raise FileNotFoundError(f"{file}: no such preset (presets here: {have})")
+    over = yaml.safe_load(file.read_text())
+    if not isinstance(over, dict):
+        raise UsageError(f"{file}: a preset is a mapping of params.yaml sections")
+    merged = merge(read_params(a.params), over)
+    if "variants" in over:  # a preset names its models: they replace, not join, the variants
+        merged["variants"] = over["variants"]
+    try:
+        params_from_dict(merged)
+    except ConfigError as e:
+        raise UsageError(f"preset {file.stem} does not fit {a.params}: {e}") from None
+    text = (f"# {a.params} with presets/{file.name} applied by `ddpm preset {file.stem}`; "
+            f"`git checkout {a.params}` restores the default run.\n")
+    Path(a.params).write_text(text + yaml.safe_dump(merged, sort_keys=False))
+    print(f"wrote {a.params} (preset {file.stem}); now run `dvc repro`, then `ddpm check`")
+    return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ddpm", description="DDPM models: sample, bits/dim, convert, check results.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    model_help = ("our model file (models/<variant>.pt), a training checkpoint (ckpt_*.pt), a "
+                  "diffusers folder (config.json, weights, scheduler_config.json) or a hub id")
+
+    s = sub.add_parser("sample", help="draw images: an .npz with uint8 `images` and a PNG grid",
+                       description="Draw images from a model; writes OUT (.npz, uint8 `images` "
+                                   "[N, H, W, C]) and a PNG grid.")
+    s.add_argument("model", help=model_help)
+    s.add_argument("-n", "--num", dest="n", type=int, default=64, help="images (default 64)")
+    s.add_argument("--sampler", choices=["ancestral", "ddim"], default="ancestral")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
+    s.add_argument("--sigma2", choices=["beta", "beta_tilde", "learned"], default=None,
+                   help="ancestral reverse variance (default: the model's own)")
+    s.add_argument("--spacing", choices=["uniform", "quadratic"], default="quadratic",
+                   help="which steps a respaced chain visits (default quadratic)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    s.add_argument("--which", choices=["ema", "model"], default="ema",
+                   help="EMA (default) or raw weights of our files")
+    s.add_argument("--no-clip", action="store_true", help="do not clip x̂_0 to [-1, 1]")
+    s.add_argument("-o", "--out", default="samples.npz", help="output .npz (default samples.npz)")
+    s.add_argument("--grid", default=None, help="PNG grid (default: OUT with .png)")
+    s.add_argument("--grid-n", type=int, default=64, help="images in the grid (default 64)")
+    s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bpd", help="bits/dim (DDPM's full variational bound) of images",
+                       description="Negative log-likelihood bound in bits/dim of uint8 images.")
+    b.add_argument("model", help=model_help)
+    b.add_argument("images", help="a folder of PNG/JPEG, an .npz with uint8 `images` or an .npy")
+    b.add_argument("-n", "--num", dest="n", type=int, default=None, help="first N images only")
+    b.add_argument("--sigma2", choices=["beta", "beta_tilde", "learned"], default=None)
+    b.add_argument("--batch-size", type=int, default=100)
+    b.add_argument("--t-batch", type=int, default=10, help="timesteps per network call")
+    b.add_argument("--device", default=None)
+    b.add_argument("--which", choices=["ema", "model"], default="ema")
+    b.add_argument("--json", default=None, help="also write the result to this JSON file")
+    b.set_defaults(func=cmd_bpd)
+
+    c = sub.add_parser("convert", help="our model file <-> a diffusers folder",
+                       description="Convert between our model file (.pt) and a diffusers folder "
+                                   "(UNet2DModel config.json + safetensors + DDPMScheduler "
+                                   "scheduler_config.json). diffusers is not needed.")
+    c.add_argument("src", help=model_help)
+    c.add_argument("dst", help="a .pt file (ours) or a folder (diffusers)")
+    c.add_argument("--to", choices=["ours", "diffusers"], default=None,
+                   help="output format (default: ours for a .pt destination, else diffusers)")
+    c.add_argument("--which", choices=["ema", "model"], default="ema")
+    c.set_defaults(func=cmd_convert)
+
+    k = sub.add_parser("check", help="compare metrics/ with reference/expected.yaml",
+                       description="Pick the entry of the expected metrics matching params.yaml, "
+                                   "print expected vs measured; exit 1 on any miss.")
+    k.add_argument("--params", default="params.yaml")
+    k.add_argument("--metrics-dir", default="metrics")
+    k.add_argument("--expected", default="reference/expected.yaml")
+    k.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("preset", help="apply presets/NAME.yaml to params.yaml",
+                       description="Merge a preset (e.g. table1_cifar10) into params.yaml.")
+    r.add_argument("name", nargs="?", help="preset name or a .yaml file")
+    r.add_argument("--params", default="params.yaml")
+    r.add_argument("--list", action="store_true", help="list the presets")
+    r.set_defaults(func=cmd_preset)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ddpm` console script; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("DDPM_DEBUG"):
+            raise
+        code = 2 if isinstance(e, _bad_input_errors()) else 1
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""The public API: ddpm_core.load_model / sample / bits_per_dim / check_matches."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import OURS_TINY, make_diffusers_folder, random_net
+
+import ddpm_core
+from ddpm_core.api import ModelMismatch, bits_per_dim_per_image
+from ddpm_core.data import DataError, from_unit, to_numpy_images, to_unit
+from ddpm_core.diffusion import Diffusion
+from ddpm_core.distributed import batch_seed
+from ddpm_core.likelihood import bits_per_dim as bound
+from ddpm_core.samplers import sample_ancestral, sample_ddim, spaced_timesteps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model() -> tuple[torch.nn.Module, Diffusion]:
+    return random_net(OURS_TINY), Diffusion.from_schedule("linear", 10)
+
+
+def _by_hand(n: int, batch: int, seed: int, draw) -> np.ndarray:
+    """The seeding contract: batch j uses a generator seeded batch_seed(seed, j)."""
+    out = []
+    for j, start in enumerate(range(0, n, batch)):
+        g = torch.Generator().manual_seed(batch_seed(seed, j))
+        out.append(from_unit(draw(min(batch, n - start), g)))
+    return to_numpy_images(torch.cat(out))
+
+
+@pytest.mark.parametrize("kind", ["ancestral_beta", "respaced_beta_tilde", "ddim"])
+def test_sample_is_the_seeded_sampler_batch_by_batch(model, kind, one_thread) -> None:
+    net, diff = model
+    shape = (1, 8, 8)
+    if kind == "ancestral_beta":
+        got = ddpm_core.sample(net, diff, n=5, sigma2="beta", seed=7, batch_size=2)
+        want = _by_hand(5, 2, 7, lambda b, g: sample_ancestral(diff, net, (b, *shape), g))
+    elif kind == "respaced_beta_tilde":
+        got = ddpm_core.sample(net, diff, n=5, steps=4, sigma2="beta_tilde", spacing="uniform",
+                               seed=7, batch_size=2)
+        small = diff.with_var_type("fixed_small")
+        ts = spaced_timesteps(10, 4, "uniform")
+        want = _by_hand(5, 2, 7, lambda b, g: sample_ancestral(small, net, (b, *shape), g,
+                                                               timesteps=ts))
+    else:
+        got = ddpm_core.sample(net, diff, n=5, sampler="ddim", steps=4, eta=0.5, seed=7,
+                               batch_size=2)
+        ts = spaced_timesteps(10, 4, "quadratic")
+        want = _by_hand(5, 2, 7, lambda b, g: sample_ddim(diff, net, (b, *shape), ts, 0.5, g))
+    assert got.dtype == np.uint8 and got.shape == (5, 8, 8, 1)
+    assert np.array_equal(got, want)
+    assert len({im.tobytes() for im in got}) == 5  # every image its own noise
+
+
+def test_sample_choices_change_the_images(model, one_thread) -> None:
+    net, diff = model
+    base = ddpm_core.sample(net, diff, n=3, steps=5, seed=0)
+    assert np.array_equal(base, ddpm_core.sample(net, diff, n=3, steps=5, seed=0))
+    for other in (dict(seed=1), dict(sigma2="beta_tilde"), dict(spacing="uniform")):
+        assert not np.array_equal(base, ddpm_core.sample(net, diff, n=3, steps=5,
+                                                         **{"seed": 0, **other})), other
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(sampler="euler"), "unknown sampler 'euler'"),
+    (dict(sampler="ddim", sigma2="beta"), "DDIM's noise is eta"),
+    (dict(sigma2="learned"), "needs a model with a learned variance"),
+    (dict(sigma2="analytic"), "unknown sigma2 'analytic'"),
+    (dict(steps=11), r"steps must lie in 1..T = 10"),
+    (dict(sampler="ddim", eta=1.5), r"eta must lie in \[0, 1\]"),
+    (dict(n=0), "n and batch_size must be >= 1"),
+])
+def test_sample_rejects_bad_arguments_by_name(model, kwargs, match) -> None:
+    net, diff = model
+    with pytest.raises(ValueError, match=match):
+        ddpm_core.sample(net, diff, **{"n": 2, **kwargs})
+
+
+def test_bits_per_dim_is_the_bound_of_each_batch_seeded_by_its_start(model, one_thread) -> None:
+    net, diff = model
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    per = bits_per_dim_per_image(net, diff, images, sigma2="beta_tilde", batch_size=2,
+                                 t_batch=3)
+    x = to_unit(torch.from_numpy(images).permute(0, 3, 1, 2))
+    small = diff.with_var_type("fixed_small")
+    want = torch.cat([bound(small, net, x[s:s + 2], t_batch=3,
+                            generator=torch.Generator().manual_seed(s))["fixed_small"].total
+                      for s in range(0, 5, 2)])
+    np.testing.assert_allclose(per, want.numpy(), rtol=1e-12)
+    mean = ddpm_core.bits_per_dim(net, diff, images, sigma2="beta_tilde", batch_size=2,
+                                  t_batch=3)
+    assert mean == pytest.approx(float(want.mean()), rel=1e-12)
+    assert ddpm_core.bits_per_dim(net, diff, images, batch_size=2, t_batch=3) != mean  # σ² = β
+
+
+def test_bits_per_dim_takes_the_uint8_images_sample_returns(model, one_thread) -> None:
+    net, diff = model
+    with pytest.raises(DataError, match=r"expected uint8 numpy \[N, H, W, C\]"):
+        ddpm_core.bits_per_dim(net, diff, np.zeros((2, 8, 8, 1), np.float32))
+    with pytest.raises(DataError, match=r"\(8, 8, 3\) \(H, W, C\); the model takes \(8, 8, 1\)"):
+        ddpm_core.bits_per_dim(net, diff, np.zeros((2, 8, 8, 3), np.uint8))
+
+
+# ----------------------------------------------------------------------------- load_model
+
+
+def test_load_model_from_a_diffusers_folder_and_a_weight_file(tmp_path: Path) -> None:
+    net, diff = make_diffusers_folder(tmp_path / "d", T=16, schedule="quadratic",
+                                      var_type="fixed_small")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 15])
+    for src in (tmp_path / "d", tmp_path / "d" / "diffusion_pytorch_model.safetensors",
+                str(tmp_path / "d")):
+        got, got_diff = ddpm_core.load_model(src)
+        assert not got.training and not any(p.requires_grad for p in got.parameters())
+        with torch.no_grad():
+            assert torch.equal(got(x, t), net(x, t))
+        assert torch.equal(got_diff.betas, diff.betas)
+        assert (got_diff.mean_type, got_diff.var_type) == ("eps", "fixed_small")
+
+
+def test_load_model_errors_name_the_problem(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        ddpm_core.load_model(tmp_path / "absent.pt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="a folder without config.json"):
+        ddpm_core.load_model(tmp_path / "empty")
+    with pytest.raises(ValueError, match="which must be 'ema' or 'model'"):
+        ddpm_core.load_model(tmp_path, which="best")
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError) as e:
+        ddpm_core.load_model("google/ddpm-cifar10-32")
+    assert "\n" not in str(e.value) and "could not fetch 'google/ddpm-cifar10-32'" in str(e.value)
+
+
+def test_hub_id_downloads_config_scheduler_and_weights(tmp_path: Path, monkeypatch) -> None:
+    """A hub id is fetched with the scheduler config (snapshot_download mocked: no network)."""
+    import huggingface_hub
+
+    net, diff = make_diffusers_folder(tmp_path / "cache", T=12)
+    seen = {}
+
+    def fake(repo_id, allow_patterns):
+        seen.update(repo=repo_id, patterns=allow_patterns)
+        return str(tmp_path / "cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    got, got_diff = ddpm_core.load_model("someone/tiny-ddpm")
+    assert seen["repo"] == "someone/tiny-ddpm"
+    assert {"config.json", "scheduler_config.json", "diffusion_pytorch_model.safetensors",
+            "scheduler/scheduler_config.json"} <= set(seen["patterns"])
+    assert got_diff.T == 12 and torch.equal(got.conv_out.weight, net.conv_out.weight)
+
+
+def test_folder_saved_by_diffusers_itself_loads_and_checks_against_params(tmp_path: Path,
+                                                                         one_thread) -> None:
+    """UNet2DModel + DDPMScheduler.save_pretrained (diffusers' own writer): same outputs, the
+    scheduler's T and β; params with T = 100 against this 1000-step model are an error."""
+    import diffusers
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(128, 128),
+        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), flip_sin_to_cos=False, freq_shift=1,
+        norm_eps=1e-6, attention_head_dim=None, downsample_padding=0).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unet.save_pretrained(tmp_path / "hf")
+    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                            variance_type="fixed_large").save_pretrained(tmp_path / "hf")
+    net, diff = ddpm_core.load_model(tmp_path / "hf")
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 999])
+    with torch.no_grad():
+        assert (net(x, t) - unet(x, t).sample).abs().max().item() <= 1e-5
+    assert (diff.T, diff.mean_type, diff.var_type) == (1000, "eps", "fixed_large")
+    ddpm_core.check_matches(diff, schedule="linear", timesteps=1000)
+    with pytest.raises(ModelMismatch, match="diffusion.timesteps is 100 but .* has T = 1000"):
+        ddpm_core.check_matches(diff, schedule="linear", timesteps=100,
+                                source=f"pretrained.path {tmp_path / 'hf'}")
+
+
+# ----------------------------------------------------------------------------- check_matches
+
+
+def test_check_matches_catches_T_schedule_and_mean_type() -> None:
+    official = Diffusion.from_schedule("linear", 1000)
+    ddpm_core.check_matches(official, schedule="linear", timesteps=1000, mean_type="eps",
+                            var_type="fixed_small")  # a fixed σ² is the sampler's choice
+    with pytest.raises(ModelMismatch, match=r"diffusion.timesteps is 100 but the model has "
+                                            r"T = 1000 \(set diffusion.timesteps: 1000\)"):
+        ddpm_core.check_matches(official, schedule="linear", timesteps=100)
+    with pytest.raises(ModelMismatch,
+                       match=r"schedule 'cosine' gives β\[999\] = 0.999 but the model has 0.02"):
+        ddpm_core.check_matches(official, schedule="cosine", timesteps=1000)
+    with pytest.raises(ModelMismatch, match="mean_type is 'x0' but the model predicts 'eps'"):
+        ddpm_core.check_matches(official, mean_type="x0")
+    with pytest.raises(ModelMismatch, match="var_type is 'learned_range'"):
+        ddpm_core.check_matches(official, var_type="learned_range")
+
+
+# ----------------------------------------------------------------------------- our files
+
+
+def _readme_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Python API"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_api_example_runs_as_written(tmp_path: Path, monkeypatch, capsys,
+                                            one_thread) -> None:
+    from tiny import make_model_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    ema, _, diff = make_model_file(tmp_path / "models" / "simple.pt", T=100)
+    code = _readme_block()
+    assert 'load_model("models/simple.pt")' in code
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "(64, 8, 8, 1) uint8"
+    images = ddpm_core.sample(ema, diff, n=64, sampler="ddim", steps=50, seed=0)
+    assert np.array_equal(scope["images"], images)
+    assert scope["bpd"] == pytest.approx(ddpm_core.bits_per_dim(ema, diff, images[:16]),
+                                         rel=1e-12)
+    assert out[1] == f"{scope['bpd']:.3f} bits/dim (sigma^2 = beta, all T steps)"
+
+
+def test_load_model_from_our_model_file_ema_or_raw(tmp_path: Path) -> None:
+    from tiny import make_model_file
+
+    ema, raw, diff = make_model_file(tmp_path / "m.pt", T=30, schedule="cosine",
+                                     var_type="fixed_small")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 29])
+    for which, want in (("ema", ema), ("model", raw)):
+        net, got = ddpm_core.load_model(tmp_path / "m.pt", which=which)
+        with torch.no_grad():
+            assert torch.equal(net(x, t), want(x, t)), which
+        assert torch.equal(got.betas, diff.betas) and got.var_type == "fixed_small"
