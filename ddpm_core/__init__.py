@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["bits_per_dim", "check_matches", "load_model", "sample"]
+__all__ = ["bits_per_dim", "check_matches", "estimate_gamma", "load_model", "sample"]
 
 if TYPE_CHECKING:
-    from ddpm_core.api import bits_per_dim, check_matches, load_model, sample
+    from ddpm_core.api import bits_per_dim, check_matches, estimate_gamma, load_model, sample
 
 
 def __getattr__(name: str) -> Any:

@@ -9,10 +9,14 @@ Images are uint8 numpy arrays [N, H, W, C] (0..255, channels last) both ways: wh
 call is seeded by (seed, j) exactly as the pipeline's sample stage seeds it, so the same
 (model, sampler, seed, batch size) gives the same images here and in `samples/`.
 
-σ² names (the reverse-process variance of the ancestral sampler):
+σ² names (the reverse-process variance of the ancestral sampler and of the bound):
     beta        σ² = β_t                 (DDPM's default; "fixed_large")
     beta_tilde  σ² = β̃_t                 (the posterior variance; "fixed_small")
     learned     the network's own σ²     (models trained with a learned variance)
+    analytic    Analytic-DPM's σ̂²        (Bao et al. 2022; needs gamma = estimate_gamma(...) from
+                                          training images; DDIM: only with eta > 0)
+Step lists come from samplers.timestep_spacing: "trailing" (default, starts at T − 1),
+"linspace", "leading" (the DDIM code's uniform) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
 """
 
 from __future__ import annotations
@@ -26,15 +30,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion, VarType
+from ddpm_core import analytic
+from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion
+from ddpm_core.samplers import DEFAULT_SPACING, Spacing
 from ddpm_core.schedules import ScheduleKind, make_betas
 
 SamplerKind = Literal["ancestral", "ddim"]
-Sigma2 = Literal["beta", "beta_tilde", "learned"]
-Spacing = Literal["uniform", "quadratic"]
+Sigma2 = Literal["beta", "beta_tilde", "learned", "analytic"]
 Which = Literal["ema", "model"]
 
-SIGMA2_TO_VAR: dict[str, VarType] = {"beta": "fixed_large", "beta_tilde": "fixed_small"}
+# public σ² name -> the library's (analytic.Sigma2)
+SIGMA2_TO_CORE: dict[str, analytic.Sigma2] = {"beta": "fixed_large", "beta_tilde": "fixed_small",
+                                              "analytic": "analytic"}
 
 
 class ModelMismatch(ValueError):
@@ -139,43 +146,67 @@ def _device(device: str | torch.device | None, net: torch.nn.Module) -> torch.de
 
 def timesteps_for(diff: Diffusion, steps: int | None, spacing: Spacing) -> list[int] | None:
     """The increasing steps a chain of `steps` visits (None: all T, the full chain)."""
-    from ddpm_core.samplers import spaced_timesteps
+    from ddpm_core.samplers import SPACINGS, timestep_spacing
 
+    if spacing not in SPACINGS:  # checked even for the full chain: a typo is never ignored
+        raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if steps is None or steps == diff.T:
         return None
     if not 1 <= steps <= diff.T:
         raise ValueError(f"steps must lie in 1..T = {diff.T}, got {steps}")
-    return spaced_timesteps(diff.T, steps, spacing)
+    return timestep_spacing(diff.T, steps, spacing)
 
 
-def with_sigma2(diff: Diffusion, sigma2: Sigma2 | None) -> Diffusion:
-    """The diffusion whose reverse variance is σ² = `sigma2` (None: the model's own)."""
+def core_sigma2(diff: Diffusion, sigma2: Sigma2 | None) -> analytic.Sigma2:
+    """The library's σ² choice for a public name (None: the model's own variance)."""
     if sigma2 is None:
-        return diff
+        return diff.var_type
     if sigma2 == "learned":
         if diff.var_type not in LEARNED_VAR_TYPES:
             raise ValueError(f"sigma2='learned' needs a model with a learned variance; this one "
                              f"has {diff.var_type!r} (use 'beta' or 'beta_tilde')")
-        return diff
-    if sigma2 not in SIGMA2_TO_VAR:
+        return diff.var_type
+    if sigma2 not in SIGMA2_TO_CORE:
         raise ValueError(f"unknown sigma2 {sigma2!r}; expected one of {get_args(Sigma2)}")
-    if diff.var_type in LEARNED_VAR_TYPES:
+    if diff.var_type in LEARNED_VAR_TYPES and sigma2 != "analytic":
         raise ValueError(f"this model learned its variance ({diff.var_type!r}): use "
                          "sigma2='learned'")
-    return diff.with_var_type(SIGMA2_TO_VAR[sigma2])
+    return SIGMA2_TO_CORE[sigma2]
+
+
+@torch.no_grad()
+def estimate_gamma(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
+                   M: int = 100, seed: int = 0, batch_size: int = 256,
+                   device: str | torch.device | None = None,
+                   progress: bool = False) -> torch.Tensor:
+    """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 on the first M uint8 training images [N, H, W, C]
+    (Bao et al. 2022; M = 10 or 100 gave the same NLL there): the input of sigma2="analytic"."""
+    from ddpm_core.data import to_model_tensor, to_unit
+
+    cfg = getattr(net, "cfg", None)
+    _check_images(images, None if cfg is None else
+                  (cfg.in_channels, cfg.image_size, cfg.image_size))
+    dev = _device(device, net)
+    net = net.to(dev).eval()
+    x0 = to_unit(to_model_tensor(images[:M])).to(dev)
+    gen = torch.Generator(dev).manual_seed(seed)
+    return analytic.estimate_gamma(net, diffusion, x0, len(x0), gen, batch_size,
+                                   progress=progress)
 
 
 @torch.no_grad()
 def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
            sampler: SamplerKind = "ancestral", steps: int | None = None,
-           sigma2: Sigma2 | None = None, spacing: Spacing = "quadratic", eta: float = 0.0,
+           sigma2: Sigma2 | None = None, spacing: Spacing = DEFAULT_SPACING, eta: float = 0.0,
            seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None,
-           clip_x0: bool = True, progress: bool = False) -> np.ndarray:
+           clip_x0: bool = True, gamma: torch.Tensor | None = None,
+           progress: bool = False) -> np.ndarray:
     """n images uint8 [n, H, W, C] drawn from p_θ.
 
     sampler "ancestral" (DDPM Algorithm 2; `steps` < T respaces the chain, improved DDPM
-    Sec. 4) with reverse variance `sigma2`, or "ddim" (Song et al. 2021, η = `eta`). `steps`
-    None means all T steps (DDIM then visits every step too).
+    Sec. 4) with reverse variance `sigma2`, or "ddim" (Song et al. 2021, η = `eta`; sigma2
+    None or "analytic"). `steps` None means all T steps (DDIM then visits every step too).
+    sigma2="analytic" needs gamma = estimate_gamma(net, diffusion, training_images).
     """
     from ddpm_core.data import from_unit, to_numpy_images
     from ddpm_core.distributed import sample_in_batches
@@ -185,11 +216,18 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
     if sampler not in get_args(SamplerKind):
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {get_args(SamplerKind)}")
-    if sampler == "ddim" and sigma2 is not None:
-        raise ValueError("sigma2 sets the ancestral sampler's variance; DDIM's noise is eta")
+    if sampler == "ddim" and sigma2 not in (None, "analytic"):
+        raise ValueError("DDIM's noise is set by eta (sigma2 None) or sigma2='analytic'; "
+                         f"sigma2={sigma2!r} is for the ancestral sampler")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    diff = with_sigma2(diffusion, sigma2)
+    diff = diffusion
+    chosen = core_sigma2(diff, sigma2) if sampler == "ancestral" else None
+    if sigma2 == "analytic" and gamma is None:
+        raise ValueError("sigma2='analytic' needs gamma: pass gamma=ddpm_core.estimate_gamma("
+                         "net, diffusion, training_images)")
+    if sampler == "ddim" and sigma2 == "analytic" and eta == 0.0:
+        raise ValueError("DDIM with sigma2='analytic' needs eta > 0 (eta = 0 is deterministic)")
     timesteps = timesteps_for(diff, steps, spacing)
     dev = _device(device, net)
     net = net.to(dev).eval()
@@ -203,9 +241,11 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
         shape = (size, *chw)
         if sampler == "ddim":
             ts = timesteps if timesteps is not None else list(range(diff.T))
-            x = sample_ddim(diff, net, shape, ts, eta, gen, clip_x0=clip_x0)
+            x = sample_ddim(diff, net, shape, ts, eta, gen, clip_x0=clip_x0,
+                            sigma2="analytic" if sigma2 == "analytic" else "eta", gamma=gamma)
         else:
-            x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=clip_x0)
+            x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=clip_x0,
+                                 sigma2=chosen, gamma=gamma)
         bar.update(size)
         return from_unit(x).cpu()
 
@@ -233,21 +273,24 @@ def _check_images(images: np.ndarray, chw: Sequence[int] | None) -> None:
 
 @torch.no_grad()
 def bits_per_dim_per_image(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
-                           sigma2: Sigma2 | None = None, batch_size: int = 256,
+                           sigma2: Sigma2 | None = None, steps: int | None = None,
+                           gamma: torch.Tensor | None = None, batch_size: int = 256,
                            t_batch: int = 10, device: str | torch.device | None = None,
                            progress: bool = False) -> np.ndarray:
-    """Full variational bound (DDPM eq. 5) per image, bits/dim float64 [N], for uint8 NHWC.
+    """Variational bound (DDPM eq. 5) per image, bits/dim float64 [N], for uint8 NHWC images.
 
-    Batch j starting at image s draws the noise of q(x_t|x_0) from a generator seeded s, as
-    the pipeline's bpd stage does.
+    `steps` None is the full T-step chain; K < T the K-step chain on the even trajectory
+    round(linspace(0, T−1, K)) (Bao et al. 2022). Batch j starting at image s draws the noise
+    of q(x_t|x_0) from a generator seeded s, as the pipeline's bpd stage does.
     """
     from ddpm_core.data import to_model_tensor, to_unit
-    from ddpm_core.likelihood import bits_per_dim as bound
+    from ddpm_core.likelihood import bits_per_dim_at_steps
 
     cfg = getattr(net, "cfg", None)
     _check_images(images, None if cfg is None else
                   (cfg.in_channels, cfg.image_size, cfg.image_size))
-    diff = with_sigma2(diffusion, sigma2)
+    chosen = core_sigma2(diffusion, sigma2)
+    K = diffusion.T if steps is None else int(steps)
     dev = _device(device, net)
     net = net.to(dev).eval()
     x_all = to_model_tensor(images)
@@ -256,17 +299,20 @@ def bits_per_dim_per_image(net: torch.nn.Module, diffusion: Diffusion, images: n
     for start in tqdm(starts, desc="bpd", unit="batch", disable=not progress):
         x0 = to_unit(x_all[start:start + batch_size]).to(dev)
         gen = torch.Generator(dev).manual_seed(start)
-        res = bound(diff, net, x0, t_batch=t_batch, generator=gen)[diff.var_type]
-        out.append(res.total.numpy())
+        res = bits_per_dim_at_steps(diffusion, net, x0, [K], var_types=[chosen], gamma=gamma,
+                                    t_batch=t_batch, generator=gen)
+        out.append(res[K][chosen].total.numpy())
     return np.concatenate(out)
 
 
 def bits_per_dim(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
-                 sigma2: Sigma2 | None = None, batch_size: int = 256, t_batch: int = 10,
+                 sigma2: Sigma2 | None = None, steps: int | None = None,
+                 gamma: torch.Tensor | None = None, batch_size: int = 256, t_batch: int = 10,
                  device: str | torch.device | None = None, progress: bool = False) -> float:
     """Mean negative log-likelihood bound in bits/dim of uint8 images [N, H, W, C]."""
-    per = bits_per_dim_per_image(net, diffusion, images, sigma2=sigma2, batch_size=batch_size,
-                                 t_batch=t_batch, device=device, progress=progress)
+    per = bits_per_dim_per_image(net, diffusion, images, sigma2=sigma2, steps=steps,
+                                 gamma=gamma, batch_size=batch_size, t_batch=t_batch,
+                                 device=device, progress=progress)
     value = float(per.mean())
     assert math.isfinite(value), "bits/dim is not finite"
     return value

@@ -107,13 +107,28 @@ def read_images(path: str | Path) -> Any:
 # ----------------------------------------------------------------------------- subcommands
 
 
+def _gamma(a: argparse.Namespace, net: Any, diff: Any) -> Any:
+    """Γ for sigma2 analytic, estimated on --gamma-images (None otherwise)."""
+    from ddpm_core.api import estimate_gamma
+
+    if a.sigma2 != "analytic":
+        if a.gamma_images is not None:
+            raise UsageError("--gamma-images is only used with --sigma2 analytic")
+        return None
+    if a.gamma_images is None:
+        raise UsageError("--sigma2 analytic needs --gamma-images (training images, e.g. "
+                         "data/prepared/train.npy) to estimate Γ")
+    return estimate_gamma(net, diff, read_images(a.gamma_images), M=a.gamma_m,
+                          batch_size=a.batch_size, progress=True)
+
+
 def cmd_sample(a: argparse.Namespace) -> int:
     from ddpm_core.api import load_model, sample
 
     net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
     images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
                     spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
-                    clip_x0=not a.no_clip, progress=True)
+                    clip_x0=not a.no_clip, gamma=_gamma(a, net, diff), progress=True)
     out = Path(a.out)
     _atomic_savez(out, images=images)
     grid = Path(a.grid) if a.grid else out.with_suffix(".png")
@@ -129,14 +144,15 @@ def cmd_bpd(a: argparse.Namespace) -> int:
     if a.n is not None:
         images = images[:a.n]
     net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
-    per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, batch_size=a.batch_size,
+    per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, steps=a.steps,
+                                 gamma=_gamma(a, net, diff), batch_size=a.batch_size,
                                  t_batch=a.t_batch, progress=True)
     mean, se = float(per.mean()), float(per.std(ddof=1) / math.sqrt(len(per))) if len(
         per) > 1 else float("nan")
     result = {"bpd": mean, "standard_error": se, "images": int(len(per)), "T": diff.T,
-              "var_type": a.sigma2 or diff.var_type}
+              "steps": a.steps or diff.T, "sigma2": a.sigma2 or diff.var_type}
     print(f"bits/dim {mean:.5f} ± {se:.5f} (standard error) on {len(per)} images, "
-          f"T = {diff.T}, σ² {result['var_type']}")
+          f"T = {diff.T}, {result['steps']} steps, σ² {result['sigma2']}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
@@ -235,6 +251,17 @@ def _default_device() -> str:
 
 # ----------------------------------------------------------------------------- parser
 
+SIGMA2 = ["beta", "beta_tilde", "learned", "analytic"]
+SPACINGS = ["trailing", "linspace", "leading", "ddim_quadratic"]  # samplers.SPACINGS
+DEFAULT_SPACING = "trailing"  # samplers.DEFAULT_SPACING (the parser must not import torch)
+
+
+def _gamma_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gamma-images", default=None,
+                   help="training images (folder, .npz, .npy) for Γ of --sigma2 analytic")
+    p.add_argument("--gamma-m", type=int, default=100,
+                   help="images used for Γ (default 100; Bao et al.: 10 or 100 suffice)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpm", description="DDPM models: sample, bits/dim, convert, check results.")
@@ -249,10 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--num", dest="n", type=int, default=64, help="images (default 64)")
     s.add_argument("--sampler", choices=["ancestral", "ddim"], default="ancestral")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
-    s.add_argument("--sigma2", choices=["beta", "beta_tilde", "learned"], default=None,
-                   help="ancestral reverse variance (default: the model's own)")
-    s.add_argument("--spacing", choices=["uniform", "quadratic"], default="quadratic",
-                   help="which steps a respaced chain visits (default quadratic)")
+    s.add_argument("--sigma2", choices=SIGMA2, default=None,
+                   help="reverse variance (default: the model's own; DDIM: eta, or analytic)")
+    s.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SPACING,
+                   help=f"which steps a respaced chain visits (default {DEFAULT_SPACING})")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=256)
@@ -263,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--out", default="samples.npz", help="output .npz (default samples.npz)")
     s.add_argument("--grid", default=None, help="PNG grid (default: OUT with .png)")
     s.add_argument("--grid-n", type=int, default=64, help="images in the grid (default 64)")
+    _gamma_args(s)
     s.set_defaults(func=cmd_sample)
 
     b = sub.add_parser("bpd", help="bits/dim (DDPM's full variational bound) of images",
@@ -270,12 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("model", help=model_help)
     b.add_argument("images", help="a folder of PNG/JPEG, an .npz with uint8 `images` or an .npy")
     b.add_argument("-n", "--num", dest="n", type=int, default=None, help="first N images only")
-    b.add_argument("--sigma2", choices=["beta", "beta_tilde", "learned"], default=None)
+    b.add_argument("--sigma2", choices=SIGMA2, default=None,
+                   help="reverse variance (default: the model's own)")
+    b.add_argument("--steps", type=int, default=None,
+                   help="K-step chain on the even trajectory (default: all T steps)")
     b.add_argument("--batch-size", type=int, default=100)
     b.add_argument("--t-batch", type=int, default=10, help="timesteps per network call")
     b.add_argument("--device", default=None)
     b.add_argument("--which", choices=["ema", "model"], default="ema")
     b.add_argument("--json", default=None, help="also write the result to this JSON file")
+    _gamma_args(b)
     b.set_defaults(func=cmd_bpd)
 
     c = sub.add_parser("convert", help="our model file <-> a diffusers folder",

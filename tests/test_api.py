@@ -11,12 +11,14 @@ import torch
 from tiny import OURS_TINY, make_diffusers_folder, random_net
 
 import ddpm_core
+from ddpm_core.analytic import estimate_gamma
 from ddpm_core.api import ModelMismatch, bits_per_dim_per_image
 from ddpm_core.data import DataError, from_unit, to_numpy_images, to_unit
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.distributed import batch_seed
 from ddpm_core.likelihood import bits_per_dim as bound
-from ddpm_core.samplers import sample_ancestral, sample_ddim, spaced_timesteps
+from ddpm_core.likelihood import bits_per_dim_at_steps
+from ddpm_core.samplers import sample_ancestral, sample_ddim, timestep_spacing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,16 +45,17 @@ def test_sample_is_the_seeded_sampler_batch_by_batch(model, kind, one_thread) ->
         got = ddpm_core.sample(net, diff, n=5, sigma2="beta", seed=7, batch_size=2)
         want = _by_hand(5, 2, 7, lambda b, g: sample_ancestral(diff, net, (b, *shape), g))
     elif kind == "respaced_beta_tilde":
-        got = ddpm_core.sample(net, diff, n=5, steps=4, sigma2="beta_tilde", spacing="uniform",
+        got = ddpm_core.sample(net, diff, n=5, steps=4, sigma2="beta_tilde", spacing="leading",
                                seed=7, batch_size=2)
         small = diff.with_var_type("fixed_small")
-        ts = spaced_timesteps(10, 4, "uniform")
+        ts = timestep_spacing(10, 4, "leading")
         want = _by_hand(5, 2, 7, lambda b, g: sample_ancestral(small, net, (b, *shape), g,
                                                                timesteps=ts))
     else:
         got = ddpm_core.sample(net, diff, n=5, sampler="ddim", steps=4, eta=0.5, seed=7,
-                               batch_size=2)
-        ts = spaced_timesteps(10, 4, "quadratic")
+                               batch_size=2)  # default spacing: trailing, from T − 1
+        ts = timestep_spacing(10, 4, "trailing")
+        assert ts[-1] == 9
         want = _by_hand(5, 2, 7, lambda b, g: sample_ddim(diff, net, (b, *shape), ts, 0.5, g))
     assert got.dtype == np.uint8 and got.shape == (5, 8, 8, 1)
     assert np.array_equal(got, want)
@@ -63,16 +66,19 @@ def test_sample_choices_change_the_images(model, one_thread) -> None:
     net, diff = model
     base = ddpm_core.sample(net, diff, n=3, steps=5, seed=0)
     assert np.array_equal(base, ddpm_core.sample(net, diff, n=3, steps=5, seed=0))
-    for other in (dict(seed=1), dict(sigma2="beta_tilde"), dict(spacing="uniform")):
+    for other in (dict(seed=1), dict(sigma2="beta_tilde"), dict(spacing="leading")):
         assert not np.array_equal(base, ddpm_core.sample(net, diff, n=3, steps=5,
                                                          **{"seed": 0, **other})), other
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     (dict(sampler="euler"), "unknown sampler 'euler'"),
-    (dict(sampler="ddim", sigma2="beta"), "DDIM's noise is eta"),
+    (dict(sampler="ddim", sigma2="beta"), "DDIM's noise is set by eta"),
     (dict(sigma2="learned"), "needs a model with a learned variance"),
-    (dict(sigma2="analytic"), "unknown sigma2 'analytic'"),
+    (dict(sigma2="sigma"), "unknown sigma2 'sigma'"),
+    (dict(sigma2="analytic"), "needs gamma"),
+    (dict(sampler="ddim", sigma2="analytic", gamma=torch.ones(10)), "needs eta > 0"),
+    (dict(spacing="uniform"), "unknown spacing 'uniform'"),
     (dict(steps=11), r"steps must lie in 1..T = 10"),
     (dict(sampler="ddim", eta=1.5), r"eta must lie in \[0, 1\]"),
     (dict(n=0), "n and batch_size must be >= 1"),
@@ -98,6 +104,32 @@ def test_bits_per_dim_is_the_bound_of_each_batch_seeded_by_its_start(model, one_
                                   t_batch=3)
     assert mean == pytest.approx(float(want.mean()), rel=1e-12)
     assert ddpm_core.bits_per_dim(net, diff, images, batch_size=2, t_batch=3) != mean  # σ² = β
+
+
+def test_analytic_sigma2_uses_gamma_from_training_images(model, one_thread) -> None:
+    """estimate_gamma = analytic.estimate_gamma on the first M images in [-1, 1], seeded; the
+    analytic sampler and K-step bound are the library's with that Γ."""
+    net, diff = model
+    train = np.random.default_rng(1).integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
+    gamma = ddpm_core.estimate_gamma(net, diff, train, M=8, seed=3, batch_size=16)
+    x = to_unit(torch.from_numpy(train[:8]).permute(0, 3, 1, 2))
+    want = estimate_gamma(net, diff, x, 8, torch.Generator().manual_seed(3), 16)
+    assert torch.equal(gamma, want) and gamma.shape == (10,) and bool(torch.isfinite(gamma).all())
+    got = ddpm_core.sample(net, diff, n=3, steps=5, sigma2="analytic", gamma=gamma, seed=2,
+                           batch_size=2)
+    ts = timestep_spacing(10, 5, "trailing")
+    by_hand = _by_hand(3, 2, 2, lambda b, g: sample_ancestral(
+        diff, net, (b, 1, 8, 8), g, timesteps=ts, sigma2="analytic", gamma=gamma))
+    assert np.array_equal(got, by_hand)
+    assert not np.array_equal(got, ddpm_core.sample(net, diff, n=3, steps=5, seed=2,
+                                                    batch_size=2))
+    images = train[8:]
+    bpd = bits_per_dim_per_image(net, diff, images, sigma2="analytic", gamma=gamma, steps=4,
+                                 batch_size=4, t_batch=2)
+    x0 = to_unit(torch.from_numpy(images).permute(0, 3, 1, 2))
+    ref = bits_per_dim_at_steps(diff, net, x0, [4], ["analytic"], gamma, t_batch=2,
+                                generator=torch.Generator().manual_seed(0))[4]["analytic"]
+    np.testing.assert_allclose(bpd, ref.total.numpy(), rtol=1e-12)
 
 
 def test_bits_per_dim_takes_the_uint8_images_sample_returns(model, one_thread) -> None:

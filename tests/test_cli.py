@@ -143,6 +143,34 @@ def test_bpd_of_images_of_the_wrong_shape_is_exit_2(diffusers_folder, tmp_path, 
     assert_one_line_error(err, "(4, 4, 3)", "(8, 8, 3)")
 
 
+def test_sample_analytic_needs_gamma_images_and_uses_them(diffusers_folder, tmp_path, capsys,
+                                                          one_thread) -> None:
+    import ddpm_core
+
+    code, _, err = run(["sample", str(diffusers_folder), "--sigma2", "analytic"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "--gamma-images")
+    train = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", train)
+    code, _, err = run(["sample", str(diffusers_folder), "-n", "2", "--steps", "4", "--sigma2",
+                        "analytic", "--gamma-images", str(tmp_path / "train.npy"),
+                        "--gamma-m", "4", "--device", "cpu", "-o", str(tmp_path / "a.npz")],
+                       capsys)
+    assert code == 0, err
+    net, diff = ddpm_core.load_model(diffusers_folder)
+    gamma = ddpm_core.estimate_gamma(net, diff, train, M=4, batch_size=256)
+    want = ddpm_core.sample(net, diff, 2, steps=4, sigma2="analytic", gamma=gamma)
+    with np.load(tmp_path / "a.npz") as z:
+        assert np.array_equal(z["images"], want)
+
+
+def test_cli_spacing_names_are_the_samplers(capsys) -> None:
+    from ddpm_core import cli, samplers
+
+    assert set(cli.SPACINGS) == set(samplers.SPACINGS)
+    assert cli.DEFAULT_SPACING == samplers.DEFAULT_SPACING
+
+
 # ----------------------------------------------------------------------------- check
 
 
