@@ -181,8 +181,9 @@ class SampleConfig:
     batch_size: int = 256
     use_ema: bool = True
     clip_x0: bool = True
-    # Ancestral sampling over all T steps with each fixed sigma^2 choice.
-    variances: tuple[VarType, ...] = ("fixed_large", "fixed_small")
+    # Ancestral sampling (all T steps, and respaced at every S of steps) with each σ² choice:
+    # fixed_large | fixed_small | analytic (Analytic-DPM: Γ from the gamma stage).
+    variances: tuple[str, ...] = ("fixed_large", "fixed_small")
     # Respaced ancestral (sigma^2 = beta) and DDIM at these step counts, for FID vs steps.
     steps: tuple[int, ...] = (10, 20, 50, 100)
     # trailing: every chain starts at step T (Lin et al. 2024); the DDIM paper's conventions
@@ -205,8 +206,8 @@ class SampleConfig:
         _require(self.grid_size > 0, f"{key}.grid_size", "must be > 0")
         _require(self.nproc > 0, f"{key}.nproc", "must be > 0")
         for v in self.variances:
-            _require(v in ("fixed_large", "fixed_small"), f"{key}.variances",
-                     f"{v!r} is not a fixed variance; use 'fixed_large' or 'fixed_small'")
+            _require(v in ("fixed_large", "fixed_small", "analytic"), f"{key}.variances",
+                     f"{v!r} is not a σ² choice; use fixed_large, fixed_small or analytic")
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,10 @@ class BpdConfig:
     num_images: int | None = None  # None: the whole test split
     batch_size: int = 64
     t_batch: int = 8  # timesteps evaluated per network call (x batch_size images)
-    variances: tuple[VarType, ...] = ("fixed_large", "fixed_small")
+    # fixed_large | fixed_small | analytic (Analytic-DPM: needs the gamma stage's Γ)
+    variances: tuple[str, ...] = ("fixed_large", "fixed_small")
+    # K-step chains (even trajectory) besides the full chain T; K = T is always evaluated.
+    steps: tuple[int, ...] = ()
     use_ema: bool = True
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
     # GPU), and N processes under torchrun, each taking its share of the batches.
@@ -225,14 +229,30 @@ class BpdConfig:
     nproc: int = 1
 
     def validate(self, key: str) -> None:
+        _require(all(k > 0 for k in self.steps), f"{key}.steps", "must be positive step counts")
+        for v in self.variances:
+            _require(v in ("fixed_large", "fixed_small", "analytic"), f"{key}.variances",
+                     f"{v!r} is not a σ² choice; use fixed_large, fixed_small or analytic")
         if self.num_images is not None:
             _require(self.num_images > 0, f"{key}.num_images", "must be > 0 or null")
         _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
         _require(self.t_batch > 0, f"{key}.t_batch", "must be > 0")
         _require(self.nproc > 0, f"{key}.nproc", "must be > 0")
-        for v in self.variances:
-            _require(v in ("fixed_large", "fixed_small"), f"{key}.variances",
-                     f"{v!r} is not a fixed variance; use 'fixed_large' or 'fixed_small'")
+
+
+@dataclass(frozen=True)
+class GammaConfig:
+    """gamma stage: Γ_t = E‖ε̂(x_t, t)‖²/d of the analytic σ² (Analytic-DPM), by Monte Carlo on
+    the first num_images training images, one noise draw per image and step."""
+
+    num_images: int = 256
+    batch_size: int = 512
+    use_ema: bool = True
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _require(self.num_images > 0, f"{key}.num_images", "must be > 0")
+        _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -277,6 +297,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     bpd: BpdConfig = field(default_factory=BpdConfig)
+    gamma: GammaConfig = field(default_factory=GammaConfig)
     fid: FidConfig = field(default_factory=FidConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 

@@ -28,19 +28,23 @@ from pipeline.records import (
 
 
 def steps_csv(specs: list[SamplerSpec], fids: dict[str, float]) -> str:
-    """steps,ddim,respaced: FID against S; the full chain σ² = β is the respaced point S = T."""
+    """steps,ddim,respaced,respaced_beta_tilde,respaced_analytic: FID against S; `respaced` is
+    σ² = β (or the learned σ²); the full chains are the respaced points S = T."""
+    cols = {"fixed_large": "respaced", "learned": "respaced", "learned_range": "respaced",
+            "fixed_small": "respaced_beta_tilde", "analytic": "respaced_analytic"}
+    names = ["ddim", "respaced", "respaced_beta_tilde", "respaced_analytic"]
     rows: dict[int, dict[str, float]] = {}
     for s in specs:
         if s.kind == "ddim":
             rows.setdefault(s.steps, {})["ddim"] = fids[s.name]
-        elif s.variance in ("fixed_large", "learned", "learned_range"):
-            rows.setdefault(s.steps, {})["respaced"] = fids[s.name]
+        elif s.variance in cols:
+            rows.setdefault(s.steps, {})[cols[s.variance]] = fids[s.name]
 
     def cell(x: float | None) -> str:
         return "" if x is None else f"{x:.6g}"
 
-    return "\n".join(["steps,ddim,respaced"] + [
-        f"{S},{cell(r.get('ddim'))},{cell(r.get('respaced'))}" for S, r in sorted(rows.items())
+    return "\n".join([f"steps,{','.join(names)}"] + [
+        f"{S}," + ",".join(cell(r.get(c)) for c in names) for S, r in sorted(rows.items())
     ]) + "\n"
 
 

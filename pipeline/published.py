@@ -27,3 +27,21 @@ TABLE2 = [
 # DDIM (Song et al. 2021) Table 1, CIFAR-10 FID, quadratic spacing: steps -> FID
 DDIM_ETA0 = {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16, 1000: 4.04}
 DDPM_RESPACED = {10: 367.43, 20: 133.37, 50: 32.72, 100: 9.99, 1000: 3.17}
+
+# Analytic-DPM (Bao et al. 2022) Table 1 / Table 2, CIFAR-10 (LS: linear schedule), T = 1000,
+# even trajectory of K steps (τ keeps both ends). σ² var type -> K -> value.
+ANALYTIC_DPM_SOURCE = ("Bao et al. 2022 (Analytic-DPM), CIFAR-10 (LS), T = 1000, even trajectory "
+                       "of K steps; FID on 50,000 samples")
+ANALYTIC_DPM_SPACING = "even (round(linspace(0, T−1, K)))"
+ANALYTIC_DPM_BPD = {
+    "fixed_small": {10: 74.95, 25: 24.98, 50: 12.01, 100: 7.08, 200: 5.03, 400: 4.29, 1000: 3.73},
+    "fixed_large": {10: 6.99, 25: 6.11, 50: 5.44, 100: 4.86, 200: 4.39, 400: 4.07, 1000: 3.75},
+    "analytic": {10: 5.47, 25: 4.79, 50: 4.38, 100: 4.07, 200: 3.84, 400: 3.71, 1000: 3.59},
+}
+ANALYTIC_DPM_FID = {
+    "fixed_small": {10: 44.45, 25: 21.83, 50: 15.21, 100: 10.94, 200: 8.23, 400: 6.43,
+                    1000: 5.11},
+    "fixed_large": {10: 233.41, 25: 125.05, 50: 66.28, 100: 31.36, 200: 12.96, 400: 4.86,
+                    1000: 3.04},
+    "analytic": {10: 34.26, 25: 11.60, 50: 7.25, 100: 5.40, 200: 4.01, 400: 3.62, 1000: 4.03},
+}

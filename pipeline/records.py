@@ -8,7 +8,9 @@ Layout (<v> is a variant name, the key in params.yaml's `variants`):
     metrics/train/<v>.json              train@<v>   {<v>: {final_loss}}
     samples/<v>/<sampler>.npy, index.json  sample@<v>  uint8 [N, H, W, C]; the SamplerSpecs
     grids/<v>/<sampler>.png             sample@<v>  image plots (`dvc plots show/diff`)
+    gamma/<v>.json                      gamma@<v>   Γ of the analytic σ² (null: learned σ²)
     bpd/<v>.csv                         bpd@<v>     per-term bits/dim, one column per σ²
+    plots/bpd_steps/<v>.csv             bpd@<v>     K,<sigma2>...: bits/dim against steps K
     metrics/bpd/<v>.json                bpd@<v>     {<v>: {bpd_<sigma2>[_K<k>]}}
     features/                           features    reference statistics (+ digits classifier)
     metrics/features.json               features    {floor_fid, classifier_test_accuracy}
@@ -100,13 +102,12 @@ class SamplerSpec:
 def sampler_specs(s: SampleConfig, T: int, var_type: str,
                   learned: tuple[str, ...] = ("learned", "learned_range")) -> list[SamplerSpec]:
     """What sample@<v> draws for a model whose own σ² is `var_type`: the full chain with each
-    fixed σ² of sample.variances (a learned σ² instead: its own), then respaced ancestral and
-    DDIM at every S of sample.steps."""
+    σ² of sample.variances (a learned σ² instead: its own), then at every S of sample.steps
+    respaced ancestral with each of those σ² and DDIM."""
     variances = [var_type] if var_type in learned else list(s.variances)
     specs = [SamplerSpec("ancestral", T, v) for v in variances]
-    respaced_var = var_type if var_type in learned else "fixed_large"
     for S in s.steps:
-        specs.append(SamplerSpec("respaced", S, respaced_var, s.spacing))
+        specs += [SamplerSpec("respaced", S, v, s.spacing) for v in variances]
         specs.append(SamplerSpec("ddim", S, None, s.spacing, s.ddim_eta))
     return specs
 
@@ -169,6 +170,11 @@ class VariantPaths:
     @property
     def bpd_terms(self) -> Path:
         return Path("bpd") / f"{self.name}.csv"
+
+    @property
+    def bpd_steps(self) -> Path:
+        """K,sigma2_beta,...: bits/dim of the K-step chains (a DVC plot)."""
+        return Path("plots/bpd_steps") / f"{self.name}.csv"
 
     @property
     def bpd_metrics(self) -> Path:

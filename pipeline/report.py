@@ -79,6 +79,69 @@ def steps_table(res: Results) -> pd.DataFrame:
     return df.map(_fmt)
 
 
+SIGMA2_COMPARED = ("fixed_large", "fixed_small", "analytic")
+
+
+def sigma2_steps_table(params: Params, res: Results) -> pd.DataFrame:
+    """Bits/dim against K and FID against S for σ² = β, β̃, analytic: one row per measured
+    variant and σ², then Analytic-DPM's published CIFAR-10 (LS) rows, each row saying which
+    spacing it used (bits/dim: even trajectory; FID: sample.spacing)."""
+    label = res.features.label
+    rows = []
+    for name, r in res.variants.items():
+        Ks = sorted({int(k.rsplit("_K", 1)[1]) for k in r.bpd if "_K" in k})
+        for var in SIGMA2_COMPARED:
+            row: dict[str, str] = {"source": f"measured: {name}", "σ²": SIGMA2_LABEL[var]}
+            for K in Ks:
+                row[f"bits/dim K={K}"] = _fmt(r.bpd.get(bpd_key(var, K)))
+            for spec in r.samplers:
+                if spec.variance == var and spec.kind in ("ancestral", "respaced"):
+                    row[f"{label} S={spec.steps}"] = _fmt(r.fid_of(spec))
+            row["spacing (bits/dim; FID)"] = f"even; {params.sample.spacing}"
+            if len(row) > 3:
+                rows.append(row)
+    for var in SIGMA2_COMPARED:
+        row = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "σ²": SIGMA2_LABEL[var]}
+        row.update({f"bits/dim K={K}": _fmt(x, 2)
+                    for K, x in published.ANALYTIC_DPM_BPD[var].items()})
+        row.update({f"Inception FID S={K}": _fmt(x, 2)
+                    for K, x in published.ANALYTIC_DPM_FID[var].items()})
+        row["spacing (bits/dim; FID)"] = "even; even"
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("–")
+
+
+def sigma2_steps_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
+    """Bits/dim vs K and FID vs S, one line per variant and σ² (measured; the published
+    Analytic-DPM numbers are in the table beside them, on another scale)."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    drawn = False
+    for name, r in res.variants.items():
+        for var in SIGMA2_COMPARED:
+            ks = sorted(int(k.rsplit("_K", 1)[1]) for k in r.bpd
+                        if k.startswith(bpd_key(var) + "_K"))
+            if ks:
+                a1.plot(ks, [r.bpd[bpd_key(var, K)] for K in ks], "-o",
+                        label=f"{name}, {SIGMA2_LABEL[var]}")
+                drawn = True
+            pts = sorted((s.steps, r.fid_of(s)) for s in r.samplers
+                         if s.variance == var and s.kind in ("ancestral", "respaced")
+                         and r.fid_of(s) is not None)
+            if pts:
+                a2.plot(*zip(*pts, strict=True), "-o", label=f"{name}, {SIGMA2_LABEL[var]}")
+                drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    a1.set(xscale="log", yscale="log", xlabel="steps K (even trajectory)",
+           ylabel="bits/dim (test split)", title=f"Measured ({params.data.dataset})")
+    a2.set(xscale="log", yscale="log", xlabel=f"sampling steps S ({params.sample.spacing})",
+           ylabel=res.features.label, title=f"Measured ({params.data.dataset})")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
+    return fig_to_file(fig, fig_dir, "sigma2_vs_steps.png")
+
+
 def fig_to_file(fig: plt.Figure, fig_dir: Path, name: str) -> str:
     """Save a figure into fig_dir; returns its path as the Markdown cites it."""
     path = fig_dir / name
@@ -176,6 +239,15 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None])
         "",
         steps.reset_index().to_markdown(index=False, disable_numparse=True),
         "",
+        "## σ² = β, β̃, analytic against the number of steps (Analytic-DPM Tables 1-2 layout)",
+        "",
+        "Measured rows: bits/dim of the K-step chains on the even trajectory (K = T is the full "
+        f"chain), {label} of the full and respaced ancestral chains ({p.sample.spacing} spacing). "
+        f"Published rows: {published.ANALYTIC_DPM_SOURCE}; context only (another data set, "
+        "scale and feature network).",
+        "",
+        sigma2_steps_table(p, res).to_markdown(index=False, disable_numparse=True),
+        "",
         f"## Published: {published.SOURCE}",
         "",
         "Context only: these are CIFAR-10 numbers at full scale, not measured on "
@@ -206,7 +278,9 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None])
                    f"![{name} {spec.name}]({grid})", ""]
     for title, key in (("Loss curves", "loss"), ("Per-timestep terms of the bound (DDPM Fig. 5 "
                                                   "style)", "terms"),
-                       ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps")):
+                       ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps"),
+                       ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic (measured)",
+                        "sigma2_steps")):
         if figures.get(key) is not None:
             md += [f"## {title}", "", f"![{key}]({figures[key]})", ""]
     return "\n".join(md) + "\n"
@@ -264,7 +338,8 @@ def main(params: Params) -> None:
                 src = r.paths.grids / f"{spec.name}.png"
                 (tmp_fig / f"samples_{name}_{spec.name}.png").write_bytes(src.read_bytes())
         figures = {"loss": loss_figure(res, tmp_fig), "terms": terms_figure(res, tmp_fig),
-                   "steps": steps_figure(res, tmp_fig)}
+                   "steps": steps_figure(res, tmp_fig),
+                   "sigma2_steps": sigma2_steps_figure(params, res, tmp_fig)}
         md = build_markdown(params, res, figures)
         page = markdown_to_html(md, tmp_fig)
     write_text(md, REPORTS_DIR / "report.md")

@@ -27,7 +27,7 @@ from ddpm_core.distributed import cleanup, init_distributed, sample_in_batches
 from ddpm_core.inference import inference_model
 from ddpm_core.modelfile import LoadedModel
 from ddpm_core.progress import Progress, counting
-from ddpm_core.samplers import sample_ancestral, sample_ddim, timestep_spacing
+from ddpm_core.samplers import prior_kl_at, sample_ancestral, sample_ddim, timestep_spacing
 from pipeline.common import (
     atomic_dir,
     device,
@@ -37,6 +37,7 @@ from pipeline.common import (
     scratch_dir,
     write_json,
 )
+from pipeline.gamma import read_gamma
 from pipeline.records import SamplerSpec, VariantPaths, sampler_specs
 
 
@@ -52,14 +53,24 @@ def check(params: Params, v: VariantConfig) -> None:
             raise ConfigError(f"sample.steps: {e}") from None
 
 
+def start_index(spec: SamplerSpec, T: int) -> int:
+    """The index t the sampler starts from with x_t ~ N(0, I) (T - 1 for the full chain)."""
+    return T - 1 if spec.kind == "ancestral" else timestep_spacing(T, spec.steps,
+                                                                    spec.spacing)[-1]
+
+
 def draw(params: Params, m: LoadedModel, spec: SamplerSpec, net: torch.nn.Module,
-         dev: torch.device) -> np.ndarray:
-    """num_samples images uint8 [N, H, W, C] from one sampler (this rank's batches, gathered)."""
+         dev: torch.device, gamma: torch.Tensor | None = None) -> np.ndarray:
+    """num_samples images uint8 [N, H, W, C] from one sampler (this rank's batches, gathered);
+    σ² analytic needs Γ [T] (gamma@<v>)."""
     s, T = params.sample, m.diffusion.T
     timesteps = None if spec.kind == "ancestral" else \
         timestep_spacing(T, spec.steps, spec.spacing)
     diff = m.diffusion
-    if spec.variance is not None and spec.variance != diff.var_type:
+    sigma2 = None
+    if spec.variance == "analytic":
+        sigma2 = "analytic"
+    elif spec.variance is not None and spec.variance != diff.var_type:
         diff = diff.with_var_type(spec.variance)
 
     def fn(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -67,7 +78,8 @@ def draw(params: Params, m: LoadedModel, spec: SamplerSpec, net: torch.nn.Module
         if spec.kind == "ddim":
             x = sample_ddim(diff, net, shape, timesteps, spec.eta or 0.0, gen, clip_x0=s.clip_x0)
         else:
-            x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=s.clip_x0)
+            x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=s.clip_x0,
+                                 sigma2=sigma2, gamma=gamma if sigma2 else None)
         return from_unit(x).cpu()
 
     x = sample_in_batches(fn, s.num_samples, s.batch_size, s.seed, device=dev)
@@ -98,6 +110,8 @@ def main(params: Params, v: VariantConfig) -> None:
     paths = VariantPaths(v.name)
     m = load_model_file(paths.model, "ema" if s.use_ema else "model")
     specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type, tuple(LEARNED_VAR_TYPES))
+    gamma = read_gamma(paths, m.diffusion.T) if any(
+        sp.variance == "analytic" for sp in specs) else None
     batches = -(-s.num_samples // s.batch_size)
     share = -(-batches // info.world_size)  # this rank's batches (at most)
     calls = share * sum(spec.steps for spec in specs)
@@ -110,12 +124,17 @@ def main(params: Params, v: VariantConfig) -> None:
         net = counting(inference_model(m.net.to(dev), s.precision, compile=s.compile), bar)
         for spec in specs:
             t0 = time.perf_counter()
-            images = draw(params, m, spec, net, dev)
+            images = draw(params, m, spec, net, dev, gamma)
             seconds = time.perf_counter() - t0
             np.save(tmp / f"{spec.name}.npy", images, allow_pickle=False)
             save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size,
                       max(1, 64 // images.shape[1]))
-            index["samplers"].append({**spec.to_dict(), "num_samples": int(len(images))})
+            # the prior mismatch of starting at x_t ~ N(0, I): KL(q(x_t|x_0) ‖ N(0, I)) in
+            # bits/dim at the start index, worst case over x_0 ∈ [-1, 1] (samplers.prior_kl_at)
+            t_start = start_index(spec, m.diffusion.T)
+            index["samplers"].append({**spec.to_dict(), "num_samples": int(len(images)),
+                                      "start_index": t_start,
+                                      "prior_kl_bpd": prior_kl_at(m.diffusion, t_start)})
             timings["samplers"][spec.name] = {
                 "seconds": round(seconds, 2), "images_per_s": round(len(images) / seconds, 2)}
             if info.is_main:

@@ -120,12 +120,13 @@ def tiny_params() -> dict:
     p["model"].update(base_channels=8, channel_mult=[1], attn_resolutions=[])
     p["train"].update(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1)
     p["sample"].update(num_samples=8, batch_size=8, steps=[2], grid_size=4)
-    p["bpd"].update(num_images=4, batch_size=4, t_batch=5)
+    p["bpd"].update(num_images=4, batch_size=4, t_batch=5, steps=[5])  # K = 2 at T = 10: NaN (library, reported)
+    p["gamma"].update(num_images=4, batch_size=8)
     p["fid"].update(classifier_epochs=1, kid_subset_size=4)
     return p
 
 
-PER_VARIANT = {"train", "sample", "bpd", "fid"}  # DVC foreach stages: `<stage> <variant>`
+PER_VARIANT = {"train", "gamma", "sample", "bpd", "fid"}  # DVC foreach stages: `<stage> <variant>`
 
 
 def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None,
@@ -181,7 +182,15 @@ def make_outputs(root: Path, names: tuple[str, ...] = ("simple", "vlb")) -> dict
                               "samplers": [{**s.to_dict(), "num_samples": 8} for s in specs]})
         put(vp.train_metrics, {name: {"final_loss": 0.05 + k}})
         put(vp.timings("train"), {"seconds": 1.0, "steps": 4})
-        put(vp.bpd_metrics, {name: {"bpd_sigma2_beta": 2.5 + k, "bpd_sigma2_beta_tilde": 3.5 + k}})
+        bpd = {"bpd_sigma2_beta": 2.5 + k, "bpd_sigma2_beta_tilde": 3.5 + k,
+               "bpd_sigma2_analytic": 2.25 + k}
+        for K in (2, 5, T):  # bpd_<sigma2>_K<K>: the K = T value is bpd_<sigma2>
+            for key, full in list(bpd.items())[:3]:
+                bpd[f"{key}_K{K}"] = full + (T - K) * 0.125
+        put(vp.bpd_metrics, {name: bpd})
+        put(vp.bpd_steps, "K,sigma2_beta,sigma2_beta_tilde,sigma2_analytic\n" + "".join(
+            f"{K},{bpd[f'bpd_sigma2_beta_K{K}']},{bpd[f'bpd_sigma2_beta_tilde_K{K}']},"
+            f"{bpd[f'bpd_sigma2_analytic_K{K}']}\n" for K in (2, 5, T)))
         put(vp.fid_metrics, {name: {f"fid_{s}": v + k for s, v in FID.items()}})
         put(vp.fid_details, {s: {"fid": v + k, "kid_mean": 0.01, "kid_std": 0.001}
                              for s, v in FID.items()})

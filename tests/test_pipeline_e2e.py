@@ -22,7 +22,7 @@ from helpers import REPO, tiny_params
 BIN = Path(sys.executable).parent
 COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore",
         ".dvcignore", "data/raw/README.md"]
-VARIANT_STAGES = ("train", "sample", "bpd", "fid")
+VARIANT_STAGES = ("train", "gamma", "sample", "bpd", "fid")
 DVC = str(BIN / "dvc")
 
 
@@ -99,12 +99,18 @@ def test_repro_writes_every_output(repo):
     out = first.stdout
     assert out.count("features: extracting reference features") == 1, out
     assert out.count("features: extracting floor features") == 1
-    expected = {"ancestral_beta", "ancestral_beta_tilde", "respaced_beta_S2", "ddim_S2"}
+    expected = {"ancestral_beta", "ancestral_beta_tilde", "ancestral_analytic",
+                "respaced_beta_S2", "respaced_beta_tilde_S2", "respaced_analytic_S2", "ddim_S2"}
     for name in ("simple", "vlb"):
         index = json.loads((root / "samples" / name / "index.json").read_text())
         assert {d["name"] for d in index["samplers"]} == expected
         assert all(d["spacing"] == p["sample"]["spacing"] for d in index["samplers"]
                    if d["kind"] != "ancestral")
+        # the prior mismatch KL(q(x_start|x_0) ‖ N(0, I)) of each sampler's start index
+        assert p["sample"]["spacing"] == "trailing"  # every chain starts at index T - 1
+        kls = {d["prior_kl_bpd"] for d in index["samplers"]}
+        assert {d["start_index"] for d in index["samplers"]} == {T - 1} and len(kls) == 1
+        assert 0 <= kls.pop() < float("inf")
         for s in expected:
             x = np.load(root / "samples" / name / f"{s}.npy")
             assert x.dtype == np.uint8 and x.shape == (n, 8, 8, 1)
@@ -115,9 +121,22 @@ def test_repro_writes_every_output(repo):
         header, rows = lines[0].split(","), [ln.split(",") for ln in lines[1:]]
         assert header[:2] == ["term", "t"] and len(rows) == T + 1
         assert rows[0][0] == "L_T" and rows[-1][0] == "L_0"
-        for col, key in ((2, "bpd_sigma2_beta"), (3, "bpd_sigma2_beta_tilde")):
+        assert header[2:] == ["sigma2_beta", "sigma2_beta_tilde", "sigma2_analytic"]
+        for col, key in ((2, "bpd_sigma2_beta"), (3, "bpd_sigma2_beta_tilde"),
+                         (4, "bpd_sigma2_analytic")):
             total = sum(float(r[col]) for r in rows)
             assert abs(total - bpd[key]) < 1e-3 * max(1.0, total)
+        # K-step chains: every σ² at every K of bpd.steps and T; K = T is the full chain
+        Ks = sorted(set(p["bpd"]["steps"]) | {T})
+        for key in ("bpd_sigma2_beta", "bpd_sigma2_beta_tilde", "bpd_sigma2_analytic"):
+            assert bpd[f"{key}_K{T}"] == bpd[key]
+            assert all(np.isfinite(bpd[f"{key}_K{K}"]) for K in Ks)
+        steps_csv = (root / "plots" / "bpd_steps" / f"{name}.csv").read_text().splitlines()
+        assert steps_csv[0] == "K,sigma2_beta,sigma2_beta_tilde,sigma2_analytic"
+        assert [int(ln.split(",")[0]) for ln in steps_csv[1:]] == Ks
+        gamma = json.loads((root / "gamma" / f"{name}.json").read_text())
+        assert gamma["T"] == T and len(gamma["gamma"]) == T
+        assert all(g >= 0 for g in gamma["gamma"])
         fid = json.loads((root / "metrics" / "fid" / f"{name}.json").read_text())[name]
         assert set(fid) == {f"fid_{s}" for s in expected}
         assert all(np.isfinite(v) for v in fid.values())
@@ -149,7 +168,8 @@ def test_repro_writes_every_output(repo):
     assert not shown.get("errors"), shown.get("errors")
     kinds = {k: v[0]["type"] for k, v in shown["data"].items()}
     assert kinds["grids/simple/ancestral_beta.png"] == "image"
-    for f in ("plots/loss/simple.csv", "bpd/vlb.csv", "plots/fid_steps/simple.csv"):
+    for f in ("plots/loss/simple.csv", "bpd/vlb.csv", "plots/fid_steps/simple.csv",
+              "plots/bpd_steps/simple.csv"):
         assert kinds[f] == "vega" and shown["data"][f][0]["content"]["title"]["text"]
 
 
@@ -262,7 +282,10 @@ def test_pretrained_weights_are_evaluated_without_training(repo):
     out = sh([DVC, "repro"], root, env).stdout
     assert "train[mine] step" not in out and "train[mine]: imported ours weights" in out
     bpd = json.loads((root / "metrics" / "bpd" / "mine.json").read_text())["mine"]
-    assert set(bpd) == {"bpd_sigma2_beta", "bpd_sigma2_beta_tilde"}
+    T, Ks = p["diffusion"]["timesteps"], set(p["bpd"]["steps"]) | {p["diffusion"]["timesteps"]}
+    assert set(bpd) == {f"bpd_{s}{k}" for s in ("sigma2_beta", "sigma2_beta_tilde",
+                                                 "sigma2_analytic")
+                        for k in ["", *(f"_K{K}" for K in Ks)]}, T
     fid = json.loads((root / "metrics" / "fid" / "mine.json").read_text())["mine"]
     assert np.isfinite(fid["fid_ancestral_beta"])
     assert "mine" in (root / "reports" / "report.md").read_text()

@@ -32,6 +32,16 @@ def test_report_is_self_contained_and_labels_every_number(tmp_path):
     assert "0.750" in floor_row
     steps_row = next(ln for ln in md.splitlines() if ln.startswith("| vlb") and "DDIM" in ln)
     assert "7.000" in steps_row  # ddim_S2 of the second model: 6.0 + 1
+    # bits/dim vs K per σ² (make_outputs: full + (T - K)/8), beside Analytic-DPM's published rows
+    T = p["diffusion"]["timesteps"]
+    rows = md.splitlines()
+    analytic = next(ln for ln in rows if ln.startswith("| measured: simple") and "analytic" in ln)
+    assert f"{2.25 + (T - 2) * 0.125:.3f}" in analytic and "| 2.250 " in analytic
+    beta = next(ln for ln in rows if ln.startswith("| measured: vlb") and "σ² = β " in ln)
+    assert "| 3.500 " in beta and "| 4.500 " in beta  # bpd K = T, FID ancestral_beta 3.5 + 1
+    pub = next(ln for ln in rows if ln.startswith("| published: Analytic-DPM") and "analytic" in ln)
+    assert "5.47" in pub and "34.26" in pub and "even; even" in pub
+    assert "sigma2_vs_steps.png" in md
 
 
 def test_report_stage_reports_a_missing_input_in_one_line(tmp_path):

@@ -1,0 +1,61 @@
+"""Stage `gamma@<variant>`: Γ_t = E‖ε̂(x_t, t)‖²/d of the analytic σ² (Analytic-DPM, Bao et al.
+2022, Thm. 1), estimated once per model by Monte Carlo on the first gamma.num_images training
+images (ddpm_core.analytic.estimate_gamma) and read by sample@<v> and bpd@<v>.
+
+Writes gamma/<v>.json: {"T", "num_images", "seed", "gamma": [Γ_0, ..., Γ_{T-1}]}. A model with a
+learned σ² has its own variance: its file holds `"gamma": null` (no network call).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ddpm_core.analytic import estimate_gamma
+from ddpm_core.config import Params, VariantConfig
+from ddpm_core.data import load_images, to_model_tensor, to_unit
+from ddpm_core.diffusion import LEARNED_VAR_TYPES
+from ddpm_core.inference import inference_model
+from pipeline.common import device, load_model_file, run_stage, write_json
+from pipeline.records import DATA_DIR, VariantPaths
+
+
+def read_gamma(paths: VariantPaths, T: int) -> torch.Tensor | None:
+    """Γ [T] float64 from gamma@<v>'s file (None for a learned σ²); one-line error if stale."""
+    from pipeline.records import read_json
+
+    d = read_json(paths.gamma)
+    if d["gamma"] is None:
+        return None
+    if d["T"] != T:
+        raise FileNotFoundError(f"{paths.gamma}: Γ for T={d['T']}, the model has T={T}; "
+                                "rerun gamma@" + paths.name)
+    return torch.tensor(d["gamma"], dtype=torch.float64)
+
+
+def main(params: Params, v: VariantConfig) -> None:
+    g = params.gamma
+    paths = VariantPaths(v.name)
+    m = load_model_file(paths.model, "ema" if g.use_ema else "model")
+    T = m.diffusion.T
+    out = {"T": T, "num_images": None, "seed": g.seed, "gamma": None}
+    if m.diffusion.var_type not in LEARNED_VAR_TYPES:
+        dev = device()
+        x = to_model_tensor(load_images(DATA_DIR / "train.npy"))
+        M = min(g.num_images, len(x))
+        x0 = to_unit(x[:M]).to(dev)
+        net = inference_model(m.net.to(dev), "fp32", compile=False)
+        gen = torch.Generator(dev).manual_seed(g.seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            gamma = estimate_gamma(net, m.diffusion, x0, M, gen, g.batch_size)
+        seconds = time.perf_counter() - t0
+        out.update(num_images=M, gamma=[float(x) for x in gamma.cpu()])
+        print(f"gamma[{v.name}]: Γ from {M} training images in {seconds:.1f} s "
+              f"(Γ_0 {out['gamma'][0]:.4f}, Γ_T-1 {out['gamma'][-1]:.4f})", flush=True)
+    write_json(out, paths.gamma)
+
+
+if __name__ == "__main__":
+    run_stage(main, per_variant=True)
