@@ -82,6 +82,7 @@ def log_everything(params: Params, client, exp_id: str, key: str) -> str:
         if v.pretrained is None:
             vparams.update({f"train.{k}": x for k, x in train_keys.items()})
         t = r.timings
+        # r.bpd holds every σ² × K: bpd_<sigma2> (full chain) and bpd_<sigma2>_K<k>
         metrics = {**r.train, **r.bpd, **r.fid,
                    "train_steps": t.get("train", {}).get("steps"),
                    "train_seconds": t.get("train", {}).get("seconds"),
@@ -90,7 +91,7 @@ def log_everything(params: Params, client, exp_id: str, key: str) -> str:
         vrun = create_run(client, exp_id, name, f"{key}/{name}", "variant", parent,
                           tags={**tags, "variant": name})
         log_batch(client, vrun, params=vparams, metrics=metrics, steps=_loss_history(r))
-        for f in [r.paths.bpd_terms, r.paths.loss_csv, r.paths.fid_steps,
+        for f in [r.paths.bpd_terms, r.paths.bpd_steps, r.paths.loss_csv, r.paths.fid_steps,
                   *sorted(r.paths.grids.glob("*.png"))]:
             if f.is_file():
                 client.log_artifact(vrun, str(f))

@@ -161,6 +161,8 @@ def test_repro_writes_every_output(repo):
     bpd = json.loads((root / "metrics" / "bpd" / "simple.json").read_text())["simple"]
     fid = json.loads((root / "metrics" / "fid" / "simple.json").read_text())["simple"]
     assert m["bpd_sigma2_beta"] == bpd["bpd_sigma2_beta"]
+    for key in ("bpd_sigma2_beta_K5", "bpd_sigma2_beta_tilde_K5", "bpd_sigma2_analytic_K5"):
+        assert m[key] == bpd[key]  # every σ² × K is a metric of the variant run
     assert m["fid_ancestral_beta"] == fid["fid_ancestral_beta"]
     assert "final_loss" in m and "loss" in m
     # dvc plots: titled plots from the top-level section, the grids as images
