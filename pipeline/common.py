@@ -72,7 +72,8 @@ def describe_os_error(e: OSError) -> str:
            errno.EACCES: "make the folder writable (chmod u+w) or run from a writable checkout",
            errno.EPERM: "make the folder writable (chmod u+w) or run from a writable checkout",
            errno.EROFS: "the file system is read-only; run from a writable checkout",
-           errno.ENOENT: "run the stage that writes it first (dvc repro)"}.get(e.errno, "")
+           errno.ENOENT: "run the stage that writes it first (dvc repro)"}.get(
+        e.errno, "check that the disk has free space and the folder is writable")
     return f"{where}: {reason}" + (f"; {fix}" if fix else "")
 
 

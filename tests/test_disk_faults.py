@@ -70,7 +70,7 @@ def test_disk_full_while_writing_leaves_the_earlier_split_intact(workdir):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
     r = _run_prepare(workdir, 1, limit_file_size)
-    _assert_one_line_failure(r, "data/prepared", "free disk space")
+    _assert_one_line_failure(r, "data/prepared", "disk has free space")
     assert _snapshot(workdir) == before, "earlier outputs changed or half-written files left"
 
 

@@ -50,6 +50,8 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 def _wrong_type(tp: Any) -> Any:
     origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):  # e.g. bool | "auto": a nested list fits none
+        return [[1]]
     if origin is Literal:
         return 12345
     if origin is tuple:
