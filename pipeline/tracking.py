@@ -33,6 +33,10 @@ KEY_TAG = "ddpm.key"
 LEVEL_TAG = "ddpm.level"
 COMPLETE_TAG = "ddpm.complete"
 PARENT_TAG = "mlflow.parentRunId"
+# The UI opens an experiment of this kind on its model-training view (runs, charts), not on
+# the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def repo_root() -> Path:
@@ -125,11 +129,14 @@ def _open(params: Params, uri: str) -> tuple[Any, str]:
                 f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or set "
                 "mlflow.experiment to another name")
         if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return client, exp.experiment_id
         location = None
         if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
             location = (repo_root() / "mlartifacts").as_uri()
-        return client, client.create_experiment(name, artifact_location=location)
+        return client, client.create_experiment(name, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrackingUnavailable(f"mlflow: store {uri} failed: {first[:300]}") from None
@@ -261,9 +268,13 @@ def log_batch(client: Any, run_id: str, params: dict | None = None,
 
 
 def run_tags(params: Params) -> dict[str, str]:
-    """Tags every run gets: DVC experiment name (or 'workspace'), git revision, schedule."""
+    """Tags every run gets: DVC experiment name (or 'workspace'), the commit in MLflow's
+    standard source tags (the UI's Source column), schedule."""
+    rev = git_revision()
     return {"dvc.exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
-            "git.revision": git_revision(), "schedule": params.schedule}
+            "git.revision": rev, "mlflow.source.git.commit": rev,
+            "mlflow.source.name": "dvc repro (pipeline/track.py)",
+            "mlflow.source.type": "PROJECT", "schedule": params.schedule}
 
 
 def record_failure(params: Params, stage: str, variant: str, message: str,

@@ -78,6 +78,10 @@ def test_concurrent_track_on_a_new_store_logs_each_key_exactly_once(tmp_path):
     assert sorted(r.data.tags["ddpm.key"] for r in parents) == ["a", "b", "c"]
     assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
     assert all(r.info.lifecycle_stage == "active" for r in runs)
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name("ddpm")  # the UI's model-training view
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_runs_left_running_by_a_kill_are_marked_killed_when_the_rerun_logs(tmp_path):
