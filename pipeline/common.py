@@ -45,10 +45,9 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     from ddpm_core.data import DataError
     from ddpm_core.fid import MetricsError
     from ddpm_core.training import TrainingDiverged
-    from pipeline.tracking import TrackingUnavailable
 
     return (StageError, CheckpointError, DataError, MetricsError, TrainingDiverged,
-            TrackingUnavailable, FileNotFoundError)  # includes records.MissingResult
+            FileNotFoundError)  # includes records.MissingResult; tracking's errors are StageErrors
 
 
 # Batch params to lower when a stage runs out of accelerator memory.

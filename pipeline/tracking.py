@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm_core.config import Params, to_dict
+from pipeline.common import StageError
 
 KEY_TAG = "ddpm.key"
 LEVEL_TAG = "ddpm.level"
@@ -54,7 +55,7 @@ STORE_TIMEOUT_ENV = "DDPM_MLFLOW_TIMEOUT"  # seconds to wait for a tracking serv
 DEFAULT_STORE_TIMEOUT = 15.0
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(StageError):
     """The tracking store cannot be reached or opened; the message names the URI and the fix."""
 
 
