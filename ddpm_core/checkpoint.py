@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import re
 import struct
 import warnings
@@ -79,8 +80,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} is corrupt: SHA-256 does not match")
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused a class: it could run code
+        raise CheckpointError(f"checkpoint {path} holds objects other than tensors and plain "
+                              "containers; refused (loading it could run code): it was not "
+                              "written by this project") from None
     except Exception as e:  # checksum passed, so this is a format problem, not truncation
-        raise CheckpointError(f"checkpoint {path} could not be unpickled: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"checkpoint {path} could not be read: {first}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds {type(state).__name__}, not a dict")
     if state.get("format_version") != FORMAT_VERSION:

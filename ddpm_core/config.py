@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -48,6 +49,7 @@ class DataConfig:
 
     def validate(self, key: str) -> None:
         _require(0.0 < self.test_fraction < 1.0, f"{key}.test_fraction", "must be in (0, 1)")
+        _require(self.split_seed >= 0, f"{key}.split_seed", "must be >= 0")
         if self.dataset in ("folder", "npz"):
             _require(self.path is not None, f"{key}.path",
                      f"is required for dataset={self.dataset}")
@@ -76,6 +78,9 @@ class ModelConfig:
         if self.channel_mult is not None:
             _require(len(self.channel_mult) > 0 and min(self.channel_mult) > 0,
                      f"{key}.channel_mult", "must be a non-empty list of positive ints")
+        if self.attn_resolutions is not None:
+            _require(all(r > 0 for r in self.attn_resolutions), f"{key}.attn_resolutions",
+                     "must be feature-map sizes (positive ints, e.g. [16]) or []")
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,7 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
         _require(self.grad_clip > 0, f"{key}.grad_clip", "must be > 0")
         _require(0.0 <= self.ema_decay < 1.0, f"{key}.ema_decay", "must be in [0, 1)")
+        _require(self.seed >= 0, f"{key}.seed", "must be >= 0")
         _require(self.batch_size % self.nproc == 0, f"{key}.batch_size",
                  f"must be divisible by nproc={self.nproc}")
 
@@ -204,6 +210,7 @@ class SampleConfig:
         _require(0.0 <= self.ddim_eta <= 1.0, f"{key}.ddim_eta", "must be in [0, 1]")
         _require(all(s > 0 for s in self.steps), f"{key}.steps", "must be positive step counts")
         _require(self.grid_size > 0, f"{key}.grid_size", "must be > 0")
+        _require(self.seed >= 0, f"{key}.seed", "must be >= 0")
         _require(self.nproc > 0, f"{key}.nproc", "must be > 0")
         for v in self.variances:
             _require(v in ("fixed_large", "fixed_small", "analytic"), f"{key}.variances",
@@ -269,6 +276,7 @@ class FidConfig:
     def validate(self, key: str) -> None:
         _require(self.kid_subset_size > 1, f"{key}.kid_subset_size", "must be > 1")
         _require(self.classifier_epochs > 0, f"{key}.classifier_epochs", "must be > 0")
+        _require(self.classifier_seed >= 0, f"{key}.classifier_seed", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -310,6 +318,13 @@ class Params:
     def validate(self, key: str) -> None:
         _require(bool(self.variants), f"{key}variants",
                  "give at least one variant (a model to train, or one with `pretrained: path`)")
+        # FID/KID compare sample sets: KID draws subsets of kid_subset_size from each
+        need = max(2, self.fid.kid_subset_size)
+        _require(self.sample.num_samples >= need, f"{key}sample.num_samples",
+                 f"must be >= {need} (FID needs 2 images, KID subsets of fid.kid_subset_size="
+                 f"{self.fid.kid_subset_size}); raise it or lower fid.kid_subset_size")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -384,6 +399,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -396,8 +413,11 @@ def _build(cls: type, raw: Any, key: str, from_key: str | None = None) -> Any:
     """Build dataclass `cls` from a mapping, rejecting unknown keys by name; a field marked
     `from_key` (a variant's name) takes the mapping key `from_key` instead of a value."""
     where = key or "params.yaml"
-    if raw is None:
+    if raw is None and not key:  # an empty params.yaml: every default
         raw = {}
+    if raw is None:
+        raise ConfigError(f"{where}: is empty (null); give its settings or delete the key to "
+                          "use the defaults")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)

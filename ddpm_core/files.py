@@ -27,9 +27,41 @@ from typing import IO, Any
 TMP_PREFIX = ".tmp-"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_dead_siblings(path: Path) -> None:
+    """Temporary siblings of `path` left by a killed writer (its pid is gone) are removed."""
+    for p in path.parent.glob(f"{TMP_PREFIX}{path.name}-*"):
+        pid = p.name[len(TMP_PREFIX) + len(path.name) + 1:].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def _tmp_name(path: Path) -> Path:
-    """A fresh temporary sibling of `path`: `.tmp-<name>-<pid>-<random>`."""
+    """A fresh temporary sibling of `path`: `.tmp-<name>-<pid>-<random>` (stale ones of dead
+    writers are removed first, so a rerun after a kill leaves none behind)."""
+    _remove_dead_siblings(path)
     return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
+
+
+@contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` names `path` (not a temporary name) in its message."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 def _fsync_dir(d: str | Path) -> None:
@@ -50,19 +82,20 @@ def _fsync_dir(d: str | Path) -> None:
 def atomic_open(path: str | Path) -> Iterator[IO[bytes]]:
     """A binary file that appears at `path` only when the block ends without an exception."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with _named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes | bytearray | memoryview) -> None:
@@ -113,25 +146,26 @@ def _fsync_tree(root: Path) -> None:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """An empty temporary folder beside `path` that replaces `path` as a whole on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    tmp.mkdir()  # mode 0777 & ~umask
-    old = tmp.with_name(tmp.name + "-old")
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if path.exists():
-            path.rename(old)
+    with _named(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_name(path)
+        tmp.mkdir()  # mode 0777 & ~umask
+        old = tmp.with_name(tmp.name + "-old")
         try:
-            tmp.rename(path)
-        except BaseException:
-            if old.exists():
-                old.rename(path)
-            raise
-        _fsync_dir(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+            yield tmp
+            _fsync_tree(tmp)
+            if path.exists():
+                path.rename(old)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                if old.exists():
+                    old.rename(path)
+                raise
+            _fsync_dir(path.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_tmp(folder: str | Path, name_glob: str = "*") -> None:

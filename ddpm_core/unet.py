@@ -48,6 +48,10 @@ class UNetConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.base_channels % 2 != 0:
             raise ValueError(f"base_channels={self.base_channels} must be even (sin/cos halves)")
+        missing = [r for r in self.attn_resolutions if r not in self.resolutions]
+        if missing:  # would silently build a U-Net without that attention
+            raise ValueError(f"attn_resolutions={list(self.attn_resolutions)}: {missing} is not a "
+                             f"feature-map size of this U-Net {list(self.resolutions)}")
 
     @property
     def resolutions(self) -> tuple[int, ...]:

@@ -47,7 +47,33 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     from ddpm_core.training import TrainingDiverged
 
     return (StageError, CheckpointError, DataError, MetricsError, TrainingDiverged,
-            FileNotFoundError)  # includes records.MissingResult
+            FileNotFoundError)  # includes records.MissingResult; tracking's errors are StageErrors
+
+
+# Batch params to lower when a stage runs out of accelerator memory.
+OOM_HINT = ("lower sample.batch_size (sample), bpd.batch_size or bpd.t_batch (bpd: one "
+            "network call holds batch_size x t_batch images), or train.batch_size (train)")
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation: the path, the reason and the fix."""
+    import errno
+
+    if e.filename is None:  # raised with a message of ours, not by the OS
+        return str(e) or type(e).__name__
+    where = str(e.filename)
+    if e.filename2:
+        where = f"{where} -> {e.filename2}"
+    reason = e.strerror or type(e).__name__
+    fix = {errno.ENOSPC: "free disk space and run again",
+           errno.EFBIG: "the file size limit was reached; raise it (ulimit -f) or free space",
+           errno.EDQUOT: "the disk quota is exhausted; free space and run again",
+           errno.EACCES: "make the folder writable (chmod u+w) or run from a writable checkout",
+           errno.EPERM: "make the folder writable (chmod u+w) or run from a writable checkout",
+           errno.EROFS: "the file system is read-only; run from a writable checkout",
+           errno.ENOENT: "run the stage that writes it first (dvc repro)"}.get(
+        e.errno, "check that the disk has free space and the folder is writable")
+    return f"{where}: {reason}" + (f"; {fix}" if fix else "")
 
 
 def fail(msg: str, code: int) -> None:
@@ -78,6 +104,12 @@ def run_stage(main: Callable[..., None], check: Callable[..., None] | None = Non
         fail(str(e), 2)
     except _runtime_errors() as e:
         fail(str(e), 1)
+    except OSError as e:  # disk full, permissions, a missing file: no traceback
+        fail(describe_os_error(e), 1)
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        fail(f"out of memory ({str(e).splitlines()[0][:120]}); {OOM_HINT}", 1)
 
 
 def variant_from_argv(params: Params) -> VariantConfig:

@@ -19,14 +19,12 @@ from pipeline.common import run_stage, stable_hash
 from pipeline.records import REPORTS_DIR, Results, VariantResults, bpd_key, load_results
 from pipeline.tracking import (
     COMPLETE_TAG,
-    LEVEL_TAG,
-    client_and_experiment,
     create_run,
-    delete_tree,
-    find_runs,
     flatten,
     log_batch,
+    log_once,
     run_tags,
+    store,
     tracking_uri,
 )
 
@@ -34,13 +32,15 @@ LOCK_FILE = Path("dvc.lock")
 
 
 def output_hashes() -> dict:
-    """{stage: {path: md5}} of every stage output in dvc.lock except this stage's."""
+    """{stage: {path: md5}} of every result in dvc.lock: not this stage's outputs, and not the
+    timings (a forced re-run of identical work is the same result, logged once)."""
     if not LOCK_FILE.is_file():  # stages run by hand: hash the results themselves
         files = sorted(p for d in ("metrics", "samples", "bpd", "fid") for p in Path(d).rglob("*")
                        if p.is_file())
         return {"files": {str(p): stable_hash(p.read_bytes().hex()) for p in files}}
     lock = yaml.safe_load(LOCK_FILE.read_text()) or {}
-    return {name: {o["path"]: o.get("md5") or o.get("hash") for o in st.get("outs", [])}
+    return {name: {o["path"]: o.get("md5") or o.get("hash") for o in st.get("outs", [])
+                   if not str(o["path"]).startswith("timings")}
             for name, st in (lock.get("stages") or {}).items() if name != "track"}
 
 
@@ -122,23 +122,18 @@ def log_everything(params: Params, client, exp_id: str, key: str) -> str:
 
 def main(params: Params) -> None:
     key = stable_hash({"params": to_dict(params), "outputs": output_hashes()}, n=16)
-    client, exp_id = client_and_experiment(params)
-    found = [r for r in find_runs(client, exp_id, key) if r.data.tags.get(LEVEL_TAG) == "parent"]
-    done = [r for r in found if r.data.tags.get(COMPLETE_TAG) == "true"]
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
-    if done:
-        run = done[0]
-        names = run.data.tags.get("dvc.exp_names", run.data.tags.get("dvc.exp_name", ""))
+    with store(params) as (client, exp_id):
+        parent, new = log_once(client, exp_id, key,
+                               lambda: log_everything(params, client, exp_id, key))
+        names = client.get_run(parent).data.tags.get("dvc.exp_names", "")
         if exp_name not in names.split(","):
-            client.set_tag(run.info.run_id, "dvc.exp_names", f"{names},{exp_name}".strip(","))
-        print(f"track: results {key} already logged as run {run.info.run_id} "
+            client.set_tag(parent, "dvc.exp_names", f"{names},{exp_name}".strip(","))
+    if new:
+        print(f"track: logged parent run {parent} (key {key}) to {tracking_uri(params)}")
+    else:
+        print(f"track: results {key} already logged as run {parent} "
               f"({tracking_uri(params)}); nothing to do")
-        return
-    for r in found:  # a tree left half-written by a killed run
-        delete_tree(client, exp_id, r.info.run_id)
-    parent = log_everything(params, client, exp_id, key)
-    client.set_tag(parent, "dvc.exp_names", exp_name)
-    print(f"track: logged parent run {parent} (key {key}) to {tracking_uri(params)}")
 
 
 if __name__ == "__main__":

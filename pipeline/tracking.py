@@ -22,15 +22,22 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ddpm_core.config import Params, to_dict
+from pipeline.common import StageError
 
 KEY_TAG = "ddpm.key"
 LEVEL_TAG = "ddpm.level"
 COMPLETE_TAG = "ddpm.complete"
 PARENT_TAG = "mlflow.parentRunId"
+# The UI opens an experiment of this kind on its model-training view (runs, charts), not on
+# the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def repo_root() -> Path:
@@ -44,29 +51,151 @@ def tracking_uri(params: Params) -> str:
             or f"sqlite:///{repo_root() / 'mlflow.db'}")
 
 
-def client_and_experiment(params: Params) -> tuple[Any, str]:
-    """An MlflowClient on the store and the id of params.mlflow.experiment (created if new)."""
+STORE_TIMEOUT_ENV = "DDPM_MLFLOW_TIMEOUT"  # seconds to wait for a tracking server (default 15)
+DEFAULT_STORE_TIMEOUT = 15.0
+
+
+class TrackingUnavailable(StageError):
+    """The tracking store cannot be reached or opened; the message names the URI and the fix."""
+
+
+def lock_path(uri: str) -> Path:
+    """The lock file that serialises store creation and logging: beside a sqlite file, else
+    in the repository root (queued experiments share DVC_ROOT, so they share the lock)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).with_name(Path(uri[len("sqlite:///"):]).name
+                                                       + ".lock")
+    return repo_root() / ".mlflow.lock"
+
+
+def store_timeout() -> float:
+    """Seconds to keep trying an unreachable tracking server ($DDPM_MLFLOW_TIMEOUT, default 15)."""
+    raw = os.environ.get(STORE_TIMEOUT_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_STORE_TIMEOUT
+    except ValueError:
+        raise TrackingUnavailable(f"{STORE_TIMEOUT_ENV}={raw!r}: expected a number of seconds"
+                                  ) from None
+    if value <= 0:
+        raise TrackingUnavailable(f"{STORE_TIMEOUT_ENV}={raw!r}: must be > 0 seconds")
+    return value
+
+
+def _wait_for_server(uri: str, timeout: float) -> None:
+    """Poll an http(s) tracking server's /health until it answers or `timeout` s have passed."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health",
+                                        timeout=min(5.0, timeout)) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(getattr(e, "reason", e))
+        if time.monotonic() >= deadline:
+            raise TrackingUnavailable(
+                f"mlflow: tracking server {uri} not reachable after {timeout:g} s ({last}); "
+                f"start it, or unset MLFLOW_TRACKING_URI to use the local sqlite store "
+                f"({STORE_TIMEOUT_ENV} sets the wait)")
+        time.sleep(0.5)
+
+
+def _bound_mlflow_retries(timeout: float) -> None:
+    """MLflow's own HTTP retries default to minutes; keep them within the store timeout."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
+
+
+def _open(params: Params, uri: str) -> tuple[Any, str]:
     import logging
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(params)
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(params.mlflow.experiment)
-    if exp is not None:
-        return client, exp.experiment_id
-    location = None
-    if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
-        location = (repo_root() / "mlartifacts").as_uri()
+    name = params.mlflow.experiment
     try:
-        return client, client.create_experiment(params.mlflow.experiment,
-                                                artifact_location=location)
-    except Exception:  # created meanwhile by a concurrent experiment
-        exp = client.get_experiment_by_name(params.mlflow.experiment)
-        if exp is None:
-            raise
-        return client, exp.experiment_id
+        exp = client.get_experiment_by_name(name)
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            raise TrackingUnavailable(
+                f"mlflow: experiment {name!r} is deleted in {uri}; restore it "
+                f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or set "
+                "mlflow.experiment to another name")
+        if exp is not None:
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            return client, exp.experiment_id
+        location = None
+        if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
+            location = (repo_root() / "mlartifacts").as_uri()
+        return client, client.create_experiment(name, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    except MlflowException as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrackingUnavailable(f"mlflow: store {uri} failed: {first[:300]}") from None
+
+
+@contextmanager
+def store(params: Params) -> Iterator[tuple[Any, str]]:
+    """(MlflowClient, experiment id), holding the store's lock for the whole block.
+
+    The lock (a file beside the sqlite database) makes the first creation of the schema, the
+    "log once" check and the logging itself safe when several `track` processes start at once
+    (e.g. `dvc queue start -j 2`); a tracking server that is down is an error after
+    $DDPM_MLFLOW_TIMEOUT seconds, not after MLflow's minutes of retries.
+    """
+    from filelock import FileLock, Timeout
+
+    uri = tracking_uri(params)
+    timeout = store_timeout()
+    _bound_mlflow_retries(timeout)
+    if uri.startswith(("http://", "https://")):
+        _wait_for_server(uri, timeout)
+    lock = lock_path(uri)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(lock), timeout=600):
+            yield _open(params, uri)
+    except Timeout:
+        raise TrackingUnavailable(f"mlflow: {lock} held by another process for 10 min; if no "
+                                  "track stage is running, delete the lock file") from None
+
+
+def client_and_experiment(params: Params) -> tuple[Any, str]:
+    """An MlflowClient on the store and the id of params.mlflow.experiment (created if new),
+    under the store's lock for the creation only (use `store` to hold it while logging)."""
+    with store(params) as opened:
+        return opened
+
+
+def log_once(client: Any, exp_id: str, key: str, write: Callable[[], str]) -> tuple[str, bool]:
+    """The complete parent run of `key`, writing it with `write()` unless it exists.
+
+    Call inside `store(...)`: with the lock held, a parent of this key that is not complete
+    (or any of our runs still RUNNING) was left by a killed process: it is marked KILLED and
+    deleted before the tree is written again. Returns (parent run id, newly written).
+    """
+    from mlflow.entities import RunStatus
+
+    for r in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'",
+                                max_results=1000):
+        if KEY_TAG in r.data.tags:  # ours, and nobody else is logging: a killed track
+            client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    found = [r for r in find_runs(client, exp_id, key) if r.data.tags.get(LEVEL_TAG) == "parent"]
+    done = [r for r in found if r.data.tags.get(COMPLETE_TAG) == "true"]
+    if done:
+        return done[0].info.run_id, False
+    for r in found:
+        delete_tree(client, exp_id, r.info.run_id)
+    return write(), True
 
 
 def git_revision() -> str:
@@ -140,33 +269,42 @@ def log_batch(client: Any, run_id: str, params: dict | None = None,
 
 
 def run_tags(params: Params) -> dict[str, str]:
-    """Tags every run gets: DVC experiment name (or 'workspace'), git revision, schedule."""
+    """Tags every run gets: DVC experiment name (or 'workspace'), the commit in MLflow's
+    standard source tags (the UI's Source column), schedule."""
+    rev = git_revision()
     return {"dvc.exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
-            "git.revision": git_revision(), "schedule": params.schedule}
+            "git.revision": rev, "mlflow.source.git.commit": rev,
+            "mlflow.source.name": "dvc repro (pipeline/track.py)",
+            "mlflow.source.type": "PROJECT", "schedule": params.schedule}
 
 
 def record_failure(params: Params, stage: str, variant: str, message: str,
                    history: list[dict]) -> None:
     """A FAILED parent and variant run for a stage that stopped (e.g. a NaN loss)."""
-    from pipeline.common import stable_hash
-
     try:
-        client, exp_id = client_and_experiment(params)
-        key = "failed-" + stable_hash({"params": to_dict(params), "stage": stage,
-                                       "variant": variant, "message": message})
-        for r in find_runs(client, exp_id, key):
-            if r.data.tags.get(LEVEL_TAG) == "parent":
-                delete_tree(client, exp_id, r.info.run_id)
-        tags = {**run_tags(params), "ddpm.error": message[:5000], "ddpm.failed_stage": stage}
-        parent = create_run(client, exp_id, f"FAILED {stage} {variant}", key, "parent",
-                            tags=tags)
-        log_batch(client, parent, params=flatten(to_dict(params)))
-        child = create_run(client, exp_id, variant, f"{key}/{variant}", "variant", parent,
-                           tags={**tags, "variant": variant})
-        log_batch(client, child, steps=[(k, h[k], h["step"]) for h in history
-                                        for k in ("loss", "grad_norm") if k in h])
-        client.set_terminated(child, "FAILED")
-        client.set_terminated(parent, "FAILED")
+        with store(params) as (client, exp_id):
+            parent = _record_failure(client, exp_id, params, stage, variant, message, history)
         print(f"mlflow: run {parent} marked FAILED ({tracking_uri(params)})")
     except Exception as e:  # the stage's own error matters more than the bookkeeping
-        print(f"mlflow: could not record the failure: {e}")
+        print(f"mlflow: could not record the failure: {' '.join(str(e).split())[:300]}")
+
+
+def _record_failure(client: Any, exp_id: str, params: Params, stage: str, variant: str,
+                    message: str, history: list[dict]) -> str:
+    from pipeline.common import stable_hash
+
+    key = "failed-" + stable_hash({"params": to_dict(params), "stage": stage,
+                                   "variant": variant, "message": message})
+    for r in find_runs(client, exp_id, key):
+        if r.data.tags.get(LEVEL_TAG) == "parent":
+            delete_tree(client, exp_id, r.info.run_id)
+    tags = {**run_tags(params), "ddpm.error": message[:5000], "ddpm.failed_stage": stage}
+    parent = create_run(client, exp_id, f"FAILED {stage} {variant}", key, "parent", tags=tags)
+    log_batch(client, parent, params=flatten(to_dict(params)))
+    child = create_run(client, exp_id, variant, f"{key}/{variant}", "variant", parent,
+                       tags={**tags, "variant": variant})
+    log_batch(client, child, steps=[(k, h[k], h["step"]) for h in history
+                                    for k in ("loss", "grad_norm") if k in h])
+    client.set_terminated(child, "FAILED")
+    client.set_terminated(parent, "FAILED")
+    return parent

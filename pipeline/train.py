@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ddpm_core.checkpoint import list_checkpoints
-from ddpm_core.config import Params, TrainConfig, VariantConfig, weight_settings
+from ddpm_core.config import ConfigError, Params, TrainConfig, VariantConfig, weight_settings
 from ddpm_core.data import load_images, to_model_tensor
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.losses import Loss
@@ -80,6 +80,9 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
     paths = VariantPaths(v.name)
     cfg = params.train
     data = to_model_tensor(load_images(DATA_DIR / "train.npy"))
+    if cfg.batch_size > len(data):  # each batch would repeat images: not what was asked
+        raise ConfigError(f"train.batch_size: {cfg.batch_size} exceeds the {len(data):,} "
+                          "training images; lower it (at most the training split)")
     diff = Diffusion.from_schedule(params.schedule, params.diffusion.timesteps, v.mean_type,
                                    v.var_type)
     hwc = (data.shape[2], data.shape[3], data.shape[1])

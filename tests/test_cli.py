@@ -296,22 +296,24 @@ def test_table1_preset_then_check_on_fake_results(tmp_path: Path, monkeypatch, c
     code, out, err = run(["preset", "table1_cifar10"], capsys)
     assert code == 0, err
     params = load_params("params.yaml")  # the pipeline's own validation
-    assert (params.data.dataset, params.diffusion.timesteps, params.pretrained.format,
-            params.sample.num_samples, params.variants) == ("cifar10", 1000, "diffusers",
-                                                            50000, ())
+    assert list(params.variants) == ["ddpm_cifar10"]  # the preset's variants replace ours
+    v = params.variants["ddpm_cifar10"]
+    assert (params.data.dataset, params.diffusion.timesteps, v.format,
+            params.sample.num_samples, params.sample.spacing) == ("cifar10", 1000, "diffusers",
+                                                                  50000, "ddim_quadratic")
     # a stand-in for google/ddpm-cifar10-32 where the preset looks for it
-    make_diffusers_folder(Path(params.pretrained.path), T=1000)
-    _, diff = ddpm_core.load_model(params.pretrained.path)
+    make_diffusers_folder(Path(v.pretrained), T=1000)
+    _, diff = ddpm_core.load_model(v.pretrained)
     ddpm_core.check_matches(diff, schedule=params.schedule, timesteps=params.diffusion.timesteps)
-    name = params.pretrained.name
-    _write(Path("metrics/bpd.json"), {name: {"bpd_sigma2_beta": 3.74}})
-    fid = {"ancestral_fixed_large": 3.3, "ddim_S10": 13.0, "ddim_S20": 7.0, "ddim_S50": 4.8,
-           "ddim_S100": 4.2}
-    _write(Path("metrics/fid.json"), {"fid_inception": {name: fid}})
+    name = "ddpm_cifar10"
+    _write(Path(f"metrics/bpd/{name}.json"), {name: {"bpd_sigma2_beta": 3.74}})
+    fid = {"fid_ancestral_beta": 3.3, "fid_ddim_S10": 13.0, "fid_ddim_S20": 7.0,
+           "fid_ddim_S50": 4.8, "fid_ddim_S100": 4.2}
+    _write(Path(f"metrics/fid/{name}.json"), {name: fid})
     code, out, err = run(["check"], capsys)
     assert code == 0, out + err
     assert "entry: table1_cifar10_official" in out and "all 6 metrics pass" in out
-    _write(Path("metrics/fid.json"), {"fid_inception": {name: {**fid, "ddim_S10": 20.0}}})
+    _write(Path(f"metrics/fid/{name}.json"), {name: {**fid, "fid_ddim_S10": 20.0}})
     code, out, err = run(["check"], capsys)
     assert code == 1
     assert_one_line_error(err, "FID, DDIM eta = 0, S = 10 (DDIM Table 1): outside tolerance")

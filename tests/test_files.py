@@ -109,3 +109,24 @@ def test_atomic_dir_replaces_the_whole_folder_or_nothing(tmp_path: Path) -> None
         raise RuntimeError("stage failed")
     assert sorted(x.name for x in d.iterdir()) == ["three.csv"]
     assert sorted(x.name for x in tmp_path.iterdir()) == ["plots"]
+
+
+def test_a_rerun_removes_the_temporaries_of_a_killed_writer_but_not_of_a_live_one(tmp_path):
+    import subprocess
+    import sys
+
+    from ddpm_core.files import atomic_dir, atomic_write_bytes
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale_file = tmp_path / f".tmp-a.bin-{dead}-abcdef"
+    stale_file.write_bytes(b"half")
+    stale_dir = tmp_path / f".tmp-out-{dead}-abcdef"
+    (stale_dir / "inner").mkdir(parents=True)
+    live = tmp_path / f".tmp-a.bin-{os.getppid()}-abcdef"  # a writer still running
+    live.write_bytes(b"busy")
+    atomic_write_bytes(tmp_path / "a.bin", b"new")
+    with atomic_dir(tmp_path / "out") as d:
+        (d / "x").write_text("1")
+    assert not stale_file.exists() and not stale_dir.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.bin", "out", live.name])

@@ -39,6 +39,9 @@ def test_track_logs_once_and_repairs_a_half_written_tree(tmp_path):
     assert levels == ["parent"] + ["sampler"] * 2 * len(FID) + ["variant"] * 2
     parent = next(r for r in runs if r.data.tags["ddpm.level"] == "parent")
     assert parent.data.tags["dvc.exp_name"] == "exp-a" and parent.info.status == "FINISHED"
+    # the UI's Source column: MLflow's standard source tags carry the commit
+    assert parent.data.tags["mlflow.source.git.commit"] == parent.data.tags["git.revision"]
+    assert parent.data.tags["mlflow.source.name"].startswith("dvc repro")
     simple = next(r for r in runs if r.info.run_name == "simple")
     assert simple.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert simple.data.metrics["bpd_sigma2_beta"] == 2.5

@@ -94,3 +94,30 @@ def test_hflip_auto_is_resolved_where_mlflow_reads_it():
     assert params_from_dict(p).train.hflip is True
     p["train"]["hflip"] = False
     assert params_from_dict(p).train.hflip is False
+
+
+def test_a_batch_larger_than_the_training_split_is_a_params_error_before_training(tmp_path):
+    p = tiny_params()
+    assert run_stage("prepare", tmp_path, p).returncode == 0
+    p["train"]["batch_size"] = 100000
+    r = run_stage("train", tmp_path, p)
+    assert_one_line_error(r, "train.batch_size")
+    assert "training images" in r.stderr
+    assert not (tmp_path / "models").exists()
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_params(monkeypatch, capsys):
+    import torch
+
+    from pipeline.common import run_stage as run
+
+    def main(params):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as e:
+        run(main)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory")
+    assert "sample.batch_size" in err[0] and "bpd.t_batch" in err[0]

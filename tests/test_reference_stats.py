@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ddpm_core import digits_classifier as C
 from ddpm_core import fid as F
 
 
@@ -14,8 +15,8 @@ def test_metrics_against_stored_statistics_equal_a_full_recomputation(tmp_path, 
     labels = rng.integers(0, 10, 120)
     samples = np.clip(reference[:40].astype(int) + rng.integers(-30, 30, (40, 8, 8, 1)), 0,
                       255).astype(np.uint8)
-    clf = F.train_digits_classifier(reference, labels, epochs=1, seed=0)
-    F.save_classifier(clf, tmp_path / "clf.pt")
+    clf = C.train_digits_classifier(reference, labels, epochs=1, seed=0)
+    C.save_classifier(clf, tmp_path / "clf.pt")
     full = F.compute_metrics(samples, reference, "digits_classifier",
                              classifier_path=tmp_path / "clf.pt", kid_subset_size=20)
     net = F.feature_network("digits_classifier", classifier_path=tmp_path / "clf.pt")

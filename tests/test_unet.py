@@ -156,3 +156,15 @@ def test_benchmark_runs_and_prints_every_figure(capsys: pytest.CaptureFixture[st
         assert res["diffusers"]["gflop_per_image"] == pytest.approx(
             res["ours"]["gflop_per_image"], rel=1e-6
         )
+
+
+def test_attention_at_a_resolution_the_unet_does_not_have_is_an_error():
+    import dataclasses
+
+    import pytest
+
+    from ddpm_core.unet import PRESETS
+
+    with pytest.raises(ValueError, match=r"attn_resolutions=\[3\]: \[3\] is not a feature-map"):
+        dataclasses.replace(PRESETS["digits"], attn_resolutions=(3,))
+    assert dataclasses.replace(PRESETS["digits"], attn_resolutions=(8, 4)).attn_resolutions

@@ -1,0 +1,195 @@
+"""The MLflow store under faults: concurrent first use of a new sqlite store, concurrent "log
+once" with the same key, runs left RUNNING by a killed process, and a tracking server that is
+down (a real `mlflow server` on 127.0.0.1, stopped and started again)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One `track`-like process: open the store under its lock and log the tree of KEY once.
+LOG_ONCE = r"""
+import sys, time
+from ddpm_core.config import params_from_dict
+from pipeline.tracking import COMPLETE_TAG, create_run, log_once, store
+
+key = sys.argv[1]
+params = params_from_dict({})
+
+def write():
+    time.sleep(0.3)  # widen the window in which a second writer would duplicate the tree
+    parent = create_run(client, exp_id, key, key, "parent")
+    child = create_run(client, exp_id, key + "/v", key + "/v", "variant", parent)
+    for run in (child, parent):
+        client.set_tag(run, COMPLETE_TAG, "true")
+        client.set_terminated(run, "FINISHED")
+    return parent
+
+with store(params) as (client, exp_id):
+    parent, new = log_once(client, exp_id, key, write)
+print("RESULT", "new" if new else "found", parent)
+"""
+
+
+def _result(stdout: str) -> list[str]:
+    """The RESULT line of LOG_ONCE (MLflow prints its own lines too)."""
+    return next(x.split()[1:] for x in stdout.splitlines() if x.startswith("RESULT "))
+
+
+def _env(uri: str, **extra: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri, **extra}
+    env.pop("DDPM_MLFLOW_TIMEOUT", None)
+    env.update(extra)
+    return env
+
+
+def _runs(uri: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("ddpm")
+    from mlflow.entities import ViewType
+
+    return c.search_runs([exp.experiment_id], max_results=1000, run_view_type=ViewType.ALL)
+
+
+def test_concurrent_track_on_a_new_store_logs_each_key_exactly_once(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    keys = ["a", "a", "a", "b", "c"]
+    procs = [subprocess.Popen([sys.executable, "-c", LOG_ONCE, k], cwd=tmp_path, env=_env(uri),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in keys]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    assert sorted(_result(o)[0] for o, _ in outs) == ["found", "found", "new", "new", "new"]
+    runs = _runs(uri)
+    parents = [r for r in runs if r.data.tags["ddpm.level"] == "parent"]
+    assert sorted(r.data.tags["ddpm.key"] for r in parents) == ["a", "b", "c"]
+    assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.info.lifecycle_stage == "active" for r in runs)
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name("ddpm")  # the UI's model-training view
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_runs_left_running_by_a_kill_are_marked_killed_when_the_rerun_logs(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    from ddpm_core.config import params_from_dict
+    from pipeline.tracking import create_run, store
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        with store(params_from_dict({})) as (client, exp_id):
+            half = create_run(client, exp_id, "a", "a", "parent")  # killed before complete
+            orphan = create_run(client, exp_id, "a/v", "a/v", "variant", half)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    r = subprocess.run([sys.executable, "-c", LOG_ONCE, "a"], cwd=tmp_path, env=_env(uri),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = MlflowClient(uri)
+    for run_id in (half, orphan):
+        old = c.get_run(run_id)
+        assert old.info.status == "KILLED" and old.info.lifecycle_stage == "deleted"
+    live = [x for x in _runs(uri) if x.info.lifecycle_stage == "active"]
+    assert len(live) == 2 and all(x.info.status == "FINISHED" for x in live)
+    assert all(x.info.run_id not in (half, orphan) for x in live)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(db: str, port: int, artifacts: Path) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(exe), "server", "--backend-store-uri", db, "--host", "127.0.0.1", "--port",
+         str(port), "--workers", "1", "--default-artifact-root", artifacts.as_uri()],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        assert proc.poll() is None, "mlflow server exited"
+        assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
+        time.sleep(0.5)
+
+
+def _stop_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_tracking_server_down_is_one_line_within_the_timeout_then_logs_once_when_back(tmp_path):
+    db = f"sqlite:///{tmp_path}/server.db"
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    proc = _start_server(db, port, tmp_path / "artifacts")
+    _stop_server(proc)  # the store exists; the server is away
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "keep.txt").write_text("earlier output")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "pipeline.track"], cwd=tmp_path,
+                       env=_env(uri, DDPM_MLFLOW_TIMEOUT="3"), capture_output=True, text=True,
+                       timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert took < 30, f"gave up after {took:.0f} s, not within seconds"
+    line = r.stderr.strip()
+    assert line.startswith("error: ") and uri in line and "not reachable" in line
+    assert "MLFLOW_TRACKING_URI" in line
+    assert (tmp_path / "keep.txt").read_text() == "earlier output"
+
+    proc = _start_server(db, port, tmp_path / "artifacts")
+    try:
+        for expected in ("new", "found"):
+            r = subprocess.run([sys.executable, "-c", LOG_ONCE, "a"], cwd=tmp_path,
+                               env=_env(uri), capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stderr[-2000:]
+            assert _result(r.stdout)[0] == expected
+    finally:
+        _stop_server(proc)
+    runs = _runs(db)
+    assert len(runs) == 2 and all(x.info.status == "FINISHED" for x in runs)
+
+
+def test_a_deleted_experiment_is_a_one_line_error(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(uri)
+    c.delete_experiment(c.create_experiment("ddpm"))
+    r = subprocess.run([sys.executable, "-c", LOG_ONCE, "a"], cwd=tmp_path, env=_env(uri),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "deleted" in r.stderr.strip().splitlines()[-1]
+    assert "mlflow experiments restore" in r.stderr
