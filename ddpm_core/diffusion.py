@@ -30,6 +30,7 @@ Models with a learned variance output 2C channels: the first C are the mean para
 
 from __future__ import annotations
 
+import copy
 from typing import get_args
 
 import torch
@@ -61,7 +62,9 @@ class Diffusion:
     """Precomputed float64 coefficients [T] of a Gaussian diffusion with T steps."""
 
     def __init__(self, betas: Tensor, mean_type: MeanType = "eps",
-                 var_type: VarType = "fixed_large") -> None:
+                 var_type: VarType = "fixed_large", alpha_bar: Tensor | None = None) -> None:
+        """alpha_bar: ᾱ given exactly (a respaced chain: 1 − ᾱ'_k/ᾱ'_{k−1} can round to 1, and
+        a cumprod of 1 − β' would then give ᾱ' = 0); betas must be 1 − ᾱ_t/ᾱ_{t−1}."""
         if mean_type not in get_args(MeanType):
             raise ValueError(f"unknown mean_type {mean_type!r}; expected {get_args(MeanType)}")
         if var_type not in get_args(VarType):
@@ -72,8 +75,16 @@ class Diffusion:
         self.mean_type: MeanType = mean_type
         self.var_type: VarType = var_type
         self.betas = betas
-        self.alphas = 1.0 - betas
-        self.alpha_bar = torch.cumprod(self.alphas, dim=0)
+        if alpha_bar is None:
+            self.alphas = 1.0 - betas
+            self.alpha_bar = torch.cumprod(self.alphas, dim=0)
+        else:
+            self.alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu()
+            assert self.alpha_bar.shape == betas.shape, "alpha_bar and betas differ in length"
+            self.alphas = self.alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64),
+                                                      self.alpha_bar[:-1]])
+            assert torch.allclose(1.0 - self.alphas, betas, rtol=1e-9, atol=1e-12), \
+                "betas must equal 1 − ᾱ_t/ᾱ_{t−1}"
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
         self.sqrt_alpha_bar = self.alpha_bar.sqrt()
         self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
@@ -105,11 +116,19 @@ class Diffusion:
 
     def with_var_type(self, var_type: VarType) -> Diffusion:
         """Same β and mean type, another reverse variance."""
-        return Diffusion(self.betas, mean_type=self.mean_type, var_type=var_type)
+        if var_type not in get_args(VarType):
+            raise ValueError(f"unknown var_type {var_type!r}; expected {get_args(VarType)}")
+        other = copy.copy(self)
+        other.var_type = var_type
+        return other
 
     def with_mean_type(self, mean_type: MeanType) -> Diffusion:
         """Same β and variance type, another mean parameterization."""
-        return Diffusion(self.betas, mean_type=mean_type, var_type=self.var_type)
+        if mean_type not in get_args(MeanType):
+            raise ValueError(f"unknown mean_type {mean_type!r}; expected {get_args(MeanType)}")
+        other = copy.copy(self)
+        other.mean_type = mean_type
+        return other
 
     def out_channels(self, in_channels: int) -> int:
         """Channels the network must output: 2C for learned variances, else C."""

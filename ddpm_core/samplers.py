@@ -102,7 +102,9 @@ def respaced_betas(diff: Diffusion, timesteps: Sequence[int]) -> Tensor:
 
 def respace(diff: Diffusion, timesteps: Sequence[int]) -> Diffusion:
     """Diffusion over the subsequence τ (same mean/var types; the model still sees τ_i)."""
-    return Diffusion(respaced_betas(diff, timesteps), diff.mean_type, diff.var_type)
+    steps = _check_timesteps(diff, timesteps)
+    return Diffusion(respaced_betas(diff, steps), diff.mean_type, diff.var_type,
+                     alpha_bar=diff.alpha_bar[steps])
 
 
 def _progress(it: range, progress: bool, desc: str) -> Iterable[int]:

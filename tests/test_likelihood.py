@@ -280,3 +280,15 @@ def test_K_step_bounds_bao2022_match_closed_form_and_order_analytic_below_fixed(
             diff_v = res[K][v].total - res[K]["analytic"].total
             se = float(diff_v.std()) / math.sqrt(len(diff_v))
             assert float(diff_v.mean()) > 5 * se, (K, v, float(diff_v.mean()), se)
+
+
+def test_two_step_chain_bound_is_finite_when_one_minus_the_step_ratio_rounds_to_one():
+    # T = 10 linear: the K = 2 chain [0, 9] has ᾱ_9/ᾱ_0 = 1.4e-17, so β' = 1 in float64; the
+    # bound was NaN when the respaced ᾱ' was a cumprod of 1 − β' (ᾱ' = 0, x̂_0 = x_t/√0).
+    d = Diffusion.from_schedule("linear", 10)
+    x0 = discretize(torch.linspace(-0.9, 0.9, 16, dtype=torch.float64).reshape(1, 1, 4, 4))
+    out = bits_per_dim_at_steps(d, lambda x, t: torch.zeros_like(x), x0.float(), [2],
+                                ["fixed_large", "fixed_small"])[2]
+    for result in out.values():
+        assert bool(torch.isfinite(result.terms).all()), result.terms
+        assert bool((result.terms > 0).all())

@@ -110,6 +110,18 @@ def test_respaced_betas_nichol_eq19_keep_alpha_bar_at_kept_steps():
         respaced_betas(d, [0, 200])
 
 
+def test_respace_keeps_alpha_bar_exactly_when_one_minus_the_ratio_rounds_to_one():
+    # T = 10 linear (β range rescaled, clipped at 0.999): ᾱ_9/ᾱ_0 = 1.5e-17, so 1 − ratio is 1.0
+    # in float64 and a cumprod of 1 − β' would give ᾱ' = 0 (x̂_0 = x_t/√0: NaN in the K = 2 bound).
+    d = Diffusion.from_schedule("linear", 10)
+    sub = respace(d, [0, 9])
+    assert torch.equal(sub.alpha_bar, d.alpha_bar[[0, 9]])
+    assert float(sub.alphas[1]) > 0 and bool(torch.isfinite(sub.sqrt_recipm1_alpha_bar).all())
+    x = sample_ancestral(d, lambda x, t: torch.zeros_like(x), (4, 1, 2, 2),
+                         torch.Generator().manual_seed(0), timesteps=[0, 9], sigma2="fixed_small")
+    assert bool(torch.isfinite(x).all())
+
+
 def _predicted_moments(d, steps, exact_var=False):
     """Mean and variance of the ancestral sampler's output by the linear-Gaussian recursion."""
     mean, var = 0.0, 1.0
