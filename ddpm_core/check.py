@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from ddpm_core.config import read_yaml
 
 
 class ExpectedError(ValueError):
@@ -102,12 +102,7 @@ def _metric(raw: Any, where: str) -> MetricSpec:
 def load_expected(path: str | Path) -> list[Entry]:
     """Entries of an expected.yaml, validated (ExpectedError names the bad key)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected-metrics file not found (pass --expected)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ExpectedError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    raw = read_yaml(path, "expected-metrics file", "pass --expected", ExpectedError)
     if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
         raise ExpectedError(f"{path}: needs a top-level `entries:` list")
     out, names = [], set()
@@ -231,13 +226,7 @@ def format_table(rows: list[Row]) -> str:
 
 def read_params(path: str | Path) -> dict:
     """params.yaml as plain YAML."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: params file not found (pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ExpectedError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    raw = read_yaml(path, "params file", "pass --params", ExpectedError)
     if not isinstance(raw, dict):
         raise ExpectedError(f"{path}: expected a mapping at the top level")
     return raw

@@ -260,6 +260,7 @@ class GammaConfig:
     def validate(self, key: str) -> None:
         _require(self.num_images > 0, f"{key}.num_images", "must be > 0")
         _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        _require(self.seed >= 0, f"{key}.seed", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -448,18 +449,24 @@ def params_from_dict(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; every problem is a one-line ConfigError."""
+def read_yaml(path: str | Path, what: str, fix: str,
+              error: type[Exception] = ConfigError) -> Any:
+    """The parsed YAML of a user's file; a missing file or bad syntax is one-line `error`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: file not found; run from the repository root or pass the path")
+        raise error(f"{path}: {what} not found; {fix}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
-    return params_from_dict(raw)
+        raise error(f"{path}: not valid YAML{where}; fix the syntax") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every problem is a one-line ConfigError."""
+    return params_from_dict(read_yaml(path, "file", "run from the repository root or pass "
+                                      "the path"))
 
 
 def to_dict(obj: Any) -> dict:

@@ -56,7 +56,7 @@ def test_tree_is_frozen():
         ({"diffusion": {"timesteps": 1}}, "diffusion.timesteps: must be >= 2"),
         ({"sample": {"steps": [10, "x"]}}, "sample.steps[1]: expected an integer"),
         ({"sample": {"ddim_eta": 2}}, "sample.ddim_eta: must be in [0, 1]"),
-        ({"sample": {"variances": ["learned"]}}, "sample.variances: 'learned' is not a fixed"),
+        ({"sample": {"variances": ["learned"]}}, "sample.variances: 'learned' is not a σ² choice"),
         ({"bpd": {"num_images": 0}}, "bpd.num_images: must be > 0 or null"),
         ({"data": {"dataset": "npz"}}, "data.path: is required for dataset=npz"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction: must be in (0, 1)"),
