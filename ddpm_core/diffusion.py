@@ -58,6 +58,13 @@ def extract(coef: Tensor, t: Tensor, shape: torch.Size | tuple[int, ...],
     return out.reshape(shape[0], *([1] * (len(shape) - 1)))
 
 
+def _check_types(mean_type: str, var_type: str) -> None:
+    if mean_type not in get_args(MeanType):
+        raise ValueError(f"unknown mean_type {mean_type!r}; expected {get_args(MeanType)}")
+    if var_type not in get_args(VarType):
+        raise ValueError(f"unknown var_type {var_type!r}; expected {get_args(VarType)}")
+
+
 class Diffusion:
     """Precomputed float64 coefficients [T] of a Gaussian diffusion with T steps."""
 
@@ -65,10 +72,7 @@ class Diffusion:
                  var_type: VarType = "fixed_large", alpha_bar: Tensor | None = None) -> None:
         """alpha_bar: ᾱ given exactly (a respaced chain: 1 − ᾱ'_k/ᾱ'_{k−1} can round to 1, and
         a cumprod of 1 − β' would then give ᾱ' = 0); betas must be 1 − ᾱ_t/ᾱ_{t−1}."""
-        if mean_type not in get_args(MeanType):
-            raise ValueError(f"unknown mean_type {mean_type!r}; expected {get_args(MeanType)}")
-        if var_type not in get_args(VarType):
-            raise ValueError(f"unknown var_type {var_type!r}; expected {get_args(VarType)}")
+        _check_types(mean_type, var_type)
         betas = torch.as_tensor(betas, dtype=torch.float64).cpu()
         assert betas.ndim == 1 and betas.numel() >= 1, "betas must be a 1-D tensor"
         assert bool((betas > 0).all()) and bool((betas <= 1).all()), "β must lie in (0, 1]"
@@ -116,18 +120,17 @@ class Diffusion:
 
     def with_var_type(self, var_type: VarType) -> Diffusion:
         """Same β and mean type, another reverse variance."""
-        if var_type not in get_args(VarType):
-            raise ValueError(f"unknown var_type {var_type!r}; expected {get_args(VarType)}")
-        other = copy.copy(self)
-        other.var_type = var_type
-        return other
+        return self._with(self.mean_type, var_type)
 
     def with_mean_type(self, mean_type: MeanType) -> Diffusion:
         """Same β and variance type, another mean parameterization."""
-        if mean_type not in get_args(MeanType):
-            raise ValueError(f"unknown mean_type {mean_type!r}; expected {get_args(MeanType)}")
+        return self._with(mean_type, self.var_type)
+
+    def _with(self, mean_type: MeanType, var_type: VarType) -> Diffusion:
+        # the coefficients are shared (never written after __init__), the types replaced
+        _check_types(mean_type, var_type)
         other = copy.copy(self)
-        other.mean_type = mean_type
+        other.mean_type, other.var_type = mean_type, var_type
         return other
 
     def out_channels(self, in_channels: int) -> int:

@@ -21,17 +21,16 @@ import torch
 from ddpm_core.config import Params, VariantConfig
 from ddpm_core.data import load_images, to_model_tensor, to_unit
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
-from ddpm_core.distributed import cleanup, init_distributed, map_shards
+from ddpm_core.distributed import cleanup, map_shards
 from ddpm_core.inference import inference_model
 from ddpm_core.likelihood import bits_per_dim_at_steps
 from ddpm_core.modelfile import LoadedModel
 from ddpm_core.progress import Progress, counting
 from pipeline.common import (
     StageError,
-    device,
-    load_model_file,
-    relaunch_under_torchrun,
     run_stage,
+    start_processes,
+    variant_model,
     write_json,
     write_text,
 )
@@ -70,14 +69,13 @@ def per_image_bounds(params: Params, m: LoadedModel, net: torch.nn.Module, x_all
 
 def main(params: Params, v: VariantConfig) -> None:
     b = params.bpd
-    relaunch_under_torchrun("pipeline.bpd", b.nproc)
-    info = init_distributed(device())
+    info = start_processes("pipeline.bpd", b.nproc)
     dev = info.device
     paths = VariantPaths(v.name)
     x_all = to_model_tensor(load_images(DATA_DIR / "test.npy"))
     if b.num_images is not None:
         x_all = x_all[:b.num_images]
-    m = load_model_file(paths.model, "ema" if b.use_ema else "model")
+    m = variant_model(v.name, b.use_ema)
     learned = m.diffusion.var_type in LEARNED_VAR_TYPES
     var_types = [m.diffusion.var_type] if learned else list(b.variances)
     n, T = len(x_all), m.diffusion.T

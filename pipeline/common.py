@@ -131,6 +131,14 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
+def start_processes(module: str, n: int) -> Any:
+    """This process's ddpm_core.distributed info, after relaunching `module` on n processes."""
+    from ddpm_core.distributed import init_distributed
+
+    relaunch_under_torchrun(module, n)
+    return init_distributed(device())
+
+
 def relaunch_under_torchrun(module: str, n: int) -> None:
     """Unless already under torchrun, re-run `python -m module <args>` on n processes and exit."""
     if n <= 1 or "LOCAL_RANK" in os.environ:
@@ -209,6 +217,13 @@ def data_shape(split: str = "train") -> tuple[int, int, int]:
         raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
     arr = np.load(path, mmap_mode="r")
     return tuple(arr.shape[1:])  # type: ignore[return-value]
+
+
+def variant_model(name: str, use_ema: bool) -> Any:
+    """The trained model of variant `name` (its EMA weights when use_ema), one-line error."""
+    from pipeline.records import VariantPaths
+
+    return load_model_file(VariantPaths(name).model, "ema" if use_ema else "model")
 
 
 def load_model_file(path: Path, which: str = "ema") -> Any:

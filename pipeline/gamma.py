@@ -17,7 +17,7 @@ from ddpm_core.config import Params, VariantConfig
 from ddpm_core.data import load_images, to_model_tensor, to_unit
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.inference import inference_model
-from pipeline.common import device, load_model_file, run_stage, write_json
+from pipeline.common import device, run_stage, variant_model, write_json
 from pipeline.records import DATA_DIR, VariantPaths
 
 
@@ -37,7 +37,7 @@ def read_gamma(paths: VariantPaths, T: int) -> torch.Tensor | None:
 def main(params: Params, v: VariantConfig) -> None:
     g = params.gamma
     paths = VariantPaths(v.name)
-    m = load_model_file(paths.model, "ema" if g.use_ema else "model")
+    m = variant_model(v.name, g.use_ema)
     T = m.diffusion.T
     out = {"T": T, "num_images": None, "seed": g.seed, "gamma": None}
     if m.diffusion.var_type not in LEARNED_VAR_TYPES:

@@ -23,18 +23,17 @@ from PIL import Image
 from ddpm_core.config import ConfigError, Params, VariantConfig
 from ddpm_core.data import from_unit, to_numpy_images
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
-from ddpm_core.distributed import cleanup, init_distributed, sample_in_batches
+from ddpm_core.distributed import cleanup, sample_in_batches
 from ddpm_core.inference import inference_model
 from ddpm_core.modelfile import LoadedModel
 from ddpm_core.progress import Progress, counting
 from ddpm_core.samplers import prior_kl_at, sample_ancestral, sample_ddim, timestep_spacing
 from pipeline.common import (
     atomic_dir,
-    device,
-    load_model_file,
-    relaunch_under_torchrun,
     run_stage,
     scratch_dir,
+    start_processes,
+    variant_model,
     write_json,
 )
 from pipeline.gamma import read_gamma
@@ -104,11 +103,10 @@ def save_grid(images: np.ndarray, path: Path, n: int, scale: int) -> None:
 
 def main(params: Params, v: VariantConfig) -> None:
     s = params.sample
-    relaunch_under_torchrun("pipeline.sample", s.nproc)
-    info = init_distributed(device())
+    info = start_processes("pipeline.sample", s.nproc)
     dev = info.device
     paths = VariantPaths(v.name)
-    m = load_model_file(paths.model, "ema" if s.use_ema else "model")
+    m = variant_model(v.name, s.use_ema)
     specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type, tuple(LEARNED_VAR_TYPES))
     gamma = read_gamma(paths, m.diffusion.T) if any(
         sp.variance == "analytic" for sp in specs) else None

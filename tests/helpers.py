@@ -205,3 +205,54 @@ def make_outputs(root: Path, names: tuple[str, ...] = ("simple", "vlb")) -> dict
         "reference": "train split", "reference_images": 1437, "floor_images": 360,
         "classifier_test_accuracy": 0.95, "floor": {"fid": 0.75, "kid_mean": 0.0}})
     return p
+
+
+# ----------------------------------------------------------------------------- pipeline repos
+# A real DVC pipeline in a temporary git repo, as after the README's install: the project's
+# files copied, <root>/.venv pointing at this interpreter's environment.
+
+BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
+PIPELINE_FILES = ("ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md",
+                  ".gitignore", ".dvcignore", "data/raw/README.md")
+
+
+def pipeline_env(venv_on_path: bool = False) -> dict[str, str]:
+    """os.environ without MLflow/DVC/git/venv settings of the caller, with a git identity.
+    The venv's bin is on PATH only when asked (`.venv/bin/dvc repro` must work without it)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "GIT_DIR", "GIT_WORK_TREE", "VIRTUAL_ENV",
+                                "DDPM_"))}
+    path = [d for d in env.get("PATH", "").split(os.pathsep) if Path(d).resolve() != BIN.resolve()]
+    env["PATH"] = os.pathsep.join([str(BIN), *path] if venv_on_path else path)
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1")
+    return env
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, ok: bool = True,
+       timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a command; with ok, assert it succeeded (its output in the message)."""
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr}"
+    return r
+
+
+def pipeline_repo(root: Path, params: dict, env: dict) -> Path:
+    """root as a committed git + DVC repo holding the pipeline with these params (no repro)."""
+    import shutil
+
+    for name in PIPELINE_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".venv").symlink_to(BIN.parent, target_is_directory=True)
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "pipeline"]):
+        sh(cmd, root, env)
+    return root

@@ -8,30 +8,16 @@ stages, and evaluating pretrained weights without training."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import REPO, tiny_params
+from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
-BIN = Path(sys.executable).parent
-COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore",
-        ".dvcignore", "data/raw/README.md"]
 VARIANT_STAGES = ("train", "gamma", "sample", "bpd", "fid")
-DVC = str(BIN / "dvc")
-
-
-def sh(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr}"
-    return r
-
-
 def e2e_params() -> dict:
     p = tiny_params()
     assert list(p["variants"]) == ["simple", "vlb"]  # L_simple and L_vlb (fixed Σ)
@@ -51,31 +37,9 @@ def changed(status: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
-    (root / "params.yaml").write_text(yaml.safe_dump(e2e_params(), sort_keys=False))
-    # as after the README's install: <root>/.venv holds the project (pipeline/run.py finds it)
-    (root / ".venv").symlink_to(BIN.parent, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "GIT_DIR", "GIT_WORK_TREE", "VIRTUAL_ENV",
-                                "DDPM_"))}
     # the venv is NOT on PATH: `.venv/bin/dvc repro` must work without activating it
-    env["PATH"] = os.pathsep.join(d for d in env.get("PATH", "").split(os.pathsep)
-                                  if Path(d).resolve() != BIN.resolve())
-    env.update(
-               GIT_AUTHOR_NAME="e2e", GIT_AUTHOR_EMAIL="e2e@example.com",
-               GIT_COMMITTER_NAME="e2e", GIT_COMMITTER_EMAIL="e2e@example.com",
-               DVC_NO_ANALYTICS="1")
-    sh(["git", "init", "-q"], root, env)
-    sh([DVC, "init", "-q"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "pipeline"], root, env)
+    env = pipeline_env()
+    root = pipeline_repo(tmp_path_factory.mktemp("e2e"), e2e_params(), env)
     first = sh([DVC, "repro"], root, env)
     return root, env, first
 

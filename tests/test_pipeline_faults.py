@@ -5,29 +5,14 @@ MLflow gets no second record."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, tiny_params
+from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
-BIN = Path(sys.executable).parent
-DVC = str(BIN / "dvc")
-COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore",
-        ".dvcignore", "data/raw/README.md"]
 OUTPUTS = ("data/prepared", "models", "samples", "grids", "bpd", "features", "fid", "metrics",
            "plots", "reports")
-
-
-def sh(cmd: list[str], cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if ok:
-        assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr}"
-    return r
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -38,26 +23,11 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
     p = tiny_params()
     p["variants"] = {"simple": p["variants"]["simple"]}
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (root / ".venv").symlink_to(BIN.parent, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "GIT_DIR", "GIT_WORK_TREE", "VIRTUAL_ENV",
-                                "DDPM_"))}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1")
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "pipeline"], [DVC, "repro"]):
-        sh(cmd, root, env)
+    env = pipeline_env()
+    root = pipeline_repo(tmp_path_factory.mktemp("faults"), p, env)
+    sh([DVC, "repro"], root, env)
     return root, env
 
 
