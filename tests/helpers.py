@@ -120,7 +120,6 @@ def tiny_params() -> dict:
     p["model"].update(base_channels=8, channel_mult=[1], attn_resolutions=[])
     p["train"].update(steps=4, batch_size=8, log_every=1, checkpoint_every=2, warmup_steps=1)
     p["sample"].update(num_samples=8, batch_size=8, steps=[2], grid_size=4)
-    # K = 2 at T = 10 gives NaN (library's even trajectory [0, 9]; reported to the lead)
     p["bpd"].update(num_images=4, batch_size=4, t_batch=5, steps=[5])
     p["gamma"].update(num_images=4, batch_size=8)
     p["fid"].update(classifier_epochs=1, kid_subset_size=4)

@@ -18,7 +18,7 @@ def trained(tmp_path_factory):
     p["variants"] = {"simple": p["variants"]["simple"]}
     p["sample"].update(num_samples=10, batch_size=3)  # 4 batches, uneven last one
     p["bpd"].update(num_images=10, batch_size=3)
-    for stage in ("prepare", "train"):
+    for stage in ("prepare", "train", "gamma"):
         r = run_stage(stage, root, p)
         assert r.returncode == 0, r.stderr
     return root, p
@@ -40,7 +40,8 @@ def test_sample_stage_sharded_over_two_processes_draws_the_same_images(trained):
     root, p = trained
     one, two = (_run(root, p, "sample", n, "samples") for n in (1, 2))
     files = sorted(one.glob("simple/*.npy"))
-    assert len(files) == 4  # 2 ancestral + respaced + ddim
+    # ancestral and respaced (S = 2) with σ² = β, β̃, analytic, and DDIM
+    assert len(files) == 7, [f.name for f in files]
     for f in files:
         a, b = np.load(f), np.load(two / f.relative_to(one))
         assert a.shape == (10, 8, 8, 1)
