@@ -263,16 +263,30 @@ def test_malformed_expected_file_is_exit_2(check_files, capsys) -> None:
     assert_one_line_error(err, "toy.metrics[0]", "tolerance")
 
 
-def test_shipped_expected_file_is_valid_and_digits_entry_awaits_numbers(capsys) -> None:
+def test_shipped_expected_file_is_valid_and_digits_entry_holds_the_default_runs_numbers(
+        capsys) -> None:
     """The repository's own expected.yaml loads; the default run's entry matches the shipped
-    params.yaml and fails until the lead records its numbers (never a silent pass)."""
+    params.yaml, has a recorded number for every metric (a null would fail `ddpm check`), names
+    only metrics the shipped params produce, and keeps Analytic-DPM's order at K = 10."""
     from ddpm_core.check import load_expected, read_params, select_entry
+    from ddpm_core.config import load_params
 
     entries = load_expected(ROOT / "reference" / "expected.yaml")
     entry = select_entry(entries, read_params(ROOT / "params.yaml"))
     assert entry.name == "digits_default"
     official = {e.name: e for e in entries}["table1_cifar10_official"]
     assert [m.expected for m in official.metrics] == [3.75, 3.17, 13.36, 6.84, 4.67, 4.16]
+    params = load_params(ROOT / "params.yaml")
+    got = {m.key: m.expected for m in entry.metrics}
+    assert all(isinstance(v, float) for v in got.values()), got
+    for key in got:
+        variant, metric = key.split(".")
+        assert variant in params.variants and metric.startswith(("bpd_sigma2_", "fid_")), key
+        if "_K" in metric:
+            assert int(metric.rsplit("_K", 1)[1]) in params.bpd.steps, key
+        if metric.endswith("_S10"):
+            assert 10 in params.sample.steps, key
+    assert got["simple.bpd_sigma2_analytic_K10"] < got["simple.bpd_sigma2_beta_K10"]
 
 
 # ----------------------------------------------------------------------------- preset -> check
