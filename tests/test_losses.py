@@ -237,5 +237,5 @@ def test_L_vlb_at_T1000_trains_digits_unet_with_finite_gradients(mean_type):
         opt.zero_grad()
         loss.backward()
         grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in net.parameters()))
-        assert math.isfinite(float(loss)) and math.isfinite(float(grad_norm)), grad_norm
+        assert math.isfinite(float(loss.detach())) and math.isfinite(float(grad_norm)), grad_norm
         opt.step()
