@@ -78,3 +78,18 @@ def test_prepare_depends_on_the_raw_data_and_dvc_ignores_byte_code():
     assert (REPO / "data" / "raw").is_dir()
     ignored = (REPO / ".dvcignore").read_text().split()
     assert "__pycache__/" in ignored and "*.pyc" in ignored
+
+
+def test_every_output_lies_in_a_folder_git_ignores():
+    # DVC writes a .gitignore into an output's folder unless git already ignores it; those files
+    # clutter `git add -A` (and break the folder plots), so .gitignore names every output folder
+    import subprocess
+
+    outs = {o if isinstance(o, str) else next(iter(o)) for st in STAGES.values()
+            for kind in ("outs", "metrics", "plots") for o in st.get(kind, [])}
+    assert outs
+    for out in sorted(outs):
+        path = out.replace("${key}", "simple")
+        path += "" if "." in path.rsplit("/", 1)[-1] else "/"  # a folder output
+        r = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO)
+        assert r.returncode == 0, f"{path} is not ignored by .gitignore; add its folder"
