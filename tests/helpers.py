@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +259,45 @@ def pipeline_repo(root: Path, params: dict, env: dict) -> Path:
                 ["git", "commit", "-qm", "pipeline"]):
         sh(cmd, root, env)
     return root
+
+
+# ----------------------------------------------------------------------------- mlflow server
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mlflow_server(db: str, port: int, artifacts: Path) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over the store db, once it answers /health."""
+    exe = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(exe), "server", "--backend-store-uri", db, "--host", "127.0.0.1", "--port",
+         str(port), "--workers", "1", "--default-artifact-root", artifacts.as_uri()],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        assert proc.poll() is None, "mlflow server exited"
+        assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
+        time.sleep(0.5)
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    """Stop a server of start_mlflow_server (its whole process group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass

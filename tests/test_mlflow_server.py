@@ -4,16 +4,10 @@ tree), and `mlflow server` on 127.0.0.1 serves those runs through its REST API."
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from helpers import FID, make_outputs, run_stage
+from helpers import FID, free_port, make_outputs, run_stage, start_mlflow_server, stop_mlflow_server
 
 
 def _runs(db: str) -> list:
@@ -76,12 +70,6 @@ def test_track_logs_once_and_repairs_a_half_written_tree(tmp_path):
     assert sum(x.data.tags["ddpm.level"] == "parent" for x in _runs(db)) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -93,26 +81,10 @@ def test_mlflow_server_serves_the_runs_over_rest(tmp_path):
     make_outputs(tmp_path)
     db = f"sqlite:///{tmp_path}/mlflow.db"
     _track(tmp_path, db)
-    port = _free_port()
-    mlflow_exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_exe), "server", "--backend-store-uri", db, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1",
-         "--default-artifact-root", (tmp_path / "mlartifacts").as_uri()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    port = free_port()
+    proc = start_mlflow_server(db, port, tmp_path / "mlartifacts")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
-            time.sleep(1)
         exp = json.loads(urllib.request.urlopen(
             f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=ddpm",
             timeout=30).read())["experiment"]
@@ -124,11 +96,4 @@ def test_mlflow_server_serves_the_runs_over_rest(tmp_path):
         metrics = {m["key"]: m["value"] for m in found[0]["data"]["metrics"]}
         assert "bpd_sigma2_beta" in metrics and "fid_ancestral_beta" in metrics
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
+        stop_mlflow_server(proc)

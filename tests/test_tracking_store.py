@@ -5,21 +5,20 @@ down (a real `mlflow server` on 127.0.0.1, stopped and started again)."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import free_port, start_mlflow_server, stop_mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 
 # One `track`-like process: open the store under its lock and log the tree of KEY once.
 LOG_ONCE = r"""
 import sys, time
+
 from ddpm_core.config import params_from_dict
 from pipeline.tracking import COMPLETE_TAG, create_run, log_once, store
 
@@ -110,49 +109,13 @@ def test_runs_left_running_by_a_kill_are_marked_killed_when_the_rerun_logs(tmp_p
     assert all(x.info.run_id not in (half, orphan) for x in live)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(db: str, port: int, artifacts: Path) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(exe), "server", "--backend-store-uri", db, "--host", "127.0.0.1", "--port",
-         str(port), "--workers", "1", "--default-artifact-root", artifacts.as_uri()],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        assert proc.poll() is None, "mlflow server exited"
-        assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
-        time.sleep(0.5)
-
-
-def _stop_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=20)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.mark.slow
 def test_tracking_server_down_is_one_line_within_the_timeout_then_logs_once_when_back(tmp_path):
     db = f"sqlite:///{tmp_path}/server.db"
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    proc = _start_server(db, port, tmp_path / "artifacts")
-    _stop_server(proc)  # the store exists; the server is away
+    proc = start_mlflow_server(db, port, tmp_path / "artifacts")
+    stop_mlflow_server(proc)  # the store exists; the server is away
 
     (tmp_path / "params.yaml").write_text("{}\n")
     (tmp_path / "keep.txt").write_text("earlier output")
@@ -169,7 +132,7 @@ def test_tracking_server_down_is_one_line_within_the_timeout_then_logs_once_when
     assert "MLFLOW_TRACKING_URI" in line
     assert (tmp_path / "keep.txt").read_text() == "earlier output"
 
-    proc = _start_server(db, port, tmp_path / "artifacts")
+    proc = start_mlflow_server(db, port, tmp_path / "artifacts")
     try:
         for expected in ("new", "found"):
             r = subprocess.run([sys.executable, "-c", LOG_ONCE, "a"], cwd=tmp_path,
@@ -177,7 +140,7 @@ def test_tracking_server_down_is_one_line_within_the_timeout_then_logs_once_when
             assert r.returncode == 0, r.stderr[-2000:]
             assert _result(r.stdout)[0] == expected
     finally:
-        _stop_server(proc)
+        stop_mlflow_server(proc)
     runs = _runs(db)
     assert len(runs) == 2 and all(x.info.status == "FINISHED" for x in runs)
 
