@@ -9,20 +9,34 @@ new results always get a new parent (see pipeline/tracking.py for the run layout
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from pathlib import Path
 
 import yaml
 
 from ddpm_core.config import Params, to_dict
+from ddpm_core.modelfile import load_model_file
 from pipeline.common import run_stage, stable_hash
-from pipeline.records import REPORTS_DIR, Results, VariantResults, bpd_key, load_results
+from pipeline.records import (
+    DATA_DIR,
+    REPORTS_DIR,
+    Results,
+    VariantPaths,
+    VariantResults,
+    bpd_key,
+    load_results,
+)
 from pipeline.tracking import (
     COMPLETE_TAG,
+    MODEL_ARTIFACT_DIR,
+    MODEL_URI_TAG,
     create_run,
+    dataset_input,
     flatten,
     log_batch,
     log_once,
+    model_artifact,
     run_tags,
     store,
     tracking_uri,
@@ -44,6 +58,63 @@ def output_hashes() -> dict:
             for name, st in (lock.get("stages") or {}).items() if name != "track"}
 
 
+def data_digest() -> str:
+    """DVC's md5 of data/prepared as dvc.lock records it (stages run by hand, no lock entry:
+    the md5 of its files' names and bytes)."""
+    if LOCK_FILE.is_file():
+        lock = yaml.safe_load(LOCK_FILE.read_text()) or {}
+        for o in ((lock.get("stages") or {}).get("prepare") or {}).get("outs", []):
+            if Path(o["path"]) == DATA_DIR:
+                return o.get("md5") or o.get("hash")
+    h = hashlib.md5()
+    for f in sorted(p for p in DATA_DIR.rglob("*") if p.is_file()):
+        h.update(f.relative_to(DATA_DIR).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def data_inputs(params: Params, digest: str, trained: bool) -> list:
+    """The splits as MLflow dataset inputs (`digits-train`, `digits-test`) with the DVC hash
+    as digest; none when data/prepared is absent (results copied in without their data)."""
+    splits = [("train", "training" if trained else "evaluation"), ("test", "evaluation")]
+    return [dataset_input(DATA_DIR / f"{split}.npy", f"{params.data.dataset}-{split}", digest,
+                          context)
+            for split, context in splits if (DATA_DIR / f"{split}.npy").is_file()]
+
+
+def headline_metrics(res: Results) -> dict[str, float]:
+    """Every variant's results for the parent run, named as `dvc exp show` names them:
+    <variant>.<metric key of pipeline.records> (simple.bpd_sigma2_beta, vlb.fid_ancestral_beta)."""
+    return {f"{name}.{k}": x for name, r in res.variants.items()
+            for k, x in {**r.train, **r.bpd, **r.fid}.items()}
+
+
+def variant_params(params: Params, name: str) -> dict[str, str]:
+    """Every setting in effect for one variant: its own (loss, mean_type, ...), then the shared
+    sections as params.yaml names them (train.* as training used them; none of train.* and
+    model.* for imported weights), then the network the model file holds (net.*)."""
+    tree = to_dict(params)
+    own = tree.pop("variants")[name]
+    tree.pop("mlflow")
+    if params.variants[name].pretrained is not None:  # the file's network; no training here
+        del tree["train"], tree["model"]
+    out = {"variant": name, **flatten(own), **flatten(tree)}
+    model = VariantPaths(name).model
+    if model.is_file():
+        out.update(flatten({"net": load_model_file(model).spec.to_dict()["unet"]}))
+    return out
+
+
+def train_window(r: VariantResults) -> tuple[int, int] | None:
+    """(start, end) of the training in ms since the epoch: it ended when timings/train/<v>.json
+    was written (or restored by DVC) and took the wall seconds that file holds."""
+    f = r.paths.timings("train")
+    seconds = r.timings.get("train", {}).get("seconds")
+    if seconds is None or not f.is_file():
+        return None
+    end = int(f.stat().st_mtime * 1000)
+    return end - int(round(float(seconds) * 1000)), end
+
+
 def _loss_history(r: VariantResults) -> list[tuple[str, float, int]]:
     path = r.paths.loss_csv
     if not path.is_file():
@@ -53,9 +124,9 @@ def _loss_history(r: VariantResults) -> list[tuple[str, float, int]]:
                 for k in ("loss", "grad_norm")]
 
 
-def _finish(client, run_id: str) -> None:
+def _finish(client, run_id: str, end_time: int | None = None) -> None:
     client.set_tag(run_id, COMPLETE_TAG, "true")
-    client.set_terminated(run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED", end_time=end_time)
 
 
 def log_everything(params: Params, client, exp_id: str, key: str) -> str:
@@ -64,23 +135,19 @@ def log_everything(params: Params, client, exp_id: str, key: str) -> str:
     label = res.features.label
     tags = {**run_tags(params), "fid.features": label}
     p = params
-    common = {"schedule": p.schedule, "timesteps": p.diffusion.timesteps,
-              "dataset": p.data.dataset, "model.preset": p.model.preset}
+    digest = data_digest() if DATA_DIR.is_dir() else ""
     parent = create_run(client, exp_id, f"{tags['dvc.exp_name']} ({p.schedule}, "
                         f"{p.data.dataset}) {key[:8]}", key, "parent", tags=tags)
     # params as training used them (e.g. train.hflip resolved for digits: see config.Params)
     log_batch(client, parent, params=flatten(to_dict(params)),
-              metrics={"floor_fid": res.features.floor["fid"]})
+              metrics={"floor_fid": res.features.floor["fid"], **headline_metrics(res)})
+    trained = any(v.pretrained is None for v in p.variants.values())
+    if inputs := data_inputs(p, digest, trained):
+        client.log_inputs(parent, datasets=inputs)
     for f in (REPORTS_DIR / "report.html", REPORTS_DIR / "report.md"):
         if f.is_file():
             client.log_artifact(parent, str(f))
-    train_keys = flatten(to_dict(params.train))
     for name, r in res.variants.items():
-        v = params.variants[name]
-        vparams = {"variant": name, **{k: x for k, x in flatten(to_dict(v)).items()
-                                       if k != "name"}, **common}
-        if v.pretrained is None:
-            vparams.update({f"train.{k}": x for k, x in train_keys.items()})
         t = r.timings
         # r.bpd holds every σ² × K: bpd_<sigma2> (full chain) and bpd_<sigma2>_K<k>
         metrics = {**r.train, **r.bpd, **r.fid,
@@ -88,9 +155,16 @@ def log_everything(params: Params, client, exp_id: str, key: str) -> str:
                    "train_seconds": t.get("train", {}).get("seconds"),
                    "sample_seconds": t.get("sample", {}).get("seconds"),
                    "bpd_seconds": t.get("bpd", {}).get("seconds")}
+        start, end = train_window(r) or (None, None)
         vrun = create_run(client, exp_id, name, f"{key}/{name}", "variant", parent,
-                          tags={**tags, "variant": name})
-        log_batch(client, vrun, params=vparams, metrics=metrics, steps=_loss_history(r))
+                          tags={**tags, "variant": name}, start_time=start)
+        log_batch(client, vrun, params=variant_params(p, name), metrics=metrics,
+                  steps=_loss_history(r))
+        if inputs := data_inputs(p, digest, p.variants[name].pretrained is None):
+            client.log_inputs(vrun, datasets=inputs)
+        if r.paths.model.is_file():
+            client.log_artifact(vrun, str(r.paths.model), MODEL_ARTIFACT_DIR)
+            client.set_tag(vrun, MODEL_URI_TAG, model_artifact(vrun, r.paths.model))
         for f in [r.paths.bpd_terms, r.paths.bpd_steps, r.paths.loss_csv, r.paths.fid_steps,
                   *sorted(r.paths.grids.glob("*.png"))]:
             if f.is_file():
@@ -115,7 +189,7 @@ def log_everything(params: Params, client, exp_id: str, key: str) -> str:
             if grid.is_file():
                 client.log_artifact(srun, str(grid))
             _finish(client, srun)
-        _finish(client, vrun)
+        _finish(client, vrun, end)
     _finish(client, parent)
     return parent
 

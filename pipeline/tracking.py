@@ -6,9 +6,15 @@ queued and temporary experiments, so every experiment lands in one store); file 
 `<root>/mlartifacts/`.
 
 Run layout, found-or-created by a deterministic key held in the tag `ddpm.key`:
-  parent   one per pipeline result (key: hash of the params and of every stage output's hash)
-  variant  one per model (`ddpm.level = variant`): its params, final loss, loss history,
-           bits/dim per σ², FID per sampler, sample grids, the per-term bits/dim table
+  parent   one per pipeline result (key: hash of the params and of every stage output's hash),
+           carrying every variant's headline metrics as `<variant>.<metric>`
+           (`simple.bpd_sigma2_beta`, `vlb.fid_ancestral_beta`: DVC's column names), so the
+           chart view compares whole pipeline results (linear vs cosine) without expanding
+  variant  one per model (`ddpm.level = variant`): every param in effect (train.* as training
+           used them), final loss, loss history, bits/dim per σ² × K, FID per sampler, its
+           training time (train_seconds; the run's start/end span the training), the model
+           file (artifact model/<v>.pt), the data set splits as MLflow dataset inputs whose
+           digest is DVC's hash of data/prepared, sample grids, the per-term bits/dim table
   sampler  one per (model, sampler) under its variant (`ddpm.level = sampler`): params
            sampler/kind/steps/sigma2, metrics fid, kid and (full chains) the bits/dim of the
            same σ², so "σ² = β vs β̃" is two rows to tick and compare in the UI.
@@ -38,6 +44,9 @@ PARENT_TAG = "mlflow.parentRunId"
 # the GenAI overview.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+MODEL_ARTIFACT_DIR = "model"  # a variant run's models/<v>.pt, as artifact model/<v>.pt
+MODEL_URI_TAG = "ddpm.model_uri"  # runs:/<run id>/model/<v>.pt, to copy from the UI
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # training / evaluation: the UI's dataset badge
 
 
 def repo_root() -> Path:
@@ -239,12 +248,36 @@ def delete_tree(client: Any, exp_id: str, run_id: str) -> None:
 
 
 def create_run(client: Any, exp_id: str, name: str, key: str, level: str,
-               parent: str | None = None, tags: dict | None = None) -> str:
-    """A new run carrying its deterministic key (and its parent, when nested)."""
+               parent: str | None = None, tags: dict | None = None,
+               start_time: int | None = None) -> str:
+    """A new run carrying its deterministic key (and its parent, when nested); `start_time`
+    (ms since the epoch) places it when its work ran (default: now)."""
     all_tags = {KEY_TAG: key, LEVEL_TAG: level, **(tags or {})}
     if parent is not None:
         all_tags[PARENT_TAG] = parent
-    return client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+    return client.create_run(exp_id, run_name=name, tags=all_tags,
+                             start_time=start_time).info.run_id
+
+
+def model_artifact(run_id: str, model_file: Path) -> str:
+    """`runs:/<run id>/model/<v>.pt`: where a variant run keeps its model file, for
+    `ddpm_core.load_model(mlflow.artifacts.download_artifacts(uri))`."""
+    return f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}/{Path(model_file).name}"
+
+
+def dataset_input(path: Path, name: str, digest: str, context: str) -> Any:
+    """An MLflow dataset input of the uint8 array at `path` [N, H, W, C] (labels beside it as
+    targets, when present), named `name`, with `digest` (the DVC hash) as its identity; the
+    array is memory-mapped, as MLflow reads only its shape and dtype."""
+    import numpy as np
+    from mlflow.data import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+
+    path = Path(path)
+    labels = path.with_name(f"{path.stem}_labels.npy")
+    ds = from_numpy(np.load(path, mmap_mode="r"), source=str(path), name=name, digest=digest,
+                    targets=np.load(labels, mmap_mode="r") if labels.is_file() else None)
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(DATASET_CONTEXT_TAG, context)])
 
 
 def log_batch(client: Any, run_id: str, params: dict | None = None,
