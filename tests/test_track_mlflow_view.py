@@ -7,9 +7,6 @@ loads with ddpm_core.load_model to the same network as the original."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,22 +14,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import REPO, tiny_params
+from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
 import ddpm_core
 from ddpm_core.config import params_from_dict
 
-BIN = Path(sys.executable).parent
-DVC = str(BIN / "dvc")
-COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore",
-        ".dvcignore", "data/raw/README.md"]
 VARIANTS = ("simple", "vlb")
-
-
-def sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr}"
-    return r
 
 
 @pytest.fixture(scope="module")
@@ -40,26 +27,11 @@ def done(tmp_path_factory):
     """(root, env, MlflowClient, experiment, runs by level) after a tiny `dvc repro`."""
     from mlflow.tracking import MlflowClient
 
-    root = tmp_path_factory.mktemp("mlflow_view")
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
     p = tiny_params()
     assert tuple(p["variants"]) == VARIANTS
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (root / ".venv").symlink_to(BIN.parent, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "GIT_DIR", "GIT_WORK_TREE", "VIRTUAL_ENV",
-                                "DDPM_"))}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1")
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "pipeline"], [DVC, "repro"]):
-        sh(cmd, root, env)
+    env = pipeline_env()
+    root = pipeline_repo(tmp_path_factory.mktemp("mlflow_view"), p, env)
+    sh([DVC, "repro"], root, env)
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name("ddpm")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
