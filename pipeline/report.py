@@ -184,23 +184,22 @@ def timings_table(res: Results) -> pd.DataFrame:
             return f"{len(t.get('samplers', {}))} sample sets"
         if stage == "bpd":
             return f"{t.get('images', '?')} test images"
-        if stage == "fid":
-            return f"{len(t.get('seconds', {}))} sample sets scored"
+        if stage == "fid" and isinstance(t.get("seconds"), dict):
+            return f"{len(t['seconds'])} sample sets scored"
         return ""
 
-    rows = []
-    ft = res.features.timings
-    if ft:
-        rows.append({"stage": "features", "wall time (s)": _fmt(wall_seconds(ft), 1),
-                     "work": ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s"
-                                       for k, v in ft.items() if k.endswith("_seconds"))})
-    for stage in ("train", "sample", "bpd", "fid"):
-        for name, r in res.variants.items():
-            if stage in r.timings:
-                t = r.timings[stage]
-                rows.append({"stage": f"{stage}@{name}", "wall time (s)":
-                             _fmt(wall_seconds(t), 1), "work": work(stage, t)})
-    total = sum(float(x["wall time (s)"]) for x in rows if x["wall time (s)"] != "–")
+    rows, total = [], 0.0
+    timed = [("features", "features", res.features.timings)] if res.features.timings else []
+    timed += [(f"{stage}@{name}", stage, r.timings[stage])
+              for stage in ("train", "sample", "bpd", "fid")
+              for name, r in res.variants.items() if stage in r.timings]
+    for name, stage, t in timed:
+        seconds = wall_seconds(t)
+        total += seconds or 0.0
+        what = work(stage, t) if stage != "features" else ", ".join(
+            f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in t.items()
+            if k.endswith("_seconds"))
+        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1), "work": what})
     rows.append({"stage": "total of the timed stages", "wall time (s)": _fmt(total, 1),
                  "work": "prepare, gamma and report are not timed"})
     return pd.DataFrame(rows).set_index("stage")
