@@ -248,6 +248,7 @@ class FeatureInfo:
     floor: dict[str, float]  # {"fid": ...} of the test split (IS too for Inception)
     floor_images: int
     classifier_test_accuracy: float | None
+    timings: dict[str, Any] = field(default_factory=dict)  # timings/features.json ({}: none)
 
 
 @dataclass
@@ -285,7 +286,20 @@ def load_features() -> FeatureInfo:
     return FeatureInfo(features=info["features"], label=info["label"],
                        reference_images=info["reference_images"], floor=info["floor"],
                        floor_images=info["floor_images"],
-                       classifier_test_accuracy=info.get("classifier_test_accuracy"))
+                       classifier_test_accuracy=info.get("classifier_test_accuracy"),
+                       timings=read_json(FEATURES_TIMINGS) if FEATURES_TIMINGS.is_file() else {})
+
+
+def wall_seconds(timing: dict[str, Any]) -> float | None:
+    """A stage's wall time from its timings file: `seconds` (a number, or per sampler a dict of
+    numbers, summed), else the sum of its `<part>_seconds` (features); None if it has none."""
+    s = timing.get("seconds")
+    if isinstance(s, dict):
+        return float(sum(s.values()))
+    if isinstance(s, (int, float)):
+        return float(s)
+    parts = [v for k, v in timing.items() if k.endswith("_seconds") and isinstance(v, (int, float))]
+    return float(sum(parts)) if parts else None
 
 
 def load_results(params: Params) -> Results:

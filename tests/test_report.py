@@ -1,16 +1,76 @@
 """The report stage on stage outputs written by hand: a self-contained HTML page and a Markdown
-file that label measured vs published numbers and the feature network of every FID."""
+file that label measured vs published numbers and the feature network of every FID, with KID and
+IS beside FID, the DDIM table, the sample grids side by side, each stage's wall time and the
+provenance (commit, dirty tree, params hash, versions, device)."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import re
+import subprocess
+from pathlib import Path
 
 from helpers import FID, make_outputs, run_stage, tiny_params  # noqa: F401
+
+from ddpm_core.config import load_params, to_dict
+from pipeline import provenance, report
+from pipeline.records import SamplerSpec, load_results
+
+GRID_SPECS = [SamplerSpec("ancestral", 10, "fixed_large"), SamplerSpec("ancestral", 10,
+                                                                        "fixed_small"),
+              SamplerSpec("respaced", 2, "fixed_large", "quadratic"),
+              SamplerSpec("ddim", 2, None, "quadratic", 0.0)]  # make_outputs' samplers, T = 10
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def tables(md: str, first_cell: str) -> list[list[list[str]]]:
+    """Every Markdown table whose header starts with first_cell: rows of cells, header first,
+    the separator line dropped."""
+    out, rows = [], None
+    for ln in md.splitlines() + [""]:
+        if not ln.startswith("|"):
+            if rows and rows[0][0] == first_cell:
+                out.append(rows)
+            rows = None
+        elif rows is None:
+            rows = [cells(ln)]
+        elif not re.fullmatch(r"\|?[\s:|-]+\|?", ln.strip()):
+            rows.append(cells(ln))
+    return out
+
+
+def table_after(md: str, first_cell: str) -> list[list[str]]:
+    """The one table whose header starts with first_cell."""
+    found = tables(md, first_cell)
+    assert len(found) == 1, (first_cell, len(found))
+    return found[0]
+
+
+def add_timings(root: Path) -> None:
+    """timings/ of sample, fid and features beside make_outputs' train timings (1.0 s each)."""
+    files = {"timings/sample/simple.json": {"samplers": {"a": {"seconds": 2.5}}, "seconds": 2.5},
+             "timings/fid/simple.json": {"seconds": {"a": 0.5, "b": 1.5}},
+             "timings/features.json": {"classifier_seconds": 3.0, "reference_seconds": 1.5}}
+    for path, obj in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(json.dumps(obj))
+
+
+def git(root: Path, *args: str) -> str:
+    env_args = ["-c", "user.name=t", "-c", "user.email=t@example.com"]
+    return subprocess.run(["git", *env_args, *args], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def test_report_is_self_contained_and_labels_every_number(tmp_path):
     p = make_outputs(tmp_path)
-    r = run_stage("report", tmp_path, p)
+    add_timings(tmp_path)
+    r = run_stage("report", tmp_path, p, env={"GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
     assert r.returncode == 0, r.stderr
     page = (tmp_path / "reports" / "report.html").read_text()
     md = (tmp_path / "reports" / "report.md").read_text()
@@ -33,15 +93,170 @@ def test_report_is_self_contained_and_labels_every_number(tmp_path):
     steps_row = next(ln for ln in md.splitlines() if ln.startswith("| vlb") and "DDIM" in ln)
     assert "7.000" in steps_row  # ddim_S2 of the second model: 6.0 + 1
     # bits/dim vs K per σ² (make_outputs: full + (T - K)/8), beside Analytic-DPM's published rows
+    # (two tables, bits/dim against K and FID against S, columns in increasing steps)
     T = p["diffusion"]["timesteps"]
-    rows = md.splitlines()
-    analytic = next(ln for ln in rows if ln.startswith("| measured: simple") and "analytic" in ln)
-    assert f"{2.25 + (T - 2) * 0.125:.3f}" in analytic and "| 2.250 " in analytic
-    beta = next(ln for ln in rows if ln.startswith("| measured: vlb") and "σ² = β " in ln)
-    assert "| 3.500 " in beta and "| 4.500 " in beta  # bpd K = T, FID ancestral_beta 3.5 + 1
-    pub = next(ln for ln in rows if ln.startswith("| published: Analytic-DPM") and "analytic" in ln)
-    assert "5.47" in pub and "34.26" in pub and "even; even" in pub
+    bpd, fid = tables(md, "source")
+    assert bpd[0] == ["source", "σ²", "K = 2", "K = 5", "K = 10", "K = 25", "K = 50", "K = 100",
+                      "K = 200", "K = 400", "K = 1000", "spacing"]
+    rows = {tuple(r[:2]): dict(zip(bpd[0], r, strict=True)) for r in bpd[1:]}
+    analytic = rows["measured: simple", "σ² analytic"]
+    assert analytic["K = 2"] == f"{2.25 + (T - 2) * 0.125:.3f}" and analytic["K = 10"] == "2.250"
+    assert rows["measured: vlb", "σ² = β"]["K = 10"] == "3.500"  # bpd K = T: 2.5 + 1
+    pub = rows["published: Analytic-DPM CIFAR-10 (LS)", "σ² analytic"]
+    assert pub["K = 10"] == "5.47" and pub["K = 1000"] == "3.59" and pub["spacing"] == "even"
+    assert fid[0][:4] == ["source", "σ²", "metric", "S = 2"] and fid[0][-1] == "spacing"
+    rows = {tuple(r[:2]): dict(zip(fid[0], r, strict=True)) for r in fid[1:]}
+    beta = rows["measured: vlb", "σ² = β"]
+    assert beta["S = 10"] == "4.500" and beta["S = 2"] == "10.000"  # ancestral 3.5, S2 9.0; + 1
+    assert beta["metric"] == "FID (digits classifier)" and beta["spacing"] == "trailing"
+    pub = rows["published: Analytic-DPM CIFAR-10 (LS)", "σ² analytic"]
+    assert pub["S = 10"] == "34.26" and pub["metric"] == "FID (Inception-v3)"
     assert "sigma2_vs_steps.png" in md
+    # outside a git repository the commit is 'unknown', and the stage still succeeds
+    prov = dict(r[:2] for r in table_after(md, "provenance")[1:])
+    assert prov["git commit"].startswith("unknown") and prov["uncommitted changes"] == "unknown"
+
+
+def test_fid_table_has_kid_and_is_beside_fid_for_every_sample_set(tmp_path):
+    p = make_outputs(tmp_path)
+    r = run_stage("report", tmp_path, p, env={"GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "reports" / "report.md").read_text()
+    table = next(t for t in tables(md, "model") if "images" in t[0])
+    head, body = table[0], table[1:]
+    assert head == ["model", "sampler", "images", "FID (digits classifier)",
+                    "KID x 10³ (digits classifier)", "IS"]
+    want = [(name, spec.label(), f"{v + k:.3f}") for k, name in enumerate(("simple", "vlb"))
+            for spec, v in zip(GRID_SPECS, FID.values(), strict=True)]
+    assert [(b[0], b[1], b[3]) for b in body[:-1]] == want
+    assert all(b[4] == "10.00 ± 1.00" and b[5] == "n/a" and b[2] == "8" for b in body[:-1])
+    assert body[-1][0] == "floor" and body[-1][3] == "0.750" and body[-1][2] == "360"
+    assert "IS is n/a" in md
+
+
+def test_inception_features_give_an_is_column(tmp_path, monkeypatch):
+    make_outputs(tmp_path)
+    info = json.loads((tmp_path / "features/info.json").read_text())
+    info.update(features="inception", label="FID (Inception-v3)")
+    (tmp_path / "features/info.json").write_text(json.dumps(info))
+    details = json.loads((tmp_path / "fid/simple.json").read_text())
+    details["ddim_S2"].update(isc_mean=9.46, isc_std=0.11)
+    (tmp_path / "fid/simple.json").write_text(json.dumps(details))
+    monkeypatch.chdir(tmp_path)
+    df = report.sample_sets_table(load_results(load_params(tmp_path / "params.yaml")))
+    assert "KID x 10³ (Inception-v3)" in df.columns
+    got = dict(zip(df["model"] + "/" + df["sampler"], df["IS (Inception-v3)"], strict=True))
+    assert got["simple/" + GRID_SPECS[3].label()] == "9.46 ± 0.11"
+    assert got["simple/" + GRID_SPECS[0].label()] == "–"  # measured without IS: not 'n/a'
+
+
+def test_ddim_published_numbers_are_a_table(tmp_path):
+    p = make_outputs(tmp_path, names=("simple",))
+    r = run_stage("report", tmp_path, p, env={"GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "reports" / "report.md").read_text()
+    page = (tmp_path / "reports" / "report.html").read_text()
+    # Song et al. 2021, Table 1 (CIFAR-10, quadratic spacing), typed from the paper
+    assert next(t for t in tables(md, "sampler") if "S = 10" in t[0]) == [
+        ["sampler", "S = 10", "S = 20", "S = 50", "S = 100", "S = 1000"],
+        ["DDIM η = 0", "13.36", "6.84", "4.67", "4.16", "4.04"],
+        ["DDIM η = 1", "41.07", "18.36", "8.01", "5.78", "4.73"],
+        ["DDPM ancestral σ² = β (σ̂), respaced", "367.43", "133.37", "32.72", "9.99", "3.17"]]
+    assert '<td>DDIM η = 0</td><td class="n">13.36</td><td class="n">6.84</td>' in page
+    assert "S=10: DDIM" not in md  # no longer a run-on sentence
+
+
+def test_grids_side_by_side_one_row_per_sampler_thumbnails_link_to_full_grids(tmp_path):
+    p = make_outputs(tmp_path)
+    r = run_stage("report", tmp_path, p, env={"GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "reports" / "report.md").read_text()
+    page = (tmp_path / "reports" / "report.html").read_text()
+    grid = [t for t in tables(md, "sampler") if "simple" in t[0]]
+    assert len(grid) == 1
+    head, body = grid[0][0], grid[0][1:]
+    assert head == ["sampler", "simple", "vlb"]
+    assert [b[0] for b in body] == [s.label() for s in GRID_SPECS]  # one row per sampler
+    for row, spec in zip(body, GRID_SPECS, strict=True):
+        for k, (name, c) in enumerate(zip(("simple", "vlb"), row[1:], strict=True)):
+            f = f"figures/samples_{name}_{spec.name}.png"
+            assert c.startswith(f"[![{name}: {spec.name}]({f})]({f})"), c
+            assert c.endswith(f"FID {FID[spec.name] + k:.3f}")
+            assert (tmp_path / "reports" / f).is_file()
+            # HTML: a thumbnail (inlined, fixed width) inside a link to the full-size grid
+            assert re.search(rf'<a href="{re.escape(f)}"><img alt="{name}: {spec.name}" '
+                             r'width="\d+" src="data:image/png;base64,[^"]+"></a>', page), f
+    assert page.count('<a href="figures/samples_') == 2 * len(GRID_SPECS)
+
+
+def test_provenance_in_a_git_repo_and_the_report_is_byte_reproducible(tmp_path):
+    p = make_outputs(tmp_path)
+    add_timings(tmp_path)
+    (tmp_path / ".gitignore").write_text("/reports/\n")  # an output, as in the project
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "results")
+    r = run_stage("report", tmp_path, p)
+    assert r.returncode == 0, r.stderr
+    first = {f.relative_to(tmp_path): f.read_bytes()
+             for f in sorted((tmp_path / "reports").rglob("*")) if f.is_file()}
+    md = (tmp_path / "reports" / "report.md").read_text()
+    prov = dict(r[:2] for r in table_after(md, "provenance")[1:])
+    head = git(tmp_path, "rev-parse", "HEAD")
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["git commit"]) and prov["git commit"] == head
+    assert prov["uncommitted changes"] == "no"
+    params = to_dict(load_params(tmp_path / "params.yaml"))
+    assert prov["params hash (SHA-256)"] == hashlib.sha256(
+        json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+    for pkg in ("torch", "dvc", "mlflow", "torch-fidelity"):
+        assert prov[f"version: {pkg}"] == importlib.metadata.version(pkg)
+    dev = prov["device (of the machine that wrote the report)"]
+    assert dev.startswith("CPU: ") and "GPU: " in dev
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                      if ln.startswith("model name")), "")
+        assert model in dev
+    # wall time of each timed stage from timings/, summed per stage (fid: per sample set)
+    wall = {r[0]: r[1] for r in table_after(md, "stage")[1:]}
+    assert wall == {"features": "4.5", "train@simple": "1.0", "train@vlb": "1.0",
+                    "sample@simple": "2.5", "fid@simple": "2.0",
+                    "total of the timed stages": "11.0"}
+    # same inputs, same checkout: the same bytes (report.md, report.html, every figure)
+    r = run_stage("report", tmp_path, p)
+    assert r.returncode == 0, r.stderr
+    again = {f.relative_to(tmp_path): f.read_bytes()
+             for f in sorted((tmp_path / "reports").rglob("*")) if f.is_file()}
+    assert again == first
+
+
+def test_git_state_unknown_outside_git_and_dirty_names_the_changed_files(tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    s = provenance.git_state(outside)
+    assert s.commit.startswith("unknown: ") and "not a git repository" in s.commit
+    assert s.dirty is None and s.dirty_text() == "unknown"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    assert provenance.git_state(repo).commit.startswith("unknown")  # no commit yet
+    (repo / "a.txt").write_text("a\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a")
+    s = provenance.git_state(repo)
+    assert s.commit == git(repo, "rev-parse", "HEAD") and s.dirty is False
+    (repo / "dvc.lock").write_text("stages: {}\n")  # written by dvc repro itself: not counted
+    assert provenance.git_state(repo).dirty is False
+    (repo / "a.txt").write_text("b\n")
+    (repo / "new file.py").write_text("")
+    s = provenance.git_state(repo)
+    assert s.dirty is True and s.changed == ("a.txt", "new file.py")
+    assert s.dirty_text() == "yes: a.txt, new file.py"
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # git not installed
+    s = provenance.git_state(repo)
+    assert s.commit == "unknown: git not available (FileNotFoundError)" and s.dirty is None
 
 
 def test_report_stage_reports_a_missing_input_in_one_line(tmp_path):

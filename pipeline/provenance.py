@@ -1,0 +1,146 @@
+"""Provenance of a report: the git commit and whether the tree was dirty, a hash of the params,
+the versions of the packages that made the numbers and the machine that wrote the report.
+
+Everything here is a function of the checkout, the environment and the machine, never of the
+clock, so the same inputs on the same machine give the same report byte for byte. Nothing here
+raises: what cannot be found is 'unknown', with the reason.
+
+Under `dvc exp run` the stages run in the workspace (or a temporary clone of it) with the
+experiment's params applied on top of its baseline commit: the commit is that baseline and the
+params it changed show up as modified files; the params hash says which params the run used.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ddpm_core.config import Params, to_dict
+from pipeline.common import stable_hash
+
+# Files `dvc repro` itself rewrites while it runs: not a sign of uncommitted work.
+WRITTEN_BY_DVC = ("dvc.lock",)
+PACKAGES = {"torch": ("torch",), "dvc": ("dvc",), "mlflow": ("mlflow", "mlflow-skinny"),
+            "torch-fidelity": ("torch-fidelity",), "numpy": ("numpy",)}
+MAX_LISTED = 10  # changed files named in the report; the rest are counted
+
+
+@dataclass(frozen=True)
+class GitState:
+    """HEAD and the uncommitted changes of the repository the stage runs in."""
+
+    commit: str  # 40 (or 64) hex digits, or 'unknown: <why>'
+    dirty: bool | None  # None: unknown
+    changed: tuple[str, ...] = ()  # paths `git status --porcelain` lists (dvc.lock left out)
+
+    def dirty_text(self) -> str:
+        if self.dirty is None:
+            return "unknown"
+        if not self.dirty:
+            return "no"
+        more = len(self.changed) - MAX_LISTED
+        return ("yes: " + ", ".join(self.changed[:MAX_LISTED])
+                + (f" and {more} more" if more > 0 else ""))
+
+
+def _git(args: list[str], cwd: Path | None) -> subprocess.CompletedProcess | str:
+    """`git <args>`, or the reason it could not run."""
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"git not available ({type(e).__name__})"
+
+
+def _why(r: subprocess.CompletedProcess | str) -> str:
+    if isinstance(r, str):
+        return r
+    first = (r.stderr.strip().splitlines() or [f"git exited with {r.returncode}"])[0]
+    return first.removeprefix("fatal: ")[:120]
+
+
+def git_state(cwd: str | Path | None = None) -> GitState:
+    """`git rev-parse HEAD` and `git status --porcelain` in cwd; 'unknown' outside a repo."""
+    head = _git(["rev-parse", "--verify", "HEAD"], Path(cwd) if cwd else None)
+    commit = head.stdout.strip() if not isinstance(head, str) and head.returncode == 0 else ""
+    if not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", commit):
+        return GitState(f"unknown: {_why(head) or 'no commit'}", None)
+    status = _git(["status", "--porcelain", "--untracked-files=normal"],
+                  Path(cwd) if cwd else None)
+    if isinstance(status, str) or status.returncode != 0:
+        return GitState(commit, None)
+    # porcelain v1: "XY path" or "XY old -> new"; a path with spaces comes quoted
+    paths = sorted({ln[3:].split(" -> ")[-1].strip('"') for ln in status.stdout.splitlines()
+                    if len(ln) > 3})
+    changed = tuple(p for p in paths if p not in WRITTEN_BY_DVC)
+    return GitState(commit, bool(changed), changed)
+
+
+def params_hash(params: Params) -> str:
+    """SHA-256 of the validated params (ddpm_core.config.to_dict, JSON with sorted keys)."""
+    return stable_hash(to_dict(params), n=64)
+
+
+def versions(packages: dict[str, tuple[str, ...]] = PACKAGES) -> dict[str, str]:
+    """{package: installed version} (the first distribution name found; else 'not installed')."""
+    out = {"python": platform.python_version()}
+    for name, dists in packages.items():
+        out[name] = "not installed"
+        for dist in dists:
+            try:
+                out[name] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else platform), with its logical cores."""
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    return f"{name}, {os.cpu_count() or '?'} logical cores"
+
+
+def gpu_names() -> list[str]:
+    """The CUDA devices torch sees (empty without CUDA)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # a broken driver must not stop the report  # noqa: BLE001
+        return []
+
+
+def device_description() -> str:
+    """'CPU: <model>, N logical cores; GPU: <name> x k' (or 'GPU: none')."""
+    gpus = gpu_names()
+    gpu = "none (no CUDA device)"
+    if gpus:
+        gpu = "; ".join(f"{n} x {gpus.count(n)}" for n in dict.fromkeys(gpus))
+    return f"CPU: {cpu_model()}; GPU: {gpu}"
+
+
+def provenance(params: Params, cwd: str | Path | None = None) -> dict[str, str]:
+    """The rows of the report's provenance table, in order."""
+    git = git_state(cwd)
+    rows = {"git commit": git.commit,
+            "uncommitted changes": git.dirty_text(),
+            "params hash (SHA-256)": params_hash(params)}
+    rows.update({f"version: {k}": v for k, v in versions().items()})
+    rows["device (of the machine that wrote the report)"] = device_description()
+    return rows
