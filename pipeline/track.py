@@ -46,15 +46,16 @@ LOCK_FILE = Path("dvc.lock")
 
 
 def output_hashes() -> dict:
-    """{stage: {path: md5}} of every result in dvc.lock: not this stage's outputs, and not the
-    timings (a forced re-run of identical work is the same result, logged once)."""
+    """{stage: {path: md5}} of every result in dvc.lock: not this stage's outputs, not the
+    timings and not the report (it shows the timings; everything else in it comes from the
+    results): a forced re-run of identical work is the same result, logged once."""
     if not LOCK_FILE.is_file():  # stages run by hand: hash the results themselves
         files = sorted(p for d in ("metrics", "samples", "bpd", "fid") for p in Path(d).rglob("*")
                        if p.is_file())
         return {"files": {str(p): stable_hash(p.read_bytes().hex()) for p in files}}
     lock = yaml.safe_load(LOCK_FILE.read_text()) or {}
     return {name: {o["path"]: o.get("md5") or o.get("hash") for o in st.get("outs", [])
-                   if not str(o["path"]).startswith("timings")}
+                   if not str(o["path"]).startswith(("timings", "reports"))}
             for name, st in (lock.get("stages") or {}).items() if name != "track"}
 
 

@@ -27,7 +27,6 @@ duplicates a run.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 from ddpm_core.config import Params, to_dict
 from pipeline.common import StageError
+from pipeline.provenance import git_state
 
 KEY_TAG = "ddpm.key"
 LEVEL_TAG = "ddpm.level"
@@ -207,16 +207,6 @@ def log_once(client: Any, exp_id: str, key: str, write: Callable[[], str]) -> tu
     return write(), True
 
 
-def git_revision() -> str:
-    """HEAD of the repository the stage runs in ('unknown' outside git)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=False)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     """Nested dicts -> {"a.b": "value"}; lists of dicts are indexed (variants.0.name)."""
     out: dict[str, str] = {}
@@ -304,7 +294,7 @@ def log_batch(client: Any, run_id: str, params: dict | None = None,
 def run_tags(params: Params) -> dict[str, str]:
     """Tags every run gets: DVC experiment name (or 'workspace'), the commit in MLflow's
     standard source tags (the UI's Source column), schedule."""
-    rev = git_revision()
+    rev = git_state().commit
     return {"dvc.exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
             "git.revision": rev, "mlflow.source.git.commit": rev,
             "mlflow.source.name": "dvc repro (pipeline/track.py)",
