@@ -59,6 +59,21 @@ def exp_names(node) -> set[str]:
     return found
 
 
+def run_queue(root: Path, env: dict) -> None:
+    """`dvc queue start -j 2`, then wait until nothing is queued or running."""
+    try:
+        sh([DVC, "queue", "start", "-j", "2"], root, env)
+        t0 = time.monotonic()
+        while True:
+            states = queue_status(root, env)
+            if len(states) == len(EXPS) and not {"Queued", "Running"} & set(states.values()):
+                return
+            assert time.monotonic() - t0 < 1200, states
+            time.sleep(10)
+    finally:
+        sh([DVC, "queue", "stop"], root, env, ok=False)
+
+
 @pytest.mark.slow
 def test_two_workers_three_experiments_one_new_store_nothing_lost(tmp_path):
     root = tmp_path / "repo"
@@ -87,21 +102,26 @@ def test_two_workers_three_experiments_one_new_store_nothing_lost(tmp_path):
         sh([DVC, "exp", "run", "--queue", "-S", setting, "-n", name], root, env)
     assert not (root / "mlflow.db").exists()
     assert set(queue_status(root, env).values()) == {"Queued"}
-    try:
-        sh([DVC, "queue", "start", "-j", "2"], root, env)
-        t0 = time.monotonic()
-        while True:
-            states = queue_status(root, env)
-            if len(states) == len(EXPS) and not {"Queued", "Running"} & set(states.values()):
-                break
-            assert time.monotonic() - t0 < 1200, states
-            time.sleep(3)
-    finally:
-        sh([DVC, "queue", "stop"], root, env, ok=False)
-    logs = {n: sh([DVC, "queue", "logs", n], root, env).stdout for n in EXPS}
+    every_log: list[str] = []
+    for attempt in (1, 2):
+        run_queue(root, env)
+        states = queue_status(root, env)
+        logs = {n: sh([DVC, "queue", "logs", n], root, env).stdout for n in EXPS}
+        every_log += logs.values()
+        failed = sorted(n for n, state in states.items() if state != "Success")
+        # DVC's queue workers race (treeverse/dvc#10673, seen here once in two runs): a stage
+        # of one experiment got SIGTERM (nothing of ours sends it) seconds after another
+        # experiment finished; such an experiment, and only such, is queued once more
+        terminated = [n for n in failed if "exited with -15" in logs[n]]
+        if not failed or attempt == 2 or terminated != failed:
+            break
+        print(f"queue: {failed} terminated by DVC's worker race; queued again")
+        sh([DVC, "queue", "remove", *failed], root, env)
+        for n in failed:
+            sh([DVC, "exp", "run", "--queue", "-S", EXPS[n], "-n", n], root, env)
     assert states == dict.fromkeys(EXPS, "Success"), {n: logs[n][-2000:] for n in EXPS}
+    assert not [log for log in every_log if "database is locked" in log.lower()]
     for log in logs.values():
-        assert "database is locked" not in log.lower(), log
         assert "track: logged parent run" in log, log[-2000:]
     shown = json.loads(sh([DVC, "exp", "show", "--json"], root, env).stdout)
     assert set(EXPS) <= exp_names(shown)
