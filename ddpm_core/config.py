@@ -428,8 +428,9 @@ def _build(cls: type, raw: Any, key: str, from_key: str | None = None) -> Any:
     for name in raw:
         if name not in fields:
             close = difflib.get_close_matches(str(name), sorted(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
-            raise ConfigError(f"{prefix}{name}: unknown key{hint}")
+            hint = (f"did you mean '{prefix}{close[0]}'?" if close else
+                    f"delete it or use one of {where}'s keys: {', '.join(sorted(fields))}")
+            raise ConfigError(f"{prefix}{name}: unknown key; {hint}")
     kwargs = {name: _convert(value, hints[name], f"{prefix}{name}") for name, value in raw.items()}
     if from_key is not None:
         kwargs.update({name: from_key for name in keyed})

@@ -1,0 +1,153 @@
+"""Three queued experiments run by two DVC queue workers at once, in a committed repository
+without an MLflow store: all succeed, `dvc exp show` lists them, and the one new sqlite store
+holds each result exactly once (3 parent runs and their children), with no "database is locked"
+in any worker's log (the README's queue recipe, the venv on PATH)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import REPO, tiny_params
+
+from ddpm_core.config import params_from_dict
+from pipeline.records import sampler_specs
+
+BIN = Path(sys.executable).parent
+DVC = str(BIN / "dvc")
+COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore",
+        ".dvcignore", "data/raw/README.md"]
+EXPS = {"seed1": "train.seed=1", "seed2": "train.seed=2", "cosine": "schedule=cosine"}
+
+
+def sh(cmd: list[str], cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if ok:
+        assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr}"
+    return r
+
+
+def queue_status(root: Path, env: dict) -> dict[str, str]:
+    """{experiment name: Queued | Running | Success | Failed} from `dvc queue status`."""
+    out = sh([DVC, "queue", "status"], root, env).stdout
+    states = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[1] in EXPS:
+            states[words[1]] = words[-1]
+    return states
+
+
+def exp_names(node) -> set[str]:
+    """Every experiment name in `dvc exp show --json`."""
+    found = set()
+    if isinstance(node, dict):
+        if isinstance(node.get("name"), str):
+            found.add(node["name"])
+        for v in node.values():
+            found |= exp_names(v)
+    elif isinstance(node, list):
+        for v in node:
+            found |= exp_names(v)
+    return found
+
+
+def run_queue(root: Path, env: dict) -> None:
+    """`dvc queue start -j 2`, then wait until nothing is queued or running."""
+    try:
+        sh([DVC, "queue", "start", "-j", "2"], root, env)
+        t0 = time.monotonic()
+        while True:
+            states = queue_status(root, env)
+            if len(states) == len(EXPS) and not {"Queued", "Running"} & set(states.values()):
+                return
+            assert time.monotonic() - t0 < 1200, states
+            time.sleep(10)
+    finally:
+        sh([DVC, "queue", "stop"], root, env, ok=False)
+
+
+@pytest.mark.slow
+def test_two_workers_three_experiments_one_new_store_nothing_lost(tmp_path):
+    root = tmp_path / "repo"
+    for name in COPY:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / name)
+    p = tiny_params()
+    p["variants"] = {"simple": p["variants"]["simple"]}
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    (root / ".venv").symlink_to(BIN.parent, target_is_directory=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "GIT_DIR", "GIT_WORK_TREE", "VIRTUAL_ENV",
+                                "DDPM_"))}
+    # the README's recipe: the queue's workers are `dvc` from PATH
+    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1")
+    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "pipeline"]):
+        sh(cmd, root, env)
+    for name, setting in EXPS.items():
+        sh([DVC, "exp", "run", "--queue", "-S", setting, "-n", name], root, env)
+    assert not (root / "mlflow.db").exists()
+    assert set(queue_status(root, env).values()) == {"Queued"}
+    every_log: list[str] = []
+    for attempt in (1, 2):
+        run_queue(root, env)
+        states = queue_status(root, env)
+        logs = {n: sh([DVC, "queue", "logs", n], root, env).stdout for n in EXPS}
+        every_log += logs.values()
+        failed = sorted(n for n, state in states.items() if state != "Success")
+        # DVC's queue workers race (treeverse/dvc#10673, seen here once in two runs): a stage
+        # of one experiment got SIGTERM (nothing of ours sends it) seconds after another
+        # experiment finished; such an experiment, and only such, is queued once more
+        terminated = [n for n in failed if "exited with -15" in logs[n]]
+        if not failed or attempt == 2 or terminated != failed:
+            break
+        print(f"queue: {failed} terminated by DVC's worker race; queued again")
+        sh([DVC, "queue", "remove", *failed], root, env)
+        for n in failed:
+            sh([DVC, "exp", "run", "--queue", "-S", EXPS[n], "-n", n], root, env)
+    assert states == dict.fromkeys(EXPS, "Success"), {n: logs[n][-2000:] for n in EXPS}
+    assert not [log for log in every_log if "database is locked" in log.lower()]
+    for log in logs.values():
+        assert "track: logged parent run" in log, log[-2000:]
+    shown = json.loads(sh([DVC, "exp", "show", "--json"], root, env).stdout)
+    assert set(EXPS) <= exp_names(shown)
+
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = c.get_experiment_by_name("ddpm")
+    runs = c.search_runs([exp.experiment_id], max_results=1000, run_view_type=ViewType.ALL)
+    parents = [r for r in runs if r.data.tags["ddpm.level"] == "parent"]
+    assert sorted(r.data.tags["dvc.exp_name"] for r in parents) == sorted(EXPS)
+    assert len({r.data.tags["ddpm.key"] for r in parents}) == 3
+    assert sorted(r.data.params["train.seed"] for r in parents) == ["0", "1", "2"]
+    assert sorted(r.data.params["schedule"] for r in parents) == ["cosine", "linear", "linear"]
+    cfg = params_from_dict(p)
+    samplers = len(sampler_specs(cfg.sample, cfg.diffusion.timesteps,
+                                 cfg.variants["simple"].var_type))
+    for parent in parents:  # each result whole: one variant run and one run per sampler
+        pid = parent.info.run_id
+        variants = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
+        assert [r.info.run_name for r in variants] == ["simple"]
+        vid = variants[0].info.run_id
+        assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == vid]) == samplers
+        assert "fid_ancestral_beta" in variants[0].data.metrics
+    assert len(runs) == 3 * (2 + samplers)
+    assert all(r.info.status == "FINISHED" and r.info.lifecycle_stage == "active"
+               for r in runs)
+    assert all(r.data.tags.get("ddpm.complete") == "true" for r in runs)
