@@ -71,6 +71,16 @@ def _read_history(path: Path) -> list[dict]:
     return [rows[k] for k in sorted(rows)]
 
 
+def _repair_history(path: Path) -> None:
+    """Cut a torn last line (a kill inside on_log's write) so appended rows stay whole."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _loss_row(h: dict) -> str:
     return f"{h['step']},{h['loss']:.6g},{h['grad_norm']:.6g},{h['lr']:.6g}"
 
@@ -94,6 +104,7 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
     loss, t_sampler = Loss(diff, v.loss), make_sampler(v.t_sampling, diff.T)
     spec = ModelSpec(ucfg, params.schedule, params.diffusion.timesteps, v.mean_type, v.var_type)
     if is_main:  # the loss curve so far (a resumed run), then one appended row per log step
+        _repair_history(hist_file)
         write_text("\n".join([LOSS_HEADER] + [_loss_row(h) for h in _read_history(hist_file)])
                    + "\n", paths.loss_csv)
 

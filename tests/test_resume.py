@@ -8,6 +8,7 @@ reduce in the same order. The model has dropout, so the global torch RNG must be
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -130,3 +131,22 @@ def _worker(ckpt_dir: str, go: str) -> None:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])
+
+
+def test_loss_history_torn_by_a_kill_mid_line_is_repaired_before_the_resumed_run_appends(
+        tmp_path: Path) -> None:
+    # train@<v> appends one JSON line per log step; a SIGKILL inside that write leaves a torn
+    # last line. The resumed run must read the history and append to it without the fragment
+    # swallowing its first new row (the loss curve must equal an uninterrupted run's).
+    from pipeline.train import _read_history, _repair_history
+
+    f = tmp_path / "history.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + json.dumps(rows[2])[:9])
+    _repair_history(f)
+    assert _read_history(f) == rows[:2]
+    with f.open("a") as out:  # what on_log does after the resume
+        out.write(json.dumps(rows[2]) + "\n")
+    assert _read_history(f) == rows
+    _repair_history(tmp_path / "missing.jsonl")  # nothing to repair: no error, no file
+    assert not (tmp_path / "missing.jsonl").exists()
