@@ -221,11 +221,12 @@ PIPELINE_FILES = ("ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README
 
 
 def pipeline_env(venv_on_path: bool = False) -> dict[str, str]:
-    """os.environ without MLflow/DVC/git/venv settings of the caller, with a git identity.
+    """os.environ without MLflow/DVC/git/venv/PYTHONPATH settings of the caller, with a git
+    identity.
     The venv's bin is on PATH only when asked (`.venv/bin/dvc repro` must work without it)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "DVC_", "GIT_DIR", "GIT_WORK_TREE", "VIRTUAL_ENV",
-                                "DDPM_"))}
+                                "DDPM_", "PYTHONPATH"))}
     path = [d for d in env.get("PATH", "").split(os.pathsep) if Path(d).resolve() != BIN.resolve()]
     env["PATH"] = os.pathsep.join([str(BIN), *path] if venv_on_path else path)
     env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",

@@ -22,19 +22,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, tiny_params
+from helpers import DVC, pipeline_repo, sh, tiny_params
 
-BIN = Path(sys.executable).parent
-DVC = str(BIN / "dvc")
 HOOK = Path(__file__).resolve().parent / "killpoint"
-COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore",
-        ".dvcignore", "data/raw/README.md"]
 RESULTS = ("data/prepared", "models", "gamma", "samples", "grids", "bpd", "features", "fid",
            "metrics", "plots", "reports")  # timings/ are measurements, not results
 ORDER = ["prepare", "train", "gamma", "sample", "bpd", "features", "fid", "report", "track"]
@@ -58,21 +53,6 @@ KILL_AT = {
     # the parent and variant runs and the first sampler's run created, the rest not
     "track": ("pipeline.tracking.log_batch:3", [], []),
 }
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "GIT_DIR", "GIT_WORK_TREE", "VIRTUAL_ENV",
-                                "DDPM_", "PYTHONPATH"))}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1")
-    return env
-
-
-def sh(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr}"
-    return r
 
 
 def ran(out: str) -> set[str]:
@@ -156,21 +136,10 @@ def baseline(tmp_path_factory):
     base = tmp_path_factory.mktemp("kill")
     root, snaps, hold = base / "base", base / "snap", base / "hold"
     hold.mkdir()
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
     p = tiny_params()
     p["variants"] = {"simple": p["variants"]["simple"]}
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (root / ".venv").symlink_to(BIN.parent, target_is_directory=True)
-    env = _env()
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "pipeline"]):
-        sh(cmd, root, env)
+    env = pipeline_env()
+    pipeline_repo(root, p, env)
     log = base / "baseline.log"
     held_env = {**env, "PYTHONPATH": str(HOOK), "DDPM_TEST_HOLD": "*:start:0",
                 "DDPM_TEST_HOLD_DIR": str(hold)}

@@ -6,32 +6,16 @@ in any worker's log (the README's queue recipe, the venv on PATH)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import REPO, tiny_params
+from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
 from ddpm_core.config import params_from_dict
 from pipeline.records import sampler_specs
 
-BIN = Path(sys.executable).parent
-DVC = str(BIN / "dvc")
-COPY = ["ddpm_core", "pipeline", "dvc.yaml", "pyproject.toml", "README.md", ".gitignore",
-        ".dvcignore", "data/raw/README.md"]
 EXPS = {"seed1": "train.seed=1", "seed2": "train.seed=2", "cosine": "schedule=cosine"}
-
-
-def sh(cmd: list[str], cwd: Path, env: dict, ok: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if ok:
-        assert r.returncode == 0, f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr}"
-    return r
 
 
 def queue_status(root: Path, env: dict) -> dict[str, str]:
@@ -76,51 +60,19 @@ def run_queue(root: Path, env: dict) -> None:
 
 @pytest.mark.slow
 def test_two_workers_three_experiments_one_new_store_nothing_lost(tmp_path):
-    root = tmp_path / "repo"
-    for name in COPY:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(src, root / name)
     p = tiny_params()
     p["variants"] = {"simple": p["variants"]["simple"]}
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (root / ".venv").symlink_to(BIN.parent, target_is_directory=True)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "GIT_DIR", "GIT_WORK_TREE", "VIRTUAL_ENV",
-                                "DDPM_"))}
-    # the README's recipe: the queue's workers are `dvc` from PATH
-    env["PATH"] = os.pathsep.join([str(BIN), env.get("PATH", "")])
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com", DVC_NO_ANALYTICS="1")
-    for cmd in (["git", "init", "-q"], [DVC, "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "pipeline"]):
-        sh(cmd, root, env)
+    env = pipeline_env(venv_on_path=True)  # the README's recipe: the workers are `dvc` from PATH
+    root = pipeline_repo(tmp_path / "repo", p, env)
     for name, setting in EXPS.items():
         sh([DVC, "exp", "run", "--queue", "-S", setting, "-n", name], root, env)
     assert not (root / "mlflow.db").exists()
     assert set(queue_status(root, env).values()) == {"Queued"}
-    every_log: list[str] = []
-    for attempt in (1, 2):
-        run_queue(root, env)
-        states = queue_status(root, env)
-        logs = {n: sh([DVC, "queue", "logs", n], root, env).stdout for n in EXPS}
-        every_log += logs.values()
-        failed = sorted(n for n, state in states.items() if state != "Success")
-        # DVC's queue workers race (treeverse/dvc#10673, seen here once in two runs): a stage
-        # of one experiment got SIGTERM (nothing of ours sends it) seconds after another
-        # experiment finished; such an experiment, and only such, is queued once more
-        terminated = [n for n in failed if "exited with -15" in logs[n]]
-        if not failed or attempt == 2 or terminated != failed:
-            break
-        print(f"queue: {failed} terminated by DVC's worker race; queued again")
-        sh([DVC, "queue", "remove", *failed], root, env)
-        for n in failed:
-            sh([DVC, "exp", "run", "--queue", "-S", EXPS[n], "-n", n], root, env)
+    run_queue(root, env)
+    states = queue_status(root, env)
+    logs = {n: sh([DVC, "queue", "logs", n], root, env).stdout for n in EXPS}
     assert states == dict.fromkeys(EXPS, "Success"), {n: logs[n][-2000:] for n in EXPS}
-    assert not [log for log in every_log if "database is locked" in log.lower()]
+    assert not [log for log in logs.values() if "database is locked" in log.lower()]
     for log in logs.values():
         assert "track: logged parent run" in log, log[-2000:]
     shown = json.loads(sh([DVC, "exp", "show", "--json"], root, env).stdout)
