@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import DVC, pipeline_repo, sh, tiny_params
+from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
 HOOK = Path(__file__).resolve().parent / "killpoint"
 RESULTS = ("data/prepared", "models", "gamma", "samples", "grids", "bpd", "features", "fid",
