@@ -107,15 +107,17 @@ def sample_sets_table(res: Results) -> pd.DataFrame:
 
 
 def steps_table(res: Results) -> pd.DataFrame:
-    """FID against the number of sampling steps: rows (model, sampler), columns S."""
+    """FID against the number of sampling steps: rows (model, sampler), columns S. One row for
+    DDIM and one per ancestral σ² (respaced at S < T, the full chain at S = T)."""
     rows = []
     for name, r in res.variants.items():
-        for kind, title in (("ddim", "DDIM η = 0"), ("respaced", "ancestral σ² = β (respaced)")):
+        variances = list(dict.fromkeys(s.variance for s in r.samplers if s.kind != "ddim"))
+        kinds = [("ddim", None, "DDIM η = 0")] + [
+            ("ancestral", v, f"ancestral {SIGMA2_LABEL[v or '']}") for v in variances]
+        for kind, variance, title in kinds:
             row = {"model": name, "sampler": title}
             for spec in r.samplers:
-                if spec.kind == "ddim" and kind == "ddim" or (
-                        kind == "respaced" and spec.kind in ("respaced", "ancestral")
-                        and spec.variance != "fixed_small"):
+                if (spec.kind == "ddim") == (kind == "ddim") and spec.variance == variance:
                     row[f"S = {spec.steps}"] = r.fid_of(spec)
             rows.append(row)
     df = pd.DataFrame(rows).set_index(["model", "sampler"])

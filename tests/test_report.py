@@ -265,3 +265,28 @@ def test_report_stage_reports_a_missing_input_in_one_line(tmp_path):
     r = run_stage("report", tmp_path, p)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error: metrics/bpd/vlb.json")
+
+
+def test_fid_vs_steps_table_labels_each_sigma2_row_with_its_own_numbers(tmp_path, monkeypatch):
+    # every σ² of sample.variances gets its own row; a row labelled σ² = β must hold the β
+    # sampler's FID (an analytic sampler's FID once overwrote it)
+    from pipeline import report
+    from pipeline.records import fid_key
+
+    make_outputs(tmp_path, names=("simple",))
+    monkeypatch.chdir(tmp_path)
+    res = load_results(load_params(tmp_path / "params.yaml"))
+    r = res.variants["simple"]
+    extra = [SamplerSpec("ancestral", 10, "analytic"), SamplerSpec("respaced", 2, "analytic"),
+             SamplerSpec("respaced", 2, "fixed_small")]
+    r.samplers += extra
+    r.fid.update({fid_key(s): 100.0 + i for i, s in enumerate(extra)})
+    df = report.steps_table(res).loc["simple"]
+    assert list(df.index) == ["DDIM η = 0", "ancestral σ² = β", "ancestral σ² = β̃",
+                              "ancestral σ² analytic"]
+    for title, spec_of in (("ancestral σ² = β", "fixed_large"), ("ancestral σ² = β̃", "fixed_small"),
+                           ("ancestral σ² analytic", "analytic")):
+        for s in r.samplers:
+            if s.variance == spec_of:
+                assert df.loc[title, f"S = {s.steps}"] == report._fmt(r.fid_of(s)), (title, s)
+    assert df.loc["DDIM η = 0", "S = 2"] == report._fmt(6.0)
