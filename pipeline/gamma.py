@@ -18,13 +18,11 @@ from ddpm_core.data import load_images, to_model_tensor, to_unit
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.inference import inference_model
 from pipeline.common import device, run_stage, variant_model, write_json
-from pipeline.records import DATA_DIR, VariantPaths
+from pipeline.records import DATA_DIR, VariantPaths, read_json
 
 
 def read_gamma(paths: VariantPaths, T: int) -> torch.Tensor | None:
     """Γ [T] float64 from gamma@<v>'s file (None for a learned σ²); one-line error if stale."""
-    from pipeline.records import read_json
-
     d = read_json(paths.gamma)
     if d["gamma"] is None:
         return None

@@ -45,28 +45,34 @@ from pipeline.tracking import (
 LOCK_FILE = Path("dvc.lock")
 
 
-def output_hashes() -> dict:
+def lock_outputs() -> dict[str, dict[str, str]] | None:
+    """{stage: {output path: md5}} as dvc.lock records it; None without a dvc.lock."""
+    if not LOCK_FILE.is_file():
+        return None
+    lock = yaml.safe_load(LOCK_FILE.read_text()) or {}
+    return {name: {str(o["path"]): o.get("md5") or o.get("hash") for o in st.get("outs", [])}
+            for name, st in (lock.get("stages") or {}).items()}
+
+
+def output_hashes(lock: dict[str, dict[str, str]] | None) -> dict:
     """{stage: {path: md5}} of every result in dvc.lock: not this stage's outputs, not the
     timings and not the report (it shows the timings; everything else in it comes from the
     results): a forced re-run of identical work is the same result, logged once."""
-    if not LOCK_FILE.is_file():  # stages run by hand: hash the results themselves
+    if lock is None:  # stages run by hand: hash the results themselves
         files = sorted(p for d in ("metrics", "samples", "bpd", "fid") for p in Path(d).rglob("*")
                        if p.is_file())
         return {"files": {str(p): stable_hash(p.read_bytes().hex()) for p in files}}
-    lock = yaml.safe_load(LOCK_FILE.read_text()) or {}
-    return {name: {o["path"]: o.get("md5") or o.get("hash") for o in st.get("outs", [])
-                   if not str(o["path"]).startswith(("timings", "reports"))}
-            for name, st in (lock.get("stages") or {}).items() if name != "track"}
+    return {name: {path: md5 for path, md5 in outs.items()
+                   if not path.startswith(("timings", "reports"))}
+            for name, outs in lock.items() if name != "track"}
 
 
-def data_digest() -> str:
+def data_digest(lock: dict[str, dict[str, str]] | None) -> str:
     """DVC's md5 of data/prepared as dvc.lock records it (stages run by hand, no lock entry:
     the md5 of its files' names and bytes)."""
-    if LOCK_FILE.is_file():
-        lock = yaml.safe_load(LOCK_FILE.read_text()) or {}
-        for o in ((lock.get("stages") or {}).get("prepare") or {}).get("outs", []):
-            if Path(o["path"]) == DATA_DIR:
-                return o.get("md5") or o.get("hash")
+    recorded = (lock or {}).get("prepare", {}).get(str(DATA_DIR))
+    if recorded:
+        return recorded
     h = hashlib.md5()
     for f in sorted(p for p in DATA_DIR.rglob("*") if p.is_file()):
         h.update(f.relative_to(DATA_DIR).as_posix().encode() + b"\0" + f.read_bytes())
@@ -130,13 +136,15 @@ def _finish(client, run_id: str, end_time: int | None = None) -> None:
     client.set_terminated(run_id, "FINISHED", end_time=end_time)
 
 
-def log_everything(params: Params, client, exp_id: str, key: str) -> str:
-    """Write the whole run tree for `key` from pipeline.records; returns the parent run id."""
+def log_everything(params: Params, client, exp_id: str, key: str,
+                   lock: dict[str, dict[str, str]] | None) -> str:
+    """Write the whole run tree for `key` from pipeline.records (lock: lock_outputs());
+    returns the parent run id."""
     res: Results = load_results(params)
     label = res.features.label
     tags = {**run_tags(params), "fid.features": label}
     p = params
-    digest = data_digest() if DATA_DIR.is_dir() else ""
+    digest = data_digest(lock) if DATA_DIR.is_dir() else ""
     parent = create_run(client, exp_id, f"{tags['dvc.exp_name']} ({p.schedule}, "
                         f"{p.data.dataset}) {key[:8]}", key, "parent", tags=tags)
     # params as training used them (e.g. train.hflip resolved for digits: see config.Params)
@@ -196,11 +204,12 @@ def log_everything(params: Params, client, exp_id: str, key: str) -> str:
 
 
 def main(params: Params) -> None:
-    key = stable_hash({"params": to_dict(params), "outputs": output_hashes()}, n=16)
+    lock = lock_outputs()
+    key = stable_hash({"params": to_dict(params), "outputs": output_hashes(lock)}, n=16)
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     with store(params) as (client, exp_id):
         parent, new = log_once(client, exp_id, key,
-                               lambda: log_everything(params, client, exp_id, key))
+                               lambda: log_everything(params, client, exp_id, key, lock))
         names = client.get_run(parent).data.tags.get("dvc.exp_names", "")
         if exp_name not in names.split(","):
             client.set_tag(parent, "dvc.exp_names", f"{names},{exp_name}".strip(","))
