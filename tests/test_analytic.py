@@ -20,6 +20,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 M_DATA, S_DATA = 0.1, 0.2  # x_0 ~ N(0.1, 0.2²): inside [-1, 1] up to 4.5 standard deviations
 
 
+def _full_chain_beta_tilde_1(d):
+    """β̃ at index 1 of the full chain from ᾱ: (1 − ᾱ_1)/(1 − ᾱ_2) · (1 − ᾱ_2/ᾱ_1)."""
+    ab1, ab2 = float(d.alpha_bar[0]), float(d.alpha_bar[1])
+    return (1 - ab1) / (1 - ab2) * (1 - ab2 / ab1)
+
+
 def _gaussian_images(n, g):
     return (M_DATA + S_DATA * torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)).float()
 
@@ -81,10 +87,11 @@ def test_optimal_sigma2_bao2022_thm1_is_the_true_reverse_variance(K):
     beta = 1 - ab / ab_prev
     assert bool((lower[1:] <= true_var[1:]).all()) and bool((true_var <= upper).all())
     assert bool((true_var <= beta / (1 - beta)).all())
-    # the clipped σ̂² leaves it alone (clipping is inactive); index 0 is the decoder's β̃ at 1
+    # the clipped σ̂² leaves it alone (clipping is inactive); index 0 is the decoder's variance,
+    # the FULL chain's β̃ at index 1 for every chain (Bao et al.'s ll/elbo.py)
     clipped = analytic_sigma2(d, gaussian_gamma(d, S_DATA), chain)
     assert torch.allclose(clipped[1:], true_var[1:], rtol=1e-9, atol=0)
-    assert float(clipped[0]) == float(lower[1])
+    assert math.isclose(float(clipped[0]), _full_chain_beta_tilde_1(d), rel_tol=1e-12)
     # at small K the true variance is far above β̃ (why σ² = β̃ fails at 10 steps)
     if K == 10:
         ratio = float((true_var[1:] / lower[1:]).max())
@@ -127,4 +134,6 @@ def test_analytic_sigma2_clips_to_bao2022_thm2_bounds():
     assert torch.equal(high[1:], lower[1:])
     assert torch.allclose(low[1:], torch.minimum(upper, beta / (1 - beta))[1:], rtol=1e-12)
     assert bool((low[1:] > lower[1:]).all())
-    assert float(high[0]) == float(low[0]) == float(lower[1])
+    assert float(high[0]) == float(low[0])
+    assert math.isclose(float(low[0]), _full_chain_beta_tilde_1(d), rel_tol=1e-12)
+    assert not math.isclose(float(low[0]), float(lower[1]), rel_tol=1e-3)  # not the chain's own
