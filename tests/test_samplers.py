@@ -353,3 +353,51 @@ def test_ddim_encode_decode_round_trip_song_eq13(mean_type):
         errors[n] = float((x_rec - x0).abs().max())
     print(f"DDIM round trip max |error|: {errors}")  # measured 0.045 (S=200), 0.0081 (S=1000)
     assert errors[1000] < 0.02 and errors[1000] < errors[200] < 0.1
+
+
+class _OracleEps(torch.nn.Module):
+    """ε of q(x_t | x_0) for a known x_0: the DDIM step then samples q_σ(x_prev | x_t, x_0)."""
+
+    def __init__(self, diff, x0):
+        super().__init__()
+        self.diff, self.x0 = diff, x0
+
+    def forward(self, x_t, t):
+        ab = self.diff.alpha_bar[t].reshape(-1, 1, 1, 1)
+        return ((x_t.double() - ab.sqrt() * self.x0) / (1 - ab).sqrt()).float()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau,tau_prev", [(500, 499), (399, 299), (999, 899), (0, None)])
+def test_ddim_song2021_eq7_q_sigma_composed_with_q_xt_given_x0_is_q_xprev_given_x0(
+        eta, tau, tau_prev):
+    """Song et al. 2021, Lemma 1: for every σ = σ_τ(η), ∫ q_σ(x_prev | x_t, x_0) q(x_t | x_0) dx_t
+    = N(√ᾱ_prev x_0, (1 − ᾱ_prev) I): the library's DDIM step from x_t ~ q(x_t | x_0) with the
+    exact ε gives that marginal (Monte Carlo), while Cov(x_prev, x_t) = √(1−ᾱ_prev−σ²)√(1−ᾱ)
+    shows η still changes the joint. A pair τ_prev < τ − 1 is a respaced chain's step."""
+    d = Diffusion.from_schedule("linear", 1000)
+    N = 50000
+    g = torch.Generator().manual_seed(int(10 * eta) + tau)
+    x0 = torch.tensor([-0.8, 0.3, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1).expand(
+        N, 3, 1, 1)
+    ab = float(d.alpha_bar[tau])
+    ab_prev = 1.0 if tau_prev is None else float(d.alpha_bar[tau_prev])
+    sigma2 = ddim_sigma(ab, ab_prev, eta) ** 2
+    assert sigma2 <= 1 - ab_prev + 1e-15  # σ_τ(η)² ≤ 1 − ᾱ_prev for η ≤ 1: the step exists
+    x_t = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g,
+                                                               dtype=torch.float64)
+    out = ddim_step(d, _OracleEps(d, x0), x_t.float(), tau, tau_prev, eta, g,
+                    clip_x0=False).double()
+    var = 1 - ab_prev
+    mean_err = (out.mean(0) - math.sqrt(ab_prev) * x0[0]).flatten()
+    if var == 0:  # ᾱ_prev = 1: the step returns x_0 itself
+        assert float(mean_err.abs().max()) < 1e-5 and float(out.var(0).max()) < 1e-10
+        return
+    var_got = out.var(0).flatten()
+    cov = ((out - out.mean(0)) * (x_t - x_t.mean(0))).mean(0).flatten()
+    cov_want = math.sqrt(max(1 - ab_prev - sigma2, 0.0)) * math.sqrt(1 - ab)
+    print(f"η={eta}, step {tau} -> {tau_prev}: var {float(var_got.mean()):.5f} vs "
+          f"{var:.5f}, cov {float(cov.mean()):.5f} vs {cov_want:.5f}")
+    assert float(mean_err.abs().max()) < 5 * math.sqrt(var / N)
+    assert float((var_got - var).abs().max()) < 5 * var * math.sqrt(2 / N)
+    assert float((cov - cov_want).abs().max()) < 5 * math.sqrt(var * (1 - ab) / N) + 1e-6
