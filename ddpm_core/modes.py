@@ -30,7 +30,8 @@ LOSS_TYPES: tuple[LossType, ...] = ("simple", "vlb", "hybrid")
 TSampling = Literal["uniform", "importance"]
 T_SAMPLINGS: tuple[TSampling, ...] = ("uniform", "importance")
 
-# Timestep subsequences for respaced sampling (samplers.py).
+# Timestep subsequences for respaced sampling (samplers.py): leading, linspace and trailing as
+# diffusers' schedulers define them; ddim_quadratic as the DDIM code.
 Spacing = Literal["leading", "ddim_quadratic", "linspace", "trailing"]
 SPACINGS: tuple[Spacing, ...] = ("leading", "ddim_quadratic", "linspace", "trailing")
 

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
                                  (17, 7), (200, 17), (10, 1)])
 def test_timestep_spacing_equals_each_definition(T, S):
     """The definitions of REFERENCE.md "Timestep spacing", written out independently."""
-    leading = list(range(0, T, T // S))
+    leading = [k * (T // S) for k in range(S)]  # diffusers' leading
     quad = sorted({int(v) for v in np.linspace(0, math.sqrt(0.8 * T), S) ** 2})
     lin = [int(round(v)) for v in np.linspace(0, T - 1, S)]
     trailing = sorted(int(round(T - i * T / S)) - 1 for i in range(S))
@@ -44,12 +44,12 @@ def test_timestep_spacing_equals_each_definition(T, S):
     for spacing in SPACINGS:
         steps = timestep_spacing(T, S, spacing)
         assert all(b > a for a, b in zip(steps, steps[1:], strict=False)) and steps[0] >= 0
-    assert len(lin) == len(trailing) == S and trailing[-1] == T - 1
+    assert len(leading) == len(lin) == len(trailing) == S and trailing[-1] == T - 1
     if S > 1:
         assert lin[0] == 0 and lin[-1] == T - 1
-        # the DDIM code's spacings stop early: at the last multiple of T//S (T − T/S when S
+        # leading and the DDIM code's quadratic stop early: at (S − 1)·(T//S) (T − T/S when S
         # divides T) and at 0.8T
-        assert leading[-1] == (T - 1) // (T // S) * (T // S)
+        assert leading[-1] == (S - 1) * (T // S)
         if T % S == 0 and S < T:
             assert leading[-1] == T - T // S < T - 1
         assert timestep_spacing(T, S, "ddim_quadratic")[-1] == int(0.8 * T) < T - 1
@@ -59,8 +59,9 @@ def test_timestep_spacing_known_lists_and_errors():
     assert timestep_spacing(1000, 10, "trailing") == list(range(99, 1000, 100))
     assert timestep_spacing(1000, 10, "leading") == list(range(0, 1000, 100))
     assert timestep_spacing(1000, 4, "linspace") == [0, 333, 666, 999]
-    # leading has more than S steps when S does not divide T (stride 1000 // 300 = 3)
-    assert len(timestep_spacing(1000, 300, "leading")) == 334
+    # leading has exactly S steps when S does not divide T (stride 1000 // 300 = 3; the DDIM
+    # code's range(0, 1000, 3) would have 334)
+    assert timestep_spacing(1000, 300, "leading") == list(range(0, 900, 3))
     # the DDIM code repeats indices at S = 100 (identity steps); we drop the repeats
     ddim_code = (np.linspace(0, np.sqrt(1000 * 0.8), 100) ** 2).astype(int).tolist()
     assert timestep_spacing(1000, 100, "ddim_quadratic") == sorted(set(ddim_code))
@@ -401,3 +402,21 @@ def test_ddim_song2021_eq7_q_sigma_composed_with_q_xt_given_x0_is_q_xprev_given_
     assert float(mean_err.abs().max()) < 5 * math.sqrt(var / N)
     assert float((var_got - var).abs().max()) < 5 * var * math.sqrt(2 / N)
     assert float((cov - cov_want).abs().max()) < 5 * math.sqrt(var * (1 - ab) / N) + 1e-6
+
+
+@pytest.mark.parametrize("S", [30, 50, 7, 1000])
+def test_timestep_spacing_matches_diffusers_set_timesteps(S):
+    """leading / linspace / trailing are diffusers' DDIMScheduler and DDPMScheduler names: the
+    same S steps (S = 30 at T = 1000: leading is 0, 33, …, 957, not the DDIM code's 31 steps)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    T = 1000
+    for spacing in ("leading", "linspace", "trailing"):
+        ours = timestep_spacing(T, S, spacing)
+        for cls in (DDIMScheduler, DDPMScheduler):
+            sched = cls(num_train_timesteps=T, timestep_spacing=spacing)
+            sched.set_timesteps(S)
+            assert ours == sorted(int(v) for v in sched.timesteps), (cls.__name__, spacing)
+        assert len(ours) == S
+    if S == 30:
+        assert timestep_spacing(T, S, "leading")[-1] == 957
