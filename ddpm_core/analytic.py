@@ -135,19 +135,18 @@ def _gamma_at(gamma: Tensor, diff: Diffusion, steps: list[int]) -> Tensor:
     return g
 
 
-# Bao et al. 2022, Theorems 1-2 (their code clips σ*² to the bounds); index 0 as diffusion.py
+# Bao et al. 2022, Theorems 1-2 (their code clips σ*² to the bounds); index 0 as their ll/elbo.py
 def analytic_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int] | None = None
                     ) -> Tensor:
     """σ̂² [K] float64 per step of the chain τ: σ*² clipped to its bounds.
 
-    Index 0 (the decoder p(x_0 | x_{τ_0}); sampling adds no noise there) is β̃ of the chain at
-    index 1, the convention of every σ² choice in diffusion.py and of Bao et al.'s code.
+    Index 0 (the decoder p(x_0 | x_{τ_0}); sampling adds no noise there) is the FULL chain's
+    diff.decoder_variance (β̃ at index 1) for every chain, as for every σ² choice of the bound
+    (likelihood.py) and in Bao et al.'s code: not the respaced chain's own β̃' at index 1.
     """
     lower, upper = optimal_sigma2_bounds(diff, timesteps)
     sigma2 = torch.minimum(torch.maximum(optimal_sigma2(diff, gamma, timesteps), lower), upper)
-    # a one-step chain has no index 1: β' = 1 − ᾱ_{τ_0}, as diffusion.py falls back to β for T = 1
-    first = _chain(diff, timesteps)[0][0]
-    sigma2[0] = lower[1] if sigma2.numel() > 1 else 1.0 - diff.alpha_bar[first]
+    sigma2[0] = diff.decoder_variance
     return sigma2
 
 

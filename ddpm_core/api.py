@@ -16,7 +16,8 @@ call is seeded by (seed, j) exactly as the pipeline's sample stage seeds it, so 
     analytic    Analytic-DPM's σ̂²        (Bao et al. 2022; needs gamma = estimate_gamma(...) from
                                           training images; DDIM: only with eta > 0)
 Step lists come from samplers.timestep_spacing: "trailing" (default, starts at T − 1),
-"linspace", "leading" (the DDIM code's uniform) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
+"linspace", "leading" (diffusers': S steps of stride T // S; the DDIM code's uniform when S
+divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
 """
 
 from __future__ import annotations

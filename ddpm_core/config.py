@@ -297,7 +297,7 @@ def _default_variants() -> dict[str, VariantConfig]:
 class Params:
     """The whole params.yaml."""
 
-    schedule: Schedule = "linear"
+    schedule: Schedule = "linear"  # modes.SCHEDULE_KINDS; formulas, 1000/T scaling: schedules.py
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

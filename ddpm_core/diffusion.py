@@ -10,7 +10,8 @@ Notation (code name -> paper symbol):
     alpha_bar                ᾱ_t = ∏_{s≤t} α_s
     alpha_bar_prev           ᾱ_{t−1} (ᾱ_0 = 1)
     beta_tilde               β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t   (posterior variance)
-    log_beta_tilde_clipped   log β̃_t with index 0 replaced by β̃ at index 1 (β̃_1 = 0)
+    log_beta_tilde_clipped   log β̃_t with index 0 replaced by decoder_variance (β̃_1 = 0)
+    decoder_variance         σ² of the decoder p(x_0 | x_1) at index 0: β̃ at index 1
     posterior_coef_x0        √ᾱ_{t−1} β_t / (1 − ᾱ_t)        (coefficient of x_0 in μ̃_t)
     posterior_coef_xt        √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t)  (coefficient of x_t in μ̃_t)
     eps                      ε ~ N(0, I)
@@ -18,10 +19,10 @@ Notation (code name -> paper symbol):
     sigma2                   σ_t² (reverse-process variance)
 
 Reverse variances (VarType):
-    fixed_large    σ² = β_t; the variance and log-variance at index 0 use β̃ at index 1 as the
-                   official code does (so the likelihood's decoder uses β̃₁-like variance rather
-                   than β_1; sampling adds no noise at index 0 either way).
-    fixed_small    σ² = β̃_t (log clipped at index 0).
+    fixed_large    σ² = β_t; the variance and log-variance at index 0 are decoder_variance, β̃ at
+                   index 1, as the official code does (so the likelihood's decoder uses a β̃₁-like
+                   variance rather than β_1; sampling adds no noise at index 0 either way).
+    fixed_small    σ² = β̃_t (log clipped at index 0 to decoder_variance).
     learned        the model's variance channels are log σ² directly.
     learned_range  v ∈ [−1, 1], log σ² = (v+1)/2 · log β_t + (1 − (v+1)/2) · log β̃_t
                    (Nichol & Dhariwal 2021, eq. 15).
@@ -102,10 +103,15 @@ class Diffusion:
             (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (1.0 - self.alpha_bar)
         )
         # β̃ at index 0 is 0: log is clipped with index 1 (official code); T = 1 falls back to β.
-        first = self.beta_tilde[1:2] if len(betas) > 1 else betas[:1]
+        self._set_decoder_variance(float(self.beta_tilde[1] if len(betas) > 1 else betas[0]))
+
+    def _set_decoder_variance(self, variance: float) -> None:
+        # index 0 of every fixed σ² (and of learned_range's lower end) is the decoder's variance
+        self.decoder_variance = variance
+        first = torch.tensor([variance], dtype=torch.float64)
         self.log_beta_tilde_clipped = torch.log(torch.cat([first, self.beta_tilde[1:]]))
-        # σ² = β with β̃ at index 0 (official code, used for the likelihood's decoder term)
-        self.sigma2_large = torch.cat([first, betas[1:]])
+        # σ² = β with the decoder's variance at index 0 (official code, the likelihood's L_0)
+        self.sigma2_large = torch.cat([first, self.betas[1:]])
         self.log_sigma2_large = torch.log(self.sigma2_large)
 
     @property
@@ -131,6 +137,22 @@ class Diffusion:
         _check_types(mean_type, var_type)
         other = copy.copy(self)
         other.mean_type, other.var_type = mean_type, var_type
+        return other
+
+    # Bao et al. 2022's code (ll/elbo.py): a K-step chain's decoder keeps the full chain's σ²
+    def with_decoder_variance(self, variance: float) -> Diffusion:
+        """Same chain with σ² of the decoder p(x_0 | x_{τ_0}) (index 0) set to `variance`.
+
+        A respaced chain τ_0 = 0 < τ_1 < … of the bound passes the full chain's decoder_variance:
+        x at step 1 carries the full chain's noise whatever chain visits it. Its own β̃' at
+        index 1 (≈ β_1 for a long step τ_1, 1.8× the full chain's at linear T = 1000, K = 10)
+        would give each K its own, wider decoder: still a bound, but lower by 0.115 bits/dim
+        than Bao et al.'s convention and not comparable with K = T.
+        """
+        if not variance > 0:
+            raise ValueError(f"decoder variance must be > 0, got {variance}")
+        other = copy.copy(self)
+        other._set_decoder_variance(float(variance))
         return other
 
     def out_channels(self, in_channels: int) -> int:

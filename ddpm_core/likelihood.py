@@ -7,8 +7,11 @@ the predicted x_0 is clipped to [-1, 1] and, for σ² = β ("fixed_large"), the 
 
 The bound of a K-step chain (as in Bao et al. 2022's likelihood tables) uses the even trajectory
 τ = round(linspace(0, T−1, K)), β'_k = 1 − ᾱ_{τ_k}/ᾱ_{τ_{k−1}} and the same conventions: x̂_0
-clipped, the decoder's variance is the chain's β̃ at index 1, the prior is at τ_{K−1} = T−1, and
-learned_range interpolates between the chain's β' and β̃'. K = T is the full chain.
+clipped, the prior is at τ_{K−1} = T−1, and learned_range interpolates between the chain's β' and
+β̃'. The decoder p(x_0 | x_1) is the same for every K and every σ²: its variance is the FULL
+chain's β̃ at index 1 (Bao et al.'s ll/elbo.py; x at step 1 carries the full chain's noise), not
+the K-step chain's β̃' at index 1 (a wider decoder: every K < T bound 0.115 bits/dim lower at
+linear T = 1000, not comparable with their tables or with K = T). K = T is the full chain.
 
 All chains and σ² choices (β, β̃, learned, analytic) share one pass of network calls over the
 union of their original indices, t_batch indices × B images per call: ⌈T / t_batch⌉ calls when
@@ -116,7 +119,9 @@ class _Chain:
         self.steps = even_trajectory(diff.T, K)
         full = K == diff.T
         # the full chain keeps the exact coefficients of diff (K = T equals bits_per_dim)
-        self.diff = diff if full else respace(diff, self.steps)
+        # the decoder keeps the full chain's variance (Bao et al.'s ll/elbo.py)
+        self.diff = diff if full else respace(diff, self.steps).with_decoder_variance(
+            diff.decoder_variance)
         self.mu_as_x0 = not full and diff.mean_type == "mu"
         if self.mu_as_x0:
             # μ̃ outputs belong to the one-step chain: read them as x̂_0 (as the sampler does)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-# β schedule (schedules.py): Ho et al. 2020 (linear), the official code (quadratic, constant),
-# Nichol & Dhariwal 2021 (cosine).
-ScheduleKind = Literal["linear", "quadratic", "cosine", "constant"]
-SCHEDULE_KINDS: tuple[ScheduleKind, ...] = ("linear", "quadratic", "cosine", "constant")
+# β schedule (schedules.py): Ho et al. 2020 (linear), the official code (quadratic: linear in
+# √β, constant), the common write-ups' β-quadratic (quadratic_beta), Nichol & Dhariwal 2021
+# (cosine). All but cosine are rescaled by 1000/T.
+ScheduleKind = Literal["linear", "quadratic", "quadratic_beta", "cosine", "constant"]
+SCHEDULE_KINDS: tuple[ScheduleKind, ...] = ("linear", "quadratic", "quadratic_beta", "cosine",
+                                            "constant")
 
 # What the network's first C output channels predict (diffusion.py).
 MeanType = Literal["eps", "x0", "mu"]
@@ -30,7 +32,8 @@ LOSS_TYPES: tuple[LossType, ...] = ("simple", "vlb", "hybrid")
 TSampling = Literal["uniform", "importance"]
 T_SAMPLINGS: tuple[TSampling, ...] = ("uniform", "importance")
 
-# Timestep subsequences for respaced sampling (samplers.py).
+# Timestep subsequences for respaced sampling (samplers.py): leading, linspace and trailing as
+# diffusers' schedulers define them; ddim_quadratic as the DDIM code.
 Spacing = Literal["leading", "ddim_quadratic", "linspace", "trailing"]
 SPACINGS: tuple[Spacing, ...] = ("leading", "ddim_quadratic", "linspace", "trailing")
 

@@ -38,22 +38,26 @@ DEFAULT_SPACING: Spacing = "trailing"
 def timestep_spacing(T: int, S: int, spacing: Spacing = DEFAULT_SPACING) -> list[int]:
     """Increasing indices in 0..T−1 of an S-step chain (0-indexed, index T−1 is step T).
 
-    leading:        range(0, T, T // S), the DDIM code's "uniform"; S + extra steps when S does
-                    not divide T (T // S rounds the stride down); tops out at T − T//S.
+    leading:        0, T//S, 2·(T//S), …, (S − 1)·(T//S): exactly S steps with stride T // S,
+                    diffusers' `leading` (steps_offset 0); tops out at T − T//S when S divides T
+                    (then it is also the DDIM code's "uniform", range(0, T, T // S), which has
+                    more than S steps otherwise: 31 up to 990 for S = 30 at T = 1000, where
+                    leading has 30 up to 957).
     ddim_quadratic: int(s) for s in linspace(0, √(0.8 T), S)², the DDIM code's "quadratic";
                     top 0.8T, repeated low indices dropped (96 of S = 100 at T = 1000): a repeat
                     is an identity step of DDIM (ᾱ_τ = ᾱ_prev).
     linspace:       round(linspace(0, T − 1, S)), both ends (improved DDPM; Bao et al.'s even
-                    trajectory); S = 1 gives [0].
+                    trajectory; diffusers' `linspace`); S = 1 gives [0].
     trailing:       round(arange(T, 0, −T/S)) − 1, i.e. T−1, T−1−T/S, …: starts at T − 1
-                    (the first S values of the arange).
+                    (the first S values of the arange; diffusers' `trailing`).
     Only linspace (S ≥ 2) and trailing start at T − 1; see prior_kl_at for what an early start
     costs.
     """
     if not 1 <= S <= T:
         raise ValueError(f"need 1 <= S <= T, got S={S}, T={T}")
     if spacing == "leading":
-        return list(range(0, T, T // S))
+        # diffusers: (arange(0, S) * (T // S)).round()[::-1], reversed back to increasing
+        return [k * (T // S) for k in range(S)]
     if spacing == "ddim_quadratic":
         root = np.linspace(0.0, math.sqrt(0.8 * T), S)
         return sorted({int(v) for v in (root**2).tolist()})

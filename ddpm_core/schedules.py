@@ -1,6 +1,29 @@
 """Noise schedules β_1..β_T of the forward process, computed in float64.
 
-Index ``i = 0..T-1`` of every returned tensor is the paper's step ``t = i + 1``.
+Index ``i = 0..T-1`` of every returned tensor is the paper's step ``t = i + 1``. With
+β_min = 1e-4 and β_max = 0.02 (Ho et al. 2020 at T = 1000), times 1000/T (below):
+
+    linear          β_t = β_min + (β_max − β_min)(t−1)/(T−1)         Ho et al. 2020, Sec. 4
+    quadratic       √β_t = √β_min + (√β_max − √β_min)(t−1)/(T−1)     official DDPM code's "quad"
+                    (linear in √β; diffusers' "scaled_linear")
+    quadratic_beta  β_t = β_min + (β_max − β_min)((t−1)/(T−1))²       write-ups' "quadratic"
+    cosine          ᾱ_t = f(t/T)/f(0), f(u) = cos²((u + s)/(1 + s) · π/2), s = 0.008,
+                    β_t = 1 − ᾱ_t/ᾱ_{t−1} clipped at 0.999           Nichol & Dhariwal 2021 (17)
+    constant        β_t = β_max                                       official DDPM code's "const"
+
+Where these differ from common write-ups (tutorials, notes):
+- "quadratic": many write-ups give the β-quadratic formula (our `quadratic_beta`). The official
+  DDPM code's `quad` is linear in √β; we keep that one as `quadratic`.
+  Same endpoints; at T = 1000 they differ by up to 6.6e-4 in β (13 % of β there, mid-chain).
+- cosine: write-ups often drop improved DDPM's /(1 + s), f(u) = cos²((u + s) · π/2). That is no
+  schedule at T = 1000: f reaches 0 at u = 1 − s (ᾱ = 3.7e-33 at t = 992) and grows again after
+  it, so β turns negative for t > 992. We keep the paper's /(1 + s) (0 < β ≤ 0.999).
+
+Rescaling by 1000/T: β_min and β_max are multiplied by 1000/T for every schedule but cosine
+(which is defined by ᾱ(t/T) and needs none), so Σβ and ᾱ_T stay about the same when T changes.
+improved-diffusion rescales only `linear`; the official DDPM code rescales none (it has T = 1000
+only). So at T ≠ 1000 our quadratic and constant are this project's, not the official code's;
+at T = 1000 the factor is 1 and every schedule is the official one.
 """
 
 from __future__ import annotations
@@ -21,7 +44,8 @@ MAX_BETA = 0.999
 
 
 def _scaled_endpoints(T: int) -> tuple[float, float]:
-    # improved-diffusion: scale = 1000 / T keeps ᾱ_T roughly fixed when T changes.
+    # improved-diffusion (linear only there; here every schedule but cosine): scale = 1000 / T
+    # keeps ᾱ_T roughly fixed when T changes.
     scale = 1000.0 / T
     return scale * BETA_START, scale * BETA_END
 
@@ -50,6 +74,9 @@ def make_betas(kind: ScheduleKind, T: int) -> torch.Tensor:
     elif kind == "quadratic":
         # official DDPM code "quad": linear in sqrt(β), same (rescaled) endpoints
         betas = torch.linspace(math.sqrt(start), math.sqrt(end), T, dtype=torch.float64) ** 2
+    elif kind == "quadratic_beta":
+        # the common write-ups' "quadratic": quadratic in β itself (not the official code's)
+        betas = start + (end - start) * torch.linspace(0.0, 1.0, T, dtype=torch.float64) ** 2
     elif kind == "cosine":
         # Nichol & Dhariwal 2021, eq. (17): β_t = 1 − ᾱ(t/T)/ᾱ((t−1)/T), clipped at 0.999
         u = torch.arange(T + 1, dtype=torch.float64) / T

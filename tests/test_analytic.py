@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from analytic import GaussianDenoiser, gaussian_gamma, gaussian_reverse_variance
@@ -18,6 +19,12 @@ from ddpm_core.samplers import timestep_spacing
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 M_DATA, S_DATA = 0.1, 0.2  # x_0 ~ N(0.1, 0.2²): inside [-1, 1] up to 4.5 standard deviations
+
+
+def _full_chain_beta_tilde_1(d):
+    """β̃ at index 1 of the full chain from ᾱ: (1 − ᾱ_1)/(1 − ᾱ_2) · (1 − ᾱ_2/ᾱ_1)."""
+    ab1, ab2 = float(d.alpha_bar[0]), float(d.alpha_bar[1])
+    return (1 - ab1) / (1 - ab2) * (1 - ab2 / ab1)
 
 
 def _gaussian_images(n, g):
@@ -81,10 +88,11 @@ def test_optimal_sigma2_bao2022_thm1_is_the_true_reverse_variance(K):
     beta = 1 - ab / ab_prev
     assert bool((lower[1:] <= true_var[1:]).all()) and bool((true_var <= upper).all())
     assert bool((true_var <= beta / (1 - beta)).all())
-    # the clipped σ̂² leaves it alone (clipping is inactive); index 0 is the decoder's β̃ at 1
+    # the clipped σ̂² leaves it alone (clipping is inactive); index 0 is the decoder's variance,
+    # the FULL chain's β̃ at index 1 for every chain (Bao et al.'s ll/elbo.py)
     clipped = analytic_sigma2(d, gaussian_gamma(d, S_DATA), chain)
     assert torch.allclose(clipped[1:], true_var[1:], rtol=1e-9, atol=0)
-    assert float(clipped[0]) == float(lower[1])
+    assert math.isclose(float(clipped[0]), _full_chain_beta_tilde_1(d), rel_tol=1e-12)
     # at small K the true variance is far above β̃ (why σ² = β̃ fails at 10 steps)
     if K == 10:
         ratio = float((true_var[1:] / lower[1:]).max())
@@ -127,4 +135,53 @@ def test_analytic_sigma2_clips_to_bao2022_thm2_bounds():
     assert torch.equal(high[1:], lower[1:])
     assert torch.allclose(low[1:], torch.minimum(upper, beta / (1 - beta))[1:], rtol=1e-12)
     assert bool((low[1:] > lower[1:]).all())
-    assert float(high[0]) == float(low[0]) == float(lower[1])
+    assert float(high[0]) == float(low[0])
+    assert math.isclose(float(low[0]), _full_chain_beta_tilde_1(d), rel_tol=1e-12)
+    assert not math.isclose(float(low[0]), float(lower[1]), rel_tol=1e-3)  # not the chain's own
+
+
+def _two_point_true_reverse_variance(ab, ab_prev, n_nodes=80):
+    """E_{x_t} Var(x_prev | x_t) for data uniform on {−1, 1}, by brute-force Gaussian algebra.
+
+    Given x_0, (x_prev, x_t) is Gaussian: condition x_prev on x_t; given x_t alone x_prev is a
+    mixture of the two conditionals with the posterior weights of x_0 = ±1; average the
+    mixture's variance over x_t by Gauss-Hermite quadrature (x_0 = 1 by symmetry).
+    """
+    a = ab / ab_prev  # x_t = √a x_prev + √(1 − a) noise
+    cond_var = (1 - ab_prev) - a * (1 - ab_prev) ** 2 / (1 - ab)
+    # E[x_prev | x_t, x_0] = √ᾱ_prev x_0 + √a (1 − ᾱ_prev)/(1 − ᾱ) (x_t − √ᾱ x_0): its jump
+    gap = 2 * (ab_prev.sqrt() - a.sqrt() * (1 - ab_prev) * ab.sqrt() / (1 - ab))
+    nodes, weights = np.polynomial.hermite_e.hermegauss(n_nodes)
+    nodes = torch.tensor(nodes, dtype=torch.float64)[None]
+    weights = torch.tensor(weights / weights.sum(), dtype=torch.float64)[None]
+    x_t = ab.sqrt()[:, None] + (1 - ab).sqrt()[:, None] * nodes
+    p_plus = torch.sigmoid(2 * ab.sqrt()[:, None] * x_t / (1 - ab)[:, None])
+    w_w = (weights * p_plus * (1 - p_plus)).sum(1)  # E_{x_t}[w₊ w₋]
+    return cond_var + w_w * gap**2
+
+
+@pytest.mark.parametrize("schedule,T,K", [("linear", 1000, None), ("linear", 1000, 10),
+                                          ("cosine", 100, 20)])
+def test_theorem2_upper_bound_bao2022_against_independent_formulas(schedule, T, K):
+    """Bao et al. 2022, Theorem 2 with λ² = β̃ and data in [a, b] = [−1, 1]:
+    σ*² ≤ λ² + (√ᾱ_{n−1} − √(1 − ᾱ_{n−1} − λ²) √(ᾱ_n/(1 − ᾱ_n)))² (b − a)²/4, written out here
+    from ᾱ alone; and it is tight: data on {−1, 1} reach it where x_t forgets x_0 (ᾱ_n → 0)."""
+    d = Diffusion.from_schedule(schedule, T)
+    steps = list(range(T)) if K is None else timestep_spacing(T, K, "linspace")
+    ab = d.alpha_bar[steps]
+    ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+    lam2 = (1 - ab_prev) * (1 - ab / ab_prev) / (1 - ab)
+    paper = lam2 + (ab_prev.sqrt() - (1 - ab_prev - lam2).clamp(min=0).sqrt()
+                    * (ab / (1 - ab)).sqrt()) ** 2 * (1 - (-1)) ** 2 / 4
+    lower, upper = optimal_sigma2_bounds(d, None if K is None else steps)
+    assert torch.allclose(lower, lam2, rtol=1e-12, atol=0)
+    assert torch.allclose(upper, paper, rtol=1e-9, atol=1e-15)
+    # two-point data: the true reverse variance lies in the bounds and meets the upper one
+    true_var = _two_point_true_reverse_variance(ab, ab_prev)
+    excess = ((true_var - lower) / (upper - lower))[1:]  # E Var(x_0 | x_t) ∈ [0, 1]
+    assert bool((excess >= -1e-9).all()) and bool((excess <= 1 + 1e-9).all())
+    noisy = ab[1:] < 1e-3
+    print(f"{schedule} T={T} K={K}: E Var(x_0|x_t) at the noisy end "
+          f"{float(excess[noisy].min()):.5f} ({int(noisy.sum())} steps), at step 1 "
+          f"{float(excess[0]):.2e}")
+    assert int(noisy.sum()) >= 1 and float(excess[noisy].min()) > 0.99

@@ -211,3 +211,17 @@ def test_diffusion_rejects_unknown_types():
         Diffusion(make_betas("linear", 10), var_type="big")  # type: ignore[arg-type]
     one = Diffusion(torch.tensor([0.5], dtype=F64))  # T = 1 falls back to β for the clip
     assert math.isclose(float(one.log_beta_tilde_clipped[0]), math.log(0.5))
+
+
+def test_with_decoder_variance_sets_index_0_of_every_fixed_variance_only():
+    d = Diffusion.from_schedule("linear", 20)
+    other = d.with_decoder_variance(0.25)
+    t = torch.tensor([0, 5])
+    for v in ("fixed_large", "fixed_small"):
+        var = p_variance(other, None, t, (2, 1, 1, 1), v, F64)[0].flatten()
+        ref = p_variance(d, None, t, (2, 1, 1, 1), v, F64)[0].flatten()
+        assert float(var[0]) == 0.25 and float(var[1]) == float(ref[1])
+    assert other.decoder_variance == 0.25 and d.decoder_variance == float(d.beta_tilde[1])
+    assert torch.equal(other.betas, d.betas) and torch.equal(other.beta_tilde, d.beta_tilde)
+    with pytest.raises(ValueError, match="> 0"):
+        d.with_decoder_variance(0.0)

@@ -178,12 +178,16 @@ def test_learned_range_on_a_K_step_chain_interpolates_its_own_beta_and_beta_tild
     """Nichol & Dhariwal 2021, eq. 15 on the respaced chain: v = ±1 gives β' / β̃'."""
     d = Diffusion.from_schedule("linear", 100, var_type="learned_range")
     x0 = discretize(0.3 * torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(0)))
-    res = {}
+    res, full = {}, {}
     for value in (1.0, -1.0):
-        res[value] = bits_per_dim_at_steps(
-            d, GaussianDenoiser(d, 0.0, 0.3, var_value=value), x0, [10],
+        both = bits_per_dim_at_steps(
+            d, GaussianDenoiser(d, 0.0, 0.3, var_value=value), x0, [10, 100],
             ["learned_range", "fixed_large", "fixed_small"],
-            generator=torch.Generator().manual_seed(1))[10]
+            generator=torch.Generator().manual_seed(1))
+        res[value], full[value] = both[10], both[100]
+        # the decoder interpolates between the full chain's β_1 and β̃ at index 1, as for K = T
+        assert torch.allclose(res[value]["learned_range"].terms[:, 0],
+                              full[value]["learned_range"].terms[:, 0], rtol=1e-10)
     assert torch.allclose(res[1.0]["learned_range"].terms[:, 1:],
                           res[1.0]["fixed_large"].terms[:, 1:], rtol=1e-10)
     assert torch.allclose(res[-1.0]["learned_range"].terms[:, 1:],
@@ -209,13 +213,22 @@ def test_K_step_bound_is_the_same_for_every_mean_parameterization():
     assert torch.allclose(totals["mu"], totals["eps"], rtol=1e-5)
 
 
+def _full_chain_decoder_variance(betas):
+    """β̃ at index 1 of the full T-step chain, (1 − ᾱ_1)/(1 − ᾱ_2) · β_2, from β alone."""
+    ab1, ab2 = 1 - float(betas[0]), (1 - float(betas[0])) * (1 - float(betas[1]))
+    return (1 - ab1) / (1 - ab2) * float(betas[1])
+
+
 def _expected_K_step_bound(d, steps, m, s, probs, sigma2_kind):
     """E over discretized N(m, s²) data of the K-step bound with the exact denoiser, unclipped.
 
     x̂_0 = a x_t + b is linear in x_t, so each KL term depends on the data through its first two
     moments only; the decoder term is integrated over the noise by Gauss-Hermite quadrature.
+    The decoder's variance is the full chain's β̃ at index 1 for every K and σ² (Bao et al.'s
+    ll/elbo.py: x_1 carries the full chain's noise whatever chain visits it).
     """
     mu1, mu2 = float((probs * GRID).sum()), float((probs * GRID**2).sum())
+    decoder_var = _full_chain_decoder_variance(d.betas)
     ab_all = d.alpha_bar[steps]
     ab_prev_all = torch.cat([torch.ones(1, dtype=torch.float64), ab_all[:-1]])
     total = 0.5 * (float(ab_all[-1]) * mu2 - float(ab_all[-1]) - math.log1p(-float(ab_all[-1])))
@@ -228,13 +241,13 @@ def _expected_K_step_bound(d, steps, m, s, probs, sigma2_kind):
         beta = 1 - ab / ab_prev
         c0 = math.sqrt(ab_prev) * beta / (1 - ab)
         if k == 0:
-            # decoder: −log P(bin x_0 | mean x̂_0(x_1), β̃' at index 1), x_1 = √ᾱ x_0 + √(1−ᾱ) ε
+            # decoder: −log P(bin x_0 | mean x̂_0(x_1), σ² of the decoder), x_1 = √ᾱ x_0 + √(1−ᾱ) ε
             nodes, weights = np.polynomial.hermite_e.hermegauss(60)
             nodes = torch.tensor(nodes, dtype=torch.float64)
             weights = torch.tensor(weights / weights.sum(), dtype=torch.float64)
             x = GRID[:, None].expand(256, 60)
             mean = a * (math.sqrt(ab) * x + math.sqrt(1 - ab) * nodes[None]) + b
-            log_scale = torch.full_like(x, 0.5 * math.log(float(beta_tilde[1])))
+            log_scale = torch.full_like(x, 0.5 * math.log(decoder_var))
             ll = discretized_gaussian_log_likelihood(x.contiguous(), mean, log_scale)
             total += float(-(probs[:, None] * weights[None] * ll).sum())
             continue
@@ -292,3 +305,36 @@ def test_two_step_chain_bound_is_finite_when_one_minus_the_step_ratio_rounds_to_
     for result in out.values():
         assert bool(torch.isfinite(result.terms).all()), result.terms
         assert bool((result.terms > 0).all())
+
+
+def test_K_step_bound_with_the_true_reverse_variance_bao2022_is_the_same_for_every_K():
+    """Gaussian data, exact mean and σ² = the true reverse variance (σ*² with exact Γ): the KL
+    terms of any chain through index 0 telescope to I(x_0; x_1) − I(x_0; x_T), so every K gives
+    the same bound when the decoder p(x_0 | x_1) is the same for every K: the full chain's β̃ at
+    index 1 (Bao et al.'s ll/elbo.py), not the K-step chain's own (0.115 bits/dim lower at K=10).
+    """
+    m, s, T = 0.1, 0.3, 1000
+    probs = discretized_gaussian_probs(m, s)
+    d = Diffusion.from_schedule("linear", T)
+    Ks = (10, 100, T)
+    closed = {K: _expected_K_step_bound(d, even_trajectory(T, K), m, s, probs, "analytic")
+              for K in Ks}
+    # the data is discretized, not Gaussian: its second moment moves the KL terms by < 1e-4
+    assert max(closed.values()) - min(closed.values()) < 1e-3, closed
+    g = torch.Generator().manual_seed(0)
+    x0 = discretize(m + s * torch.randn(2000, 1, 2, 2, generator=g, dtype=torch.float64)).float()
+    kinds = ["fixed_large", "fixed_small", "analytic"]
+    res = bits_per_dim_at_steps(d, GaussianDenoiser(d, m, s), x0, list(Ks), kinds,
+                                gamma=gaussian_gamma(d, s), clip_x0=False, t_batch=50,
+                                generator=torch.Generator().manual_seed(1))
+    for K in Ks[:-1]:
+        for v in kinds:  # one draw of x_1 per image: the decoder term is the full chain's
+            assert torch.allclose(res[K][v].terms[:, 0], res[T][v].terms[:, 0], rtol=1e-10), \
+                (K, v)
+        # paired: the same x_τ at every shared index, so the difference has a small error
+        delta = res[K]["analytic"].total - res[T]["analytic"].total
+        se = float(delta.std()) / math.sqrt(len(delta))
+        print(f"K={K}: analytic bound {float(res[K]['analytic'].total.mean()):.4f} vs K=T "
+              f"{float(res[T]['analytic'].total.mean()):.4f} (closed form {closed[K]:.4f}, "
+              f"K=T {closed[T]:.4f}); difference {float(delta.mean()):+.4f} ± {se:.4f}")
+        assert abs(float(delta.mean())) < max(4 * se, 2e-3), (K, float(delta.mean()), se)

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
                                  (17, 7), (200, 17), (10, 1)])
 def test_timestep_spacing_equals_each_definition(T, S):
     """The definitions of REFERENCE.md "Timestep spacing", written out independently."""
-    leading = list(range(0, T, T // S))
+    leading = [k * (T // S) for k in range(S)]  # diffusers' leading
     quad = sorted({int(v) for v in np.linspace(0, math.sqrt(0.8 * T), S) ** 2})
     lin = [int(round(v)) for v in np.linspace(0, T - 1, S)]
     trailing = sorted(int(round(T - i * T / S)) - 1 for i in range(S))
@@ -44,12 +44,12 @@ def test_timestep_spacing_equals_each_definition(T, S):
     for spacing in SPACINGS:
         steps = timestep_spacing(T, S, spacing)
         assert all(b > a for a, b in zip(steps, steps[1:], strict=False)) and steps[0] >= 0
-    assert len(lin) == len(trailing) == S and trailing[-1] == T - 1
+    assert len(leading) == len(lin) == len(trailing) == S and trailing[-1] == T - 1
     if S > 1:
         assert lin[0] == 0 and lin[-1] == T - 1
-        # the DDIM code's spacings stop early: at the last multiple of T//S (T − T/S when S
+        # leading and the DDIM code's quadratic stop early: at (S − 1)·(T//S) (T − T/S when S
         # divides T) and at 0.8T
-        assert leading[-1] == (T - 1) // (T // S) * (T // S)
+        assert leading[-1] == (S - 1) * (T // S)
         if T % S == 0 and S < T:
             assert leading[-1] == T - T // S < T - 1
         assert timestep_spacing(T, S, "ddim_quadratic")[-1] == int(0.8 * T) < T - 1
@@ -59,8 +59,9 @@ def test_timestep_spacing_known_lists_and_errors():
     assert timestep_spacing(1000, 10, "trailing") == list(range(99, 1000, 100))
     assert timestep_spacing(1000, 10, "leading") == list(range(0, 1000, 100))
     assert timestep_spacing(1000, 4, "linspace") == [0, 333, 666, 999]
-    # leading has more than S steps when S does not divide T (stride 1000 // 300 = 3)
-    assert len(timestep_spacing(1000, 300, "leading")) == 334
+    # leading has exactly S steps when S does not divide T (stride 1000 // 300 = 3; the DDIM
+    # code's range(0, 1000, 3) would have 334)
+    assert timestep_spacing(1000, 300, "leading") == list(range(0, 900, 3))
     # the DDIM code repeats indices at S = 100 (identity steps); we drop the repeats
     ddim_code = (np.linspace(0, np.sqrt(1000 * 0.8), 100) ** 2).astype(int).tolist()
     assert timestep_spacing(1000, 100, "ddim_quadratic") == sorted(set(ddim_code))
@@ -353,3 +354,69 @@ def test_ddim_encode_decode_round_trip_song_eq13(mean_type):
         errors[n] = float((x_rec - x0).abs().max())
     print(f"DDIM round trip max |error|: {errors}")  # measured 0.045 (S=200), 0.0081 (S=1000)
     assert errors[1000] < 0.02 and errors[1000] < errors[200] < 0.1
+
+
+class _OracleEps(torch.nn.Module):
+    """ε of q(x_t | x_0) for a known x_0: the DDIM step then samples q_σ(x_prev | x_t, x_0)."""
+
+    def __init__(self, diff, x0):
+        super().__init__()
+        self.diff, self.x0 = diff, x0
+
+    def forward(self, x_t, t):
+        ab = self.diff.alpha_bar[t].reshape(-1, 1, 1, 1)
+        return ((x_t.double() - ab.sqrt() * self.x0) / (1 - ab).sqrt()).float()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("tau,tau_prev", [(500, 499), (399, 299), (999, 899), (0, None)])
+def test_ddim_song2021_eq7_q_sigma_composed_with_q_xt_given_x0_is_q_xprev_given_x0(
+        eta, tau, tau_prev):
+    """Song et al. 2021, Lemma 1: for every σ = σ_τ(η), ∫ q_σ(x_prev | x_t, x_0) q(x_t | x_0) dx_t
+    = N(√ᾱ_prev x_0, (1 − ᾱ_prev) I): the library's DDIM step from x_t ~ q(x_t | x_0) with the
+    exact ε gives that marginal (Monte Carlo), while Cov(x_prev, x_t) = √(1−ᾱ_prev−σ²)√(1−ᾱ)
+    shows η still changes the joint. A pair τ_prev < τ − 1 is a respaced chain's step."""
+    d = Diffusion.from_schedule("linear", 1000)
+    N = 50000
+    g = torch.Generator().manual_seed(int(10 * eta) + tau)
+    x0 = torch.tensor([-0.8, 0.3, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1).expand(
+        N, 3, 1, 1)
+    ab = float(d.alpha_bar[tau])
+    ab_prev = 1.0 if tau_prev is None else float(d.alpha_bar[tau_prev])
+    sigma2 = ddim_sigma(ab, ab_prev, eta) ** 2
+    assert sigma2 <= 1 - ab_prev + 1e-15  # σ_τ(η)² ≤ 1 − ᾱ_prev for η ≤ 1: the step exists
+    x_t = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g,
+                                                               dtype=torch.float64)
+    out = ddim_step(d, _OracleEps(d, x0), x_t.float(), tau, tau_prev, eta, g,
+                    clip_x0=False).double()
+    var = 1 - ab_prev
+    mean_err = (out.mean(0) - math.sqrt(ab_prev) * x0[0]).flatten()
+    if var == 0:  # ᾱ_prev = 1: the step returns x_0 itself
+        assert float(mean_err.abs().max()) < 1e-5 and float(out.var(0).max()) < 1e-10
+        return
+    var_got = out.var(0).flatten()
+    cov = ((out - out.mean(0)) * (x_t - x_t.mean(0))).mean(0).flatten()
+    cov_want = math.sqrt(max(1 - ab_prev - sigma2, 0.0)) * math.sqrt(1 - ab)
+    print(f"η={eta}, step {tau} -> {tau_prev}: var {float(var_got.mean()):.5f} vs "
+          f"{var:.5f}, cov {float(cov.mean()):.5f} vs {cov_want:.5f}")
+    assert float(mean_err.abs().max()) < 5 * math.sqrt(var / N)
+    assert float((var_got - var).abs().max()) < 5 * var * math.sqrt(2 / N)
+    assert float((cov - cov_want).abs().max()) < 5 * math.sqrt(var * (1 - ab) / N) + 1e-6
+
+
+@pytest.mark.parametrize("S", [30, 50, 7, 1000])
+def test_timestep_spacing_matches_diffusers_set_timesteps(S):
+    """leading / linspace / trailing are diffusers' DDIMScheduler and DDPMScheduler names: the
+    same S steps (S = 30 at T = 1000: leading is 0, 33, …, 957, not the DDIM code's 31 steps)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    T = 1000
+    for spacing in ("leading", "linspace", "trailing"):
+        ours = timestep_spacing(T, S, spacing)
+        for cls in (DDIMScheduler, DDPMScheduler):
+            sched = cls(num_train_timesteps=T, timestep_spacing=spacing)
+            sched.set_timesteps(S)
+            assert ours == sorted(int(v) for v in sched.timesteps), (cls.__name__, spacing)
+        assert len(ours) == S
+    if S == 30:
+        assert timestep_spacing(T, S, "leading")[-1] == 957

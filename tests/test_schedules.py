@@ -62,3 +62,41 @@ def test_make_betas_rejects_bad_arguments():
         make_betas("sigmoid", 10)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="T must be"):
         make_betas("linear", 0)
+
+
+@pytest.mark.parametrize("T", [1000, 100, 7])
+def test_quadratic_is_the_official_codes_sqrt_linear_and_quadratic_beta_the_write_ups(T):
+    """quadratic: √β_t = √β_min + (√β_max − √β_min)(t−1)/(T−1) (DDPM code's "quad");
+    quadratic_beta: β_t = β_min + (β_max − β_min)((t−1)/(T−1))²; both with β_min, β_max × 1000/T."""
+    lo, hi = 1e-4 * 1000 / T, 0.02 * 1000 / T
+    u = torch.tensor([(t - 1) / (T - 1) for t in range(1, T + 1)], dtype=torch.float64)
+    sqrt_linear = (math.sqrt(lo) + (math.sqrt(hi) - math.sqrt(lo)) * u) ** 2
+    beta_quadratic = lo + (hi - lo) * u**2
+    assert torch.allclose(make_betas("quadratic", T), sqrt_linear.clamp(max=MAX_BETA), rtol=1e-12)
+    assert torch.allclose(make_betas("quadratic_beta", T), beta_quadratic.clamp(max=MAX_BETA),
+                          rtol=1e-12)
+    if T == 1000:  # the difference the docs state: 6.6e-4 at most, 13 % of β there
+        gap = (sqrt_linear - beta_quadratic).abs()
+        i = int(gap.argmax())
+        assert 6.5e-4 < float(gap[i]) < 6.7e-4 and 0.12 < float(gap[i] / beta_quadratic[i]) < 0.14
+
+
+def test_cosine_with_improved_ddpm_one_plus_s_is_a_valid_schedule_and_without_it_is_not():
+    T, s = 1000, 0.008
+    betas = make_betas("cosine", T)
+    assert bool((betas > 0).all()) and bool((betas <= MAX_BETA).all())
+    assert bool((betas.diff() >= 0).all())  # β grows with t
+    # the common write-up, f(u) = cos²((u + s) π/2) without /(1 + s), for comparison
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((u + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    beta = 1 - alpha_bar[1:] / alpha_bar[:-1]
+    assert float(alpha_bar[992]) < 1e-30 and bool((beta[992:] < 0).all())
+
+
+@pytest.mark.parametrize("kind", ["quadratic", "quadratic_beta", "constant", "linear"])
+def test_every_schedule_but_cosine_is_rescaled_by_1000_over_T(kind):
+    for T in (250, 4000):
+        assert math.isclose(float(make_betas(kind, T)[-1]), 0.02 * 1000 / T, rel_tol=1e-12)
+        assert math.isclose(float(make_betas(kind, T)[0]),
+                            (0.02 if kind == "constant" else 1e-4) * 1000 / T, rel_tol=1e-12)
