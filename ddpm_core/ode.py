@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -280,7 +280,7 @@ def ode_decode(diff: Diffusion, model: Model, x1: Tensor, t_eps: float = T_EPS,
 
 
 def _solve(fun: Callable[[float, np.ndarray], np.ndarray], t0: float, t1: float,
-           y0: np.ndarray, rtol: float, atol: float):  # noqa: ANN202 (scipy's OdeResult)
+           y0: np.ndarray, rtol: float, atol: float) -> Any:  # scipy's OdeResult
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"error: rtol/atol: must be > 0, got rtol={rtol}, atol={atol}")
     sol = solve_ivp(fun, (t0, t1), y0, method="RK45", rtol=rtol, atol=atol)
@@ -360,7 +360,7 @@ class OdeBpd:
     nfe: Tensor
 
 
-def image_noise(images: Tensor, seed: int, index: int, repeats: int,
+def image_noise(shape: tuple[int, ...], seed: int, index: int, repeats: int,
                 divergence: Divergence) -> tuple[Tensor, Tensor | None]:
     """Dequantization noise u [C,H,W] and Rademacher probes [R,C,H,W] of image `index`.
 
@@ -368,10 +368,10 @@ def image_noise(images: Tensor, seed: int, index: int, repeats: int,
     Hutchinson runs see the same u and no result depends on batching.
     """
     g = torch.Generator().manual_seed(batch_seed(seed, index))
-    u = torch.rand(tuple(images.shape[1:]), generator=g, dtype=torch.float64)
+    u = torch.rand(shape, generator=g, dtype=torch.float64)
     if divergence == "exact":
         return u, None
-    signs = torch.randint(0, 2, (repeats, *images.shape[1:]), generator=g, dtype=torch.int64)
+    signs = torch.randint(0, 2, (repeats, *shape), generator=g, dtype=torch.int64)
     return u, (2 * signs - 1).double()
 
 
@@ -407,7 +407,8 @@ def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int
         starts = tqdm(starts, desc="ode bpd", leave=False)
     for s in starts:
         chunk = images[s:s + batch_size]
-        noise = [image_noise(images, seed, start_index + s + j, repeats, divergence)
+        noise = [image_noise(tuple(images.shape[1:]), seed, start_index + s + j, repeats,
+                             divergence)
                  for j in range(len(chunk))]
         x = dequantize(chunk, torch.stack([u for u, _ in noise]))
         probes = None if divergence == "exact" else torch.stack(
