@@ -14,12 +14,11 @@ from analytic import (
 )
 from torch import nn
 
+from ddpm_core.continuous import ContinuousSchedule, continuous_schedule
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.likelihood import bits_per_dim
 from ddpm_core.ode import (
     T_EPS,
-    ContinuousSchedule,
-    continuous_schedule,
     ode_bits_per_dim,
     ode_decode,
     ode_encode,
