@@ -24,6 +24,7 @@ import torch
 
 from ddpm_core.diffusion import Diffusion, MeanType, VarType
 from ddpm_core.schedules import BETA_END, BETA_START, MAX_BETA, ScheduleKind, make_betas
+from ddpm_core.sources import check_model_source
 from ddpm_core.unet import PRESETS, UNet, UNetConfig, num_groups
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -199,17 +200,12 @@ def _from_hub(repo_id: str) -> Path:
                                 "local folder") from None
 
 
-def is_hub_id(path: str | Path) -> bool:
-    """'owner/name' that is not a local path: a Hugging Face hub repository id."""
-    return not Path(path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
-
-
 def resolve_diffusers_path(path: str | Path) -> Path:
-    """A local path as it is; a hub id downloaded (config, scheduler, weights) to the cache."""
+    """A local path as it is; a hub id (ddpm_core.sources.is_hub_id) downloaded (config,
+    scheduler, weights) to the cache; a missing local path is FileNotFoundError."""
+    check_model_source(path)
     if Path(path).exists():
         return Path(path)
-    if not is_hub_id(path):
-        raise FileNotFoundError(f"{path}: no such file or directory (nor a hub id owner/name)")
     return _from_hub(str(path))
 
 
