@@ -90,18 +90,18 @@ def _atomic_savez(path: Path, **arrays: Any) -> None:
 
 def read_images(path: str | Path) -> Any:
     """uint8 [N, H, W, C] from an image folder, an .npz (`images`) or an .npy."""
+    path = Path(path)
+    if not path.exists():  # before torch is imported (by ddpm_core.data)
+        raise FileNotFoundError(f"{path}: not found; give a folder of PNG/JPEG images, an .npz "
+                                "with uint8 `images` or an .npy")
     from ddpm_core.data import DataError, load_image_folder, load_images, load_npz
 
-    path = Path(path)
     if path.is_dir():
         return load_image_folder(path)
     if path.suffix == ".npz":
         return load_npz(path)[0]
     if path.suffix == ".npy":
         return load_images(path)
-    if not path.exists():
-        raise DataError(f"{path}: not found; give a folder of PNG/JPEG images, an .npz with "
-                        "uint8 `images` or an .npy")
     raise DataError(f"{path}: unknown image source; give a folder of PNG/JPEG images, an .npz "
                     "with uint8 `images` or an .npy")
 
@@ -142,9 +142,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 def cmd_bpd(a: argparse.Namespace) -> int:
     check_model_source(a.model)
+    images = read_images(a.images)
     from ddpm_core.api import bits_per_dim_per_image, load_model
 
-    images = read_images(a.images)
     if a.n is not None:
         images = images[:a.n]
     net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
