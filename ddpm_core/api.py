@@ -60,12 +60,16 @@ def load_model(path: str | Path, which: Which = "ema",
     (checkpoints/.../ckpt_*.pt), a diffusers folder (config.json +
     diffusion_pytorch_model.safetensors/.bin + scheduler_config.json, side by side or in
     unet/ + scheduler/), or a Hugging Face hub id such as google/ddpm-cifar10-32 (needs the
-    network). `which` picks the EMA (default) or raw weights of our files.
+    network; ddpm_core.sources says which strings are hub ids: a missing path that looks local
+    is FileNotFoundError "<path>: not found", never a download). `which` picks the EMA
+    (default) or raw weights of our files.
     """
     if which not in get_args(Which):
         raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
-    from ddpm_core.convert import is_hub_id, load_diffusers
+    from ddpm_core.convert import load_diffusers
+    from ddpm_core.sources import check_model_source, is_hub_id
 
+    check_model_source(path)
     p = Path(path)
     if p.is_dir() or p.suffix in (".safetensors", ".bin") or is_hub_id(path):
         if p.is_dir() and not any((p / d / "config.json").is_file() for d in (".", "unet")):

@@ -4,6 +4,10 @@ Every subcommand has --help. Errors are one line `error: ...` on stderr: exit st
 arguments or input (a missing file, a malformed model or params file), 1 for a failure while
 running (a metric check that misses, no expected entry for the params, out of memory). Set
 DDPM_DEBUG=1 to see the traceback instead.
+
+Start-up stays light: parsing, --help, usage errors and a missing model path import neither torch
+nor the library's heavy modules (each subcommand imports what it needs), so they answer at once.
+Which model arguments are hub ids: ddpm_core.sources.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
+from ddpm_core.sources import check_model_source
 
 PRESETS_DIR = Path("presets")
 
@@ -30,21 +37,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the input is wrong (exit 2); their messages are written for users."""
-    import yaml
+    """Exceptions that mean the input is wrong (exit 2); their messages are written for users.
+    Those of modules not yet imported cannot have been raised: none is imported here."""
+    return (UsageError, ValueError, FileNotFoundError,
+            *loaded("ddpm_core.data:DataError", "ddpm_core.checkpoint:CheckpointError",
+                    "ddpm_core.modelfile:ModelFileError", "yaml:YAMLError"))
 
-    from ddpm_core.checkpoint import CheckpointError
-    from ddpm_core.data import DataError
 
-    errors: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError, DataError,
-                                         CheckpointError, yaml.YAMLError]
-    try:
-        from ddpm_core.modelfile import ModelFileError
-
-        errors.append(ModelFileError)
-    except ImportError:
-        pass
-    return tuple(errors)
+# Batch sizes to lower when a command runs out of memory (accelerator or CPU).
+OOM_HINT = ("lower --batch-size (bpd: --batch-size or --t-batch; one network call holds "
+            "batch-size x t-batch images)")
 
 
 # ----------------------------------------------------------------------------- files
@@ -88,18 +90,18 @@ def _atomic_savez(path: Path, **arrays: Any) -> None:
 
 def read_images(path: str | Path) -> Any:
     """uint8 [N, H, W, C] from an image folder, an .npz (`images`) or an .npy."""
+    path = Path(path)
+    if not path.exists():  # before torch is imported (by ddpm_core.data)
+        raise FileNotFoundError(f"{path}: not found; give a folder of PNG/JPEG images, an .npz "
+                                "with uint8 `images` or an .npy")
     from ddpm_core.data import DataError, load_image_folder, load_images, load_npz
 
-    path = Path(path)
     if path.is_dir():
         return load_image_folder(path)
     if path.suffix == ".npz":
         return load_npz(path)[0]
     if path.suffix == ".npy":
         return load_images(path)
-    if not path.exists():
-        raise DataError(f"{path}: not found; give a folder of PNG/JPEG images, an .npz with "
-                        "uint8 `images` or an .npy")
     raise DataError(f"{path}: unknown image source; give a folder of PNG/JPEG images, an .npz "
                     "with uint8 `images` or an .npy")
 
@@ -123,6 +125,7 @@ def _gamma(a: argparse.Namespace, net: Any, diff: Any) -> Any:
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
+    check_model_source(a.model)  # a mistyped path: one line before torch is imported
     from ddpm_core.api import load_model, sample
 
     net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
@@ -138,9 +141,10 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def cmd_bpd(a: argparse.Namespace) -> int:
+    check_model_source(a.model)
+    images = read_images(a.images)
     from ddpm_core.api import bits_per_dim_per_image, load_model
 
-    images = read_images(a.images)
     if a.n is not None:
         images = images[:a.n]
     net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
@@ -160,6 +164,7 @@ def cmd_bpd(a: argparse.Namespace) -> int:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
+    check_model_source(a.src)
     from tqdm.auto import tqdm
 
     from ddpm_core.api import load_model, save_model_file
@@ -267,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpm", description="DDPM models: sample, bits/dim, convert, check results.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     model_help = ("our model file (models/<variant>.pt), a training checkpoint (ckpt_*.pt), a "
-                  "diffusers folder (config.json, weights, scheduler_config.json) or a hub id")
+                  "diffusers folder (config.json, weights, scheduler_config.json) or a hub id "
+                  "owner/name (a missing path that looks local is 'not found', never a hub id)")
 
     s = sub.add_parser("sample", help="draw images: an .npz with uint8 `images` and a PNG grid",
                        description="Draw images from a model; writes OUT (.npz, uint8 `images` "
@@ -351,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("DDPM_DEBUG"):
             raise
+        if is_out_of_memory(e):
+            print(f"error: {out_of_memory_line(e, OOM_HINT)}", file=sys.stderr)
+            return 1
         code = 2 if isinstance(e, _bad_input_errors()) else 1
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

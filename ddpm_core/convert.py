@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -23,7 +24,9 @@ from typing import Any, get_args
 import torch
 
 from ddpm_core.diffusion import Diffusion, MeanType, VarType
+from ddpm_core.modelfile import MAX_TIMESTEPS, check_weights_fit
 from ddpm_core.schedules import BETA_END, BETA_START, MAX_BETA, ScheduleKind, make_betas
+from ddpm_core.sources import check_model_source
 from ddpm_core.unet import PRESETS, UNet, UNetConfig, num_groups
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -64,6 +67,10 @@ _REQUIRED: dict[str, tuple[Any, Any]] = {
 
 class CheckpointMismatch(ValueError):
     """A checkpoint whose keys or shapes do not match the U-Net."""
+
+
+class DiffusersFolderError(ValueError):
+    """A diffusers folder's config.json or weight file is unusable; the message names the file."""
 
 
 def _map_key(key: str) -> str:
@@ -138,6 +145,14 @@ def config_from_diffusers(conf: dict[str, Any]) -> UNetConfig:
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         if key not in conf:
             raise ValueError(f"diffusers config lacks {key!r}")
+        if not isinstance(conf[key], list | tuple) or not conf[key]:
+            raise ValueError(f"{key}: {conf[key]!r} is not a non-empty list")
+    for key in ("block_out_channels", "sample_size", "in_channels", "out_channels",
+                "layers_per_block"):
+        value = conf.get(key, 1)
+        values = value if isinstance(value, list | tuple) else [value]
+        if not values or not all(type(v) is int and v >= 1 for v in values):
+            raise ValueError(f"{key}: {value!r} is not a positive integer (or a list of them)")
     boc = list(conf["block_out_channels"])
     down, up = list(conf["down_block_types"]), list(conf["up_block_types"])
     known = {"DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"}
@@ -170,14 +185,53 @@ def config_from_diffusers(conf: dict[str, Any]) -> UNetConfig:
 
 
 def _read_weights(file: Path) -> dict[str, torch.Tensor]:
-    """Read a .safetensors or .bin state dict."""
+    """A .safetensors or .bin state dict; a corrupt file, or a pickle holding anything but
+    tensors (refused by torch.load(weights_only=True), never run), is DiffusersFolderError."""
     if file.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(file))
-    if file.suffix in (".bin", ".pt", ".pth"):
-        return torch.load(file, map_location="cpu", weights_only=True)
-    raise ValueError(f"{file}: expected a .safetensors or .bin file")
+        try:
+            sd = load_file(str(file))
+        except (SafetensorError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DiffusersFolderError(f"{file}: not a readable safetensors file ({first}); "
+                                       "download or convert it again") from None
+    elif file.suffix in (".bin", ".pt", ".pth"):
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "weights only load failed" not in str(e).lower():
+                raise DiffusersFolderError(f"{file}: not a readable weight file (a corrupt "
+                                           "pickle); download or convert it again") from None
+            raise DiffusersFolderError(
+                f"{file}: refused to load: the pickle holds code or objects other than tensors "
+                "(torch.load weights_only=True); convert it to safetensors from a trusted "
+                "source") from None
+        except Exception as e:  # truncated zip, not a torch file at all
+            raise DiffusersFolderError(f"{file}: not a readable weight file "
+                                       f"({type(e).__name__}); download or convert it "
+                                       "again") from None
+    else:
+        raise ValueError(f"{file}: expected a .safetensors or .bin file")
+    if not isinstance(sd, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise DiffusersFolderError(f"{file}: holds a {type(sd).__name__}, not a state dict of "
+                                   "tensors")
+    return sd
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    """config.json as a mapping; DiffusersFolderError when it is not JSON or not a mapping."""
+    try:
+        conf = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DiffusersFolderError(f"{file}: not valid JSON ({e}); copy the model "
+                                   "repository's config.json again") from None
+    if not isinstance(conf, dict):
+        raise DiffusersFolderError(f"{file}: holds a {type(conf).__name__}, not a mapping of "
+                                   "UNet2DModel settings")
+    return conf
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -199,17 +253,12 @@ def _from_hub(repo_id: str) -> Path:
                                 "local folder") from None
 
 
-def is_hub_id(path: str | Path) -> bool:
-    """'owner/name' that is not a local path: a Hugging Face hub repository id."""
-    return not Path(path).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) is not None
-
-
 def resolve_diffusers_path(path: str | Path) -> Path:
-    """A local path as it is; a hub id downloaded (config, scheduler, weights) to the cache."""
+    """A local path as it is; a hub id (ddpm_core.sources.is_hub_id) downloaded (config,
+    scheduler, weights) to the cache; a missing local path is FileNotFoundError."""
+    check_model_source(path)
     if Path(path).exists():
         return Path(path)
-    if not is_hub_id(path):
-        raise FileNotFoundError(f"{path}: no such file or directory (nor a hub id owner/name)")
     return _from_hub(str(path))
 
 
@@ -225,18 +274,32 @@ def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet
         weights, conf_file = files[0], path / "config.json"
     else:
         weights, conf_file = path, path.parent / "config.json"
+    # The weights first (their size is the file's), then the network the config asks for is
+    # checked against their shapes before it is built: config.json cannot make us allocate.
+    try:
+        sd = convert_diffusers_state_dict(_read_weights(weights))
+    except CheckpointMismatch as e:
+        raise DiffusersFolderError(f"{weights}: {e}") from None
+    spec_file = weights  # a bare weight file without config.json: the official CIFAR-10 model
     if cfg is None:
-        # A bare weight file without config.json is taken to be the official CIFAR-10 model.
+        cfg = PRESETS["cifar10"]
         if conf_file.is_file():
-            cfg = config_from_diffusers(json.loads(conf_file.read_text()))
-        else:
-            cfg = PRESETS["cifar10"]
+            spec_file, conf = conf_file, _read_config(conf_file)
+            try:
+                cfg = config_from_diffusers(conf)
+            except ValueError as e:
+                raise DiffusersFolderError(f"{conf_file}: {e}") from None
+    try:
+        check_weights_fit(cfg, sd, spec_name=spec_file.name)
+    except ValueError as e:
+        raise DiffusersFolderError(f"{spec_file}: does not fit the weights in {weights.name} "
+                                   f"({e})") from None
     model = UNet(cfg)
     odd = sorted({m.num_channels for m in model.modules()
                   if isinstance(m, torch.nn.GroupNorm) and m.num_groups != 32})
     if odd:
         raise ValueError(f"our GroupNorm uses fewer than diffusers' 32 groups at widths {odd}")
-    return load_converted(model, convert_diffusers_state_dict(_read_weights(weights)))
+    return load_converted(model, sd)
 
 
 # ----------------------------------------------------------------------------- scheduler
@@ -268,7 +331,10 @@ def diffusion_from_scheduler_config(conf: dict[str, Any]) -> Diffusion:
     cls = conf.get("_class_name", "DDPMScheduler")
     if cls not in ("DDPMScheduler", "DDIMScheduler"):
         raise ValueError(f"scheduler _class_name={cls!r} unsupported (need DDPMScheduler)")
-    T = int(conf.get("num_train_timesteps", 1000))
+    T = conf.get("num_train_timesteps", 1000)
+    if type(T) is not int or not 2 <= T <= MAX_TIMESTEPS:
+        raise ValueError(f"scheduler num_train_timesteps={T!r} is not an integer in "
+                         f"2..{MAX_TIMESTEPS:,}")
     if conf.get("trained_betas") is not None:
         betas = torch.tensor(conf["trained_betas"], dtype=torch.float64)
         if betas.shape != (T,):
@@ -330,9 +396,13 @@ def read_scheduler_config(path: str | Path) -> dict[str, Any]:
               root.parent / "scheduler" / SCHEDULER_FILE):
         if f.is_file():
             try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}: not valid JSON ({e})") from None
+                conf = json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DiffusersFolderError(f"{f}: not valid JSON ({e})") from None
+            if not isinstance(conf, dict):
+                raise DiffusersFolderError(f"{f}: holds a {type(conf).__name__}, not a mapping "
+                                           "of DDPMScheduler settings")
+            return conf
     raise FileNotFoundError(f"{root}: no {SCHEDULER_FILE} (the diffusion's T and β); copy the "
                             "model repository's scheduler_config.json beside config.json")
 
@@ -340,7 +410,12 @@ def read_scheduler_config(path: str | Path) -> dict[str, Any]:
 def load_diffusers(path: str | Path) -> tuple[UNet, Diffusion]:
     """(UNet, Diffusion) of a diffusers folder or hub id: UNet2DModel + DDPMScheduler."""
     path = resolve_diffusers_path(path)
-    diff = diffusion_from_scheduler_config(read_scheduler_config(path))
+    try:
+        diff = diffusion_from_scheduler_config(read_scheduler_config(path))
+    except DiffusersFolderError:
+        raise
+    except ValueError as e:  # a setting we do not support: name the folder
+        raise DiffusersFolderError(f"{path}: {SCHEDULER_FILE}: {e}") from None
     net = load_diffusers_unet(path)
     want = diff.out_channels(net.cfg.in_channels)
     if net.cfg.out_channels != want:

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from sklearn.model_selection import train_test_split
 
 from ddpm_core.config import DataConfig
 from ddpm_core.files import atomic_open, save_npy
@@ -230,6 +229,9 @@ def _open_image(f: Path, load: bool) -> Image.Image:
         if load:
             im.load()
         return im
+    except Image.DecompressionBombError as e:  # a few KB that would decode to gigabytes
+        raise DataError(f"{f}: refused to decode: {str(e).rstrip('.')}; remove or shrink "
+                        "it") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{f}: unreadable image ({e}); remove or replace it") from None
 
@@ -327,6 +329,8 @@ def split_images(images: np.ndarray, labels: np.ndarray | None, test_fraction: f
         n_classes = len(counts)
         if counts.min() >= 2 and n_classes <= n_test and n_classes <= len(images) - n_test:
             stratify = labels
+    from sklearn.model_selection import train_test_split  # here: importing it takes a second
+
     idx = np.arange(len(images))
     train_idx, test_idx = train_test_split(idx, test_size=n_test, random_state=seed, shuffle=True,
                                            stratify=stratify)

@@ -8,7 +8,9 @@ checkpoints (ddpm_core.checkpoint) store the same spec, so `load_model_file` reb
 from either kind of file with nothing else: no params.yaml, no guessing from leading bytes.
 Every file is read with `torch.load(weights_only=True)` after the zip's CRC-32s are checked
 (torch.load itself does not check them); a missing, truncated, corrupt or foreign file is one
-`ModelFileError` line naming the file and the fix.
+`ModelFileError` line naming the file and the fix. The spec is checked against the stored
+tensors' shapes before the network is built (check_weights_fit), so a spec that asks for more
+than its weights is refused without allocating it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ddpm_core.modes import LEARNED_VAR_TYPES, MeanType, ScheduleKind, VarType
 from ddpm_core.unet import UNet, UNetConfig
 
 FORMAT = "ddpm-model/1"
+MAX_TIMESTEPS = 1_000_000  # a sane bound on T from a file (papers use <= 4000): β is [T] float64
 WEIGHT_KEYS = ("ema", "model")
 _FIX = ("use a model file written by save_model (models/<name>.pt) or a training checkpoint "
         "ckpt_*.pt")
@@ -60,8 +63,9 @@ class ModelSpec:
         _check_mode(self.mean_type, MeanType, "mean_type")
         _check_mode(self.var_type, VarType, "var_type")
         if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) \
-                or self.timesteps < 1:
-            raise ValueError(f"timesteps: {self.timesteps!r} is not a positive integer")
+                or not 1 <= self.timesteps <= MAX_TIMESTEPS:
+            raise ValueError(f"timesteps: {self.timesteps!r} is not an integer in "
+                             f"1..{MAX_TIMESTEPS:,}")
         want = self.unet.in_channels * (2 if self.var_type in LEARNED_VAR_TYPES else 1)
         if self.unet.out_channels != want:
             raise ValueError(f"unet.out_channels={self.unet.out_channels} but var_type "
@@ -128,6 +132,30 @@ def save_model(path: str | Path, spec: ModelSpec, weights: dict[str, dict[str, T
     save_torch(blob, path)
 
 
+def check_weights_fit(cfg: UNetConfig, weights: Any, spec_name: str = "the spec") -> None:
+    """ValueError unless `weights` is a state dict of tensors with exactly the parameter names
+    and shapes of UNet(cfg), checked before anything is allocated: a spec asking for a deeper
+    network than the weights could fill is refused outright, and the shapes are compared on
+    the meta device. A network that passes is as large as its stored weights."""
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items()):
+        raise ValueError("the weights are not a state dict of tensors")
+    levels, blocks = len(cfg.channel_mult), cfg.num_res_blocks
+    if levels * blocks > len(weights):  # every residual block holds tensors of its own
+        raise ValueError(f"{spec_name} asks for {levels} levels x {blocks} residual blocks; "
+                         f"the weights hold only {len(weights)} tensors")
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in UNet(cfg).state_dict().items()}
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"missing keys {missing[:3]}, unexpected keys {unexpected[:3]} "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    bad = [k for k in own if tuple(weights[k].shape) != own[k]]
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(own)} tensors differ in shape, e.g. {bad[0]}: "
+                         f"{own[bad[0]]} in {spec_name}, {tuple(weights[bad[0]].shape)} stored")
+
+
 @dataclass
 class LoadedModel:
     """A network in eval mode on the CPU, its diffusion, spec, metadata and source file."""
@@ -190,6 +218,11 @@ def load_model_file(path: str | Path, which: Literal["ema", "model"] = "ema") ->
     weights = blob.get(which)
     if not isinstance(weights, dict):
         raise ModelFileError(f"{path}: no {which!r} weights; {_FIX}")
+    try:  # before building: a spec of a few bytes can ask for terabytes
+        check_weights_fit(spec.unet, weights)
+    except ValueError as e:
+        raise ModelFileError(f"{path}: weights do not fit the stored spec ({e}); "
+                             f"{_FIX}") from None
     net = spec.build_net()
     try:
         net.load_state_dict(weights)

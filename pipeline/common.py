@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ddpm_core.config import ConfigError, Params, VariantConfig, load_params
+from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.files import atomic_dir, atomic_write_text
 from ddpm_core.files import write_json as _write_json
 
@@ -40,17 +41,15 @@ class StageError(RuntimeError):
 
 
 def _runtime_errors() -> tuple[type[BaseException], ...]:
-    """Library exceptions whose messages are written for users (imported lazily)."""
-    from ddpm_core.checkpoint import CheckpointError
-    from ddpm_core.data import DataError
-    from ddpm_core.fid import MetricsError
-    from ddpm_core.training import TrainingDiverged
-
-    return (StageError, CheckpointError, DataError, MetricsError, TrainingDiverged,
-            FileNotFoundError)  # includes records.MissingResult; tracking's errors are StageErrors
+    """Library exceptions whose messages are written for users: those of the modules already
+    loaded (ddpm_core.errors.loaded), so the error path imports nothing heavy.
+    FileNotFoundError includes records.MissingResult; tracking's errors are StageErrors."""
+    return (StageError, FileNotFoundError,
+            *loaded("ddpm_core.checkpoint:CheckpointError", "ddpm_core.data:DataError",
+                    "ddpm_core.fid:MetricsError", "ddpm_core.training:TrainingDiverged"))
 
 
-# Batch params to lower when a stage runs out of accelerator memory.
+# Batch params to lower when a stage runs out of memory (accelerator or CPU).
 OOM_HINT = ("lower sample.batch_size (sample), bpd.batch_size or bpd.t_batch (bpd: one "
             "network call holds batch_size x t_batch images), or train.batch_size (train)")
 
@@ -106,10 +105,10 @@ def run_stage(main: Callable[..., None], check: Callable[..., None] | None = Non
         fail(str(e), 1)
     except OSError as e:  # disk full, permissions, a missing file: no traceback
         fail(describe_os_error(e), 1)
-    except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
             raise
-        fail(f"out of memory ({str(e).splitlines()[0][:120]}); {OOM_HINT}", 1)
+        fail(out_of_memory_line(e, OOM_HINT), 1)
 
 
 def variant_from_argv(params: Params) -> VariantConfig:

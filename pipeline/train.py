@@ -167,7 +167,10 @@ def import_pretrained(params: Params, v: VariantConfig) -> None:
     if v.format == "diffusers":
         from ddpm_core.convert import load_diffusers_unet
 
-        net = load_diffusers_unet(path)
+        try:  # a bad config.json or weight file: one line naming it (and this key)
+            net = load_diffusers_unet(path)
+        except (ValueError, FileNotFoundError) as e:
+            raise StageError(f"{key}: {e}") from None
         spec = ModelSpec(net.cfg, params.schedule, params.diffusion.timesteps, v.mean_type,
                          v.var_type)
         sd = net.state_dict()

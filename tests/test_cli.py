@@ -136,6 +136,47 @@ def test_bpd_of_npz_and_image_folder(diffusers_folder, tmp_path, capsys, one_thr
         assert f"bits/dim {want:.5f}" in out
 
 
+def test_bpd_of_a_folder_holding_a_decompression_bomb_is_exit_2(diffusers_folder, tmp_path,
+                                                                  capsys) -> None:
+    from test_data import write_bomb_png
+
+    for name in ("a.png", "b.png"):
+        write_bomb_png(tmp_path / name)
+    code, _, err = run(["bpd", str(diffusers_folder), str(tmp_path), "--device", "cpu"], capsys)
+    assert code == 2
+    assert_one_line_error(err, str(tmp_path / "a.png"))
+
+
+def test_typo_in_a_local_path_is_not_found_without_asking_the_hub(tmp_path, monkeypatch,
+                                                                  capsys) -> None:
+    """A path that looks local is never a hub id: (models/ exists here, so models/x is local)."""
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    for path in ["mdoels/simple.pt", "models/simpel", "./typo/model", "~/no-such-dir-xyz/m",
+                 "weights/tiny.safetensors", "owner/name.npz", str(tmp_path / "abs" / "m")]:
+        for cmd in (["sample", path], ["convert", path, "out.pt"]):
+            code, _, err = run(cmd, capsys)
+            assert code == 2, (cmd, err)
+            assert_one_line_error(err, f"error: {path}: not found")
+
+
+def test_hub_id_rule(monkeypatch) -> None:
+    from ddpm_core.sources import is_hub_id
+
+    monkeypatch.chdir(ROOT)
+
+    assert is_hub_id("google/ddpm-cifar10-32") and is_hub_id("Qwen/Qwen2.5-7B")
+    for local in ["mdoels/simple.pt", "./a/b", "~/a", "/a/b", "a/b/c", "a", "a/b.safetensors",
+                  "a/b.npz", "a/b.bin", ".hidden/x", "tests/nothing"]:  # tests/ exists
+        assert not is_hub_id(local), local
+
+
 def test_bpd_of_images_of_the_wrong_shape_is_exit_2(diffusers_folder, tmp_path, capsys) -> None:
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
     code, _, err = run(["bpd", str(diffusers_folder), str(tmp_path / "x.npz")], capsys)

@@ -223,6 +223,32 @@ def test_image_folder_errors_name_the_file(tmp_path):
         data.load_image_folder(tmp_path)
 
 
+def write_bomb_png(path: Path, side: int = 14000) -> None:
+    """A 1-bit all-black side x side PNG written by hand: ~24 KB on disk, side² pixels open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    row = b"\x00" + bytes((side + 7) // 8)  # filter byte, then the packed 1-bit pixels
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                     + chunk(b"IDAT", zlib.compress(row * side, 9)) + chunk(b"IEND", b""))
+
+
+def test_image_folder_with_a_decompression_bomb_is_one_line_naming_the_file(tmp_path):
+    for name in ("a.png", "b.png"):
+        write_bomb_png(tmp_path / name)
+    assert (tmp_path / "a.png").stat().st_size < 100_000
+    with pytest.raises(DataError) as e:
+        data.load_image_folder(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path / "a.png") in msg, msg
+    assert "pixels" in msg and e.value.__cause__ is None
+
+
 def test_npz_loader_shapes_labels_and_errors(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (10, 4, 4), dtype=np.uint8)
     np.savez(tmp_path / "only.npz", x)
