@@ -29,7 +29,6 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ddpm_core import analytic
 from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion
@@ -213,6 +212,7 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     None or "analytic"). `steps` None means all T steps (DDIM then visits every step too).
     sigma2="analytic" needs gamma = estimate_gamma(net, diffusion, training_images).
     """
+    from ddpm_core import progress as bars
     from ddpm_core.data import from_unit, to_numpy_images
     from ddpm_core.distributed import sample_in_batches
     from ddpm_core.samplers import sample_ancestral, sample_ddim
@@ -240,24 +240,25 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     if cfg is None:
         raise ValueError("net must be a ddpm_core UNet (its .cfg gives the image shape)")
     chw = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    bar = tqdm(total=n, desc=f"sample {sampler}", unit="img", disable=not progress)
+    # one network call per step of every batch: the bar and its ETA move within a batch
+    steps_per_batch = diff.T if timesteps is None else len(timesteps)
+    bar = bars.Progress(-(-n // batch_size) * steps_per_batch, f"sample {sampler}", "steps",
+                        enabled=progress)
+    counted = bars.counting(net, bar)
 
     def draw(size: int, gen: torch.Generator) -> torch.Tensor:
         shape = (size, *chw)
         if sampler == "ddim":
             ts = timesteps if timesteps is not None else list(range(diff.T))
-            x = sample_ddim(diff, net, shape, ts, eta, gen, clip_x0=clip_x0,
+            x = sample_ddim(diff, counted, shape, ts, eta, gen, clip_x0=clip_x0,
                             sigma2="analytic" if sigma2 == "analytic" else "eta", gamma=gamma)
         else:
-            x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=clip_x0,
-                                 sigma2=chosen, gamma=gamma)
-        bar.update(size)
+            x = sample_ancestral(diff, counted, shape, gen, timesteps=timesteps,
+                                 clip_x0=clip_x0, sigma2=chosen, gamma=gamma)
         return from_unit(x).cpu()
 
-    try:
+    with bar:
         x = sample_in_batches(draw, n, batch_size, seed, rank=0, world=1, device=dev)
-    finally:
-        bar.close()
     return to_numpy_images(x)
 
 
@@ -288,6 +289,7 @@ def bits_per_dim_per_image(net: torch.nn.Module, diffusion: Diffusion, images: n
     round(linspace(0, T−1, K)) (Bao et al. 2022). Batch j starting at image s draws the noise
     of q(x_t|x_0) from a generator seeded s, as the pipeline's bpd stage does.
     """
+    from ddpm_core import progress as bars
     from ddpm_core.data import to_model_tensor, to_unit
     from ddpm_core.likelihood import bits_per_dim_at_steps
 
@@ -301,12 +303,16 @@ def bits_per_dim_per_image(net: torch.nn.Module, diffusion: Diffusion, images: n
     x_all = to_model_tensor(images)
     out = []
     starts = range(0, len(x_all), batch_size)
-    for start in tqdm(starts, desc="bpd", unit="batch", disable=not progress):
-        x0 = to_unit(x_all[start:start + batch_size]).to(dev)
-        gen = torch.Generator(dev).manual_seed(start)
-        res = bits_per_dim_at_steps(diffusion, net, x0, [K], var_types=[chosen], gamma=gamma,
-                                    t_batch=t_batch, generator=gen)
-        out.append(res[K][chosen].total.numpy())
+    # the K-step chain visits K indices, t_batch of them per network call, in every batch
+    bar = bars.Progress(len(starts) * -(-K // t_batch), "bpd", "calls", enabled=progress)
+    with bar:
+        counted = bars.counting(net, bar)
+        for start in starts:
+            x0 = to_unit(x_all[start:start + batch_size]).to(dev)
+            gen = torch.Generator(dev).manual_seed(start)
+            res = bits_per_dim_at_steps(diffusion, counted, x0, [K], var_types=[chosen],
+                                        gamma=gamma, t_batch=t_batch, generator=gen)
+            out.append(res[K][chosen].total.numpy())
     return np.concatenate(out)
 
 

@@ -3,10 +3,12 @@ reports/report.html (images inlined as base64, no script or style from the netwo
 
 Contents: every model's bits/dim and FID beside the published CIFAR-10 numbers (labelled
 published vs measured, and on which data), FID, KID and IS of every sample set, the DDPM, DDIM
-and Analytic-DPM tables, the sample grids side by side (one row per sampler, a thumbnail per
-model, linked to the full grid), loss curves, the per-timestep terms of the bound (DDPM Fig. 5
-style), FID against the number of sampling steps (DDIM vs respaced ancestral), each stage's wall
-time and the provenance (commit, params hash, versions, device: pipeline/provenance.py).
+and Analytic-DPM tables, the sample grids side by side below a grid of training images (one row
+per sampler, a thumbnail per model, linked to the full grid; three samplers open, the others in a
+collapsed <details> section), loss curves (one panel per loss kind, each with its unit), the
+per-timestep terms of the bound (DDPM Fig. 5 style), FID against the number of sampling steps
+(DDIM vs respaced ancestral), each stage's wall time and the provenance (commit, params hash,
+versions, device: pipeline/provenance.py).
 
 Byte for byte, the report is a function of its inputs, the checkout and the machine, with one
 exception: the wall times, read from timings/ (measurements, deliberately not dependencies of
@@ -26,12 +28,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator  # noqa: E402
 
 from ddpm_core.config import Params  # noqa: E402
+from ddpm_core.data import load_images  # noqa: E402
 from pipeline import published  # noqa: E402
 from pipeline.common import atomic_dir, run_stage, write_text  # noqa: E402
 from pipeline.provenance import provenance  # noqa: E402
 from pipeline.records import (  # noqa: E402
+    DATA_DIR,
     REPORTS_DIR,
     SIGMA2_LABEL,
     SIGMA2_NAME,
@@ -41,9 +46,11 @@ from pipeline.records import (  # noqa: E402
     load_results,
     wall_seconds,
 )
+from pipeline.sample import save_grid  # noqa: E402  (real images drawn as the samples are)
 
 FIG_DIR = REPORTS_DIR / "figures"  # the Markdown cites figures/<name>.png
 THUMB_WIDTH = (96, 200)  # px: a sample grid's thumbnail, narrower with more models side by side
+TRAIN_GRID = "train_images.png"  # figures/: the first sample.grid_size training images
 
 
 def _fmt(x: object, digits: int = 3) -> str:
@@ -207,26 +214,57 @@ def timings_table(res: Results) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("stage")
 
 
-def grid_rows(res: Results) -> list[str]:
-    """The sample grids as a Markdown table: one row per sampler, one column per model; each
-    cell a linked image (figures/samples_<model>_<sampler>.png) and its FID."""
+def featured_samplers(specs: list[SamplerSpec]) -> list[SamplerSpec]:
+    """The grids shown open: the full chain with σ² = β (DDPM's Algorithm 2; else the first full
+    chain) and, at their fewest steps, respaced ancestral with σ² analytic and DDIM; in the order
+    of `specs`. The others differ little to the eye and sit in a collapsed section."""
+    full = [s for s in specs if s.kind == "ancestral"]
+    pick = [next((s for s in full if s.variance == "fixed_large"), full[0])] if full else []
+    for kind, variance in (("respaced", "analytic"), ("ddim", None)):
+        few = [s for s in specs if s.kind == kind and (variance is None or s.variance == variance)]
+        if few:
+            pick.append(min(few, key=lambda s: s.steps))
+    return [s for s in specs if s in pick]
+
+
+def grid_table(res: Results, specs: list[SamplerSpec]) -> list[str]:
+    """Sample grids as a Markdown table: one row per sampler of `specs`, one column per model;
+    each cell a linked image (figures/samples_<model>_<sampler>.png) and its FID."""
     label = res.features.label.split(" (")[0]
+    lines = ["| sampler | " + " | ".join(res.variants) + " |",
+             "|---|" + "---|" * len(res.variants)]
+    for spec in specs:
+        cells = []
+        for name, r in res.variants.items():
+            have = next((s for s in r.samplers if s.name == spec.name), None)
+            if have is None:
+                cells.append("–")
+                continue
+            src = f"figures/samples_{name}_{spec.name}.png"
+            cells.append(f"[![{name}: {spec.name}]({src})]({src}) {label} {_fmt(r.fid_of(have))}")
+        lines.append(f"| {spec.label()} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def grid_rows(params: Params, res: Results) -> list[str]:
+    """The grids section's body: the training images, the featured samplers' grids, then every
+    other sampler's inside a <details> section (closed: one click opens it, nothing loads)."""
     specs: dict[str, SamplerSpec] = {}
     for r in res.variants.values():
         for spec in r.samplers:
             specs.setdefault(spec.name, spec)
-    lines = ["| sampler | " + " | ".join(res.variants) + " |",
-             "|---|" + "---|" * len(res.variants)]
-    for sname, spec in specs.items():
-        cells = []
-        for name, r in res.variants.items():
-            have = next((s for s in r.samplers if s.name == sname), None)
-            if have is None:
-                cells.append("–")
-                continue
-            src = f"figures/samples_{name}_{sname}.png"
-            cells.append(f"[![{name}: {sname}]({src})]({src}) {label} {_fmt(r.fid_of(have))}")
-        lines.append(f"| {spec.label()} | " + " | ".join(cells) + " |")
+    every = list(specs.values())
+    shown = featured_samplers(every) or every
+    rest = [s for s in every if s not in shown]
+    n = params.sample.grid_size
+    src = f"figures/{TRAIN_GRID}"
+    lines = ["| real images | training split |", "|---|---|",
+             f"| first {n} images of {DATA_DIR / 'train.npy'} | [![training images]({src})]({src})"
+             " |", ""]
+    lines += grid_table(res, shown)
+    if rest:
+        lines += ["", f"<details><summary>The {len(rest)} other samplers (click to open)"
+                      "</summary>", "", *grid_table(res, rest), "", "</details>"]
     return lines
 
 
@@ -236,34 +274,85 @@ def thumb_width(res: Results) -> int:
     return max(lo, min(hi, 880 // max(1, len(res.variants))))
 
 
+SIGMA2_COLOR = {"fixed_large": "C0", "fixed_small": "C1", "analytic": "C2"}  # same in every figure
+MODEL_STYLE = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line, marker: model k (mod 4)
+LOSS_AXIS = {  # training loss kind -> (panel title, y label with the unit); {x}: the mean target
+    "simple": ("L_simple (DDPM eq. 14)", "MSE of the {x} prediction\n(mean over dimensions)"),
+    "vlb": ("L_vlb (DDPM eq. 5)", "$T \\cdot L_{{t-1}}$ at the drawn t\n(bits/dim)"),
+    "hybrid": ("L_hybrid = L_simple + λ L_vlb (improved DDPM)",
+               "MSE of the {x} prediction + $\\lambda T L_{{t-1}}$\n(MSE + λ · bits/dim)"),
+}
+MEAN_TARGET = {"eps": "ε", "x0": "x₀", "mu": r"$\tilde{\mu}$"}  # what L_simple's MSE compares
+
+
+class _PlainLog(LogFormatter):
+    """Log-axis labels as plain numbers (0.05, 2, 30; not 2 × 10⁰), minor ticks labelled only
+    where matplotlib labels them (an axis spanning about a decade or less). Should matplotlib
+    rename the method, the labels fall back to its own plain LogFormatter's."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"
+
+
+def _plain_ticks(ax: plt.Axes, xs: list[int] | None = None) -> None:
+    """Plain numbers on log axes; x ticks at the measured xs (steps K or S) when given."""
+    if xs:
+        ax.set_xticks(sorted(set(xs)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_formatter(_PlainLog())
+        ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False))
+
+
+def _panels(n: int, width: float, height: float) -> tuple[plt.Figure, list[plt.Axes]]:
+    """n panels side by side under constrained layout: no label runs into the next panel."""
+    fig, axes = plt.subplots(1, n, figsize=(width * n, height), squeeze=False,
+                             layout="constrained")
+    return fig, list(axes[0])
+
+
+def _legend_outside(fig: plt.Figure) -> None:
+    """One legend for all panels (a line's label means the same in each), right of them."""
+    lines: dict[str, object] = {}
+    for ax in fig.get_axes():
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            lines.setdefault(label, handle)
+    if lines:
+        fig.legend(list(lines.values()), list(lines), loc="outside right upper", fontsize=8)
+
+
 def sigma2_steps_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
     """Bits/dim vs K and FID vs S, one line per variant and σ² (measured; the published
     Analytic-DPM numbers are in the table beside them, on another scale)."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    drawn = False
-    for name, r in res.variants.items():
+    fig, (a1, a2) = _panels(2, 4.6, 3.6)
+    ks_all, ss_all = [], []
+    for k, (name, r) in enumerate(res.variants.items()):
+        line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
         for var in SIGMA2_COMPARED:
-            ks = sorted(int(k.rsplit("_K", 1)[1]) for k in r.bpd
-                        if k.startswith(bpd_key(var) + "_K"))
+            style = {"color": SIGMA2_COLOR[var], "ls": line, "marker": marker,
+                     "label": f"{name}, {SIGMA2_LABEL[var]}"}
+            ks = sorted(int(key.rsplit("_K", 1)[1]) for key in r.bpd
+                        if key.startswith(bpd_key(var) + "_K"))
             if ks:
-                a1.plot(ks, [r.bpd[bpd_key(var, K)] for K in ks], "-o",
-                        label=f"{name}, {SIGMA2_LABEL[var]}")
-                drawn = True
+                a1.plot(ks, [r.bpd[bpd_key(var, K)] for K in ks], **style)
+                ks_all += ks
             pts = sorted((s.steps, r.fid_of(s)) for s in r.samplers
                          if s.variance == var and s.kind in ("ancestral", "respaced")
                          and r.fid_of(s) is not None)
             if pts:
-                a2.plot(*zip(*pts, strict=True), "-o", label=f"{name}, {SIGMA2_LABEL[var]}")
-                drawn = True
-    if not drawn:
+                a2.plot(*zip(*pts, strict=True), **style)
+                ss_all += [S for S, _ in pts]
+    if not ks_all and not ss_all:
         plt.close(fig)
         return None
-    a1.set(xscale="log", yscale="log", xlabel="steps K (even trajectory)",
-           ylabel="bits/dim (test split)", title=f"Measured ({params.data.dataset})")
+    a1.set(xscale="log", xlabel="steps K (even trajectory)", ylabel="bits/dim (test split)",
+           title=f"Bound, measured ({params.data.dataset})")
     a2.set(xscale="log", yscale="log", xlabel=f"sampling steps S ({params.sample.spacing})",
-           ylabel=res.features.label, title=f"Measured ({params.data.dataset})")
-    a1.legend(fontsize=7)
-    a2.legend(fontsize=7)
+           ylabel=res.features.label, title=f"Samples, measured ({params.data.dataset})")
+    _plain_ticks(a1, ks_all)
+    _plain_ticks(a2, ss_all)
+    _legend_outside(fig)
     return fig_to_file(fig, fig_dir, "sigma2_vs_steps.png")
 
 
@@ -275,17 +364,27 @@ def fig_to_file(fig: plt.Figure, fig_dir: Path, name: str) -> str:
     return f"figures/{name}"
 
 
-def loss_figure(res: Results, fig_dir: Path) -> str | None:
-    curves = {n: df for n, r in res.variants.items()
-              if r.paths.loss_csv.is_file() and len(df := pd.read_csv(r.paths.loss_csv))}
-    if not curves:
+def loss_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
+    """Training loss against step: one panel per loss kind (each its own unit), one line per
+    model trained with it (a pretrained model has no curve)."""
+    kinds: dict[str, dict[str, pd.DataFrame]] = {}
+    for n, r in res.variants.items():
+        if r.paths.loss_csv.is_file() and len(df := pd.read_csv(r.paths.loss_csv)):
+            kinds.setdefault(params.variants[n].loss, {})[n] = df
+    if not kinds:
         return None
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.2), squeeze=False)
-    for ax, (n, df) in zip(axes[0], curves.items(), strict=True):
-        ax.plot(df["step"], df["loss"])
-        ax.set_yscale("log")
-        ax.set_title(f"training loss: {n}")
-        ax.set_xlabel("step")
+    fig, axes = _panels(len(kinds), 4.8, 3.4)
+    names = list(res.variants)
+    for ax, (kind, curves) in zip(axes, kinds.items(), strict=True):
+        targets = {MEAN_TARGET.get(params.variants[n].mean_type, "mean") for n in curves}
+        title, ylabel = LOSS_AXIS[kind]
+        for n, df in curves.items():
+            line, _ = MODEL_STYLE[names.index(n) % len(MODEL_STYLE)]
+            ax.plot(df["step"], df["loss"], ls=line, label=n)
+        ax.set(yscale="log", title=title, xlabel="training step",
+               ylabel=ylabel.format(x=targets.pop() if len(targets) == 1 else "mean"))
+        _plain_ticks(ax)
+        ax.legend(fontsize=8, title="model", title_fontsize=8)
     return fig_to_file(fig, fig_dir, "loss.png")
 
 
@@ -294,44 +393,48 @@ def terms_figure(res: Results, fig_dir: Path) -> str | None:
               if r.paths.bpd_terms.is_file()}
     if not tables:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for n, df in tables.items():
+    fig, (a1, a2) = _panels(2, 4.6, 3.4)
+    for k, (n, df) in enumerate(tables.items()):
+        line, _ = MODEL_STYLE[k % len(MODEL_STYLE)]
         steps = df[df["term"] != "L_T"].sort_values("t")
         for col in df.columns[2:]:
-            lab = f"{n}, {SIGMA2_LABEL.get(_VAR_OF.get(col, ''), col)}"
-            a1.plot(steps["t"], steps[col], label=lab)
-            a2.plot(steps["t"], steps[col].cumsum(), label=lab)
-    a1.set_yscale("log")
-    a1.set_title("term L_{t-1} of the bound (bits/dim) at step t")
-    a2.set_title("cumulative bits/dim, L_0 + ... + L_{t-1}")
+            var = _VAR_OF.get(col, "")
+            style = {"ls": line, "label": f"{n}, {SIGMA2_LABEL.get(var, col)}",
+                     **({"color": SIGMA2_COLOR[var]} if var in SIGMA2_COLOR else {})}
+            a1.plot(steps["t"], steps[col], **style)
+            a2.plot(steps["t"], steps[col].cumsum(), **style)
+    a1.set(yscale="log", title="term $L_{t-1}$ of the bound at step t", ylabel="bits/dim")
+    a2.set(title="cumulative: $L_0 + \\ldots + L_{t-1}$", ylabel="bits/dim")
     for a in (a1, a2):
-        a.set_xlabel("t")
-        a.legend(fontsize=7)
+        a.set_xlabel("step t")
+    _plain_ticks(a1)
+    _legend_outside(fig)
     return fig_to_file(fig, fig_dir, "vlb_terms.png")
 
 
 def steps_figure(res: Results, fig_dir: Path) -> str | None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    drawn = False
-    for name, r in res.variants.items():
+    fig, (ax,) = _panels(1, 6.0, 3.6)
+    drawn: list[int] = []
+    for k, (name, r) in enumerate(res.variants.items()):
         df = pd.read_csv(r.paths.fid_steps) if r.paths.fid_steps.is_file() else None
         if df is None:
             continue
-        for col, style, what in (("ddim", "-o", "DDIM η=0"), ("respaced", "--s",
-                                                             "ancestral σ²=β")):
+        line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
+        for col, color, what in (("ddim", "C3", "DDIM η=0"),
+                                 ("respaced", SIGMA2_COLOR["fixed_large"], "ancestral σ²=β")):
             pts = df[["steps", col]].dropna()
             if len(pts):
-                ax.plot(pts["steps"], pts[col], style, label=f"{name}: {what}")
-                drawn = True
+                ax.plot(pts["steps"], pts[col], ls=line, marker=marker, color=color,
+                        label=f"{name}: {what}")
+                drawn += [int(x) for x in pts["steps"]]
     if not drawn:
         plt.close(fig)
         return None
     ax.axhline(res.features.floor["fid"], color="grey", lw=0.8, label="floor (test vs train)")
-    ax.set_xscale("log")
-    ax.set_xlabel("sampling steps S")
-    ax.set_ylabel(res.features.label)
-    ax.set_title("FID vs number of sampling steps")
-    ax.legend(fontsize=7)
+    ax.set(xscale="log", xlabel="sampling steps S", ylabel=res.features.label,
+           title="FID vs number of sampling steps")
+    _plain_ticks(ax, drawn)
+    _legend_outside(fig)
     return fig_to_file(fig, fig_dir, "fid_vs_steps.png")
 
 
@@ -413,9 +516,10 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
         "## Sample grids",
         "",
         f"One row per sampler, one column per model; the first {p.sample.grid_size} images "
-        "of each sample set (click a thumbnail for the full grid).",
+        "of each sample set (click a thumbnail for the full grid), below the same number of "
+        "training images.",
         "",
-        *grid_rows(res),
+        *grid_rows(p, res),
         "",
     ]
     for title, key in (("Loss curves", "loss"), ("Per-timestep terms of the bound (DDPM Fig. 5 "
@@ -464,6 +568,7 @@ def inline_text(line: str) -> str:
 
 
 _LINKED_IMAGE = re.compile(r"\[!\[([^\]]*)\]\(([^)]+)\)\]\(([^)]+)\)")
+_DETAILS = re.compile(r"<details><summary>(.*)</summary>|</details>")  # grid_rows' section
 
 
 def _inline(path: str, fig_dir: Path) -> str:
@@ -509,7 +614,10 @@ def markdown_to_html(md: str, fig_dir: Path, thumb: int = THUMB_WIDTH[1]) -> str
             table.append(line)
             continue
         flush()
-        if m := re.fullmatch(r"(#+) (.*)", line):
+        if m := _DETAILS.fullmatch(line):
+            out.append(f"<details><summary>{inline_text(m.group(1))}</summary>"
+                       if m.group(1) is not None else "</details>")
+        elif m := re.fullmatch(r"(#+) (.*)", line):
             n = len(m.group(1))
             out.append(f"<h{n}>{inline_text(m.group(2))}</h{n}>")
         elif m := re.fullmatch(r"!\[(.*)\]\((.*)\)", line):
@@ -525,6 +633,7 @@ def markdown_to_html(md: str, fig_dir: Path, thumb: int = THUMB_WIDTH[1]) -> str
              "td.n{text-align:right;white-space:nowrap}"
              "th{background:#f3f3f3}img{max-width:100%;image-rendering:pixelated}"
              ".grids th{text-align:center}"
+             "summary{cursor:pointer;font-weight:bold;margin:1em 0}"
              "td.thumb{text-align:center;vertical-align:top;font-size:12px}"
              "td.thumb img{display:block;margin:0 auto 2px;border:1px solid #ddd;"
              "image-rendering:auto}")
@@ -540,7 +649,11 @@ def main(params: Params) -> None:
             for spec in r.samplers:
                 src = r.paths.grids / f"{spec.name}.png"
                 (tmp_fig / f"samples_{name}_{spec.name}.png").write_bytes(src.read_bytes())
-        figures = {"loss": loss_figure(res, tmp_fig), "terms": terms_figure(res, tmp_fig),
+        train = load_images(DATA_DIR / "train.npy")
+        save_grid(train, tmp_fig / TRAIN_GRID, params.sample.grid_size,
+                  max(1, 64 // train.shape[1]))  # the scale sample@<v> draws its grids at
+        figures = {"loss": loss_figure(params, res, tmp_fig),
+                   "terms": terms_figure(res, tmp_fig),
                    "steps": steps_figure(res, tmp_fig),
                    "sigma2_steps": sigma2_steps_figure(params, res, tmp_fig)}
         md = build_markdown(params, res, figures, provenance(params))

@@ -1,11 +1,12 @@
 """ddpm_core.progress: plain lines when output is not a terminal, and the network-call counter
-the sample and bpd stages drive it with."""
+the sample and bpd stages and the API's sample and bits/dim drive it with."""
 
 from __future__ import annotations
 
 import io
 
 import torch
+from tiny import OURS_TINY, random_net
 
 from ddpm_core.progress import Progress, counting
 
@@ -35,3 +36,73 @@ def test_counting_counts_network_calls_and_passes_outputs_through():
     for _ in range(5):
         assert torch.equal(wrapped(x), net(x))
     assert bar.n == 5
+
+
+class Recording:
+    """A Progress that keeps what it was told: its total and every update."""
+
+    made: list[Recording] = []
+
+    def __init__(self, total: int, desc: str, unit: str = "it", **_: object) -> None:
+        self.total, self.desc, self.unit, self.n, self.updates = total, desc, unit, 0, []
+        Recording.made.append(self)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.updates.append(n)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _recorded(monkeypatch, net: torch.nn.Module) -> tuple[list, list[int]]:
+    """Recording progress bars, and at each network call how many updates came before it."""
+    from ddpm_core import progress
+
+    Recording.made = []
+    monkeypatch.setattr(progress, "Progress", Recording)
+    seen: list[int] = []
+    net.register_forward_pre_hook(
+        lambda *_: seen.append(sum(len(b.updates) for b in Recording.made)))
+    return Recording.made, seen
+
+
+def test_sample_progress_moves_with_every_network_call_not_every_batch(monkeypatch):
+    # `ddpm sample` counted images per finished batch (0 -> 64 after two minutes): the bar must
+    # count the steps of every batch, so that it and its ETA move during a batch
+    import ddpm_core
+    from ddpm_core.diffusion import Diffusion
+
+    diff = Diffusion.from_schedule("linear", 6, "eps", "fixed_large")
+    for kwargs, steps in (({}, 6), ({"steps": 3}, 3), ({"sampler": "ddim", "steps": 4}, 4)):
+        net = random_net(OURS_TINY)
+        made, seen = _recorded(monkeypatch, net)
+        ddpm_core.sample(net, diff, n=5, batch_size=2, seed=0, progress=True, **kwargs)
+        assert len(made) == 1, kwargs
+        bar = made[0]
+        assert bar.total == 3 * steps and bar.unit == "steps", (kwargs, bar.total)  # 3 batches
+        assert bar.n == bar.total and set(bar.updates) == {1}, kwargs
+        assert seen == list(range(bar.total)), kwargs  # one update after each call, in step
+
+
+def test_bound_progress_moves_with_every_network_call(monkeypatch):
+    import numpy as np
+
+    import ddpm_core
+    from ddpm_core.diffusion import Diffusion
+
+    diff = Diffusion.from_schedule("linear", 10, "eps", "fixed_large")
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    net = random_net(OURS_TINY)
+    made, seen = _recorded(monkeypatch, net)
+    ddpm_core.bits_per_dim(net, diff, images, sigma2="beta", batch_size=2, t_batch=3,
+                           progress=True)
+    bar, = made
+    assert bar.total == 3 * 4 and bar.n == bar.total  # 3 batches x ceil(10 / 3) calls
+    assert seen == list(range(bar.total))

@@ -12,7 +12,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from helpers import FID, make_outputs, run_stage, tiny_params  # noqa: F401
+import numpy as np
+from helpers import FID, run_stage, tiny_params  # noqa: F401
+from helpers import make_outputs as stage_outputs
 
 from ddpm_core.config import load_params, to_dict
 from pipeline import provenance, report
@@ -22,6 +24,16 @@ GRID_SPECS = [SamplerSpec("ancestral", 10, "fixed_large"), SamplerSpec("ancestra
                                                                         "fixed_small"),
               SamplerSpec("respaced", 2, "fixed_large", "quadratic"),
               SamplerSpec("ddim", 2, None, "quadratic", 0.0)]  # make_outputs' samplers, T = 10
+
+
+def make_outputs(root: Path, names: tuple[str, ...] = ("simple", "vlb")) -> dict:
+    """helpers.make_outputs plus prepare's training split, which the report draws beside the
+    samples (data/prepared/train.npy: 20 uint8 8x8 images)."""
+    p = stage_outputs(root, names)
+    (root / "data" / "prepared").mkdir(parents=True, exist_ok=True)
+    np.save(root / "data" / "prepared" / "train.npy",
+            (np.arange(20 * 64) * 7 % 256).astype(np.uint8).reshape(20, 8, 8, 1))
+    return p
 
 
 def cells(line: str) -> list[str]:
@@ -173,11 +185,13 @@ def test_grids_side_by_side_one_row_per_sampler_thumbnails_link_to_full_grids(tm
     md = (tmp_path / "reports" / "report.md").read_text()
     page = (tmp_path / "reports" / "report.html").read_text()
     grid = [t for t in tables(md, "sampler") if "simple" in t[0]]
-    assert len(grid) == 1
-    head, body = grid[0][0], grid[0][1:]
-    assert head == ["sampler", "simple", "vlb"]
-    assert [b[0] for b in body] == [s.label() for s in GRID_SPECS]  # one row per sampler
-    for row, spec in zip(body, GRID_SPECS, strict=True):
+    assert len(grid) == 2  # the featured samplers, then the others (a collapsed section)
+    assert grid[0][0] == grid[1][0] == ["sampler", "simple", "vlb"]
+    body = grid[0][1:] + grid[1][1:]
+    assert sorted(b[0] for b in body) == sorted(s.label() for s in GRID_SPECS)  # one row each
+    spec_of = {s.label(): s for s in GRID_SPECS}
+    for row in body:
+        spec = spec_of[row[0]]
         for k, (name, c) in enumerate(zip(("simple", "vlb"), row[1:], strict=True)):
             f = f"figures/samples_{name}_{spec.name}.png"
             assert c.startswith(f"[![{name}: {spec.name}]({f})]({f})"), c
@@ -290,3 +304,141 @@ def test_fid_vs_steps_table_labels_each_sigma2_row_with_its_own_numbers(tmp_path
             if s.variance == spec_of:
                 assert df.loc[title, f"S = {s.steps}"] == report._fmt(r.fid_of(s)), (title, s)
     assert df.loc["DDIM η = 0", "S = 2"] == report._fmt(6.0)
+
+
+# ----------------------------------------------------------------------------- figures and page
+# (issue 16: what the page looked like in a browser)
+
+def _figures(tmp_path, monkeypatch, names=("simple", "vlb")):
+    """Every figure the report draws on make_outputs' results, by file name (not yet saved)."""
+    import matplotlib.pyplot as plt
+
+    p = make_outputs(tmp_path, names=names)
+    monkeypatch.chdir(tmp_path)
+    params = load_params(tmp_path / "params.yaml")
+    res = load_results(params)
+    drawn = {}
+    save = report.fig_to_file
+
+    def keep(fig, fig_dir, name):
+        fig.canvas.draw()
+        drawn[name] = fig
+        return save(plt.figure(), fig_dir, name)  # fig stays open for the checks
+
+    monkeypatch.setattr(report, "fig_to_file", keep)
+    for make in (report.loss_figure, report.terms_figure, report.steps_figure):
+        make(params, res, tmp_path) if make is report.loss_figure else make(res, tmp_path)
+    report.sigma2_steps_figure(params, res, tmp_path)
+    return p, drawn
+
+
+def test_no_panel_draws_over_another_and_nothing_sticks_out(tmp_path, monkeypatch):
+    # the σ²-vs-steps figure's right y-label was drawn on the left panel's frame: each panel's
+    # tight box (frame, tick labels, axis labels, title, legend) keeps clear of every other's
+    _, drawn = _figures(tmp_path, monkeypatch)
+    assert {"sigma2_vs_steps.png", "loss.png", "vlb_terms.png", "fid_vs_steps.png"} <= set(drawn)
+    gap = 4.0  # px at the figure's dpi
+    for name, fig in drawn.items():
+        renderer = fig.canvas.get_renderer()
+        boxes = [(a.get_title(), a.get_tightbbox(renderer)) for a in fig.get_axes()]
+        for i, (ta, a) in enumerate(boxes):
+            for tb, b in boxes[i + 1:]:
+                apart = (a.x1 + gap <= b.x0 or b.x1 + gap <= a.x0 or a.y1 + gap <= b.y0
+                         or b.y1 + gap <= a.y0)
+                assert apart, (name, ta, a.bounds, tb, b.bounds)
+
+
+def test_loss_panels_say_which_loss_and_its_units(tmp_path, monkeypatch):
+    # L_vlb is in bits/dim, L_simple is a mean squared error: one panel per loss kind, each
+    # y-axis naming the loss and its unit
+    _, drawn = _figures(tmp_path, monkeypatch)
+    axes = drawn["loss.png"].get_axes()
+    by_title = {a.get_title(): a for a in axes}
+    assert len(axes) == 2, list(by_title)
+    simple = next(a for t, a in by_title.items() if "L_simple" in t)
+    vlb = next(a for t, a in by_title.items() if "L_vlb" in t)
+    assert "MSE" in simple.get_ylabel() and "ε" in simple.get_ylabel()
+    assert "bits/dim" in vlb.get_ylabel()
+    assert all(a.get_xlabel() == "training step" for a in axes)
+    # each panel holds the curves of the models trained with that loss, labelled by model
+    assert [ln.get_label() for ln in simple.get_lines()] == ["simple"]
+    assert [ln.get_label() for ln in vlb.get_lines()] == ["vlb"]
+    assert list(vlb.get_lines()[0].get_ydata()) == [1.0, 0.5]  # make_outputs' loss CSV
+
+
+EXTRA_SPECS = [SamplerSpec("respaced", 2, "analytic", "quadratic"),
+               SamplerSpec("respaced", 5, "analytic", "quadratic"),
+               SamplerSpec("ddim", 5, None, "quadratic", 0.0)]
+
+
+def test_grids_show_three_samplers_the_others_in_a_collapsed_section(tmp_path):
+    # 15 near-identical grid rows made a 3,000-pixel page: shown are the full chain with σ² = β
+    # (DDPM's Algorithm 2) and, at the fewest steps, respaced ancestral with σ² analytic and
+    # DDIM; every other grid sits in a <details> section, closed until clicked
+    from PIL import Image
+
+    p = make_outputs(tmp_path)
+    for name in ("simple", "vlb"):
+        index_file = tmp_path / "samples" / name / "index.json"
+        index = json.loads(index_file.read_text())
+        index["samplers"] += [{**s.to_dict(), "num_samples": 8} for s in EXTRA_SPECS]
+        index_file.write_text(json.dumps(index))
+        for s in EXTRA_SPECS:
+            Image.new("L", (20, 20), 99).save(tmp_path / "grids" / name / f"{s.name}.png")
+    r = run_stage("report", tmp_path, p, env={"GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "reports" / "report.md").read_text()
+    page = (tmp_path / "reports" / "report.html").read_text()
+    grids = [t for t in tables(md, "sampler") if "simple" in t[0]]
+    assert len(grids) == 2, len(grids)
+    shown, rest = ([row[0] for row in t[1:]] for t in grids)
+    every = GRID_SPECS + EXTRA_SPECS
+    featured = [GRID_SPECS[0], EXTRA_SPECS[0], GRID_SPECS[3]]  # ancestral β, S = 2 analytic, DDIM
+    assert shown == [s.label() for s in every if s in featured]  # in the order sampled
+    assert rest == [s.label() for s in every if s not in featured]
+    # HTML: the second table inside a closed <details>, after a <summary> that says what is in it
+    head, details = page.split("<details>", 1)
+    assert page.count("<details>") == 1 and "<details open" not in page
+    summary, inside = details.split("</summary>", 1)
+    assert summary.startswith("<summary>") and f"{len(rest)} other samplers" in summary
+    inside = inside.split("</details>", 1)[0]
+    for s in every:
+        for name in ("simple", "vlb"):
+            link = f'<a href="figures/samples_{name}_{s.name}.png">'
+            assert page.count(link) == 1, link
+            assert (link in inside) == (s not in featured), link
+    assert "<details>" in md and "</details>" in md  # GitHub renders the same section
+
+
+def test_training_images_beside_the_samples_in_the_same_grid(tmp_path):
+    # a reader needs real images to judge samples by: the first grid_size training images
+    # (data/prepared/train.npy), drawn as the sample stage draws its grids
+    from pipeline.sample import save_grid
+
+    p = make_outputs(tmp_path)
+    train = np.load(tmp_path / "data" / "prepared" / "train.npy")
+    r = run_stage("report", tmp_path, p, env={"GIT_CEILING_DIRECTORIES": str(tmp_path.parent)})
+    assert r.returncode == 0, r.stderr
+    got = tmp_path / "reports" / "figures" / "train_images.png"
+    n = p["sample"]["grid_size"]
+    save_grid(train, tmp_path / "want.png", n, max(1, 64 // train.shape[1]))
+    assert got.read_bytes() == (tmp_path / "want.png").read_bytes()
+    md = (tmp_path / "reports" / "report.md").read_text()
+    page = (tmp_path / "reports" / "report.html").read_text()
+    f = "figures/train_images.png"
+    assert f"[![training images]({f})]({f})" in md
+    assert md.index(f) > md.index("## Sample grids") and md.index(f) < md.index("figures/samples_")
+    assert f"first {n} images of data/prepared/train.npy" in md
+    assert re.search(rf'<a href="{re.escape(f)}"><img alt="training images" width="\d+" '
+                     r'src="data:image/png;base64,', page)
+    # the report stage depends on the images it draws (and on the grid size)
+    import yaml
+
+    stage = yaml.safe_load((report_repo() / "dvc.yaml").read_text())["stages"]["report"]
+    assert "data/prepared/train.npy" in stage["deps"] and "sample.grid_size" in stage["params"]
+
+
+def report_repo() -> Path:
+    from helpers import REPO
+
+    return REPO
