@@ -147,7 +147,8 @@ def test_ancestral_sampling_ho2020_alg2_matches_gaussian_recursion(S_steps):
     N = 16000
     x = sample_ancestral(d, GaussianDenoiser(d, M, S), (N, 1, 2, 2),
                          torch.Generator().manual_seed(1),
-                         timesteps=None if S_steps is None else steps).double()
+                         timesteps=None if S_steps is None else steps,
+                         last_sigma_cap_y=None).double()
     mean, var = _predicted_moments(d, steps)
     se_mean, se_var = math.sqrt(var / x.numel()), var * math.sqrt(2 / x.numel())
     print(f"S={len(steps)}: sample mean {float(x.mean()):.5f} (pred {mean:.5f}), "
@@ -185,7 +186,8 @@ def test_analytic_variance_sampling_bao2022_matches_the_exact_reverse_kernel(K):
     model = GaussianDenoiser(d, M, S)
     N = 16000
     x = sample_ancestral(d, model, (N, 1, 2, 2), torch.Generator().manual_seed(3),
-                         timesteps=steps, sigma2="analytic", gamma=gaussian_gamma(d, S)).double()
+                         timesteps=steps, sigma2="analytic", gamma=gaussian_gamma(d, S),
+                         last_sigma_cap_y=None).double()
     mean, var = _predicted_moments(d, steps, exact_var=True)
     small_var = _predicted_moments(d, steps)[1]
     se_mean, se_var = math.sqrt(var / x.numel()), var * math.sqrt(2 / x.numel())
@@ -248,7 +250,7 @@ def test_ddim_eta_half_with_analytic_variance_matches_recursion():
     gamma = gaussian_gamma(d, S)
     N = 16000
     x = sample_ddim(d, model, (N, 1, 2, 2), steps, 0.5, torch.Generator().manual_seed(4),
-                    sigma2="analytic", gamma=gamma).double()
+                    sigma2="analytic", gamma=gamma, last_sigma_cap_y=None).double()
     noise_var = ddim_analytic_sigma2(d, gamma, steps, 0.5).tolist()
     mean, var = _ddim_moments(d, steps, 0.5, noise_var)
     plain = _ddim_moments(d, steps, 0.5, [ddim_sigma(float(d.alpha_bar[steps[i]]),
@@ -260,9 +262,6 @@ def test_ddim_eta_half_with_analytic_variance_matches_recursion():
     assert abs(float(x.mean()) - mean) < 5 * se_mean
     assert abs(float(x.var()) - var) < 5 * se_var
     assert abs(var - S**2) < 0.01 * S**2 < abs(plain - S**2)
-    with pytest.raises(ValueError, match="eta > 0"):
-        sample_ddim(d, model, (2, 1, 2, 2), steps, 0.0, torch.Generator(), sigma2="analytic",
-                    gamma=gamma)
     with pytest.raises(ValueError, match="needs gamma"):
         sample_ddim(d, model, (2, 1, 2, 2), steps, 0.5, torch.Generator(), sigma2="analytic")
 
@@ -423,7 +422,7 @@ def test_respaced_last_noisy_step_sigma_is_capped_bao2022_clip_sigma_idx_1(sigma
         want = {i: (min(s, _cap(y)) if i == 1 and y is not None else s) for i, s in full.items()}
         for i in want:
             assert math.isclose(got[i], want[i], rel_tol=1e-4), (y, i, got[i], want[i])
-    assert math.isclose(_cap(2.0), 0.0197, rel_tol=2e-3)
+    assert abs(_cap(2.0) - 0.0197) < 1e-4  # the CIFAR-10 figure
 
 
 def test_full_chain_ho2020_alg2_is_never_capped():
@@ -495,4 +494,3 @@ def test_analytic_ddim_eta0_adds_sigma_hat_noise_capped_on_the_last_step():
     c, e = (sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(s),
                         x_T=x_T, sigma2="analytic", gamma=gamma) for s in (1, 2))
     assert torch.equal(a, b) and not torch.equal(c, e)
-    assert all(abs(v) < 1e-6 for v in _ddim_stds(d, steps, 0.0).values())
