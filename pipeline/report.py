@@ -120,16 +120,16 @@ def last_sigma_cap_note(res: Results) -> str:
     caps = sorted({(s.last_sigma_cap_y, _cap(s)) for r in res.variants.values()
                    for s in r.samplers if s.last_sigma_cap_y is not None})
     pub = published.ANALYTIC_DPM_LAST_SIGMA_CAP_Y
-    theirs = (f"Analytic-DPM's CIFAR-10 runs, the published rows below, use y = {pub} "
-              "(`clip_sigma_idx: 1`)")
+    theirs = (f"Analytic-DPM's CIFAR-10 runs, the published rows below, use y = {pub} with "
+              "`clip_sigma_idx: 1`")
     if not caps:
         return (f"No sample set caps σ of its step to x_τ1 (`sample.last_sigma_cap_y: null`); "
                 f"{theirs}.")
     what = ", ".join(c for _, c in caps)
     return (f"The step to x_τ1 (the last step that adds noise) of every respaced (S < T) and "
-            f"DDIM sample set adds noise of std σ {what}, i.e. a mean |σ ε| of at most y pixel "
-            f"levels (`sample.last_sigma_cap_y`, as in Analytic-DPM's code; {theirs}); the full "
-            "T-step chains are DDPM's Algorithm 2, uncapped.")
+            f"DDIM sample set adds noise of std σ {what}: a mean |σ ε| of at most y pixel "
+            f"levels (y = `sample.last_sigma_cap_y`, the `clip_pixel` of Analytic-DPM's code; "
+            f"{theirs}). The full T-step chains are DDPM's Algorithm 2, uncapped.")
 
 
 def steps_table(res: Results) -> pd.DataFrame:
