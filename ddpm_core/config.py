@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
 from ddpm_core.modes import LossType, MeanType, Spacing, TSampling, VarType
 from ddpm_core.modes import ScheduleKind as Schedule
 
@@ -200,7 +201,7 @@ class SampleConfig:
     # σ of the step to x_{τ_1} (respaced chains of K < T steps and DDIM) at most 2y/255·√(π/2),
     # y pixel levels: Bao et al.'s code (clip_sigma_idx 1; y = 2 for CIFAR-10 LS, else 1). DDPM
     # and DDIM's papers have no cap: null. The full T-step chain is never capped.
-    last_sigma_cap_y: float | None = 1.0
+    last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y
     seed: int = 0
     grid_size: int = 64
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a

@@ -9,8 +9,8 @@ that starts earlier loses.
 The last sampling step outputs the mean (no noise). On a chain that skips steps (K < T) and on
 every DDIM chain, the step before it (to x_{τ_1}, the first kept index) adds noise of std at most
 `last_sigma_cap(y)` = 2y/255·√(π/2), as Bao et al.'s code does in its CIFAR-10 runs
-(`clip_sigma_idx: 1`, `clip_pixel: y`); `last_sigma_cap_y=None` turns it off. The full T-step
-ancestral chain is DDPM's Algorithm 2 and is never capped.
+(`clip_sigma_idx: 1`, `clip_pixel: y`; ddpm_core.last_sigma); `last_sigma_cap_y=None` turns it
+off. The full T-step ancestral chain is DDPM's Algorithm 2 and is never capped.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ from ddpm_core.diffusion import (
     p_mean_variance_from_output,
     predict_eps_from_x0,
     predict_x0_from_mu,
+)
+from ddpm_core.last_sigma import (  # noqa: F401  (re-exported: the samplers' option)
+    DEFAULT_LAST_SIGMA_CAP_Y,
+    last_sigma_cap,
+    last_sigma_cap_of,
 )
 from ddpm_core.modes import SPACINGS, Spacing  # noqa: E402  (one source of the names)
 
@@ -87,26 +92,6 @@ def prior_kl_at(diff: Diffusion, t_index: int, x0_mean_square: float = 1.0) -> f
         raise ValueError(f"x0_mean_square={x0_mean_square} must lie in [0, 1] for data in [-1, 1]")
     ab = float(diff.alpha_bar[t_index])
     return 0.5 * (ab * x0_mean_square - ab - math.log1p(-ab)) / math.log(2.0)
-
-
-# Bao et al. 2022, their code's y for data other than CIFAR-10 (LS), where it is 2
-DEFAULT_LAST_SIGMA_CAP_Y = 1.0
-
-
-# Bao et al. 2022, code (sample_dtdpm, clip_sigma_idx = 1, clip_pixel = y): σ² of the step to
-# x_{τ_1} clamped to (2y/255 · √(π/2))², i.e. E|σ ε| = σ √(2/π) ≤ 2y/255 (y levels of 0..255)
-def last_sigma_cap(y: float) -> float:
-    """The largest noise std σ of the step to x_{τ_1}, for a mean |σ ε| of y pixel levels."""
-    if not y > 0:
-        raise ValueError(f"last_sigma_cap_y must be > 0 (pixel levels) or None, got {y}")
-    return 2.0 * y / 255.0 * math.sqrt(math.pi / 2.0)
-
-
-def last_sigma_cap_of(T: int, steps: int, ddim: bool, y: float | None) -> float | None:
-    """The cap a chain of `steps` of T applies (None: none): DDIM always, ancestral if K < T."""
-    if y is None or (not ddim and steps >= T):
-        return None
-    return last_sigma_cap(y)
 
 
 def _check_timesteps(diff: Diffusion, timesteps: Sequence[int]) -> list[int]:

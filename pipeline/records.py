@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ddpm_core.config import Params, SampleConfig
+from ddpm_core.last_sigma import last_sigma_cap, last_sigma_cap_of
 
 DATA_DIR = Path("data/prepared")
 FEATURES_DIR = Path("features")
@@ -93,11 +94,7 @@ class SamplerSpec:
     @property
     def last_sigma_cap(self) -> float | None:
         """The cap on σ of the step to x_{τ_1} (None: none)."""
-        if self.last_sigma_cap_y is None:
-            return None
-        from ddpm_core.samplers import last_sigma_cap  # torch: only when a cap is asked for
-
-        return last_sigma_cap(self.last_sigma_cap_y)
+        return None if self.last_sigma_cap_y is None else last_sigma_cap(self.last_sigma_cap_y)
 
     def label(self) -> str:
         """Human name, e.g. 'ancestral σ² = β, 100 steps'."""
@@ -127,8 +124,8 @@ def sampler_specs(s: SampleConfig, T: int, var_type: str,
     y = s.last_sigma_cap_y
     specs = [SamplerSpec("ancestral", T, v) for v in variances]
     for S in s.steps:
-        specs += [SamplerSpec("respaced", S, v, s.spacing, None, y if S < T else None)
-                  for v in variances]
+        y_anc = None if last_sigma_cap_of(T, S, False, y) is None else y  # S = T: the full chain
+        specs += [SamplerSpec("respaced", S, v, s.spacing, None, y_anc) for v in variances]
         specs.append(SamplerSpec("ddim", S, None, s.spacing, s.ddim_eta, y))
         if "analytic" in variances:
             specs.append(SamplerSpec("ddim", S, "analytic", s.spacing, s.ddim_eta, y))
