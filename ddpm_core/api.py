@@ -14,7 +14,12 @@ call is seeded by (seed, j) exactly as the pipeline's sample stage seeds it, so 
     beta_tilde  σ² = β̃_t                 (the posterior variance; "fixed_small")
     learned     the network's own σ²     (models trained with a learned variance)
     analytic    Analytic-DPM's σ̂²        (Bao et al. 2022; needs gamma = estimate_gamma(...) from
-                                          training images; DDIM: only with eta > 0)
+                                          training images; DDIM at eta = 0: ddim_analytic)
+Samplers: "ancestral", "ddim" (η = eta; deterministic at eta = 0) and "ddim_analytic" (Bao et
+al.'s Analytic-DDIM: DDIM with the analytic σ̂² noise, eta = 0 by default; needs gamma).
+On a chain of fewer than T steps (and on every DDIM chain) the step to x_{τ_1} adds noise of std
+at most 2y/255·√(π/2), y = last_sigma_cap_y (default 1, None: no cap), as Bao et al.'s code does;
+the full T-step ancestral chain is DDPM's Algorithm 2, uncapped.
 Step lists come from samplers.timestep_spacing: "trailing" (default, starts at T − 1),
 "linspace", "leading" (diffusers': S steps of stride T // S; the DDIM code's uniform when S
 divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
@@ -32,10 +37,10 @@ import torch
 
 from ddpm_core import analytic
 from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion
-from ddpm_core.samplers import DEFAULT_SPACING, Spacing
+from ddpm_core.samplers import DEFAULT_LAST_SIGMA_CAP_Y, DEFAULT_SPACING, Spacing
 from ddpm_core.schedules import ScheduleKind, make_betas
 
-SamplerKind = Literal["ancestral", "ddim"]
+SamplerKind = Literal["ancestral", "ddim", "ddim_analytic"]
 Sigma2 = Literal["beta", "beta_tilde", "learned", "analytic"]
 Which = Literal["ema", "model"]
 
@@ -204,13 +209,17 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
            sigma2: Sigma2 | None = None, spacing: Spacing = DEFAULT_SPACING, eta: float = 0.0,
            seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None,
            clip_x0: bool = True, gamma: torch.Tensor | None = None,
+           last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y,
            progress: bool = False) -> np.ndarray:
     """n images uint8 [n, H, W, C] drawn from p_θ.
 
     sampler "ancestral" (DDPM Algorithm 2; `steps` < T respaces the chain, improved DDPM
-    Sec. 4) with reverse variance `sigma2`, or "ddim" (Song et al. 2021, η = `eta`; sigma2
-    None or "analytic"). `steps` None means all T steps (DDIM then visits every step too).
-    sigma2="analytic" needs gamma = estimate_gamma(net, diffusion, training_images).
+    Sec. 4) with reverse variance `sigma2`, "ddim" (Song et al. 2021, η = `eta`; sigma2 None,
+    or "analytic" with eta > 0) or "ddim_analytic" (Bao et al. 2022's Analytic-DDIM: σ̂² noise
+    at η = `eta`, 0 by default). `steps` None means all T steps (DDIM then visits every step
+    too). σ² analytic needs gamma = estimate_gamma(net, diffusion, training_images).
+    last_sigma_cap_y: y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (K < T and DDIM;
+    None: no cap).
     """
     from ddpm_core import progress as bars
     from ddpm_core.data import from_unit, to_numpy_images
@@ -224,15 +233,25 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     if sampler == "ddim" and sigma2 not in (None, "analytic"):
         raise ValueError("DDIM's noise is set by eta (sigma2 None) or sigma2='analytic'; "
                          f"sigma2={sigma2!r} is for the ancestral sampler")
+    if sampler == "ddim_analytic" and sigma2 not in (None, "analytic"):
+        raise ValueError(f"sampler 'ddim_analytic' adds the analytic σ̂²; sigma2={sigma2!r} is "
+                         "for the ancestral sampler (leave sigma2 unset)")
+    if last_sigma_cap_y is not None:
+        from ddpm_core.samplers import last_sigma_cap
+
+        last_sigma_cap(last_sigma_cap_y)  # y > 0 or a one-line error
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     diff = diffusion
     chosen = core_sigma2(diff, sigma2) if sampler == "ancestral" else None
-    if sigma2 == "analytic" and gamma is None:
-        raise ValueError("sigma2='analytic' needs gamma: pass gamma=ddpm_core.estimate_gamma("
-                         "net, diffusion, training_images)")
+    analytic_ddim = sampler == "ddim_analytic" or (sampler == "ddim" and sigma2 == "analytic")
+    if (sigma2 == "analytic" or analytic_ddim) and gamma is None:
+        raise ValueError(f"{'sampler=' + repr(sampler) if analytic_ddim else 'sigma2'} "
+                         "needs gamma: pass gamma=ddpm_core.estimate_gamma(net, diffusion, "
+                         "training_images)")
     if sampler == "ddim" and sigma2 == "analytic" and eta == 0.0:
-        raise ValueError("DDIM with sigma2='analytic' needs eta > 0 (eta = 0 is deterministic)")
+        raise ValueError("DDIM with sigma2='analytic' needs eta > 0 (plain DDIM at eta = 0 is "
+                         "deterministic); Analytic-DDIM at eta = 0 is sampler='ddim_analytic'")
     timesteps = timesteps_for(diff, steps, spacing)
     dev = _device(device, net)
     net = net.to(dev).eval()
@@ -248,13 +267,15 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
 
     def draw(size: int, gen: torch.Generator) -> torch.Tensor:
         shape = (size, *chw)
-        if sampler == "ddim":
+        if sampler != "ancestral":
             ts = timesteps if timesteps is not None else list(range(diff.T))
             x = sample_ddim(diff, counted, shape, ts, eta, gen, clip_x0=clip_x0,
-                            sigma2="analytic" if sigma2 == "analytic" else "eta", gamma=gamma)
+                            sigma2="analytic" if analytic_ddim else "eta", gamma=gamma,
+                            last_sigma_cap_y=last_sigma_cap_y)
         else:
             x = sample_ancestral(diff, counted, shape, gen, timesteps=timesteps,
-                                 clip_x0=clip_x0, sigma2=chosen, gamma=gamma)
+                                 clip_x0=clip_x0, sigma2=chosen, gamma=gamma,
+                                 last_sigma_cap_y=last_sigma_cap_y)
         return from_unit(x).cpu()
 
     with bar:

@@ -113,12 +113,15 @@ def _gamma(a: argparse.Namespace, net: Any, diff: Any) -> Any:
     """Γ for sigma2 analytic, estimated on --gamma-images (None otherwise)."""
     from ddpm_core.api import estimate_gamma
 
-    if a.sigma2 != "analytic":
+    who = ("--sampler ddim_analytic" if getattr(a, "sampler", None) == "ddim_analytic" else
+           "--sigma2 analytic" if a.sigma2 == "analytic" else None)
+    if who is None:
         if a.gamma_images is not None:
-            raise UsageError("--gamma-images is only used with --sigma2 analytic")
+            raise UsageError("--gamma-images is only used with --sigma2 analytic or "
+                             "--sampler ddim_analytic")
         return None
     if a.gamma_images is None:
-        raise UsageError("--sigma2 analytic needs --gamma-images (training images, e.g. "
+        raise UsageError(f"{who} needs --gamma-images (training images, e.g. "
                          "data/prepared/train.npy) to estimate Γ")
     return estimate_gamma(net, diff, read_images(a.gamma_images), M=a.gamma_m,
                           batch_size=a.batch_size, progress=True)
@@ -131,7 +134,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
     images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
                     spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
-                    clip_x0=not a.no_clip, gamma=_gamma(a, net, diff), progress=True)
+                    clip_x0=not a.no_clip, gamma=_gamma(a, net, diff),
+                    last_sigma_cap_y=a.last_sigma_cap_y, progress=True)
     out = Path(a.out)
     _atomic_savez(out, images=images)
     grid = Path(a.grid) if a.grid else out.with_suffix(".png")
@@ -259,6 +263,21 @@ def _default_device() -> str:
 SIGMA2 = ["beta", "beta_tilde", "learned", "analytic"]
 SPACINGS = ["trailing", "linspace", "leading", "ddim_quadratic"]  # samplers.SPACINGS
 DEFAULT_SPACING = "trailing"  # samplers.DEFAULT_SPACING (the parser must not import torch)
+DEFAULT_LAST_SIGMA_CAP_Y = 1.0  # samplers.DEFAULT_LAST_SIGMA_CAP_Y
+
+
+def _cap_y(text: str) -> float | None:
+    """--last-sigma-cap-y: pixel levels y > 0, or none (no cap)."""
+    if text.lower() == "none":
+        return None
+    try:
+        y = float(text)
+    except ValueError:
+        y = float("nan")
+    if not y > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixel levels > 0 (or "
+                                         "none)")
+    return y
 
 
 def _gamma_args(p: argparse.ArgumentParser) -> None:
@@ -280,13 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "[N, H, W, C]) and a PNG grid.")
     s.add_argument("model", help=model_help)
     s.add_argument("-n", "--num", dest="n", type=int, default=64, help="images (default 64)")
-    s.add_argument("--sampler", choices=["ancestral", "ddim"], default="ancestral")
+    s.add_argument("--sampler", choices=["ancestral", "ddim", "ddim_analytic"],
+                   default="ancestral", help="ancestral (DDPM), ddim (η = --eta) or "
+                   "ddim_analytic (Analytic-DDIM: DDIM with σ̂² noise; needs --gamma-images)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
     s.add_argument("--sigma2", choices=SIGMA2, default=None,
                    help="reverse variance (default: the model's own; DDIM: eta, or analytic)")
     s.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SPACING,
                    help=f"which steps a respaced chain visits (default {DEFAULT_SPACING})")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
+    s.add_argument("--last-sigma-cap-y", type=_cap_y, default=DEFAULT_LAST_SIGMA_CAP_Y,
+                   metavar="Y", help="cap σ of the step to x_τ1 at 2Y/255·√(π/2) (Bao et al.; "
+                   f"chains of < T steps and DDIM; default {DEFAULT_LAST_SIGMA_CAP_Y:g}, "
+                   "CIFAR-10: 2; none: no cap)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")

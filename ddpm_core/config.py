@@ -21,6 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
 from ddpm_core.modes import LossType, MeanType, Spacing, TSampling, VarType
 from ddpm_core.modes import ScheduleKind as Schedule
 
@@ -188,7 +189,8 @@ class SampleConfig:
     use_ema: bool = True
     clip_x0: bool = True
     # Ancestral sampling (all T steps, and respaced at every S of steps) with each σ² choice:
-    # fixed_large | fixed_small | analytic (Analytic-DPM: Γ from the gamma stage).
+    # fixed_large | fixed_small | analytic (Analytic-DPM: Γ from the gamma stage; analytic also
+    # adds Analytic-DDIM, DDIM with the σ̂² noise, at every S of steps).
     variances: tuple[str, ...] = ("fixed_large", "fixed_small")
     # Respaced ancestral (sigma^2 = beta) and DDIM at these step counts, for FID vs steps.
     steps: tuple[int, ...] = (10, 20, 50, 100)
@@ -196,6 +198,10 @@ class SampleConfig:
     # (leading, ddim_quadratic) start earlier and stay available for comparing with its table.
     spacing: Spacing = "trailing"
     ddim_eta: float = 0.0
+    # σ of the step to x_{τ_1} (respaced chains of K < T steps and DDIM) at most 2y/255·√(π/2),
+    # y pixel levels: Bao et al.'s code (clip_sigma_idx 1; y = 2 for CIFAR-10 LS, else 1). DDPM
+    # and DDIM's papers have no cap: null. The full T-step chain is never capped.
+    last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y
     seed: int = 0
     grid_size: int = 64
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
@@ -208,6 +214,8 @@ class SampleConfig:
         _require(self.num_samples > 0, f"{key}.num_samples", "must be > 0")
         _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
         _require(0.0 <= self.ddim_eta <= 1.0, f"{key}.ddim_eta", "must be in [0, 1]")
+        _require(self.last_sigma_cap_y is None or self.last_sigma_cap_y > 0,
+                 f"{key}.last_sigma_cap_y", "must be > 0 (pixel levels) or null (no cap)")
         _require(all(s > 0 for s in self.steps), f"{key}.steps", "must be positive step counts")
         _require(self.grid_size > 0, f"{key}.grid_size", "must be > 0")
         _require(self.seed >= 0, f"{key}.seed", "must be >= 0")

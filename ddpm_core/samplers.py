@@ -5,6 +5,12 @@ only recomputes β from ᾱ at the kept steps. Every random draw (x_T and each s
 the explicit generator, so (seed, shape, timesteps) fixes the samples. `timestep_spacing` makes
 the step lists (default `trailing`, which starts at T − 1); `prior_kl_at` says how much a chain
 that starts earlier loses.
+
+The last sampling step outputs the mean (no noise). On a chain that skips steps (K < T) and on
+every DDIM chain, the step before it (to x_{τ_1}, the first kept index) adds noise of std at most
+`last_sigma_cap(y)` = 2y/255·√(π/2), as Bao et al.'s code does in its CIFAR-10 runs
+(`clip_sigma_idx: 1`, `clip_pixel: y`; ddpm_core.last_sigma); `last_sigma_cap_y=None` turns it
+off. The full T-step ancestral chain is DDPM's Algorithm 2 and is never capped.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ from ddpm_core.diffusion import (
     p_mean_variance_from_output,
     predict_eps_from_x0,
     predict_x0_from_mu,
+)
+from ddpm_core.last_sigma import (  # noqa: F401  (re-exported: the samplers' option)
+    DEFAULT_LAST_SIGMA_CAP_Y,
+    last_sigma_cap,
+    last_sigma_cap_of,
 )
 from ddpm_core.modes import SPACINGS, Spacing  # noqa: E402  (one source of the names)
 
@@ -145,14 +156,17 @@ def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
                      generator: torch.Generator, timesteps: Sequence[int] | None = None,
                      clip_x0: bool = True, progress: bool = False,
                      x_T: Tensor | None = None, sigma2: Sigma2 | None = None,
-                     gamma: Tensor | None = None) -> Tensor:
+                     gamma: Tensor | None = None,
+                     last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y) -> Tensor:
     """x_0 ~ p_θ by ancestral sampling from x_T ~ N(0, I); returns [B,C,H,W] in [-1, 1].
 
     sigma2 picks the reverse variance (default diff.var_type); "analytic" uses σ̂² of
-    analytic.analytic_sigma2 with gamma = Γ [T] from analytic.estimate_gamma.
+    analytic.analytic_sigma2 with gamma = Γ [T] from analytic.estimate_gamma. With K < T steps
+    the step to x_{τ_1} adds noise of std at most last_sigma_cap(last_sigma_cap_y).
     """
     chosen = _check_sigma2(diff, sigma2, gamma)
     steps = list(range(diff.T)) if timesteps is None else _check_timesteps(diff, timesteps)
+    cap = last_sigma_cap_of(diff.T, len(steps), False, last_sigma_cap_y)
     sub = diff if timesteps is None else respace(diff, steps)
     if diff.mean_type == "mu" and timesteps is not None:
         # μ̃ outputs belong to the original one-step chain: read them as x̂_0 in the new chain
@@ -177,6 +191,8 @@ def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
             noise = torch.randn(x.shape, generator=generator, device=generator.device)
             std = (torch.exp(0.5 * p["log_variance"]) if log_sigma2 is None
                    else math.exp(0.5 * float(log_sigma2[i])))
+            if i == 1 and cap is not None:  # the step to x_{τ_1}
+                std = std.clamp(max=cap) if isinstance(std, Tensor) else min(std, cap)
             x = x + std * noise
     return x.clamp(-1.0, 1.0)
 
@@ -226,26 +242,32 @@ DdimSigma2 = Literal["eta", "analytic"]
 def sample_ddim(diff: Diffusion, model: Model, shape: Sequence[int], timesteps: Sequence[int],
                 eta: float, generator: torch.Generator, clip_x0: bool = True,
                 progress: bool = False, x_T: Tensor | None = None, sigma2: DdimSigma2 = "eta",
-                gamma: Tensor | None = None) -> Tensor:
+                gamma: Tensor | None = None,
+                last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y) -> Tensor:
     """x_0 by DDIM on the increasing steps τ with stochasticity η ∈ [0, 1]; [B,C,H,W] in [-1,1].
 
-    sigma2 "eta": each step adds noise of variance σ_τ(η)²; "analytic" (η > 0 only; η = 0 stays
-    deterministic): Bao et al.'s optimal variance for λ = σ_τ(η), with gamma = Γ [T] from
-    analytic.estimate_gamma. The last step adds no noise either way.
+    sigma2 "eta": each step adds noise of variance σ_τ(η)² (none at η = 0: deterministic);
+    "analytic": Bao et al.'s optimal variance for λ = σ_τ(η), with gamma = Γ [T] from
+    analytic.estimate_gamma; at η = 0 this is their Analytic-DDIM, which adds σ̂² noise. The
+    step to x_{τ_1} adds noise of std at most last_sigma_cap(last_sigma_cap_y); the last step
+    adds none.
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     steps = _check_timesteps(diff, timesteps)
+    cap = last_sigma_cap_of(diff.T, len(steps), True, last_sigma_cap_y)
     noise_sigma2: list[float | None] = [None] * len(steps)
     if sigma2 == "analytic":
-        if eta == 0.0:
-            raise ValueError("sigma2 'analytic' needs eta > 0 (DDIM with eta = 0 is "
-                             "deterministic); use sigma2='eta'")
         if gamma is None:
             raise ValueError("sigma2 'analytic' needs gamma: pass gamma=estimate_gamma(...)")
         noise_sigma2 = ddim_analytic_sigma2(diff, gamma, steps, eta).tolist()
     elif sigma2 != "eta":
         raise ValueError(f"unknown sigma2 {sigma2!r} for DDIM; expected 'eta' or 'analytic'")
+    if cap is not None and len(steps) > 1:
+        # σ of the step to x_{τ_1}: √σ̂² (analytic) or σ_τ(η), at most the cap
+        lam = ddim_sigma(float(diff.alpha_bar[steps[1]]), float(diff.alpha_bar[steps[0]]), eta)
+        sigma = lam if noise_sigma2[1] is None else math.sqrt(noise_sigma2[1])
+        noise_sigma2[1] = min(sigma, cap) ** 2
     x = _initial_noise(shape, generator, x_T)
     for i in _progress(range(len(steps) - 1, -1, -1), progress, "ddim"):
         prev = steps[i - 1] if i > 0 else None

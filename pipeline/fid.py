@@ -2,8 +2,8 @@
 against the reference statistics of the `features` stage (never recomputed here).
 
 Writes metrics/fid/<v>.json (keys from pipeline.records.fid_key), fid/<v>.json (FID, KID, IS
-per sampler), plots/fid_steps/<v>.csv (FID against the number of sampling steps: DDIM and
-respaced ancestral σ² = β, the full chain at S = T) and timings/fid/<v>.json.
+per sampler), plots/fid_steps/<v>.csv (FID against the number of sampling steps: DDIM,
+Analytic-DDIM and respaced ancestral per σ², the full chain at S = T) and timings/fid/<v>.json.
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ from pipeline.records import (
 
 
 def steps_csv(specs: list[SamplerSpec], fids: dict[str, float]) -> str:
-    """steps,ddim,respaced,respaced_beta_tilde,respaced_analytic: FID against S; `respaced` is
-    σ² = β (or the learned σ²); the full chains are the respaced points S = T."""
+    """steps,ddim,ddim_analytic,respaced,respaced_beta_tilde,respaced_analytic: FID against S;
+    `respaced` is σ² = β (or the learned σ²); the full chains are the respaced points S = T."""
     cols = {"fixed_large": "respaced", "learned": "respaced", "learned_range": "respaced",
             "fixed_small": "respaced_beta_tilde", "analytic": "respaced_analytic"}
-    names = ["ddim", "respaced", "respaced_beta_tilde", "respaced_analytic"]
+    names = ["ddim", "ddim_analytic", "respaced", "respaced_beta_tilde", "respaced_analytic"]
     rows: dict[int, dict[str, float]] = {}
     for s in specs:
         if s.kind == "ddim":
-            rows.setdefault(s.steps, {})["ddim"] = fids[s.name]
+            col = "ddim" if s.variance is None else "ddim_analytic"
+            rows.setdefault(s.steps, {})[col] = fids[s.name]
         elif s.variance in cols:
             rows.setdefault(s.steps, {})[cols[s.variance]] = fids[s.name]
 

@@ -52,3 +52,11 @@ ANALYTIC_DPM_FID = {
                     1000: 3.04},
     "analytic": {10: 34.26, 25: 11.60, 50: 7.25, 100: 5.40, 200: 4.01, 400: 3.62, 1000: 4.03},
 }
+# Bao et al. 2022, the DDIM rows of the same FID table (CIFAR-10 LS, even trajectory, K steps)
+ANALYTIC_DPM_DDIM_FID = {
+    "ddim": {10: 21.31, 25: 10.70, 50: 7.74, 100: 6.08, 200: 5.07, 400: 4.61, 1000: 4.13},
+    "ddim_analytic": {10: 14.00, 25: 5.81, 50: 4.04, 100: 3.55, 200: 3.39, 400: 3.50,
+                      1000: 3.74},
+}
+# their CIFAR-10 sampling runs cap σ of the step to x_τ1 (clip_sigma_idx 1) with y = 2
+ANALYTIC_DPM_LAST_SIGMA_CAP_Y = 2

@@ -16,7 +16,7 @@ Layout (<v> is a variant name, the key in params.yaml's `variants`):
     metrics/features.json               features    {floor_fid, classifier_test_accuracy}
     fid/<v>.json                        fid@<v>     FID/KID/IS per sampler
     metrics/fid/<v>.json                fid@<v>     {<v>: {fid_<sampler>}}
-    plots/fid_steps/<v>.csv             fid@<v>     steps,ddim,respaced (FID against steps)
+    plots/fid_steps/<v>.csv             fid@<v>     steps,ddim,ddim_analytic,respaced... (FID vs S)
     timings/<stage>/<v>.json            each        seconds, images/s (not metrics)
 
 Metric files nest their numbers under the variant name, so `dvc exp show` names a column
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ddpm_core.config import Params, SampleConfig
+from ddpm_core.last_sigma import last_sigma_cap, last_sigma_cap_of
 
 DATA_DIR = Path("data/prepared")
 FEATURES_DIR = Path("features")
@@ -62,37 +63,50 @@ def sigma2_short(var_type: str) -> str:
 @dataclass(frozen=True)
 class SamplerSpec:
     """One sample set: `ancestral` (all T steps of Algorithm 2), `respaced` (ancestral on S
-    respaced steps, improved DDPM Sec. 4) or `ddim` (η = eta on S steps)."""
+    respaced steps, improved DDPM Sec. 4) or `ddim` (η = eta on S steps; variance "analytic":
+    Bao et al.'s Analytic-DDIM, DDIM with the σ̂² noise)."""
 
     kind: Literal["ancestral", "respaced", "ddim"]
     steps: int
-    variance: str | None = None  # σ² var type (ancestral, respaced); None for DDIM
+    variance: str | None = None  # σ² var type (ancestral, respaced); DDIM: None or "analytic"
     spacing: str | None = None  # timestep spacing of respaced / DDIM; None: all T steps
     eta: float | None = None  # DDIM only
+    # y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (samplers.last_sigma_cap); None:
+    # no cap (the full chains)
+    last_sigma_cap_y: float | None = None
 
     @property
     def name(self) -> str:
-        """File and metric name: ancestral_beta, respaced_beta_S10, ddim_S10."""
+        """File and metric name: ancestral_beta, respaced_beta_S10, ddim_S10,
+        ddim_analytic_S10."""
         if self.kind == "ancestral":
             return f"ancestral_{sigma2_short(self.variance or '')}"
         if self.kind == "respaced":
             return f"respaced_{sigma2_short(self.variance or '')}_S{self.steps}"
         eta = "" if not self.eta else f"_eta{self.eta:g}"
-        return f"ddim{eta}_S{self.steps}"
+        what = "ddim" if self.variance is None else f"ddim_{sigma2_short(self.variance)}"
+        return f"{what}{eta}_S{self.steps}"
 
     @property
     def sigma2(self) -> str | None:
         return None if self.variance is None else SIGMA2_NAME[self.variance]
 
+    @property
+    def last_sigma_cap(self) -> float | None:
+        """The cap on σ of the step to x_{τ_1} (None: none)."""
+        return None if self.last_sigma_cap_y is None else last_sigma_cap(self.last_sigma_cap_y)
+
     def label(self) -> str:
         """Human name, e.g. 'ancestral σ² = β, 100 steps'."""
         if self.kind == "ddim":
-            return f"DDIM η = {self.eta or 0.0:g}, {self.steps} steps"
+            what = "DDIM" if self.variance is None else "Analytic-DDIM"
+            return f"{what} η = {self.eta or 0.0:g}, {self.steps} steps"
         what = "ancestral" if self.kind == "ancestral" else "respaced ancestral"
         return f"{what} {SIGMA2_LABEL[self.variance or '']}, {self.steps} steps"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, **dataclasses.asdict(self), "sigma2": self.sigma2}
+        return {"name": self.name, **dataclasses.asdict(self), "sigma2": self.sigma2,
+                "last_sigma_cap": self.last_sigma_cap}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplerSpec:
@@ -103,12 +117,18 @@ def sampler_specs(s: SampleConfig, T: int, var_type: str,
                   learned: tuple[str, ...] = ("learned", "learned_range")) -> list[SamplerSpec]:
     """What sample@<v> draws for a model whose own σ² is `var_type`: the full chain with each
     σ² of sample.variances (a learned σ² instead: its own), then at every S of sample.steps
-    respaced ancestral with each of those σ² and DDIM."""
+    respaced ancestral with each of those σ², DDIM and, when σ² analytic is among them,
+    Analytic-DDIM. Respaced chains of S < T steps and DDIM cap σ of the step to x_{τ_1} with
+    y = sample.last_sigma_cap_y; the full chains (S = T too) are uncapped."""
     variances = [var_type] if var_type in learned else list(s.variances)
+    y = s.last_sigma_cap_y
     specs = [SamplerSpec("ancestral", T, v) for v in variances]
     for S in s.steps:
-        specs += [SamplerSpec("respaced", S, v, s.spacing) for v in variances]
-        specs.append(SamplerSpec("ddim", S, None, s.spacing, s.ddim_eta))
+        y_anc = None if last_sigma_cap_of(T, S, False, y) is None else y  # S = T: the full chain
+        specs += [SamplerSpec("respaced", S, v, s.spacing, None, y_anc) for v in variances]
+        specs.append(SamplerSpec("ddim", S, None, s.spacing, s.ddim_eta, y))
+        if "analytic" in variances:
+            specs.append(SamplerSpec("ddim", S, "analytic", s.spacing, s.ddim_eta, y))
     return specs
 
 

@@ -103,14 +103,40 @@ def sample_sets_table(res: Results) -> pd.DataFrame:
                          label: _fmt(d.get("fid", r.fid_of(spec))),
                          kid_col: _pm(d.get("kid_mean"), d.get("kid_std"), 1e3),
                          is_col: _pm(d.get("isc_mean"), d.get("isc_std")) if inception
-                         else "n/a"})
+                         else "n/a", CAP_COL: _cap(spec)})
     floor = res.features.floor
     rows.append({"model": "floor", "sampler": "test split vs train split",
                  "images": str(res.features.floor_images), label: _fmt(floor.get("fid")),
                  kid_col: _pm(floor.get("kid_mean"), floor.get("kid_std"), 1e3),
                  is_col: _pm(floor.get("isc_mean"), floor.get("isc_std")) if inception
-                 else "n/a"})
+                 else "n/a", CAP_COL: "–"})
     return pd.DataFrame(rows)
+
+
+CAP_COL = "σ cap, step to x_τ1"
+
+
+def _cap(spec: SamplerSpec) -> str:
+    """'≤ 0.0098 (y = 1)': the cap on σ of the sample set's step to x_τ1 ('none': uncapped)."""
+    cap = spec.last_sigma_cap
+    return "none" if cap is None else f"≤ {cap:.4f} (y = {spec.last_sigma_cap_y:g})"
+
+
+def last_sigma_cap_note(res: Results) -> str:
+    """One sentence: which sample sets cap σ of the step to x_τ1, at what (from their specs)."""
+    caps = sorted({(s.last_sigma_cap_y, _cap(s)) for r in res.variants.values()
+                   for s in r.samplers if s.last_sigma_cap_y is not None})
+    pub = published.ANALYTIC_DPM_LAST_SIGMA_CAP_Y
+    theirs = (f"Analytic-DPM's CIFAR-10 runs, the published rows below, use y = {pub} with "
+              "`clip_sigma_idx: 1`")
+    if not caps:
+        return (f"No sample set caps σ of its step to x_τ1 (`sample.last_sigma_cap_y: null`); "
+                f"{theirs}.")
+    what = ", ".join(c for _, c in caps)
+    return (f"The step to x_τ1 (the last step that adds noise) of every respaced (S < T) and "
+            f"DDIM sample set adds noise of std σ {what}: a mean |σ ε| of at most y pixel "
+            f"levels (y = `sample.last_sigma_cap_y`, the `clip_pixel` of Analytic-DPM's code; "
+            f"{theirs}). The full T-step chains are DDPM's Algorithm 2, uncapped.")
 
 
 def steps_table(res: Results) -> pd.DataFrame:
@@ -119,7 +145,8 @@ def steps_table(res: Results) -> pd.DataFrame:
     rows = []
     for name, r in res.variants.items():
         variances = list(dict.fromkeys(s.variance for s in r.samplers if s.kind != "ddim"))
-        kinds = [("ddim", None, "DDIM η = 0")] + [
+        ddims = list(dict.fromkeys((s.variance, s.eta) for s in r.samplers if s.kind == "ddim"))
+        kinds = [("ddim", v, _ddim_title(v, eta)) for v, eta in ddims or [(None, 0.0)]] + [
             ("ancestral", v, f"ancestral {SIGMA2_LABEL[v or '']}") for v in variances]
         for kind, variance, title in kinds:
             row = {"model": name, "sampler": title}
@@ -130,6 +157,11 @@ def steps_table(res: Results) -> pd.DataFrame:
     df = pd.DataFrame(rows).set_index(["model", "sampler"])
     df = df[sorted(df.columns, key=lambda c: int(c.split("=")[1]))]
     return df.map(_fmt)
+
+
+def _ddim_title(variance: str | None, eta: float | None) -> str:
+    """'DDIM η = 0' or 'Analytic-DDIM η = 0' (DDIM with the analytic σ̂² noise)."""
+    return f"{'DDIM' if variance is None else 'Analytic-DDIM'} η = {eta or 0.0:g}"
 
 
 SIGMA2_COMPARED = ("fixed_large", "fixed_small", "analytic")
@@ -146,8 +178,9 @@ def _by_steps(rows: list[dict[str, str]], first: list[str], last: list[str]) -> 
 
 def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Bits/dim against K, and FID against S, for σ² = β, β̃, analytic: one row per measured
-    variant and σ², then Analytic-DPM's published CIFAR-10 (LS) rows; columns are the number of
-    steps (K for the bound, S for sampling) and each row says which spacing it used."""
+    variant and σ² (FID: and per DDIM sampler, plain and Analytic-DDIM), then Analytic-DPM's
+    published CIFAR-10 (LS) rows (FID: their DDIM and Analytic-DDIM rows too); columns are the
+    number of steps (K for the bound, S for sampling) and each row says which spacing it used."""
     label = res.features.label
     bpd_rows, fid_rows = [], []
     for name, r in res.variants.items():
@@ -163,6 +196,12 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
             if fid:
                 fid_rows.append({**head, "metric": label, **fid,
                                  "spacing": params.sample.spacing})
+        for variance, eta in dict.fromkeys((s.variance, s.eta) for s in r.samplers
+                                           if s.kind == "ddim"):
+            fid = {f"S = {spec.steps}": _fmt(r.fid_of(spec)) for spec in r.samplers
+                   if spec.kind == "ddim" and (spec.variance, spec.eta) == (variance, eta)}
+            fid_rows.append({"source": f"measured: {name}", "σ²": _ddim_title(variance, eta),
+                             "metric": label, **fid, "spacing": params.sample.spacing})
     for var in SIGMA2_COMPARED:
         head = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "σ²": SIGMA2_LABEL[var]}
         bpd_rows.append({**head, **{f"K = {K}": _fmt(x, 2) for K, x in
@@ -170,6 +209,11 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
         fid_rows.append({**head, "metric": "FID (Inception-v3)",
                          **{f"S = {S}": _fmt(x, 2) for S, x in
                             published.ANALYTIC_DPM_FID[var].items()}, "spacing": "even"})
+    for kind, fids in published.ANALYTIC_DPM_DDIM_FID.items():
+        fid_rows.append({"source": "published: Analytic-DPM CIFAR-10 (LS)",
+                         "σ²": _ddim_title(None if kind == "ddim" else "analytic", 0.0),
+                         "metric": "FID (Inception-v3)",
+                         **{f"S = {S}": _fmt(x, 2) for S, x in fids.items()}, "spacing": "even"})
     return (_by_steps(bpd_rows, ["source", "σ²"], ["spacing"]),
             _by_steps(fid_rows, ["source", "σ²", "metric"], ["spacing"]))
 
@@ -475,6 +519,8 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
         "",
         sample_sets_table(res).to_markdown(index=False, disable_numparse=True),
         "",
+        last_sigma_cap_note(res),
+        "",
         f"{label} against the number of sampling steps (T = {p.diffusion.timesteps} is the "
         "full chain):",
         "",
@@ -483,7 +529,8 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
         "## σ² = β, β̃, analytic against the number of steps (Analytic-DPM Tables 1-2 layout)",
         "",
         "Measured rows: bits/dim of the K-step chains on the even trajectory (K = T is the full "
-        f"chain), {label} of the full and respaced ancestral chains ({p.sample.spacing} spacing). "
+        f"chain), {label} of the full and respaced ancestral chains and of DDIM and "
+        f"Analytic-DDIM ({p.sample.spacing} spacing). "
         f"Published rows: {published.ANALYTIC_DPM_SOURCE}; context only (another data set, "
         "scale and feature network).",
         "",
@@ -492,7 +539,8 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
         "",
         sigma2_bpd.to_markdown(index=False, disable_numparse=True),
         "",
-        "FID against the number of sampling steps S (the metric column says which FID):",
+        "FID against the number of sampling steps S (the metric column says which FID; DDIM "
+        "rows: Analytic-DDIM adds σ̂² noise at η = 0, plain DDIM none):",
         "",
         sigma2_fid.to_markdown(index=False, disable_numparse=True),
         "",

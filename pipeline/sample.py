@@ -1,12 +1,18 @@
 """Stage `sample@<variant>`: N samples per sampler as uint8 arrays plus a PNG grid.
 
 Samplers (pipeline.records.sampler_specs), for the variant's model file models/<v>.pt:
-  ancestral_<σ²>       the full T-step chain of Algorithm 2 with each fixed σ² in
-                       sample.variances (a learned-variance model uses its own σ² instead);
-  respaced_<σ²>_S<S>   ancestral σ² = β on S respaced steps (improved DDPM, Sec. 4);
-  ddim_S<S>            DDIM with η = sample.ddim_eta on the same S steps.
+  ancestral_<σ²>       the full T-step chain of Algorithm 2 with each σ² in sample.variances
+                       (a learned-variance model uses its own σ² instead);
+  respaced_<σ²>_S<S>   ancestral with each of those σ² on S respaced steps (improved DDPM,
+                       Sec. 4);
+  ddim_S<S>            DDIM with η = sample.ddim_eta on the same S steps;
+  ddim_analytic_S<S>   Analytic-DDIM (Bao et al. 2022): DDIM with the σ̂² noise, when
+                       sample.variances holds analytic.
+Respaced (S < T) and DDIM chains cap σ of the step to x_{τ_1} at 2y/255·√(π/2), y =
+sample.last_sigma_cap_y (Bao et al.'s code); the full chains are uncapped.
 Every sampler starts from the same x_T (seeded per batch), so grids are comparable row by row.
-Writes samples/<v>/<sampler>.npy (uint8 [N, H, W, C]), samples/<v>/index.json (the specs),
+Writes samples/<v>/<sampler>.npy (uint8 [N, H, W, C]), samples/<v>/index.json (the specs, with
+last_sigma_cap_y and last_sigma_cap, plus num_samples, start_index, prior_kl_bpd),
 grids/<v>/<sampler>.png (image plots) and timings/sample/<v>.json.
 """
 
@@ -75,10 +81,14 @@ def draw(params: Params, m: LoadedModel, spec: SamplerSpec, net: torch.nn.Module
     def fn(n: int, gen: torch.Generator) -> torch.Tensor:
         shape = (n, *m.spec.image_shape_chw)
         if spec.kind == "ddim":
-            x = sample_ddim(diff, net, shape, timesteps, spec.eta or 0.0, gen, clip_x0=s.clip_x0)
+            x = sample_ddim(diff, net, shape, timesteps, spec.eta or 0.0, gen, clip_x0=s.clip_x0,
+                            sigma2="analytic" if sigma2 else "eta",
+                            gamma=gamma if sigma2 else None,
+                            last_sigma_cap_y=spec.last_sigma_cap_y)
         else:
             x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=s.clip_x0,
-                                 sigma2=sigma2, gamma=gamma if sigma2 else None)
+                                 sigma2=sigma2, gamma=gamma if sigma2 else None,
+                                 last_sigma_cap_y=spec.last_sigma_cap_y)
         return from_unit(x).cpu()
 
     x = sample_in_batches(fn, s.num_samples, s.batch_size, s.seed, device=dev)

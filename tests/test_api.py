@@ -78,6 +78,7 @@ def test_sample_choices_change_the_images(model, one_thread) -> None:
     (dict(sigma2="sigma"), "unknown sigma2 'sigma'"),
     (dict(sigma2="analytic"), "needs gamma"),
     (dict(sampler="ddim", sigma2="analytic", gamma=torch.ones(10)), "needs eta > 0"),
+    (dict(sampler="ddim_analytic"), "needs gamma"),
     (dict(spacing="uniform"), "unknown spacing 'uniform'"),
     (dict(steps=11), r"steps must lie in 1..T = 10"),
     (dict(sampler="ddim", eta=1.5), r"eta must lie in \[0, 1\]"),
@@ -121,8 +122,10 @@ def test_analytic_sigma2_uses_gamma_from_training_images(model, one_thread) -> N
     by_hand = _by_hand(3, 2, 2, lambda b, g: sample_ancestral(
         diff, net, (b, 1, 8, 8), g, timesteps=ts, sigma2="analytic", gamma=gamma))
     assert np.array_equal(got, by_hand)
-    assert not np.array_equal(got, ddpm_core.sample(net, diff, n=3, steps=5, seed=2,
-                                                    batch_size=2))
+    # this random net's images saturate: only the (uncapped) last noisy step tells σ² apart
+    assert not np.array_equal(
+        *(ddpm_core.sample(net, diff, n=3, steps=5, seed=2, batch_size=2, last_sigma_cap_y=None,
+                           **kw) for kw in ({"sigma2": "analytic", "gamma": gamma}, {})))
     images = train[8:]
     bpd = bits_per_dim_per_image(net, diff, images, sigma2="analytic", gamma=gamma, steps=4,
                                  batch_size=4, t_batch=2)
@@ -283,3 +286,52 @@ def test_load_model_from_our_model_file_ema_or_raw(tmp_path: Path) -> None:
         with torch.no_grad():
             assert torch.equal(net(x, t), want(x, t)), which
         assert torch.equal(got.betas, diff.betas) and got.var_type == "fixed_small"
+
+
+def test_sample_ddim_analytic_is_analytic_ddim_at_eta0_with_the_last_sigma_cap(model,
+                                                                                one_thread):
+    """sampler="ddim_analytic": sample_ddim with σ² analytic (η = 0 by default: Bao et al.'s
+    Analytic-DDIM), the step to x_{τ_1} capped at y = last_sigma_cap_y (default 1)."""
+    net, diff = model
+    gamma = torch.full((10,), 0.5, dtype=torch.float64)
+    ts = timestep_spacing(10, 4, "trailing")
+    shape = (1, 8, 8)
+    for y in (1.0, None):
+        kw = {} if y == 1.0 else {"last_sigma_cap_y": y}
+        got = ddpm_core.sample(net, diff, n=3, sampler="ddim_analytic", steps=4, gamma=gamma,
+                               seed=3, batch_size=2, **kw)
+        want = _by_hand(3, 2, 3, lambda b, g, y=y: sample_ddim(
+            diff, net, (b, *shape), ts, 0.0, g, sigma2="analytic", gamma=gamma,
+            last_sigma_cap_y=y))
+        assert np.array_equal(got, want), y
+    plain = ddpm_core.sample(net, diff, n=3, sampler="ddim", steps=4, seed=3, batch_size=2)
+    assert not np.array_equal(plain, got)  # σ̂² noise at η = 0; plain DDIM adds none
+    with pytest.raises(ValueError, match="needs gamma"):
+        ddpm_core.sample(net, diff, n=2, sampler="ddim_analytic", steps=4)
+    with pytest.raises(ValueError, match="sampler='ddim_analytic'"):
+        ddpm_core.sample(net, diff, n=2, sampler="ddim", sigma2="analytic", gamma=gamma)
+    with pytest.raises(ValueError, match="ddim_analytic.*analytic"):
+        ddpm_core.sample(net, diff, n=2, sampler="ddim_analytic", sigma2="beta", gamma=gamma)
+
+
+def test_sample_last_sigma_cap_y_reaches_the_respaced_sampler(model, one_thread):
+    """last_sigma_cap_y (default 1, None: no cap) is the ancestral sampler's; the full chain
+    is never capped."""
+    net, diff = model
+    ts = timestep_spacing(10, 4, "trailing")
+    shape = (1, 8, 8)
+    images = {}
+    for y in (1.0, 2.0, None):
+        images[y] = ddpm_core.sample(net, diff, n=3, steps=4, sigma2="beta", seed=1,
+                                     last_sigma_cap_y=y)
+        want = _by_hand(3, 256, 1, lambda b, g, y=y: sample_ancestral(
+            diff, net, (b, *shape), g, timesteps=ts, last_sigma_cap_y=y))
+        assert np.array_equal(images[y], want), y
+    assert np.array_equal(images[1.0], ddpm_core.sample(net, diff, n=3, steps=4, sigma2="beta",
+                                                        seed=1))  # default y = 1
+    assert not np.array_equal(images[1.0], images[None])
+    full = [ddpm_core.sample(net, diff, n=3, sigma2="beta", seed=1, last_sigma_cap_y=y)
+            for y in (1.0, None)]
+    assert np.array_equal(*full)
+    with pytest.raises(ValueError, match="last_sigma_cap_y must be > 0"):
+        ddpm_core.sample(net, diff, n=2, steps=4, last_sigma_cap_y=0.0)

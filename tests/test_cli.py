@@ -210,6 +210,37 @@ def test_cli_spacing_names_are_the_samplers(capsys) -> None:
 
     assert set(cli.SPACINGS) == set(samplers.SPACINGS)
     assert cli.DEFAULT_SPACING == samplers.DEFAULT_SPACING
+    assert cli.DEFAULT_LAST_SIGMA_CAP_Y == samplers.DEFAULT_LAST_SIGMA_CAP_Y
+
+
+def test_sample_ddim_analytic_and_the_last_sigma_cap_flag(diffusers_folder, tmp_path, capsys,
+                                                          one_thread) -> None:
+    """--sampler ddim_analytic needs --gamma-images and is the API's; --last-sigma-cap-y Y
+    (none: no cap) reaches the sampler; a bad Y is a one-line usage error."""
+    import ddpm_core
+
+    code, _, err = run(["sample", str(diffusers_folder), "--sampler", "ddim_analytic"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "--gamma-images", "ddim_analytic")
+    train = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", train)
+    net, diff = ddpm_core.load_model(diffusers_folder)
+    gamma = ddpm_core.estimate_gamma(net, diff, train, M=4, batch_size=256)
+    for flag, y in (([], 1.0), (["--last-sigma-cap-y", "2"], 2.0),
+                    (["--last-sigma-cap-y", "none"], None)):
+        code, _, err = run(["sample", str(diffusers_folder), "-n", "2", "--steps", "4",
+                            "--sampler", "ddim_analytic", "--gamma-images",
+                            str(tmp_path / "train.npy"), "--gamma-m", "4", "--device", "cpu",
+                            "-o", str(tmp_path / "a.npz"), *flag], capsys)
+        assert code == 0, err
+        want = ddpm_core.sample(net, diff, 2, sampler="ddim_analytic", steps=4, gamma=gamma,
+                                last_sigma_cap_y=y)
+        with np.load(tmp_path / "a.npz") as z:
+            assert np.array_equal(z["images"], want), flag
+    for bad in ("0", "-1", "x"):
+        code, _, err = run(["sample", str(diffusers_folder), "--last-sigma-cap-y", bad], capsys)
+        assert code == 2
+        assert_one_line_error(err, "--last-sigma-cap-y")
 
 
 # ----------------------------------------------------------------------------- check

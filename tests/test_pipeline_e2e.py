@@ -64,10 +64,19 @@ def test_repro_writes_every_output(repo):
     assert out.count("features: extracting reference features") == 1, out
     assert out.count("features: extracting floor features") == 1
     expected = {"ancestral_beta", "ancestral_beta_tilde", "ancestral_analytic",
-                "respaced_beta_S2", "respaced_beta_tilde_S2", "respaced_analytic_S2", "ddim_S2"}
+                "respaced_beta_S2", "respaced_beta_tilde_S2", "respaced_analytic_S2", "ddim_S2",
+                "ddim_analytic_S2"}
     for name in ("simple", "vlb"):
         index = json.loads((root / "samples" / name / "index.json").read_text())
         assert {d["name"] for d in index["samplers"]} == expected
+        # σ of the step to x_τ1 capped (y = sample.last_sigma_cap_y) on the S = 2 < T chains
+        # and DDIM, not on the full chains
+        y = p["sample"]["last_sigma_cap_y"]
+        assert y == 1
+        caps = {d["name"]: (d["last_sigma_cap_y"], d["last_sigma_cap"]) for d in index["samplers"]}
+        assert all(caps[s] == ((None, None) if s.startswith("ancestral") else
+                               (y, pytest.approx(2 * y / 255 * (np.pi / 2) ** 0.5)))
+                   for s in expected), caps
         assert all(d["spacing"] == p["sample"]["spacing"] for d in index["samplers"]
                    if d["kind"] != "ancestral")
         # the prior mismatch KL(q(x_start|x_0) ‖ N(0, I)) of each sampler's start index

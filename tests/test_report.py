@@ -137,7 +137,7 @@ def test_fid_table_has_kid_and_is_beside_fid_for_every_sample_set(tmp_path):
     table = next(t for t in tables(md, "model") if "images" in t[0])
     head, body = table[0], table[1:]
     assert head == ["model", "sampler", "images", "FID (digits classifier)",
-                    "KID x 10³ (digits classifier)", "IS"]
+                    "KID x 10³ (digits classifier)", "IS", "σ cap, step to x_τ1"]
     want = [(name, spec.label(), f"{v + k:.3f}") for k, name in enumerate(("simple", "vlb"))
             for spec, v in zip(GRID_SPECS, FID.values(), strict=True)]
     assert [(b[0], b[1], b[3]) for b in body[:-1]] == want
@@ -442,3 +442,39 @@ def report_repo() -> Path:
     from helpers import REPO
 
     return REPO
+
+
+def test_analytic_ddim_rows_and_the_last_sigma_cap_in_the_sampler_tables(tmp_path, monkeypatch):
+    """Analytic-DDIM has its own row (its FID, not plain DDIM's) in the FID-vs-steps table and
+    in the σ² table beside Analytic-DPM's published DDIM / Analytic-DDIM rows; every sample set
+    says its cap on σ of the step to x_τ1, and the text says what the cap is."""
+    from pipeline.records import fid_key
+
+    make_outputs(tmp_path, names=("simple",))
+    monkeypatch.chdir(tmp_path)
+    res = load_results(load_params(tmp_path / "params.yaml"))
+    r = res.variants["simple"]
+    extra = [SamplerSpec("ddim", 2, "analytic", "trailing", 0.0, 1.0),
+             SamplerSpec("respaced", 2, "analytic", "trailing", None, 1.0)]
+    r.samplers += extra
+    r.fid.update({fid_key(extra[0]): 4.5, fid_key(extra[1]): 8.0})
+    df = report.steps_table(res).loc["simple"]
+    assert df.loc["Analytic-DDIM η = 0", "S = 2"] == "4.500"
+    assert df.loc["DDIM η = 0", "S = 2"] == "6.000"  # make_outputs' ddim_S2
+    _, fid = report.sigma2_steps_tables(load_params(tmp_path / "params.yaml"), res)
+    rows = {(a, b): row for a, b, row in zip(fid["source"], fid["σ²"],
+                                             fid.to_dict("records"), strict=True)}
+    assert rows["measured: simple", "Analytic-DDIM η = 0"]["S = 2"] == "4.500"
+    assert rows["measured: simple", "DDIM η = 0"]["S = 2"] == "6.000"
+    pub = rows["published: Analytic-DPM CIFAR-10 (LS)", "Analytic-DDIM η = 0"]
+    assert [pub[f"S = {k}"] for k in (10, 25, 50, 100, 200, 400, 1000)] == [
+        "14.00", "5.81", "4.04", "3.55", "3.39", "3.50", "3.74"]
+    assert rows["published: Analytic-DPM CIFAR-10 (LS)", "DDIM η = 0"]["S = 10"] == "21.31"
+    sets = report.sample_sets_table(res)
+    cap = dict(zip(sets["sampler"], sets["σ cap, step to x_τ1"], strict=True))
+    assert cap[extra[0].label()] == "≤ 0.0098 (y = 1)"
+    assert cap[GRID_SPECS[0].label()] == "none"  # the full chain
+    note = report.last_sigma_cap_note(res)
+    assert "0.0098" in note and "y = 1" in note and "uncapped" in note
+    md = report.build_markdown(load_params(tmp_path / "params.yaml"), res, {})
+    assert note in md

@@ -148,7 +148,8 @@ def test_ancestral_sampling_ho2020_alg2_matches_gaussian_recursion(S_steps):
     N = 16000
     x = sample_ancestral(d, GaussianDenoiser(d, M, S), (N, 1, 2, 2),
                          torch.Generator().manual_seed(1),
-                         timesteps=None if S_steps is None else steps).double()
+                         timesteps=None if S_steps is None else steps,
+                         last_sigma_cap_y=None).double()
     mean, var = _predicted_moments(d, steps)
     se_mean, se_var = math.sqrt(var / x.numel()), var * math.sqrt(2 / x.numel())
     print(f"S={len(steps)}: sample mean {float(x.mean()):.5f} (pred {mean:.5f}), "
@@ -186,7 +187,8 @@ def test_analytic_variance_sampling_bao2022_matches_the_exact_reverse_kernel(K):
     model = GaussianDenoiser(d, M, S)
     N = 16000
     x = sample_ancestral(d, model, (N, 1, 2, 2), torch.Generator().manual_seed(3),
-                         timesteps=steps, sigma2="analytic", gamma=gaussian_gamma(d, S)).double()
+                         timesteps=steps, sigma2="analytic", gamma=gaussian_gamma(d, S),
+                         last_sigma_cap_y=None).double()
     mean, var = _predicted_moments(d, steps, exact_var=True)
     small_var = _predicted_moments(d, steps)[1]
     se_mean, se_var = math.sqrt(var / x.numel()), var * math.sqrt(2 / x.numel())
@@ -249,7 +251,7 @@ def test_ddim_eta_half_with_analytic_variance_matches_recursion():
     gamma = gaussian_gamma(d, S)
     N = 16000
     x = sample_ddim(d, model, (N, 1, 2, 2), steps, 0.5, torch.Generator().manual_seed(4),
-                    sigma2="analytic", gamma=gamma).double()
+                    sigma2="analytic", gamma=gamma, last_sigma_cap_y=None).double()
     noise_var = ddim_analytic_sigma2(d, gamma, steps, 0.5).tolist()
     mean, var = _ddim_moments(d, steps, 0.5, noise_var)
     plain = _ddim_moments(d, steps, 0.5, [ddim_sigma(float(d.alpha_bar[steps[i]]),
@@ -261,9 +263,6 @@ def test_ddim_eta_half_with_analytic_variance_matches_recursion():
     assert abs(float(x.mean()) - mean) < 5 * se_mean
     assert abs(float(x.var()) - var) < 5 * se_var
     assert abs(var - S**2) < 0.01 * S**2 < abs(plain - S**2)
-    with pytest.raises(ValueError, match="eta > 0"):
-        sample_ddim(d, model, (2, 1, 2, 2), steps, 0.0, torch.Generator(), sigma2="analytic",
-                    gamma=gamma)
     with pytest.raises(ValueError, match="needs gamma"):
         sample_ddim(d, model, (2, 1, 2, 2), steps, 0.5, torch.Generator(), sigma2="analytic")
 
@@ -420,3 +419,145 @@ def test_timestep_spacing_matches_diffusers_set_timesteps(S):
         assert len(ours) == S
     if S == 30:
         assert timestep_spacing(T, S, "leading")[-1] == 957
+
+
+# ----------------------------------------------------------------------------- issue 16:
+# the last sampling step's σ cap and Analytic-DDIM (Bao et al. 2022 and their code)
+
+
+class _Recorder(torch.nn.Module):
+    """The Gaussian denoiser, keeping every input x_t (the sampler's state before each step)."""
+
+    def __init__(self, inner: GaussianDenoiser) -> None:
+        super().__init__()
+        self.inner, self.inputs = inner, []
+
+    def forward(self, x, t):
+        self.inputs.append(x.clone())
+        return self.inner(x, t)
+
+
+def _step_noise(g: torch.Generator, shape, n_noisy: int) -> list[torch.Tensor]:
+    """The noise draws z_i of steps i = K−1 … 1, in the sampler's order (x_T given)."""
+    return [torch.randn(shape, generator=g) for _ in range(n_noisy)]
+
+
+def _ancestral_stds(d, steps, sigma2, gamma=None, **kw):
+    """Noise std of each step i = K−1 … 1 of sample_ancestral: (x_{i−1} − μ_i(x_i)) / z_i."""
+    rec = _Recorder(GaussianDenoiser(d, M, S))
+    shape = (64, 1, 2, 2)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    sample_ancestral(d, rec, shape, torch.Generator().manual_seed(5), timesteps=steps,
+                     x_T=x_T, sigma2=sigma2, gamma=gamma, clip_x0=False, **kw)
+    full = steps is None
+    sub = d if full else respace(d, steps)
+    K = d.T if full else len(steps)
+    zs = _step_noise(torch.Generator().manual_seed(5), shape, K - 1)
+    out = {}
+    for j, i in enumerate(range(K - 1, 0, -1)):
+        x = rec.inputs[j]
+        tau = i if full else steps[i]
+        o = rec.inner(x, torch.full((64,), tau))
+        mean = p_mean_variance_from_output(sub, o, x, torch.full((64,), i), False,
+                                           var_type="fixed_small")["mean"]
+        r = (rec.inputs[j + 1] - mean) / zs[j]
+        assert float(r.std()) < 1e-4 * float(r.mean().abs()) + 1e-6  # one std for all pixels
+        out[i] = float(r.mean())
+    return out
+
+
+def _cap(y: float) -> float:
+    """Bao et al.'s code: σ² ≤ (2y/255 · √(π/2))², i.e. E|σ ε| ≤ 2y/255."""
+    return 2 * y / 255 * math.sqrt(math.pi / 2)
+
+
+@pytest.mark.parametrize("sigma2", ["fixed_large", "analytic"])
+def test_respaced_last_noisy_step_sigma_is_capped_bao2022_clip_sigma_idx_1(sigma2):
+    """K < T: the step to x_{τ_1} adds min(σ, 2y/255·√(π/2)) (y = 1 by default), every other
+    step its full σ (√β' for σ² = β, √σ̂² for analytic)."""
+    d = Diffusion.from_schedule("linear", 1000, var_type="fixed_large")
+    steps = timestep_spacing(1000, 10, "linspace")  # Bao et al.'s even trajectory
+    gamma = gaussian_gamma(d, S)
+    ab = d.alpha_bar[steps].tolist()
+    beta = [None] + [1 - ab[i] / ab[i - 1] for i in range(1, 10)]
+    full = ({i: math.sqrt(beta[i]) for i in range(1, 10)} if sigma2 == "fixed_large" else
+            {i: math.sqrt(float(v)) for i, v in
+             enumerate(analytic_sigma2(d, gamma, steps).tolist()) if i > 0})
+    assert full[1] > 0.2  # σ = 0.36 (β) and 0.24 (analytic) for real data: here the same scale
+    for y, kw in ((1.0, {}), (2.0, {"last_sigma_cap_y": 2.0}), (None, {"last_sigma_cap_y": None})):
+        got = _ancestral_stds(d, steps, sigma2, gamma if sigma2 == "analytic" else None, **kw)
+        want = {i: (min(s, _cap(y)) if i == 1 and y is not None else s) for i, s in full.items()}
+        for i in want:
+            assert math.isclose(got[i], want[i], rel_tol=1e-4), (y, i, got[i], want[i])
+    assert abs(_cap(2.0) - 0.0197) < 1e-4  # the issue's CIFAR-10 figure
+
+
+def test_full_chain_ho2020_alg2_is_never_capped():
+    """All T steps: DDPM's Algorithm 2, σ_t = √β_t at every t ≥ 2, also at t = 2 (> cap)."""
+    d = Diffusion.from_schedule("linear", 100, var_type="fixed_large")
+    got = _ancestral_stds(d, None, None)
+    beta = d.betas.tolist()
+    assert math.sqrt(beta[1]) > 2 * _cap(1.0)
+    for i in range(1, 100):
+        assert math.isclose(got[i], math.sqrt(beta[i]), rel_tol=1e-4), i
+    # the same chain given as an explicit list of all T steps is the full chain too
+    assert _ancestral_stds(d, list(range(100)), None)[1] == pytest.approx(got[1], rel=1e-6)
+
+
+def _ddim_stds(d, steps, eta, gamma=None, **kw):
+    """Noise std of each DDIM step i = K−1 … 1: residual from the η-mean, over z_i."""
+    rec = _Recorder(GaussianDenoiser(d, M, S))
+    shape = (64, 1, 2, 2)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    sample_ddim(d, rec, shape, steps, eta, torch.Generator().manual_seed(5), clip_x0=False,
+                x_T=x_T, gamma=gamma, **kw)
+    zs = _step_noise(torch.Generator().manual_seed(5), shape, len(steps) - 1)
+    out = {}
+    for j, i in enumerate(range(len(steps) - 1, 0, -1)):
+        x = rec.inputs[j]
+        t = torch.full((64,), steps[i])
+        x0 = p_mean_variance_from_output(d, rec.inner(x, t), x, t, clip_x0=False)["pred_x0"]
+        ab, ab_prev = float(d.alpha_bar[steps[i]]), float(d.alpha_bar[steps[i - 1]])
+        eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+        lam = ddim_sigma(ab, ab_prev, eta)
+        mean = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev - lam**2) * eps
+        out[i] = float(((rec.inputs[j + 1] - mean) / zs[j]).mean())
+    return out
+
+
+def test_ddim_analytic_sigma2_eta0_is_bao2022_formula():
+    """λ = 0: σ̂² = (√((1−ᾱ_k)/α_{k|k−1}) − √(1−ᾱ_{k−1}))² (1 − Γ_k), written out here."""
+    d = Diffusion.from_schedule("linear", 1000)
+    steps = timestep_spacing(1000, 10, "linspace")
+    gamma = gaussian_gamma(d, S)
+    got = ddim_analytic_sigma2(d, gamma, steps, 0.0)
+    for k in range(1, 10):
+        ab, ab_prev = float(d.alpha_bar[steps[k]]), float(d.alpha_bar[steps[k - 1]])
+        paper = (math.sqrt((1 - ab) / (ab / ab_prev)) - math.sqrt(1 - ab_prev)) ** 2 * (
+            1 - float(gamma[steps[k]]))
+        assert math.isclose(float(got[k]), paper, rel_tol=1e-9), k
+        assert paper > 0
+
+
+def test_analytic_ddim_eta0_adds_sigma_hat_noise_capped_on_the_last_step():
+    """Analytic-DDIM (η = 0, σ² analytic) adds √σ̂² at every step but the last two, and
+    min(√σ̂², cap) on the step to x_{τ_1}; plain DDIM η = 0 adds none and stays deterministic."""
+    d = Diffusion.from_schedule("linear", 1000)
+    steps = timestep_spacing(1000, 10, "linspace")
+    gamma = gaussian_gamma(d, S)
+    s2 = ddim_analytic_sigma2(d, gamma, steps, 0.0).tolist()
+    got = _ddim_stds(d, steps, 0.0, gamma, sigma2="analytic")
+    for i in range(1, 10):
+        want = math.sqrt(s2[i]) if i > 1 else min(math.sqrt(s2[1]), _cap(1.0))
+        assert math.isclose(got[i], want, rel_tol=1e-4), (i, got[i], want)
+    assert math.sqrt(s2[1]) > _cap(1.0)  # the cap is active
+    uncapped = _ddim_stds(d, steps, 0.0, gamma, sigma2="analytic", last_sigma_cap_y=None)
+    assert math.isclose(uncapped[1], math.sqrt(s2[1]), rel_tol=1e-4)
+    # plain DDIM η = 0: no noise, whatever the generator
+    model = GaussianDenoiser(d, M, S)
+    x_T = torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    a, b = (sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(s),
+                        x_T=x_T) for s in (1, 2))
+    c, e = (sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(s),
+                        x_T=x_T, sigma2="analytic", gamma=gamma) for s in (1, 2))
+    assert torch.equal(a, b) and not torch.equal(c, e)
