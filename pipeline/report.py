@@ -465,8 +465,9 @@ def steps_figure(res: Results, fig_dir: Path) -> str | None:
             continue
         line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
         for col, color, what in (("ddim", "C3", "DDIM η=0"),
+                                 ("ddim_analytic", "C4", "Analytic-DDIM η=0"),
                                  ("respaced", SIGMA2_COLOR["fixed_large"], "ancestral σ²=β")):
-            pts = df[["steps", col]].dropna()
+            pts = df[["steps", col]].dropna() if col in df else df.iloc[:0]
             if len(pts):
                 ax.plot(pts["steps"], pts[col], ls=line, marker=marker, color=color,
                         label=f"{name}: {what}")
