@@ -125,15 +125,21 @@ class SectionTimeout(Exception):
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise SectionTimeout in the main thread after `seconds` (SIGALRM)."""
+def time_limit(seconds: float) -> Iterator[list[bool]]:
+    """Raise SectionTimeout in the main thread after `seconds` (SIGALRM); yields [fired], which
+    tells a timeout that a library re-raised as its own error (InductorError) from the rest."""
+    fired = [False]
+
     def on_alarm(signum: int, frame: object) -> None:
+        fired[0] = True
         raise SectionTimeout(f"over its {seconds:.0f} s budget")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    # again every second: an exception raised inside a weakref callback or __del__ is only
+    # printed ("Exception ignored"), and a compilation would run on past its budget
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01), 1.0)
     try:
-        yield
+        yield fired
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -174,6 +180,14 @@ def trainer_step(model: nn.Module, ctx: Context, precision: str, compile: bool) 
     data = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator())
     batcher = Batcher(data, t_sampler, cfg, info)
     return lambda: step(*batcher.draw())
+
+
+def sampling_call(model: nn.Module, compile: bool) -> nn.Module:
+    """The samplers' bf16 network call (ddpm_core.inference), wrapper in eval mode too:
+    benchmarks.unet.forward_step restores the wrapper's training flag after each call, and
+    inference_model's Autocast wrapper starts in training mode (which would switch the
+    network's dropout on from the second call)."""
+    return inference_model(model, "bf16", compile=compile).eval()
 
 
 def sample_inputs(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,7 +294,7 @@ def sec_sample_eager(ctx: Context, sec: dict) -> None:
     for name, build in builders(cfg).items():
         model = build()
         if model is not None:
-            net = inference_model(model.to(ctx.device), "bf16")
+            net = sampling_call(model.to(ctx.device), compile=False)
             fns[name] = forward_step(net, x, t)
             ctx.built[f"eager_{name}"] = net
     measure(ctx, sec, "sample", fns, ctx.s.sample_steps, max(ctx.s.warmup - 1, 1),
@@ -405,7 +419,7 @@ def sec_sample_graphs(ctx: Context, sec: dict) -> str | None:
     for name, build in builders(cfg).items():
         model = build()
         if model is not None:
-            nets[name] = inference_model(model.to(ctx.device), "bf16", compile=True)
+            nets[name] = sampling_call(model.to(ctx.device), compile=True)
             fns[name] = forward_step(nets[name], x, t)
     if not ctx.cuda:
         sec["note"] = "compiled without CUDA graphs (cpu)"
@@ -729,19 +743,25 @@ def run_section(ctx: Context, report: dict, name: str,
         sec.update(status="skipped", reason=f"skipped: {max(left, 0):.0f} s left of the total "
                    f"budget {ctx.s.budget_s:.0f} s; it needs >= {min_s:.0f} s")
     else:
+        limit = min(budget, left)
+        fired = [False]
         try:
-            with time_limit(min(budget, left)):
+            with time_limit(limit) as fired:
                 reason = fn(ctx, sec)
             sec["status"] = "skipped" if reason else "ok"
             if reason:
                 sec["reason"] = reason
-        except SectionTimeout as e:
-            sec.update(status="timeout", reason=str(e))
         except Exception as e:  # noqa: BLE001  one section's failure must not lose the rest
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            sec.update(status="error", reason=f"{type(e).__name__}: {first}",
-                       traceback=traceback.format_exc()[-2000:])
+            if fired[0]:
+                sec.update(status="timeout", reason=f"over its {limit:.0f} s budget"
+                           + ("" if limit == budget else " (what the total budget left)"))
+            else:
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                sec.update(status="error", reason=f"{type(e).__name__}: {first}",
+                           traceback=traceback.format_exc()[-2000:])
     sec["seconds"] = round(time.perf_counter() - t0, 2)
+    if sec["status"] in ("timeout", "error"):
+        torch._dynamo.reset()  # a compilation cut short must not leak into the next section
     report["wall_s"] = round(time.monotonic() - ctx.built["t_start"], 1)
     report["targets"] = targets(report, ctx.cuda)
     save(report, path)

@@ -183,3 +183,26 @@ def test_a_missed_target_names_the_profile_top_ops_and_a_met_one_does_not():
 
 def test_the_json_holds_no_nan_or_inf():
     assert dc.clean({"a": float("nan"), "b": (1.0, float("inf"))}) == {"a": None, "b": [1.0, None]}
+
+
+def test_compile_sections_fill_their_rows_and_feed_the_profile(tmp_path, monkeypatch):
+    """The compile sections' own code on the CPU, torch.compile replaced by the identity (a real
+    compilation of the U-Net takes minutes on two cores; the GPU run does it for real)."""
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    ctx, report, path = fake_ctx(tmp_path), fake_report(), tmp_path / "dc.json"
+    ctx.args.cpu_compile = True
+    for name in ("environment", "train_compiled", "sample_graphs", "profile"):
+        fn, budget = next((f, b) for n, f, b, _ in dc.SECTIONS if n == name)
+        dc.run_section(ctx, report, name, fn, budget, 0, path)
+    s = json.loads(path.read_text())["sections"]
+    for name, label in (("train_compiled", "bf16_compiled"), ("sample_graphs", "bf16_graphs")):
+        assert s[name]["status"] == "ok", s[name]
+        rates = s[name]["rates"][label]
+        assert rates["ours"]["per_s"] > 0 and rates["diffusers"]["first_call_s"] > 0
+    c = s["sample_graphs"]["compiled_vs_eager"]
+    assert c["max_abs_diff"] == 0.0 and c["passed"]  # the identity "compiles" exactly
+    assert c["bf16_vs_fp32_max_abs_diff"] > 0 and c["output_max_abs"] > 0.1  # not ~0 outputs
+    assert s["profile"]["train_step"]["of"] == "train_step_compiled_bf16"
+    assert s["profile"]["sample_call"]["of"] == "graphs_ours"
