@@ -190,6 +190,14 @@ def sampling_call(model: nn.Module, compile: bool) -> nn.Module:
     return inference_model(model, "bf16", compile=compile).eval()
 
 
+def graph_step(step: Callable[[], None]) -> Callable[[], None]:
+    """step() as a new iteration for CUDA graph trees (two compiled networks alternate)."""
+    def fn() -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+        step()
+    return fn
+
+
 def sample_inputs(ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
     """x [sample_batch, C, H, W] and t [sample_batch] on the device, fixed seed."""
     cfg, n = PRESETS[ctx.s.preset], ctx.s.sample_batch
@@ -420,7 +428,7 @@ def sec_sample_graphs(ctx: Context, sec: dict) -> str | None:
         model = build()
         if model is not None:
             nets[name] = sampling_call(model.to(ctx.device), compile=True)
-            fns[name] = forward_step(nets[name], x, t)
+            fns[name] = graph_step(forward_step(nets[name], x, t))
     if not ctx.cuda:
         sec["note"] = "compiled without CUDA graphs (cpu)"
     measure(ctx, sec, "sample", fns, ctx.s.sample_steps, max(ctx.s.warmup - 1, 1),
@@ -430,7 +438,8 @@ def sec_sample_graphs(ctx: Context, sec: dict) -> str | None:
     # bf16 differs from fp32 (another summation order, not another precision)
     model = ours(cfg).to(ctx.device)
     with torch.no_grad():
-        compiled = nets["ours"](x, t).clone()
+        torch.compiler.cudagraph_mark_step_begin()
+        compiled = nets["ours"](x, t).clone()  # a replay's output is overwritten by the next
         eager = inference_model(model, "bf16")(x, t)
         fp32 = inference_model(model, "fp32")(x, t)
     d_compiled = float((compiled - eager).abs().max())
@@ -826,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         "started_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.device_check",
                              *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {"device": args.device, "quick": args.quick, **s.__dict__},
+        "settings": {"device": args.device, "quick": args.quick, **s.__dict__,
+                     "fp32_matmul": "tf32" if device.type == "cuda" else "fp32"},
         "finished": False, "wall_s": 0.0, "sections": {}, "targets": {}}
     for name, fn, budget, min_s in SECTIONS:
         if name in only or name == "environment":

@@ -52,9 +52,9 @@ else
 fi
 echo "device_check.sh: install ${install_s} s: $install_note" | tee "$log"
 
-left=$(( total_s - ($(date +%s) - start) - 20 ))   # 20 s: start-up, the last section's end
+left=$(( total_s - ($(date +%s) - start) - 30 ))   # 30 s: start-up, the last section's end
 [ "$left" -lt 120 ] && left=120
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-timeout $(( left + 30 )) "$py" -m benchmarks.device_check --out "$out_dir/device_check.json" \
+timeout $(( left + 20 )) "$py" -m benchmarks.device_check --out "$out_dir/device_check.json" \
     --budget "$left" --install-s "$install_s" --install-note "$install_note" "$@" 2>&1 \
     | tee -a "$log"
