@@ -663,7 +663,9 @@ def table(report: dict) -> str:
         else "n/a", note="measured dense bf16 matmul rate" if env.get("peak_bf16_tflops") else
         "no H100/H200")
     g = env.get("gflop_per_image", {})
-    row("GFLOP per forward image", _num(g.get("ours"), ".3f"), _num(g.get("diffusers"), ".3f"))
+    row("GFLOP per forward image", _num(g.get("ours"), ".3f"), _num(g.get("diffusers"), ".3f"),
+        note=f"diffusers {env['diffusers']}" if env.get("diffusers") else
+        "diffusers not installed: no diffusers column (carry its wheels in .whl)")
     speed = [("train img/s fp32", "train_eager", "fp32"),
              ("train img/s bf16 eager", "train_eager", "bf16"),
              ("train img/s bf16 compiled", "train_compiled", "bf16_compiled"),
