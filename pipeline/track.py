@@ -131,6 +131,19 @@ def _loss_history(r: VariantResults) -> list[tuple[str, float, int]]:
                 for k in ("loss", "grad_norm")]
 
 
+def variant_files(paths: VariantPaths) -> list[Path]:
+    """Every file the stages wrote for a variant, found through pipeline.records' VariantPaths
+    (each path, a folder's files, timings/<stage>/<v>.json), less the model file (logged as
+    model/<v>.pt) and the sample arrays (up to GBs each; the grids show them)."""
+    found = [getattr(paths, n) for n, a in vars(VariantPaths).items() if isinstance(a, property)]
+    found += sorted(Path("timings").glob(f"*/{paths.name}.json"))
+    files: list[Path] = []
+    for p in found:
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return [f for f in dict.fromkeys(files) if f.is_file() and f != paths.model
+            and not (f.parent == paths.samples and f.suffix == ".npy")]
+
+
 def _finish(client, run_id: str, end_time: int | None = None) -> None:
     client.set_tag(run_id, COMPLETE_TAG, "true")
     client.set_terminated(run_id, "FINISHED", end_time=end_time)
@@ -174,10 +187,8 @@ def log_everything(params: Params, client, exp_id: str, key: str,
         if r.paths.model.is_file():
             client.log_artifact(vrun, str(r.paths.model), MODEL_ARTIFACT_DIR)
             client.set_tag(vrun, MODEL_URI_TAG, model_artifact(vrun, r.paths.model))
-        for f in [r.paths.bpd_terms, r.paths.bpd_steps, r.paths.loss_csv, r.paths.fid_steps,
-                  *sorted(r.paths.grids.glob("*.png"))]:
-            if f.is_file():
-                client.log_artifact(vrun, str(f))
+        for f in variant_files(r.paths):  # under the stage output's own path: bpd/<v>.csv, ...
+            client.log_artifact(vrun, str(f), f.parent.as_posix())
         for spec in r.samplers:
             d = r.fid_details.get(spec.name, {})
             sm = {"fid": d.get("fid"), "kid_mean": d.get("kid_mean"), "kid_std": d.get("kid_std"),
