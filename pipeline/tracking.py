@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ddpm_core.config import Params, to_dict
+from ddpm_core.config import Params, check_tracking_uri, to_dict
 from pipeline.common import StageError
 from pipeline.provenance import git_state
 
@@ -56,8 +56,10 @@ def repo_root() -> Path:
 
 def tracking_uri(params: Params) -> str:
     """MLFLOW_TRACKING_URI > params.mlflow.tracking_uri > sqlite:///<repo root>/mlflow.db."""
-    return (os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
-            or f"sqlite:///{repo_root() / 'mlflow.db'}")
+    if env := os.environ.get("MLFLOW_TRACKING_URI"):
+        check_tracking_uri(env, "MLFLOW_TRACKING_URI")
+        return env
+    return params.mlflow.tracking_uri or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
 STORE_TIMEOUT_ENV = "DDPM_MLFLOW_TIMEOUT"  # seconds to wait for a tracking server (default 15)

@@ -156,3 +156,32 @@ def test_a_deleted_experiment_is_a_one_line_error(tmp_path):
     assert r.returncode != 0
     assert "deleted" in r.stderr.strip().splitlines()[-1]
     assert "mlflow experiments restore" in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["::not a uri::", "foo://bar", "http://", "mlflow.db"])
+def test_a_garbage_tracking_uri_is_one_line_naming_the_key_exit_2(tmp_path, bad):
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {bad!r}\n")
+    env = _env("")
+    del env["MLFLOW_TRACKING_URI"]
+    r = subprocess.run([sys.executable, "-m", "pipeline.track"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    line = r.stderr.strip()
+    assert line.startswith("error: mlflow.tracking_uri: ") and repr(bad) in line
+    assert "http://" in line and "sqlite:///" in line  # what a valid value looks like
+    # the same value from the environment names the variable
+    (tmp_path / "params.yaml").write_text("{}\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline.track"], cwd=tmp_path,
+                       env=_env(bad), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: MLFLOW_TRACKING_URI: "), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_valid_tracking_uris_are_accepted():
+    from ddpm_core.config import params_from_dict
+
+    for uri in ("http://127.0.0.1:5000", "https://mlflow.example.org/", "sqlite:///mlflow.db",
+                "sqlite:////abs/path/mlflow.db", "postgresql+psycopg2://u:p@host:5432/db",
+                "mysql://u@h/db", "databricks", "file:///abs/mlruns"):
+        assert params_from_dict({"mlflow": {"tracking_uri": uri}}).mlflow.tracking_uri == uri
