@@ -3,7 +3,7 @@
 Store: MLFLOW_TRACKING_URI if set, else params.mlflow.tracking_uri, else
 `sqlite:///<DVC_ROOT or cwd>/mlflow.db` (DVC sets DVC_ROOT to the main repository even for
 queued and temporary experiments, so every experiment lands in one store); file artifacts go to
-`<root>/mlartifacts/`.
+`mlartifacts/` beside a sqlite store (see artifact_root).
 
 Run layout, found-or-created by a deterministic key held in the tag `ddpm.key`:
   parent   one per pipeline result (key: hash of the params and of every stage output's hash),
@@ -124,6 +124,15 @@ def _bound_mlflow_retries(timeout: float) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its files: `mlartifacts/` beside a sqlite store (so clones
+    sharing the store share it, and deleting one clone loses nothing); None elsewhere (a
+    server's --default-artifact-root, a file store's own folder)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 def _open(params: Params, uri: str) -> tuple[Any, str]:
     import logging
 
@@ -144,10 +153,7 @@ def _open(params: Params, uri: str) -> tuple[Any, str]:
             if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
                 client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return client, exp.experiment_id
-        location = None
-        if uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri:
-            location = (repo_root() / "mlartifacts").as_uri()
-        return client, client.create_experiment(name, artifact_location=location,
+        return client, client.create_experiment(name, artifact_location=artifact_root(uri),
                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -142,3 +142,28 @@ def test_every_file_a_variants_stages_wrote_downloads_from_its_run(tmp_path):
             got = Path(client.download_artifacts(run.info.run_id, f.as_posix(),
                                                  str(tmp_path / "dl" / name)))
             assert got.read_bytes() == (tmp_path / f).read_bytes(), f
+
+
+def test_two_clones_sharing_a_sqlite_store_keep_their_artifacts_beside_the_store(tmp_path):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "store").mkdir()
+    db = f"sqlite:///{tmp_path}/store/mlflow.db"
+    a, b = tmp_path / "clone_a", tmp_path / "clone_b"
+    for root in (a, b):
+        root.mkdir()
+        make_outputs(root)
+    (b / "metrics" / "bpd" / "simple.json").write_text(json.dumps(
+        {"simple": {"bpd_sigma2_beta": 9.0}}))  # clone B's own results: a new parent
+    _track(a, db)  # clone A creates the experiment
+    _track(b, db)
+    shutil.rmtree(a)  # the first clone is gone; the store is not
+    (run,) = [r for r in _runs(db) if r.info.run_name == "simple"
+              and r.data.metrics.get("bpd_sigma2_beta") == 9.0]
+    got = Path(MlflowClient(db).download_artifacts(run.info.run_id, "plots/loss/simple.csv",
+                                                   str(tmp_path / "dl")))
+    assert got.read_bytes() == (b / "plots" / "loss" / "simple.csv").read_bytes()
+    exp = MlflowClient(db).get_experiment_by_name("ddpm")
+    assert exp.artifact_location == (tmp_path / "store" / "mlartifacts").as_uri()
