@@ -137,12 +137,13 @@ def _open(params: Params, uri: str) -> tuple[Any, str]:
     import logging
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retries: our one line says it
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     name = params.mlflow.experiment
     try:
+        client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(name)
         if exp is not None and exp.lifecycle_stage == "deleted":
             raise TrackingUnavailable(
@@ -158,6 +159,26 @@ def _open(params: Params, uri: str) -> tuple[Any, str]:
     except MlflowException as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrackingUnavailable(f"mlflow: store {uri} failed: {first[:300]}") from None
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What MLflow raises when its store stops answering (a server gone, a database error)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException, requests.exceptions.RequestException
+
+
+def lost_store(uri: str, e: BaseException) -> str:
+    """One line for a store that failed in the middle of logging."""
+    import re
+
+    text = " ".join(str(e).split())
+    reason = re.findall(r"\[Errno -?\d+\] [^'\")(]+", text) or [text[:200] or type(e).__name__]
+    what = ("the tracking server at {uri} stopped answering" if uri.startswith("http")
+            else "the store {uri} failed").format(uri=uri)
+    return (f"mlflow: {what} while logging ({reason[-1].strip()}); the results are safe on disk "
+            "and the next `dvc repro` (or python -m pipeline.track) repairs the run tree")
 
 
 @contextmanager
@@ -180,7 +201,11 @@ def store(params: Params) -> Iterator[tuple[Any, str]]:
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
         with FileLock(str(lock), timeout=600):
-            yield _open(params, uri)
+            opened = _open(params, uri)
+            try:
+                yield opened
+            except _store_errors() as e:
+                raise TrackingUnavailable(lost_store(uri, e)) from None
     except Timeout:
         raise TrackingUnavailable(f"mlflow: {lock} held by another process for 10 min; if no "
                                   "track stage is running, delete the lock file") from None

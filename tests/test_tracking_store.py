@@ -185,3 +185,52 @@ def test_valid_tracking_uris_are_accepted():
                 "sqlite:////abs/path/mlflow.db", "postgresql+psycopg2://u:p@host:5432/db",
                 "mysql://u@h/db", "databricks", "file:///abs/mlruns"):
         assert params_from_dict({"mlflow": {"tracking_uri": uri}}).mlflow.tracking_uri == uri
+
+
+@pytest.mark.slow
+def test_the_server_dying_while_track_logs_is_one_line_and_the_next_run_repairs(tmp_path):
+    """A hold point (tests/killpoint) stops `track` at its first log_batch, after the parent
+    run exists; the server is killed there, then `track` goes on."""
+    from helpers import make_outputs
+
+    db = f"sqlite:///{tmp_path}/server.db"
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    work, hold = tmp_path / "work", tmp_path / "hold"
+    work.mkdir(), hold.mkdir()
+    make_outputs(work)
+    proc = start_mlflow_server(db, port, tmp_path / "artifacts")
+    try:
+        env = _env(uri, DDPM_MLFLOW_TIMEOUT="3", DDPM_TEST_HOLD="track:pipeline.tracking.log_batch:1",
+                   DDPM_TEST_HOLD_DIR=str(hold),
+                   PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests' / 'killpoint'}")
+        track = subprocess.Popen([sys.executable, "-m", "pipeline.track"], cwd=work, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (hold / "held").exists():
+            assert track.poll() is None and time.monotonic() < deadline, track.communicate()
+            time.sleep(0.1)
+    finally:
+        stop_mlflow_server(proc)
+    t0 = time.monotonic()
+    (hold / "release").write_text("")
+    out, err = track.communicate(timeout=120)
+    assert track.returncode == 1, (out, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    line = err.strip()
+    assert line.startswith("error: mlflow: ") and uri in line and "stopped answering" in line
+    assert time.monotonic() - t0 < 60
+
+    # the server back: the half-written tree is replaced by one complete tree
+    proc = start_mlflow_server(db, port, tmp_path / "artifacts")
+    try:
+        env = _env(uri, PYTHONPATH=str(REPO))
+        r = subprocess.run([sys.executable, "-m", "pipeline.track"], cwd=work, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    finally:
+        stop_mlflow_server(proc)
+    live = [x for x in _runs(db) if x.info.lifecycle_stage == "active"
+            and x.data.tags.get("ddpm.level") in ("parent", "variant", "sampler")]
+    assert sum(x.data.tags["ddpm.level"] == "parent" for x in live) == 1
+    assert all(x.info.status == "FINISHED" for x in live)
