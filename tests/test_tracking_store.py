@@ -201,8 +201,8 @@ def test_the_server_dying_while_track_logs_is_one_line_and_the_next_run_repairs(
     make_outputs(work)
     proc = start_mlflow_server(db, port, tmp_path / "artifacts")
     try:
-        env = _env(uri, DDPM_MLFLOW_TIMEOUT="3", DDPM_TEST_HOLD="track:pipeline.tracking.log_batch:1",
-                   DDPM_TEST_HOLD_DIR=str(hold),
+        env = _env(uri, DDPM_MLFLOW_TIMEOUT="3", DDPM_TEST_HOLD_DIR=str(hold),
+                   DDPM_TEST_HOLD="track:pipeline.tracking.log_batch:1",
                    PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests' / 'killpoint'}")
         track = subprocess.Popen([sys.executable, "-m", "pipeline.track"], cwd=work, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
