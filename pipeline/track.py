@@ -31,6 +31,7 @@ from pipeline.tracking import (
     COMPLETE_TAG,
     MODEL_ARTIFACT_DIR,
     MODEL_URI_TAG,
+    ClaimedElsewhere,
     create_run,
     dataset_input,
     flatten,
@@ -219,8 +220,12 @@ def main(params: Params) -> None:
     key = stable_hash({"params": to_dict(params), "outputs": output_hashes(lock)}, n=16)
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     with store(params) as (client, exp_id):
-        parent, new = log_once(client, exp_id, key,
-                               lambda: log_everything(params, client, exp_id, key, lock))
+        try:
+            parent, new = log_once(client, exp_id, key,
+                                   lambda: log_everything(params, client, exp_id, key, lock))
+        except ClaimedElsewhere as e:  # another clone is logging the same results
+            print(f"track: {e}")
+            return
         names = client.get_run(parent).data.tags.get("dvc.exp_names", "")
         if exp_name not in names.split(","):
             client.set_tag(parent, "dvc.exp_names", f"{names},{exp_name}".strip(","))
