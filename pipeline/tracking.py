@@ -14,14 +14,16 @@ Run layout, found-or-created by a deterministic key held in the tag `ddpm.key`:
            used them), final loss, loss history, bits/dim per σ² × K, FID per sampler, its
            training time (train_seconds; the run's start/end span the training), the model
            file (artifact model/<v>.pt), the data set splits as MLflow dataset inputs whose
-           digest is DVC's hash of data/prepared, sample grids, the per-term bits/dim table
+           digest is DVC's hash of data/prepared, every file its stages wrote (artifacts
+           under the same paths: bpd/<v>.csv, plots/loss/<v>.csv, ...; not sample arrays)
   sampler  one per (model, sampler) under its variant (`ddpm.level = sampler`): params
            sampler/kind/steps/sigma2, metrics fid, kid and (full chains) the bits/dim of the
            same σ², so "σ² = β vs β̃" is two rows to tick and compare in the UI.
 A run tree is written completely and then tagged `ddpm.complete = true`; a later call with the
 same key does nothing but refresh tags, and a half-written tree (killed mid-way) is deleted and
 written again, so repeating `dvc repro` or restoring stages from DVC's run cache never
-duplicates a run.
+duplicates a run. Writers are serialised by a lock file on a sqlite store and by a claim run
+in the store itself elsewhere (a tracking server shared by clones: see log_once).
 """
 
 from __future__ import annotations
