@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 
 from ddpm_core.config import Params, to_dict
-from ddpm_core.modelfile import load_model_file
 from pipeline.common import run_stage, stable_hash
 from pipeline.records import (
     DATA_DIR,
@@ -108,6 +107,8 @@ def variant_params(params: Params, name: str) -> dict[str, str]:
     out = {"variant": name, **flatten(own), **flatten(tree)}
     model = VariantPaths(name).model
     if model.is_file():
+        from ddpm_core.modelfile import load_model_file  # torch: not on the error path
+
         out.update(flatten({"net": load_model_file(model).spec.to_dict()["unet"]}))
     return out
 

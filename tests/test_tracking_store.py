@@ -327,3 +327,12 @@ def test_a_claim_of_a_dead_writer_on_a_server_is_taken_over_and_its_tree_repaire
         assert old.info.status == "KILLED" and old.info.lifecycle_stage == "deleted"
     live = _tree(db)
     assert len(live) == 2 and all(x.info.status == "FINISHED" for x in live)
+
+
+def test_track_imports_no_torch_before_it_needs_a_model_file():
+    """The stage's own imports stay light, so a store that is away answers in seconds (the
+    rest of the error path is pipeline.common's)."""
+    code = "import sys, pipeline.track; print(sorted({'torch', 'mlflow'} & set(sys.modules)))"
+    r = subprocess.run([sys.executable, "-c", code], env=_env("sqlite:///unused.db"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
