@@ -175,10 +175,15 @@ def lost_store(uri: str, e: BaseException) -> str:
     """One line for a store that failed in the middle of logging."""
     import re
 
+    import requests
+
     text = " ".join(str(e).split())
     reason = re.findall(r"\[Errno -?\d+\] [^'\")(]+", text) or [text[:200] or type(e).__name__]
-    what = ("the tracking server at {uri} stopped answering" if uri.startswith("http")
-            else "the store {uri} failed").format(uri=uri)
+    gone = isinstance(e, requests.exceptions.ConnectionError) or any(
+        m in text for m in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                            "Connection reset", "Read timed out"))
+    what = (f"the tracking server at {uri} stopped answering" if gone and uri.startswith("http")
+            else f"the store {uri} failed")
     return (f"mlflow: {what} while logging ({reason[-1].strip()}); the results are safe on disk "
             "and the next `dvc repro` (or python -m pipeline.track) repairs the run tree")
 
