@@ -295,6 +295,30 @@ class MlflowConfig:
     experiment: str = "ddpm"
     tracking_uri: str | None = None  # None: sqlite:///<DVC_ROOT or repo root>/mlflow.db
 
+    def validate(self, key: str) -> None:
+        if self.tracking_uri is not None:
+            check_tracking_uri(self.tracking_uri, f"{key}.tracking_uri")
+
+
+def check_tracking_uri(uri: str, key: str) -> None:
+    """A ConfigError naming `key` unless `uri` is a tracking URI MLflow can open: a tracking
+    server, a SQLAlchemy database, Databricks or a file store."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        parts = urlsplit("")
+    scheme = parts.scheme.split("+")[0]  # postgresql+psycopg2://: a database driver
+    ok = (uri in ("databricks", "databricks-uc", "uc") or scheme in ("databricks", "uc") or
+          (scheme in ("http", "https") and bool(parts.hostname)) or
+          (scheme == "sqlite" and uri.startswith("sqlite:///") and len(uri) > len("sqlite:///")) or
+          (scheme in ("postgresql", "mysql", "mssql") and bool(parts.netloc)) or
+          (scheme == "file" and bool(parts.path)))
+    _require(ok, key, f"{uri!r} is not a tracking URI; give http://<host>:<port> (an mlflow "
+             "server), sqlite:///<path>/mlflow.db, or a postgresql://, mysql:// or mssql:// "
+             "database URL (unset it for sqlite:///<repo root>/mlflow.db)")
+
 
 def _default_variants() -> dict[str, VariantConfig]:
     return {"simple": VariantConfig(name="simple", loss="simple"),

@@ -16,7 +16,6 @@ from pathlib import Path
 import yaml
 
 from ddpm_core.config import Params, to_dict
-from ddpm_core.modelfile import load_model_file
 from pipeline.common import run_stage, stable_hash
 from pipeline.records import (
     DATA_DIR,
@@ -31,6 +30,7 @@ from pipeline.tracking import (
     COMPLETE_TAG,
     MODEL_ARTIFACT_DIR,
     MODEL_URI_TAG,
+    ClaimedElsewhere,
     create_run,
     dataset_input,
     flatten,
@@ -107,6 +107,8 @@ def variant_params(params: Params, name: str) -> dict[str, str]:
     out = {"variant": name, **flatten(own), **flatten(tree)}
     model = VariantPaths(name).model
     if model.is_file():
+        from ddpm_core.modelfile import load_model_file  # torch: not on the error path
+
         out.update(flatten({"net": load_model_file(model).spec.to_dict()["unet"]}))
     return out
 
@@ -129,6 +131,19 @@ def _loss_history(r: VariantResults) -> list[tuple[str, float, int]]:
     with path.open() as f:
         return [(k, float(row[k]), int(row["step"])) for row in csv.DictReader(f)
                 for k in ("loss", "grad_norm")]
+
+
+def variant_files(paths: VariantPaths) -> list[Path]:
+    """Every file the stages wrote for a variant, found through pipeline.records' VariantPaths
+    (each path, a folder's files, timings/<stage>/<v>.json), less the model file (logged as
+    model/<v>.pt) and the sample arrays (up to GBs each; the grids show them)."""
+    found = [getattr(paths, n) for n, a in vars(VariantPaths).items() if isinstance(a, property)]
+    found += sorted(Path("timings").glob(f"*/{paths.name}.json"))
+    files: list[Path] = []
+    for p in found:
+        files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return [f for f in dict.fromkeys(files) if f.is_file() and f != paths.model
+            and not (f.parent == paths.samples and f.suffix == ".npy")]
 
 
 def _finish(client, run_id: str, end_time: int | None = None) -> None:
@@ -174,10 +189,8 @@ def log_everything(params: Params, client, exp_id: str, key: str,
         if r.paths.model.is_file():
             client.log_artifact(vrun, str(r.paths.model), MODEL_ARTIFACT_DIR)
             client.set_tag(vrun, MODEL_URI_TAG, model_artifact(vrun, r.paths.model))
-        for f in [r.paths.bpd_terms, r.paths.bpd_steps, r.paths.loss_csv, r.paths.fid_steps,
-                  *sorted(r.paths.grids.glob("*.png"))]:
-            if f.is_file():
-                client.log_artifact(vrun, str(f))
+        for f in variant_files(r.paths):  # under the stage output's own path: bpd/<v>.csv, ...
+            client.log_artifact(vrun, str(f), f.parent.as_posix())
         for spec in r.samplers:
             d = r.fid_details.get(spec.name, {})
             sm = {"fid": d.get("fid"), "kid_mean": d.get("kid_mean"), "kid_std": d.get("kid_std"),
@@ -208,8 +221,12 @@ def main(params: Params) -> None:
     key = stable_hash({"params": to_dict(params), "outputs": output_hashes(lock)}, n=16)
     exp_name = os.environ.get("DVC_EXP_NAME", "workspace")
     with store(params) as (client, exp_id):
-        parent, new = log_once(client, exp_id, key,
-                               lambda: log_everything(params, client, exp_id, key, lock))
+        try:
+            parent, new = log_once(client, exp_id, key,
+                                   lambda: log_everything(params, client, exp_id, key, lock))
+        except ClaimedElsewhere as e:  # another clone is logging the same results
+            print(f"track: {e}")
+            return
         names = client.get_run(parent).data.tags.get("dvc.exp_names", "")
         if exp_name not in names.split(","):
             client.set_tag(parent, "dvc.exp_names", f"{names},{exp_name}".strip(","))

@@ -97,3 +97,73 @@ def test_mlflow_server_serves_the_runs_over_rest(tmp_path):
         assert "bpd_sigma2_beta" in metrics and "fid_ancestral_beta" in metrics
     finally:
         stop_mlflow_server(proc)
+
+
+def _variant_outputs(root: Path, name: str) -> list[Path]:
+    """Every file the stages wrote for variant `name` under root, found through
+    pipeline.records' VariantPaths (each path property, a folder's files, and
+    timings/<stage>/<name>.json), relative to root."""
+    from pipeline.records import VariantPaths
+
+    vp = VariantPaths(name)
+    paths = [getattr(vp, n) for n, a in vars(VariantPaths).items() if isinstance(a, property)]
+    paths += [p.relative_to(root) for p in (root / "timings").glob(f"*/{name}.json")]
+    files = []
+    for p in paths:
+        if (root / p).is_dir():
+            files += [f.relative_to(root) for f in (root / p).rglob("*") if f.is_file()]
+        elif (root / p).is_file():
+            files.append(p)
+    return sorted(set(files))
+
+
+def test_every_file_a_variants_stages_wrote_downloads_from_its_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.records import VariantPaths
+
+    make_outputs(tmp_path)
+    for name in ("simple", "vlb"):  # the stages make_outputs leaves out
+        (tmp_path / VariantPaths(name).gamma).parent.mkdir(exist_ok=True)
+        (tmp_path / VariantPaths(name).gamma).write_text(json.dumps({"gamma": [0.5, 0.25]}))
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    _track(tmp_path, db)
+    client = MlflowClient(db)
+    for name in ("simple", "vlb"):
+        run = next(r for r in _runs(db) if r.info.run_name == name)
+        files = _variant_outputs(tmp_path, name)
+        # the four per-variant CSVs that were all `<variant>.csv` at the artifact root
+        vp = VariantPaths(name)
+        assert {vp.bpd_terms, vp.bpd_steps, vp.loss_csv, vp.fid_steps, vp.gamma} <= set(files)
+        # the sample arrays are the one thing not logged (up to GBs each; the grids show them)
+        arrays = {f for f in files if f.parent == vp.samples and f.suffix == ".npy"}
+        assert len(arrays) == len(FID)
+        for f in sorted(set(files) - arrays):
+            got = Path(client.download_artifacts(run.info.run_id, f.as_posix(),
+                                                 str(tmp_path / "dl" / name)))
+            assert got.read_bytes() == (tmp_path / f).read_bytes(), f
+
+
+def test_two_clones_sharing_a_sqlite_store_keep_their_artifacts_beside_the_store(tmp_path):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "store").mkdir()
+    db = f"sqlite:///{tmp_path}/store/mlflow.db"
+    a, b = tmp_path / "clone_a", tmp_path / "clone_b"
+    for root in (a, b):
+        root.mkdir()
+        make_outputs(root)
+    (b / "metrics" / "bpd" / "simple.json").write_text(json.dumps(
+        {"simple": {"bpd_sigma2_beta": 9.0}}))  # clone B's own results: a new parent
+    _track(a, db)  # clone A creates the experiment
+    _track(b, db)
+    shutil.rmtree(a)  # the first clone is gone; the store is not
+    (run,) = [r for r in _runs(db) if r.info.run_name == "simple"
+              and r.data.metrics.get("bpd_sigma2_beta") == 9.0]
+    got = Path(MlflowClient(db).download_artifacts(run.info.run_id, "plots/loss/simple.csv",
+                                                   str(tmp_path / "dl")))
+    assert got.read_bytes() == (b / "plots" / "loss" / "simple.csv").read_bytes()
+    exp = MlflowClient(db).get_experiment_by_name("ddpm")
+    assert exp.artifact_location == (tmp_path / "store" / "mlartifacts").as_uri()
