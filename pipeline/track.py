@@ -202,7 +202,9 @@ def log_everything(params: Params, client, exp_id: str, key: str,
             sp = {"variant": name, "sampler": spec.name, "kind": spec.kind,
                   "steps": spec.steps, "sigma2": spec.sigma2 or "ddim",
                   "spacing": spec.spacing or "all", "ddim_eta": "n/a" if spec.eta is None
-                  else spec.eta, "schedule": p.schedule}
+                  else spec.eta, "schedule": p.schedule,
+                  "last_sigma_cap_y": "none" if spec.last_sigma_cap_y is None
+                  else spec.last_sigma_cap_y}
             srun = create_run(client, exp_id, f"{name} / {spec.name}",
                               f"{key}/{name}/{spec.name}", "sampler", vrun,
                               tags={**tags, "variant": name, "sampler": spec.name})
