@@ -136,3 +136,29 @@ def test_a_signal_before_the_training_loop_is_one_line_and_the_usual_code(
     assert proc.returncode == code, err
     assert [ln for ln in err.splitlines() if ln.strip()] == [f"error: {word}"], err
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_a_log_window_then_rerun_gives_the_uninterrupted_loss_csv(
+        tmp_path, trained):
+    # plots/loss/<v>.csv and the final loss of an interrupted and re-run train@<v> must equal an
+    # uninterrupted run's byte for byte (the signal's checkpoint lies inside a log window)
+    p = one_variant()
+    p["train"].update(steps=60, log_every=7, checkpoint_every=1000)
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    for d in (ref, cut):
+        d.mkdir()
+        (d / "data").symlink_to(trained / "data", target_is_directory=True)
+    assert run_stage("train", ref, p).returncode == 0
+    proc = start("train", cut, p)
+    for line in proc.stdout:  # on_log's line of step 14: the next step is inside a window
+        if line.startswith("train[simple] step 14/"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "training interrupted by SIGINT after step" in err, err
+    r = run_stage("train", cut, p)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stdout + r.stderr
+    for f in ("plots/loss/simple.csv", "metrics/train/simple.json", "models/simple.pt"):
+        assert (cut / f).read_bytes() == (ref / f).read_bytes(), f
