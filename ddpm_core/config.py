@@ -123,6 +123,10 @@ class VariantConfig:
         if learned and self.pretrained is None:
             _require(self.loss != "simple", f"{key}.loss",
                      "a learned variance needs loss 'vlb' or 'hybrid' (L_simple does not train it)")
+        if self.loss == "hybrid" and not learned and self.pretrained is None:  # losses.Loss
+            raise ConfigError(f"{key}.var_type: loss 'hybrid' trains a learned variance; use "
+                              "var_type learned or learned_range (or loss simple or vlb with "
+                              f"var_type {self.var_type})")
         if self.t_sampling == "importance":
             _require(self.loss == "vlb", f"{key}.t_sampling",
                      "importance sampling of t is defined for loss 'vlb' only")
@@ -244,7 +248,10 @@ class BpdConfig:
     nproc: int = 1
 
     def validate(self, key: str) -> None:
-        _require(all(k > 0 for k in self.steps), f"{key}.steps", "must be positive step counts")
+        # the even trajectory keeps steps 1 and T (likelihood.even_trajectory): a chain of one
+        # step has no decoder step below its prior, so K = 1 is no bound of that family
+        _require(all(k >= 2 for k in self.steps), f"{key}.steps",
+                 "K = 1 is no chain (the even trajectory keeps steps 1 and T); give K >= 2")
         for v in self.variances:
             _require(v in ("fixed_large", "fixed_small", "analytic"), f"{key}.variances",
                      f"{v!r} is not a σ² choice; use fixed_large, fixed_small or analytic")
@@ -377,6 +384,21 @@ def _union_name(args: tuple) -> str:
     return " or ".join(names)
 
 
+def _int_hint(value: Any) -> str:
+    """What to write for a whole number YAML did not read as an integer (YAML 1.1 reads 1e9 as
+    text and 1.0e+9 as a float)."""
+    if isinstance(value, bool) or not isinstance(value, (str, float)):
+        return ""
+    try:
+        f = float(value)
+    except ValueError:
+        return ""
+    if not math.isfinite(f) or f != int(f):
+        return ""
+    return f" (YAML reads {value} as {'text' if isinstance(value, str) else 'a float'}: " \
+           f"write {int(f)})"
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting lists to tuples and dicts to
     dataclasses; raise ConfigError naming `key` on a mismatch."""
@@ -415,8 +437,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         _key_tp, item_tp = typing.get_args(tp)
         out = {}
         for name, item in value.items():
-            if not isinstance(name, str):
-                raise ConfigError(f"{key}: key {name!r} must be a string")
+            if not isinstance(name, str):  # YAML reads `1:` as a number
+                raise ConfigError(f"{key}.{name}: a variant name must be a string; quote it "
+                                  f"('{name}') or use a word such as 'simple'")
             out[name] = _build(item_tp, item, f"{key}.{name}", from_key=name)
         return out
     if dataclasses.is_dataclass(tp):
@@ -427,7 +450,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}{_int_hint(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

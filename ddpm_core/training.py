@@ -278,16 +278,18 @@ def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: 
     step_fn = TrainStep(model, loss, t_sampler, cfg, info)
     batcher = Batcher(data_uint8, t_sampler, cfg, info)
     step, resumed_from, last_path = 0, None, None
+    # the open log window: its first step and this rank's sums of loss and grad norm
+    window_start, acc = 0, torch.zeros(2, device=dev)
     found = find_resume(ckpt_dir, cfg.resume_fallback)
     if found is not None:
         ck, resumed_from = found
         step = _restore(ck, step_fn, batcher, cfg, info)
+        window_start, acc = _restore_window(ck, info)
         last_path = resumed_from
     history: list[dict[str, float]] = []
-    acc = torch.zeros(2, device=dev)
     step_d = torch.tensor(step, device=dev)
     first_bad = torch.tensor(_NO_BAD_STEP, device=dev)
-    window = (step, time.perf_counter())
+    clock = (step, time.perf_counter())  # images/s: steps and time since the last log
     show = info.is_main and sys.stderr.isatty()
     with _StopOnSignal() as stop, tqdm(total=cfg.steps, initial=step, disable=not show,
                                        unit="step", dynamic_ncols=True) as bar:
@@ -308,24 +310,26 @@ def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: 
                 continue
             _check_finite(first_bad, last_path, cfg)
             if do_log:
-                n = step - window[0]
+                n = step - window_start
                 stats = D.all_reduce_(acc.clone()).div_(n * info.world_size).tolist()
                 now = time.perf_counter()
                 metrics = {"loss": stats[0], "grad_norm": stats[1],
                            "lr": cfg.lr * warmup_factor(cfg.warmup_steps)(step - 1),
-                           "images_per_s": n * cfg.batch_size / max(now - window[1], 1e-9)}
+                           "images_per_s": (step - clock[0]) * cfg.batch_size
+                           / max(now - clock[1], 1e-9)}
                 history.append({"step": step, **metrics})
                 bar.set_postfix(loss=f"{stats[0]:.4f}")
                 if on_log is not None and info.is_main:
                     on_log(step, metrics)
                 acc.zero_()
             if do_log:
-                window = (step, time.perf_counter())
+                window_start, clock = step, (step, time.perf_counter())
             if do_ckpt:
                 t_save = time.perf_counter()
-                last_path = _save(step, step_fn, batcher, cfg, info, ckpt_dir, spec_dict)
-                # images/s count training only: shift the window start past the write
-                window = (window[0], window[1] + time.perf_counter() - t_save)
+                last_path = _save(step, step_fn, batcher, cfg, info, ckpt_dir, spec_dict,
+                                  (window_start, acc))
+                # images/s count training only: shift the clock past the write
+                clock = (clock[0], clock[1] + time.perf_counter() - t_save)
             if signum is not None and step < cfg.steps:
                 raise TrainingInterrupted(step, last_path, int(signum))
     m, ema = step_fn.model, step_fn.ema
@@ -358,9 +362,13 @@ def _check_spec(spec: ModelSpec | None, model: nn.Module) -> dict | None:
 
 
 def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: Any, info: D.DistInfo,
-          ckpt_dir: Path, spec: dict | None = None) -> Path:
-    """Write the full training state after `step` (rank 0 writes; all ranks give RNG states)."""
+          ckpt_dir: Path, spec: dict | None = None,
+          window: tuple[int, Tensor] | None = None) -> Path:
+    """Write the full training state after `step` (rank 0 writes; all ranks give RNG states
+    and their sums of the open log window, so a resumed run logs the same averages)."""
     rng_all = D.all_gather_objects(_rng_state(info.device))
+    start, acc = window if window is not None else (step, torch.zeros(2))
+    sums_all = D.all_gather_objects(acc.detach().cpu().clone())
     path = checkpoint_path(ckpt_dir, step)
     if info.is_main:
         cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
@@ -370,12 +378,29 @@ def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: Any, info: D.Dis
             "optimizer": step_fn.opt.state_dict(), "scheduler": step_fn.sched.state_dict(),
             "t_sampler": step_fn.t_sampler.state_dict(), "data": batcher.sampler.state_dict(),
             "rng": {"generator": batcher.gen.get_state(), "ranks": rng_all},
+            "log_window": {"start": start, "sums": sums_all},
         }
         if spec is not None:
             state["spec"] = spec
         save_checkpoint(state, path)
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     return path
+
+
+def _restore_window(ck: dict, info: D.DistInfo) -> tuple[int, Tensor]:
+    """The log window open at a checkpoint (one written at a signal lies inside a window): its
+    first step and this rank's sums [loss, grad norm]; an empty window at the checkpoint's step
+    for a checkpoint without one."""
+    w, dev = ck.get("log_window"), info.device
+    if w is None:
+        return int(ck["step"]), torch.zeros(2, device=dev)
+    sums = w["sums"]
+    if len(sums) == info.world_size:
+        return int(w["start"]), sums[info.rank].to(dev)
+    # another process count: rank 0 carries the window's whole sum, rescaled so that the
+    # logged mean (sum over ranks / (steps x ranks)) is unchanged
+    total = torch.stack(list(sums)).sum(0) * (info.world_size / len(sums))
+    return int(w["start"]), (total if info.rank == 0 else torch.zeros(2)).to(dev)
 
 
 def _restore(ck: dict, step_fn: TrainStep, batcher: Batcher, cfg: Any, info: D.DistInfo) -> int:

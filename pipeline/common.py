@@ -12,11 +12,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -237,3 +240,78 @@ def load_model_file(path: Path, which: str = "ema") -> Any:
         return _load(path, which)  # type: ignore[arg-type]
     except ModelFileError as e:
         raise StageError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- signals
+# Ctrl-C (SIGINT) and SIGTERM end a stage with one line and the shell's usual exit code. The
+# handlers are installed when a stage starts (pipeline/__init__.py, before torch loads), so a
+# signal during the imports or the set-up is no KeyboardInterrupt traceback and SIGTERM is not
+# silent, and they override a SIGINT that the launching shell ignored: a non-interactive shell
+# starts a background job (`dvc repro &` in a script) with SIGINT ignored, Python keeps that, and
+# sampling then ran to the end through Ctrl-C. The handler raises SystemExit, so the atomic
+# writers remove their temporary files on the way out; the training loop takes both signals
+# over while it runs (ddpm_core.training: a checkpoint at the next step, then 128 + signal).
+
+_STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
+_stopped_by: list[int] = []  # the signal that stopped the stage, once one has
+
+
+def _stop(signum: int, frame: Any) -> None:
+    for s in _STOP_WORDS:  # a second signal acts at once (the default action)
+        signal.signal(s, signal.SIG_DFL)
+    _stopped_by.append(signum)
+    sig = signal.Signals(signum)
+    os.write(2, f"error: {_STOP_WORDS[sig]} ({sig.name})\n".encode())  # safe in a handler
+    raise SystemExit(128 + signum)
+
+
+def _quiet_after_stop(kind: type[BaseException], e: BaseException, tb: Any) -> None:
+    """An import interrupted inside a C extension turns the SystemExit into an ImportError: once
+    a signal has stopped the stage, any uncaught exception just exits with 128 + signal."""
+    if not _stopped_by:
+        sys.__excepthook__(kind, e, tb)
+        return
+    sys.stdout.flush()
+    os._exit(128 + _stopped_by[0])
+
+
+def stop_on_signals() -> None:
+    """SIGINT / SIGTERM: print `error: interrupted (SIGINT)` and exit 130 (143 for SIGTERM)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in _STOP_WORDS:
+            signal.signal(s, _stop)
+        sys.excepthook = _quiet_after_stop
+
+
+# ----------------------------------------------------------------------------- memory
+# sample@<v> holds a sampler's images in RAM until it writes them, per value: the float32
+# batches and their concatenation (distributed.sample_in_batches), the uint8 array
+# (data.to_numpy_images) and the previous sampler's uint8 array, still referenced meanwhile.
+SAMPLE_BYTES_PER_VALUE = 4 + 4 + 1 + 1
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM this process may use: the machine's, or a smaller cgroup limit."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_sample_memory(num_samples: int, image_shape_chw: tuple[int, ...]) -> None:
+    """Refuse, before any sampling, a sample set that cannot fit in RAM (ConfigError)."""
+    need = num_samples * math.prod(image_shape_chw) * SAMPLE_BYTES_PER_VALUE
+    have = physical_memory()
+    if have is not None and need > have:
+        shape = "x".join(map(str, image_shape_chw))
+        raise ConfigError(f"sample.num_samples: {num_samples:,} images of {shape} need about "
+                          f"{need / 1e9:,.1f} GB of RAM while sampling (num_samples x C x H x W "
+                          f"x {SAMPLE_BYTES_PER_VALUE} bytes), more than the "
+                          f"{have / 1e9:,.1f} GB here; lower sample.num_samples")

@@ -36,6 +36,7 @@ from ddpm_core.progress import Progress, counting
 from ddpm_core.samplers import prior_kl_at, sample_ancestral, sample_ddim, timestep_spacing
 from pipeline.common import (
     atomic_dir,
+    check_sample_memory,
     run_stage,
     scratch_dir,
     start_processes,
@@ -117,6 +118,7 @@ def main(params: Params, v: VariantConfig) -> None:
     dev = info.device
     paths = VariantPaths(v.name)
     m = variant_model(v.name, s.use_ema)
+    check_sample_memory(s.num_samples, m.spec.image_shape_chw)
     specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type, tuple(LEARNED_VAR_TYPES))
     gamma = read_gamma(paths, m.diffusion.T) if any(
         sp.variance == "analytic" for sp in specs) else None

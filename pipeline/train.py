@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from ddpm_core.diffusion import Diffusion
 from ddpm_core.losses import Loss
 from ddpm_core.modelfile import ModelSpec, save_model
 from ddpm_core.resample import make_sampler
-from ddpm_core.training import TrainingDiverged, train
+from ddpm_core.training import TrainingDiverged, TrainingInterrupted, train
 from ddpm_core.unet import UNet
 from pipeline.common import (
     StageError,
@@ -128,6 +129,10 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
             from pipeline.tracking import record_failure
 
             record_failure(params, "train", v.name, str(e), _read_history(hist_file))
+        raise
+    except TrainingInterrupted as e:  # a SystemExit with code 128 + signal: one line, no more
+        if is_main:
+            print(f"error: {e}; run the stage again to resume", file=sys.stderr, flush=True)
         raise
     seconds = time.perf_counter() - t0
     if not is_main:

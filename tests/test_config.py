@@ -64,6 +64,13 @@ def test_tree_is_frozen():
         ({"variants": [{"name": "a"}]}, "variants: expected a mapping"),
         ({"variants": {}}, "variants: give at least one variant"),
         ({"variants": {"a/b": {}}}, "variants.a/b: a variant name must be"),
+        ({"variants": {"a b": {}}}, "variants.a b: a variant name must be"),
+        ({"variants": {1: {}}}, "variants.1: a variant name must be a string; quote it ('1')"),
+        ({"variants": {"h": {"loss": "hybrid", "var_type": "fixed_large"}}},
+         "variants.h.var_type: loss 'hybrid' trains a learned variance"),
+        ({"bpd": {"steps": [1, 10]}}, "bpd.steps: K = 1"),
+        ({"sample": {"num_samples": "1e9"}}, "sample.num_samples: expected an integer, got '1e9' "
+         "(YAML reads 1e9 as text: write 1000000000)"),
         ({"variants": {"a": {"name": "b"}}}, "variants.a.name: unknown key; delete it or use "
          "one of variants.a's keys: format, loss, mean_type, pretrained, t_sampling, var_type"),
         ({"bogus": 1}, "bogus: unknown key; delete it or use one of params.yaml's keys: bpd, "

@@ -30,6 +30,12 @@ CASES = [
     ("train", lambda p: p.update(variants=[{"name": "a"}]), "variants: expected a mapping"),
     ("report", lambda p: p.update(schedule="cosin"), "schedule"),
     ("track", lambda p: p["mlflow"].update(experimnt="x"), "mlflow.experimnt"),
+    ("bpd", lambda p: p["bpd"].update(steps=[1]), "bpd.steps"),
+    ("train", lambda p: p["variants"]["simple"].update(loss="hybrid"), "variants.simple.var_type"),
+    ("prepare", lambda p: p.update(variants={1: p["variants"]["simple"]}), "variants.1"),
+    # DVC tracks data/raw only: data anywhere else would go stale unnoticed
+    ("prepare", lambda p: p["data"].update(dataset="npz", path="/tmp/elsewhere.npz"), "data.path"),
+    ("prepare", lambda p: p["data"].update(dataset="npz", path="data/raw/../x.npz"), "data.path"),
 ]
 assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "features", "fid",
                                    "report", "track"}

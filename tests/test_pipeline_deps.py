@@ -70,7 +70,7 @@ def test_per_variant_stages_read_only_their_own_variant():
         params = st["do"].get("params", [])
         assert "variants" not in params, f"{name} would re-run when another variant changes"
         assert all(p == "variants.${key}" for p in params if str(p).startswith("variants"))
-        assert "${key}" in st["do"]["cmd"]
+        assert "${key}" not in st["do"]["cmd"]  # the variant comes from DVC_STAGE
 
 
 def test_prepare_depends_on_the_raw_data_and_dvc_ignores_byte_code():
@@ -93,3 +93,25 @@ def test_every_output_lies_in_a_folder_git_ignores():
         path += "" if "." in path.rsplit("/", 1)[-1] else "/"  # a folder output
         r = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO)
         assert r.returncode == 0, f"{path} is not ignored by .gitignore; add its folder"
+
+
+def test_no_command_holds_text_from_params_yaml():
+    # a variant name is text from params.yaml: in a command it would reach the shell
+    # (`x;touch FILE`); pipeline/run.py reads a foreach stage's variant from DVC_STAGE instead
+    for name, st in STAGES.items():
+        assert "${" not in st["cmd"] and "$(" not in st["cmd"], (name, st["cmd"])
+        assert st["cmd"] == f"python3 pipeline/run.py {name}", (name, st["cmd"])
+
+
+def test_run_py_takes_the_variant_from_dvc_stage_or_the_command_line():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run", REPO / "pipeline" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    assert run.stage_args(["train"], "train@x;touch F") == ["x;touch F"]  # one exec argument
+    assert run.stage_args(["train"], "sub/dvc.yaml:train@a b") == ["a b"]
+    assert run.stage_args(["train", "simple"], "train@vlb") == ["simple"]  # by hand: as given
+    assert run.stage_args(["prepare"], "prepare") == []
+    assert run.stage_args(["train"], None) == []
+    assert run.stage_args(["train"], "gamma@simple") == []  # not this stage's name

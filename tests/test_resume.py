@@ -39,11 +39,16 @@ def run_to_end(ckpt_dir: Path, **kw: object):
                  ckpt_dir, device="cpu")
 
 
-def start_worker(ckpt_dir: Path, go: Path) -> subprocess.Popen:
+def windows_cfg():
+    """Log windows of 4 steps, checkpoints every 10: a signal lands inside a window."""
+    return tiny_cfg(steps=STEPS, checkpoint_every=10, log_every=4)
+
+
+def start_worker(ckpt_dir: Path, go: Path, mode: str = "steps") -> subprocess.Popen:
     """Launch the script form of this file: training that dawdles 20 ms per step."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, __file__, str(ckpt_dir), str(go)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, __file__, str(ckpt_dir), str(go), mode], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -116,21 +121,58 @@ def test_corrupt_latest_checkpoint_needs_resume_fallback(tmp_path: Path, one_thr
     assert_bitwise_equal(resumed, reference)
 
 
-def _worker(ckpt_dir: str, go: str) -> None:
-    """Script mode: train slowly; at PAUSE_AT wait for the parent's go file (a backstop)."""
+def _worker(ckpt_dir: str, go: str, mode: str = "steps") -> None:
+    """Script mode: train slowly; at PAUSE_AT wait for the parent's go file (a backstop).
+    mode "windows": windows_cfg, every logged row appended to <ckpt_dir>.rows.jsonl."""
     torch.set_num_threads(1)
+    rows = Path(ckpt_dir + ".rows.jsonl")
 
     def on_log(step: int, metrics: dict) -> None:
+        if mode == "windows":
+            with rows.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         time.sleep(0.02)
         while step == PAUSE_AT and not Path(go).exists():
             time.sleep(0.01)
 
-    train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(), resume_cfg(),
+    cfg = windows_cfg() if mode == "windows" else resume_cfg()
+    train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(), cfg,
           Path(ckpt_dir), device="cpu", on_log=on_log)
 
 
 if __name__ == "__main__":
-    _worker(*sys.argv[1:3])
+    _worker(*sys.argv[1:4])
+
+
+def _logged(rows: list[dict]) -> dict[int, tuple]:
+    """What the loss curve keeps of each logged row, by step (a re-logged step replaces the
+    earlier row, as pipeline.train._read_history does); images/s is a timing, not history."""
+    return {r["step"]: (r["loss"], r["grad_norm"], r["lr"]) for r in rows}
+
+
+def test_sigint_inside_a_log_window_then_resume_reproduces_the_logged_history(
+        tmp_path: Path, one_thread) -> None:
+    # the checkpoint written at the signal lies inside a log window: the resumed run must
+    # average the whole window, not only its steps after the checkpoint
+    ref_rows: list[dict] = []
+    train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(), windows_cfg(),
+          tmp_path / "ref", device="cpu",
+          on_log=lambda step, m: ref_rows.append({"step": step, **m}))
+    ckpt, go = tmp_path / "inted", tmp_path / "go"
+    proc = start_worker(ckpt, go, "windows")
+    wait_for(ckpt / "ckpt_00000010.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    go.touch()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    last = max(steps_saved(ckpt))
+    assert last % 4 != 0 and 10 < last < STEPS, last  # inside a window, between checkpoints
+    rows = [json.loads(line) for line in Path(f"{ckpt}.rows.jsonl").read_text().splitlines()]
+    resumed = train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(),
+                    windows_cfg(), ckpt, device="cpu",
+                    on_log=lambda step, m: rows.append({"step": step, **m}))
+    assert resumed.resumed_from is not None and resumed.step == STEPS
+    assert _logged(rows) == _logged(ref_rows)
 
 
 def test_loss_history_torn_by_a_kill_mid_line_is_repaired_before_the_resumed_run_appends(
