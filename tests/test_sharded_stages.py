@@ -40,8 +40,8 @@ def test_sample_stage_sharded_over_two_processes_draws_the_same_images(trained):
     root, p = trained
     one, two = (_run(root, p, "sample", n, "samples") for n in (1, 2))
     files = sorted(one.glob("simple/*.npy"))
-    # ancestral and respaced (S = 2) with σ² = β, β̃, analytic, and DDIM
-    assert len(files) == 7, [f.name for f in files]
+    # ancestral and respaced (S = 2) with σ² = β, β̃, analytic, DDIM and Analytic-DDIM
+    assert len(files) == 8, [f.name for f in files]
     for f in files:
         a, b = np.load(f), np.load(two / f.relative_to(one))
         assert a.shape == (10, 8, 8, 1)
