@@ -524,6 +524,7 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
     steps = steps_table(res)
     sigma2_bpd, sigma2_fid = sigma2_steps_tables(p, res)
     inception = feats.features == "inception"
+    nll_images = "all the" if p.nll.num_images is None else f"the first {p.nll.num_images}"
     md = [
         "# DDPM reproduction report",
         "",
@@ -548,7 +549,7 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
         f"σ² on the {p.data.dataset} test split (bpd stage), and the model's exact bits/dim by "
         f"its probability-flow ODE (Song et al. 2021: uniform dequantization, one Hutchinson "
         f"probe per image, RK45 at rtol {p.nll.rtol:g}, atol {p.nll.atol:g}; ± the standard "
-        f"error over the first {p.nll.num_images or 'all'} test images; NFE: network "
+        f"error over {nll_images} test images; NFE: network "
         f"evaluations per solve, {p.nll.batch_size} images per solve). The ODE defines a "
         f"likelihood, the bound only bounds one: ODE < bound is expected. Published rows: "
         f"{published.NLL_SOURCE}; context only.",
