@@ -547,10 +547,10 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
         "",
         f"Measured rows: the variational bound of the full T-step chain (DDPM eq. 5) for each "
         f"σ² on the {p.data.dataset} test split (bpd stage), and the model's exact bits/dim by "
-        f"its probability-flow ODE (Song et al. 2021: uniform dequantization, one Hutchinson "
-        f"probe per image, RK45 at rtol {p.nll.rtol:g}, atol {p.nll.atol:g}; ± the standard "
-        f"error over {nll_images} test images; NFE: network "
-        f"evaluations per solve, {p.nll.batch_size} images per solve). The ODE defines a "
+        f"its probability-flow ODE (Song et al. 2021: uniform dequantization, {p.nll.repeats} "
+        f"Hutchinson probe(s) per image, RK45 at rtol {p.nll.rtol:g}, atol {p.nll.atol:g}; "
+        f"± the standard error over {nll_images} test images; NFE: network evaluations per "
+        f"solve, {p.nll.batch_size} images per solve). The ODE defines a "
         f"likelihood, the bound only bounds one: ODE < bound is expected. Published rows: "
         f"{published.NLL_SOURCE}; context only.",
         "",
