@@ -391,8 +391,9 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
 
     Image j has index start_index + j: its dequantization noise and Hutchinson probes come from
     (seed, index). Images of one batch share one adaptive solve and hence its steps, so with
-    batch_size > 1 a number depends on its batch companions within the tolerance (~1e-5
-    bits/dim at rtol = atol = 1e-5); batch_size 1 makes each depend on (seed, index) only.
+    batch_size > 1 a number depends on its batch companions within the tolerance (≤ ~1e-4
+    bits/dim at rtol = atol = 1e-5 on the digits model); batch_size 1 makes each depend on
+    (seed, index) only.
     The ODE uses the mean's ε only (a learned variance plays no part; x_0-predicting models
     give the ε derived from x̂_0); a μ-predicting model is refused (ValueError).
     """
