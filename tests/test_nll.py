@@ -156,3 +156,15 @@ def test_cli_bad_tolerance_is_one_line(trained, capsys, monkeypatch):
     code = cli.main(["nll", "models/simple.pt", "data/prepared/test.npy", "--rtol", "0"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "rtol and atol must be > 0" in err
+
+
+def test_stage_skips_a_mu_model_with_one_line(trained):
+    root, p = trained
+    q = json.loads(json.dumps(p))
+    q["variants"]["mu"] = {"mean_type": "mu", "var_type": "fixed_large", "loss": "simple"}
+    for stage in ("train", "nll"):
+        r = run_stage(stage, root, q, variant="mu")
+        assert r.returncode == 0, r.stderr
+    assert "nll[mu]: skipped: a μ-predicting model has no continuous-time ε" in r.stdout
+    assert json.loads((root / "metrics" / "nll" / "mu.json").read_text()) == {"mu": {}}
+    assert json.loads((root / "timings" / "nll" / "mu.json").read_text())["skipped"]
