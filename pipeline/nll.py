@@ -13,6 +13,7 @@ keys from pipeline.records) and timings/nll/<v>.json.
 
 from __future__ import annotations
 
+import math
 import time
 
 from ddpm_core.api import nll
@@ -48,7 +49,9 @@ def main(params: Params, v: VariantConfig) -> None:
     res = nll(m.net, m.diffusion, images, rtol=c.rtol, atol=c.atol, repeats=c.repeats,
               batch_size=c.batch_size, seed=c.seed, device=device(), progress=True)
     seconds = time.perf_counter() - t0
-    metrics = {NLL_ODE_BPD: round(res.mean, 5), NLL_ODE_BPD_SE: round(res.standard_error, 5),
+    se = res.standard_error  # NaN for one image: left out (JSON has no NaN)
+    metrics = {NLL_ODE_BPD: round(res.mean, 5),
+               NLL_ODE_BPD_SE: round(se, 5) if math.isfinite(se) else None,
                NLL_NFE_MEAN: round(res.nfe_mean, 2)}
     write_json(variant_metrics(v.name, metrics), paths.nll_metrics)
     write_json({"seconds": round(seconds, 2), "images": n, "images_per_s": round(n / seconds, 3),
