@@ -3,6 +3,7 @@
     net, diffusion = ddpm_core.load_model(path)        # model file, checkpoint, diffusers, hub id
     images = ddpm_core.sample(net, diffusion, n=64, sampler="ddim", steps=50, seed=0)
     bpd = ddpm_core.bits_per_dim(net, diffusion, images)  # images: uint8 [N, H, W, C]
+    exact = ddpm_core.nll(net, diffusion, images)          # ODE bits/dim: .bpd, .se, .nfe [N]
 
 See ddpm_core.api for the arguments.
 """
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["bits_per_dim", "check_matches", "estimate_gamma", "load_model", "sample"]
+__all__ = ["bits_per_dim", "check_matches", "estimate_gamma", "load_model", "nll", "sample"]
 
 if TYPE_CHECKING:
-    from ddpm_core.api import bits_per_dim, check_matches, estimate_gamma, load_model, sample
+    from ddpm_core.api import bits_per_dim, check_matches, estimate_gamma, load_model, nll, sample
 
 
 def __getattr__(name: str) -> Any:

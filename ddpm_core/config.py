@@ -263,6 +263,33 @@ class BpdConfig:
 
 
 @dataclass(frozen=True)
+class NllConfig:
+    """nll stage: the exact bits/dim by the probability-flow ODE (Song et al. 2021, uniform
+    dequantization, Hutchinson divergence) on the first num_images test images."""
+
+    num_images: int | None = None  # None: the whole test split
+    rtol: float = 1e-5  # RK45 tolerances (Song et al. 2021, App. D.2)
+    atol: float = 1e-5
+    repeats: int = 1  # independent Hutchinson probes per image
+    # images sharing one solve share its steps: a number depends on the batch within the
+    # tolerance; 1 makes each image's number depend on (seed, index) only
+    batch_size: int = 1
+    seed: int = 0  # dequantization noise and probes of image i come from (seed, i)
+    use_ema: bool = True
+
+    def validate(self, key: str) -> None:
+        if self.num_images is not None:
+            _require(self.num_images > 0, f"{key}.num_images", "must be > 0 or null")
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            _require(0.0 < value < 1.0, f"{key}.{name}",
+                     f"must lie in (0, 1), got {value} (Song et al.: 1e-5)")
+        _require(self.repeats > 0, f"{key}.repeats", "must be > 0")
+        _require(self.batch_size > 0, f"{key}.batch_size", "must be > 0")
+        _require(self.seed >= 0, f"{key}.seed", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class GammaConfig:
     """gamma stage: Γ_t = E‖ε̂(x_t, t)‖²/d of the analytic σ² (Analytic-DPM), by Monte Carlo on
     the first num_images training images, one noise draw per image and step."""
@@ -345,6 +372,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     bpd: BpdConfig = field(default_factory=BpdConfig)
+    nll: NllConfig = field(default_factory=NllConfig)
     gamma: GammaConfig = field(default_factory=GammaConfig)
     fid: FidConfig = field(default_factory=FidConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -60,3 +60,18 @@ ANALYTIC_DPM_DDIM_FID = {
 }
 # their CIFAR-10 sampling runs cap σ of the step to x_τ1 (clip_sigma_idx 1) with y = 2
 ANALYTIC_DPM_LAST_SIGMA_CAP_Y = 2
+
+# The bound beside the exact likelihood, CIFAR-10 test bits/dim. The bounds: DDPM Table 1
+# (σ² = β, the official CIFAR-10 code's fixed_large); the ODE: Song et al. 2021 (SDE paper)
+# Table 2, probability-flow ODE with uniform dequantization. Ho's own weights' ODE bits/dim is
+# not published (the CIFAR-10 preset measures it).
+NLL_SOURCE = ("Ho et al. 2020 (DDPM) Table 1 (bound) and Song et al. 2021 (Score-based SDEs) "
+              "Table 2 (probability-flow ODE with uniform dequantization), CIFAR-10 test set")
+NLL_TABLE = [
+    {"model": "Ho et al. 2020: L, fixed isotropic Σ (L_vlb)", "bound σ² = β": "≤ 3.70",
+     "ODE": None},
+    {"model": "Ho et al. 2020: L_simple", "bound σ² = β": "≤ 3.75", "ODE": None},
+    {"model": "Song et al. 2021: DDPM (retrained, Ho's architecture)", "bound σ² = β": None,
+     "ODE": 3.28},
+    {"model": "Song et al. 2021: DDPM cont. (VP)", "bound σ² = β": None, "ODE": 3.21},
+]

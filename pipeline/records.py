@@ -12,6 +12,7 @@ Layout (<v> is a variant name, the key in params.yaml's `variants`):
     bpd/<v>.csv                         bpd@<v>     per-term bits/dim, one column per σ²
     plots/bpd_steps/<v>.csv             bpd@<v>     K,<sigma2>...: bits/dim against steps K
     metrics/bpd/<v>.json                bpd@<v>     {<v>: {bpd_<sigma2>[_K<k>]}}
+    metrics/nll/<v>.json                nll@<v>     {<v>: {nll_ode_bpd[_se], nll_nfe_mean}}
     features/                           features    reference statistics (+ digits classifier)
     metrics/features.json               features    {floor_fid, classifier_test_accuracy}
     fid/<v>.json                        fid@<v>     FID/KID/IS per sampler
@@ -145,6 +146,12 @@ def bpd_key(var_type: str, K: int | None = None) -> str:
     return f"bpd_{SIGMA2_NAME[var_type]}" + ("" if K is None else f"_K{K}")
 
 
+# nll@<v>: the probability-flow ODE's bits/dim (mean over the images), its standard error over
+# the images and the solver's mean evaluation count per image
+NLL_ODE_BPD = "nll_ode_bpd"
+NLL_ODE_BPD_SE = "nll_ode_bpd_se"
+NLL_NFE_MEAN = "nll_nfe_mean"
+
 FINAL_LOSS = "final_loss"
 FLOOR_FID = "floor_fid"
 
@@ -201,6 +208,10 @@ class VariantPaths:
         return Path("metrics/bpd") / f"{self.name}.json"
 
     @property
+    def nll_metrics(self) -> Path:
+        return Path("metrics/nll") / f"{self.name}.json"
+
+    @property
     def fid_details(self) -> Path:
         return Path("fid") / f"{self.name}.json"
 
@@ -249,6 +260,7 @@ class VariantResults:
     num_samples: dict[str, int]  # sampler name -> images
     train: dict[str, float]  # final_loss (absent for pretrained weights)
     bpd: dict[str, float]  # bpd_<sigma2>[_K<k>] -> bits/dim
+    nll: dict[str, float]  # nll_ode_bpd, nll_ode_bpd_se, nll_nfe_mean ({}: a μ model, no ODE)
     fid: dict[str, float]  # fid_<sampler> -> FID
     fid_details: dict[str, dict[str, float]]  # sampler name -> {fid, kid_mean, kid_std, ...}
     timings: dict[str, dict[str, Any]]  # stage -> {seconds, ...}
@@ -283,7 +295,7 @@ def _unwrap(path: Path, name: str) -> dict:
 
 def _timings(p: VariantPaths) -> dict:
     out = {}
-    for stage in ("train", "sample", "bpd", "fid"):
+    for stage in ("train", "sample", "bpd", "nll", "fid"):
         if p.timings(stage).is_file():
             out[stage] = read_json(p.timings(stage))
     return out
@@ -297,6 +309,7 @@ def load_variant(name: str) -> VariantResults:
         name=name, source=index.get("source", str(p.model)), samplers=specs,
         num_samples={d["name"]: d["num_samples"] for d in index["samplers"]},
         train=_unwrap(p.train_metrics, name), bpd=_unwrap(p.bpd_metrics, name),
+        nll=_unwrap(p.nll_metrics, name),
         fid=_unwrap(p.fid_metrics, name), fid_details=read_json(p.fid_details),
         timings=_timings(p), paths=p)
 

@@ -92,7 +92,7 @@ def headline_metrics(res: Results) -> dict[str, float]:
     """Every variant's results for the parent run, named as `dvc exp show` names them:
     <variant>.<metric key of pipeline.records> (simple.bpd_sigma2_beta, vlb.fid_ancestral_beta)."""
     return {f"{name}.{k}": x for name, r in res.variants.items()
-            for k, x in {**r.train, **r.bpd, **r.fid}.items()}
+            for k, x in {**r.train, **r.bpd, **r.nll, **r.fid}.items()}
 
 
 def variant_params(params: Params, name: str) -> dict[str, str]:
@@ -174,11 +174,12 @@ def log_everything(params: Params, client, exp_id: str, key: str,
     for name, r in res.variants.items():
         t = r.timings
         # r.bpd holds every σ² × K: bpd_<sigma2> (full chain) and bpd_<sigma2>_K<k>
-        metrics = {**r.train, **r.bpd, **r.fid,
+        metrics = {**r.train, **r.bpd, **r.nll, **r.fid,
                    "train_steps": t.get("train", {}).get("steps"),
                    "train_seconds": t.get("train", {}).get("seconds"),
                    "sample_seconds": t.get("sample", {}).get("seconds"),
-                   "bpd_seconds": t.get("bpd", {}).get("seconds")}
+                   "bpd_seconds": t.get("bpd", {}).get("seconds"),
+                   "nll_seconds": t.get("nll", {}).get("seconds")}
         start, end = train_window(r) or (None, None)
         vrun = create_run(client, exp_id, name, f"{key}/{name}", "variant", parent,
                           tags={**tags, "variant": name}, start_time=start)

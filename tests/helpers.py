@@ -126,11 +126,13 @@ def tiny_params() -> dict:
     p["sample"].update(num_samples=8, batch_size=8, steps=[2], grid_size=4)
     p["bpd"].update(num_images=4, batch_size=4, t_batch=5, steps=[5])
     p["gamma"].update(num_images=4, batch_size=8)
+    p["nll"].update(num_images=2, batch_size=2, rtol=1e-3, atol=1e-3)
     p["fid"].update(classifier_epochs=1, kid_subset_size=4)
     return p
 
 
-PER_VARIANT = {"train", "gamma", "sample", "bpd", "fid"}  # DVC foreach stages: `<stage> <variant>`
+# DVC foreach stages: `<stage> <variant>`
+PER_VARIANT = {"train", "gamma", "sample", "bpd", "nll", "fid"}
 
 
 def run_stage(stage: str, cwd: Path, params: dict | str, env: dict | None = None,
@@ -195,6 +197,8 @@ def make_outputs(root: Path, names: tuple[str, ...] = ("simple", "vlb")) -> dict
         put(vp.bpd_steps, "K,sigma2_beta,sigma2_beta_tilde,sigma2_analytic\n" + "".join(
             f"{K},{bpd[f'bpd_sigma2_beta_K{K}']},{bpd[f'bpd_sigma2_beta_tilde_K{K}']},"
             f"{bpd[f'bpd_sigma2_analytic_K{K}']}\n" for K in (2, 5, T)))
+        put(vp.nll_metrics, {name: {"nll_ode_bpd": 2.125 + k, "nll_ode_bpd_se": 0.0625,
+                                    "nll_nfe_mean": 150.0 + k}})
         put(vp.fid_metrics, {name: {f"fid_{s}": v + k for s, v in FID.items()}})
         put(vp.fid_details, {s: {"fid": v + k, "kid_mean": 0.01, "kid_std": 0.001}
                              for s, v in FID.items()})

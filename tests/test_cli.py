@@ -17,7 +17,7 @@ from PIL import Image
 from ddpm_core.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["sample", "bpd", "convert", "check", "preset"]
+SUBCOMMANDS = ["sample", "bpd", "nll", "convert", "check", "preset"]
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:

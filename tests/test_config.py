@@ -58,6 +58,10 @@ def test_tree_is_frozen():
         ({"sample": {"ddim_eta": 2}}, "sample.ddim_eta: must be in [0, 1]"),
         ({"sample": {"variances": ["learned"]}}, "sample.variances: 'learned' is not a σ² choice"),
         ({"bpd": {"num_images": 0}}, "bpd.num_images: must be > 0 or null"),
+        ({"nll": {"rtol": 0}}, "nll.rtol: must lie in (0, 1), got 0"),
+        ({"nll": {"atol": -1e-5}}, "nll.atol: must lie in (0, 1)"),
+        ({"nll": {"repeats": 0}}, "nll.repeats: must be > 0"),
+        ({"nll": {"batch_size": 0}}, "nll.batch_size: must be > 0"),
         ({"data": {"dataset": "npz"}}, "data.path: is required for dataset=npz"),
         ({"data": {"test_fraction": 1.5}}, "data.test_fraction: must be in (0, 1)"),
         ({"model": {"dropout": 1.0}}, "model.dropout: must be in [0, 1)"),
@@ -74,7 +78,7 @@ def test_tree_is_frozen():
         ({"variants": {"a": {"name": "b"}}}, "variants.a.name: unknown key; delete it or use "
          "one of variants.a's keys: format, loss, mean_type, pretrained, t_sampling, var_type"),
         ({"bogus": 1}, "bogus: unknown key; delete it or use one of params.yaml's keys: bpd, "
-         "data, diffusion, fid, gamma, mlflow, model, sample, schedule, train, variants"),
+         "data, diffusion, fid, gamma, mlflow, model, nll, sample, schedule, train, variants"),
         ({"variants": {"a": {"var_type": "learned"}}}, "variants.a.loss: a learned"),
         ({"variants": {"a": {"t_sampling": "importance"}}}, "variants.a.t_sampling"),
         ({"variants": {"a": {"format": "onnx"}}}, "variants.a.format"),

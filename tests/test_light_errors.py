@@ -49,6 +49,9 @@ print(json.dumps({{"code": code, "err": err.getvalue(),
     (["bpd", "./typo", "x.npz"], 2, ["./typo: not found"]),
     (["convert", "nowhere.safetensors", "out.pt"], 2, ["nowhere.safetensors: not found"]),
     (["bpd", "presets", "no-such-images.npz"], 2, ["no-such-images.npz: not found"]),
+    (["nll", "--help"], 0, []),
+    (["nll", "./typo", "x.npz"], 2, ["./typo: not found"]),
+    (["nll", "presets", "no-such-images.npz"], 2, ["no-such-images.npz: not found"]),
     (["preset", "no-such-preset"], 2, ["no such preset"]),
 ])
 def test_help_usage_errors_and_missing_paths_import_nothing_heavy(argv, code, words) -> None:

@@ -31,14 +31,15 @@ CASES = [
     ("report", lambda p: p.update(schedule="cosin"), "schedule"),
     ("track", lambda p: p["mlflow"].update(experimnt="x"), "mlflow.experimnt"),
     ("bpd", lambda p: p["bpd"].update(steps=[1]), "bpd.steps"),
+    ("nll", lambda p: p["nll"].update(rtol=0), "nll.rtol"),
     ("train", lambda p: p["variants"]["simple"].update(loss="hybrid"), "variants.simple.var_type"),
     ("prepare", lambda p: p.update(variants={1: p["variants"]["simple"]}), "variants.1"),
     # DVC tracks data/raw only: data anywhere else would go stale unnoticed
     ("prepare", lambda p: p["data"].update(dataset="npz", path="/tmp/elsewhere.npz"), "data.path"),
     ("prepare", lambda p: p["data"].update(dataset="npz", path="data/raw/../x.npz"), "data.path"),
 ]
-assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "features", "fid",
-                                   "report", "track"}
+assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "nll", "features",
+                                   "fid", "report", "track"}
 
 
 @pytest.mark.parametrize(("stage", "mutate", "key"), CASES,

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
-VARIANT_STAGES = ("train", "gamma", "sample", "bpd", "fid")
+VARIANT_STAGES = ("train", "gamma", "sample", "bpd", "nll", "fid")
 def e2e_params() -> dict:
     p = tiny_params()
     assert list(p["variants"]) == ["simple", "vlb"]  # L_simple and L_vlb (fixed Σ)
@@ -137,6 +137,14 @@ def test_repro_writes_every_output(repo):
     for key in ("bpd_sigma2_beta_K5", "bpd_sigma2_beta_tilde_K5", "bpd_sigma2_analytic_K5"):
         assert m[key] == bpd[key]  # every σ² × K is a metric of the variant run
     assert m["fid_ancestral_beta"] == fid["fid_ancestral_beta"]
+    # the exact likelihood (nll@<v>): on the variant run and, named <v>.<key>, on the parent
+    for name in ("simple", "vlb"):
+        nll = json.loads((root / "metrics" / "nll" / f"{name}.json").read_text())[name]
+        assert set(nll) == {"nll_ode_bpd", "nll_ode_bpd_se", "nll_nfe_mean"}
+        assert np.isfinite(nll["nll_ode_bpd"]) and nll["nll_nfe_mean"] > 0
+        assert variants[name].data.metrics["nll_ode_bpd"] == nll["nll_ode_bpd"]
+        assert parents[0].data.metrics[f"{name}.nll_ode_bpd"] == nll["nll_ode_bpd"]
+    assert "The bound beside the exact likelihood" in (root / "reports" / "report.md").read_text()
     assert "final_loss" in m and "loss" in m
     # dvc plots: titled plots from the top-level section, the grids as images
     shown = json.loads(sh([DVC, "plots", "show", "--json"], root, repo[1]).stdout)

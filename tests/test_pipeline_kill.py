@@ -32,8 +32,9 @@ from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 HOOK = Path(__file__).resolve().parent / "killpoint"
 RESULTS = ("data/prepared", "models", "gamma", "samples", "grids", "bpd", "features", "fid",
            "metrics", "plots", "reports")  # timings/ are measurements, not results
-ORDER = ["prepare", "train", "gamma", "sample", "bpd", "features", "fid", "report", "track"]
-DVC_NAME = {s: f"{s}@simple" if s in ("train", "gamma", "sample", "bpd", "fid") else s
+ORDER = ["prepare", "train", "gamma", "sample", "bpd", "nll", "features", "fid", "report",
+         "track"]  # DVC's order (dvc.repo.reproduce.plan_repro)
+DVC_NAME = {s: f"{s}@simple" if s in ("train", "gamma", "sample", "bpd", "nll", "fid") else s
             for s in ORDER}
 # Where each stage is killed, and what is then in place (globs) and what is not yet written.
 KILL_AT = {
@@ -47,6 +48,8 @@ KILL_AT = {
     "sample": ("rename:2", [], ["samples/simple", "grids/simple"]),
     "bpd": ("rename:2", ["bpd/simple.csv"], ["plots/bpd_steps/simple.csv",
                                              "metrics/bpd/simple.json"]),
+    # metrics/nll/simple.json complete under its temporary name, timings/nll not yet written
+    "nll": ("rename:1", [], ["metrics/nll/simple.json"]),
     "features": ("rename:5", ["features/info.json"], ["metrics/features.json"]),
     "fid": ("rename:2", ["fid/simple.json"], ["metrics/fid/simple.json"]),
     "report": ("rename:3", ["reports/figures", "reports/report.md"], ["reports/report.html"]),
@@ -268,7 +271,7 @@ def _error_lines(r: subprocess.CompletedProcess) -> list[str]:
 
 
 UNKNOWN = ("error: bogus: unknown key; delete it or use one of params.yaml's keys: bpd, data, "
-           "diffusion, fid, gamma, mlflow, model, sample, schedule, train, variants")
+           "diffusion, fid, gamma, mlflow, model, nll, sample, schedule, train, variants")
 
 
 @pytest.mark.slow

@@ -64,7 +64,7 @@ def test_experiment_and_source_tags(done):
 def test_parent_carries_every_variants_metrics_as_variant_dot_metric(done):
     root, _, _, _, by_level = done
     (parent,) = by_level["parent"]
-    expected = {f"{v}.{k}": x for v in VARIANTS for kind in ("train", "bpd", "fid")
+    expected = {f"{v}.{k}": x for v in VARIANTS for kind in ("train", "bpd", "nll", "fid")
                 for k, x in _results(root, kind, v).items()}
     assert {"simple.bpd_sigma2_beta", "vlb.fid_ancestral_beta", "simple.bpd_sigma2_beta_tilde_K5",
             "vlb.final_loss"} <= set(expected)
