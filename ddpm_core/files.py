@@ -28,13 +28,23 @@ TMP_PREFIX = ".tmp-"
 
 
 def _pid_alive(pid: int) -> bool:
+    """pid runs: it exists and is not a zombie (a killed writer whose parent died too may stay
+    a zombie where PID 1 does not reap, e.g. a container's init)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except OSError:  # exists, owned by someone else
         return True
-    return True
+    stat_file = Path(f"/proc/{pid}/stat")
+    if not Path("/proc/self/stat").exists():  # no /proc (macOS): os.kill's answer stands
+        return True
+    try:
+        return stat_file.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # exited meanwhile
+        return False
+    except (OSError, IndexError):
+        return True
 
 
 def _remove_dead_siblings(path: Path) -> None:

@@ -130,3 +130,22 @@ def test_a_rerun_removes_the_temporaries_of_a_killed_writer_but_not_of_a_live_on
         (d / "x").write_text("1")
     assert not stale_file.exists() and not stale_dir.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a.bin", "out", live.name])
+
+
+def test_a_killed_writer_left_as_a_zombie_counts_as_dead(tmp_path):
+    # a SIGKILLed stage whose parent (dvc) was killed too is reparented to PID 1; where PID 1
+    # does not reap (a container's init), it stays a zombie and os.kill(pid, 0) still succeeds:
+    # its temporaries must be removed all the same (the kill test's bpd case failed on this)
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        pass  # exited, not yet reaped: a zombie
+    try:
+        stale = tmp_path / f".tmp-a.bin-{child.pid}-abcdef"
+        stale.write_bytes(b"half")
+        atomic_write_bytes(tmp_path / "a.bin", b"new")
+        assert not stale.exists()
+    finally:
+        child.wait()

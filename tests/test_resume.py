@@ -136,8 +136,28 @@ def _worker(ckpt_dir: str, go: str, mode: str = "steps") -> None:
             time.sleep(0.01)
 
     cfg = windows_cfg() if mode == "windows" else resume_cfg()
-    train(tiny_model(dropout=0.2), FakeLoss(), FakeSampler(), tiny_data(), cfg,
+    sampler = SigintAtStep(SIGINT_AT) if mode == "windows" else FakeSampler()
+    train(tiny_model(dropout=0.2), FakeLoss(), sampler, tiny_data(), cfg,
           Path(ckpt_dir), device="cpu", on_log=on_log)
+
+
+SIGINT_AT = 14  # inside the log window 13..16, between the checkpoints 10 and 20
+
+
+class SigintAtStep(FakeSampler):
+    """FakeSampler that sends this process SIGINT while it draws t for step `at` (1-based): the
+    signal lands inside a log window whatever the machine's load (a signal from the parent
+    raced the worker to its next log step on a loaded CI machine)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def sample(self, n, generator):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().sample(n, generator)
 
 
 if __name__ == "__main__":
@@ -159,11 +179,9 @@ def test_sigint_inside_a_log_window_then_resume_reproduces_the_logged_history(
           tmp_path / "ref", device="cpu",
           on_log=lambda step, m: ref_rows.append({"step": step, **m}))
     ckpt, go = tmp_path / "inted", tmp_path / "go"
+    go.touch()  # no pause: the worker signals itself at step SIGINT_AT
     proc = start_worker(ckpt, go, "windows")
-    wait_for(ckpt / "ckpt_00000010.pt", proc)
-    proc.send_signal(signal.SIGINT)
-    go.touch()
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     last = max(steps_saved(ckpt))
     assert last % 4 != 0 and 10 < last < STEPS, last  # inside a window, between checkpoints
