@@ -144,14 +144,30 @@ def cmd_sample(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bpd(a: argparse.Namespace) -> int:
+def _model_and_images(a: argparse.Namespace):
+    """`bpd` and `nll`: the images (read before torch loads, so a bad path answers at once),
+    the first --num-images of them, and the model."""
     check_model_source(a.model)
     images = read_images(a.images)
-    from ddpm_core.api import bits_per_dim_per_image, load_model
+    from ddpm_core.api import load_model
 
     if a.n is not None:
         images = images[:a.n]
     net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
+    return net, diff, images
+
+
+def _write_result(path: str | None, result: dict) -> None:
+    """--json: the printed result as a JSON file."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cmd_bpd(a: argparse.Namespace) -> int:
+    net, diff, images = _model_and_images(a)
+    from ddpm_core.api import bits_per_dim_per_image
+
     per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, steps=a.steps,
                                  gamma=_gamma(a, net, diff), batch_size=a.batch_size,
                                  t_batch=a.t_batch, progress=True)
@@ -161,20 +177,14 @@ def cmd_bpd(a: argparse.Namespace) -> int:
               "steps": a.steps or diff.T, "sigma2": a.sigma2 or diff.var_type}
     print(f"bits/dim {mean:.5f} ± {se:.5f} (standard error) on {len(per)} images, "
           f"T = {diff.T}, {result['steps']} steps, σ² {result['sigma2']}")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    _write_result(a.json, result)
     return 0
 
 
 def cmd_nll(a: argparse.Namespace) -> int:
-    check_model_source(a.model)
-    images = read_images(a.images)
-    from ddpm_core.api import load_model, nll
+    net, diff, images = _model_and_images(a)
+    from ddpm_core.api import nll
 
-    if a.n is not None:
-        images = images[:a.n]
-    net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
     res = nll(net, diff, images, rtol=a.rtol, atol=a.atol, repeats=a.repeats,
               batch_size=a.batch_size, seed=a.seed, progress=True)
     result = {"nll_ode_bpd": res.mean, "standard_error": res.standard_error,
@@ -184,9 +194,7 @@ def cmd_nll(a: argparse.Namespace) -> int:
     print(f"ODE bits/dim {res.mean:.5f} ± {res.standard_error:.5f} (standard error) on "
           f"{len(res.bpd)} images, mean NFE {res.nfe_mean:.1f}, T = {diff.T}, "
           f"rtol {a.rtol:g}, atol {a.atol:g}, batch size {a.batch_size}")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    _write_result(a.json, result)
     return 0
 
 
