@@ -7,7 +7,8 @@ validation) and a tuple of its names (for checks and messages); a test keeps the
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 # β schedule (schedules.py): Ho et al. 2020 (linear), the official code (quadratic: linear in
 # √β, constant), the common write-ups' β-quadratic (quadratic_beta), Nichol & Dhariwal 2021
@@ -25,6 +26,49 @@ VarType = Literal["fixed_large", "fixed_small", "learned", "learned_range"]
 VAR_TYPES: tuple[VarType, ...] = ("fixed_large", "fixed_small", "learned", "learned_range")
 FIXED_VAR_TYPES: tuple[VarType, ...] = ("fixed_large", "fixed_small")
 LEARNED_VAR_TYPES: tuple[VarType, ...] = ("learned", "learned_range")
+
+# The reverse-process variance of a sampler and of the bound: the four VarTypes, plus
+# Analytic-DPM's optimal σ̂² (analytic.py; Bao et al. 2022), which needs Γ. One table row each:
+# the name (params.yaml, the library and the API), the stem of metric keys and MLflow params
+# (bpd_<key>_K<k>), the label of tables and figures, and the short name in sampler names and
+# on the `ddpm` command line (--sigma2 beta).
+Sigma2 = Literal["fixed_large", "fixed_small", "learned", "learned_range", "analytic"]
+
+
+@dataclass(frozen=True)
+class Sigma2Mode:
+    """One σ² choice: its name, metric-key stem, label and short name."""
+
+    name: Sigma2
+    key: str
+    label: str
+    short: str
+
+
+SIGMA2_MODES: dict[Sigma2, Sigma2Mode] = {m.name: m for m in (
+    Sigma2Mode("fixed_large", "sigma2_beta", "σ² = β", "beta"),
+    Sigma2Mode("fixed_small", "sigma2_beta_tilde", "σ² = β̃", "beta_tilde"),
+    Sigma2Mode("learned", "sigma2_learned", "σ² learned", "learned"),
+    Sigma2Mode("learned_range", "sigma2_learned_range", "σ² learned (range)", "learned_range"),
+    Sigma2Mode("analytic", "sigma2_analytic", "σ² analytic", "analytic"),
+)}
+SIGMA2S: tuple[Sigma2, ...] = get_args(Sigma2)
+assert tuple(SIGMA2_MODES) == SIGMA2S and set(VAR_TYPES) < set(SIGMA2S)
+
+
+def sigma2_mode(name: str) -> Sigma2Mode:
+    """The row of a σ² given by its name or its short name (ValueError naming the choices)."""
+    for m in SIGMA2_MODES.values():
+        if name in (m.name, m.short):
+            return m
+    raise ValueError(f"unknown σ² {name!r}; expected one of {SIGMA2S} (or the short names "
+                     f"{tuple(m.short for m in SIGMA2_MODES.values())})")
+
+
+# Samplers of the engine (api.sample, samplers.py): DDPM's ancestral chain (all T steps or
+# respaced), DDIM (η) and Bao et al.'s Analytic-DDIM (DDIM with the σ̂² noise).
+SamplerKind = Literal["ancestral", "ddim", "ddim_analytic"]
+SAMPLER_KINDS: tuple[SamplerKind, ...] = get_args(SamplerKind)
 
 # Training loss (losses.py) and how its timesteps are drawn (resample.py).
 LossType = Literal["simple", "vlb", "hybrid"]
