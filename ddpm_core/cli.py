@@ -19,9 +19,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_args
 
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
+from ddpm_core.modes import SAMPLER_KINDS, SIGMA2_MODES, SPACINGS, Which
 from ddpm_core.sources import check_model_source
 
 PRESETS_DIR = Path("presets")
@@ -130,8 +131,9 @@ def _gamma(a: argparse.Namespace, net: Any, diff: Any) -> Any:
 def cmd_sample(a: argparse.Namespace) -> int:
     check_model_source(a.model)  # a mistyped path: one line before torch is imported
     from ddpm_core.api import load_model, sample
+    from ddpm_core.inference import default_device
 
-    net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
+    net, diff = load_model(a.model, which=a.which, device=a.device or default_device())
     images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
                     spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
                     clip_x0=not a.no_clip, gamma=_gamma(a, net, diff),
@@ -150,10 +152,11 @@ def _model_and_images(a: argparse.Namespace):
     check_model_source(a.model)
     images = read_images(a.images)
     from ddpm_core.api import load_model
+    from ddpm_core.inference import default_device
 
     if a.n is not None:
         images = images[:a.n]
-    net, diff = load_model(a.model, which=a.which, device=a.device or _default_device())
+    net, diff = load_model(a.model, which=a.which, device=a.device or default_device())
     return net, diff, images
 
 
@@ -283,16 +286,10 @@ def cmd_preset(a: argparse.Namespace) -> int:
     return 0
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # ----------------------------------------------------------------------------- parser
 
-SIGMA2 = ["beta", "beta_tilde", "learned", "analytic"]
-SPACINGS = ["trailing", "linspace", "leading", "ddim_quadratic"]  # samplers.SPACINGS
+SIGMA2 = [m.short for m in SIGMA2_MODES.values()]  # --sigma2 beta, beta_tilde, ...
+WHICH = get_args(Which)
 DEFAULT_SPACING = "trailing"  # samplers.DEFAULT_SPACING (the parser must not import torch)
 DEFAULT_LAST_SIGMA_CAP_Y = 1.0  # samplers.DEFAULT_LAST_SIGMA_CAP_Y
 
@@ -330,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "[N, H, W, C]) and a PNG grid.")
     s.add_argument("model", help=model_help)
     s.add_argument("-n", "--num", dest="n", type=int, default=64, help="images (default 64)")
-    s.add_argument("--sampler", choices=["ancestral", "ddim", "ddim_analytic"],
+    s.add_argument("--sampler", choices=SAMPLER_KINDS,
                    default="ancestral", help="ancestral (DDPM), ddim (η = --eta) or "
                    "ddim_analytic (Analytic-DDIM: DDIM with σ̂² noise; needs --gamma-images)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
@@ -346,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    s.add_argument("--which", choices=["ema", "model"], default="ema",
+    s.add_argument("--which", choices=WHICH, default="ema",
                    help="EMA (default) or raw weights of our files")
     s.add_argument("--no-clip", action="store_true", help="do not clip x̂_0 to [-1, 1]")
     s.add_argument("-o", "--out", default="samples.npz", help="output .npz (default samples.npz)")
@@ -367,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=100)
     b.add_argument("--t-batch", type=int, default=10, help="timesteps per network call")
     b.add_argument("--device", default=None)
-    b.add_argument("--which", choices=["ema", "model"], default="ema")
+    b.add_argument("--which", choices=WHICH, default="ema")
     b.add_argument("--json", default=None, help="also write the result to this JSON file")
     _gamma_args(b)
     b.set_defaults(func=cmd_bpd)
@@ -389,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per solve (default 1: each image's number its own)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default=None)
-    e.add_argument("--which", choices=["ema", "model"], default="ema")
+    e.add_argument("--which", choices=WHICH, default="ema")
     e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.set_defaults(func=cmd_nll)
 
@@ -401,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="a .pt file (ours) or a folder (diffusers)")
     c.add_argument("--to", choices=["ours", "diffusers"], default=None,
                    help="output format (default: ours for a .pt destination, else diffusers)")
-    c.add_argument("--which", choices=["ema", "model"], default="ema")
+    c.add_argument("--which", choices=WHICH, default="ema")
     c.set_defaults(func=cmd_convert)
 
     k = sub.add_parser("check", help="compare metrics/ with reference/expected.yaml",

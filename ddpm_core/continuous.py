@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.modes import SCHEDULE_KINDS
+from ddpm_core.modes import SCHEDULE_KINDS, ContinuousKind
 from ddpm_core.schedules import COSINE_S, MAX_BETA, make_betas
-
-ContinuousKind = Literal["vp_linear", "cosine", "interpolated"]
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,9 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from ddpm_core.inference import default_device
+
+        device = default_device()
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())

@@ -14,17 +14,18 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 import torch_fidelity
 from torch import Tensor
-from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ddpm_core.data import download_file, nhwc_problem
 from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_classifier
+from ddpm_core.inference import default_device
 from ddpm_core.modes import Features
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -33,7 +34,9 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
                  "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS_EXTRACTOR_NAME = "ddpm-digits-classifier"
-_LABELS = {"inception": "Inception-v3", "digits_classifier": "digits classifier"}
+_LABELS: dict[Features, str] = {"inception": "Inception-v3",
+                                "digits_classifier": "digits classifier"}
+assert tuple(_LABELS) == get_args(Features)  # a label for every feature network
 
 
 class MetricsError(RuntimeError):
@@ -45,8 +48,8 @@ def resolve_features(features: str, dataset: str) -> Features:
     if features == "auto":
         return "digits_classifier" if dataset == "digits" else "inception"
     if features not in _LABELS:
-        raise MetricsError(f"fid.features: {features!r} is not auto, inception or "
-                           "digits_classifier")
+        raise MetricsError(f"fid.features: {features!r} is not one of "
+                           f"{('auto', *get_args(Features))}")
     return features  # type: ignore[return-value]
 
 
@@ -135,20 +138,12 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
 # ----------------------------------------------------------------------------- metrics
 
 
-class _Uint8Images(Dataset):
-    """uint8 [N, H, W, C] numpy as a torch-fidelity input: items uint8 [C', H, W]."""
-
-    def __init__(self, images: np.ndarray, rgb: bool):
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        if rgb and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # Inception wants RGB: grey -> three equal channels
-        self.x = x.contiguous()
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.x[i]
+def nchw(images: np.ndarray, rgb: bool) -> Tensor:
+    """uint8 [N, H, W, C] numpy -> uint8 [N, C', H, W] (rgb: grey -> three equal channels)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if rgb and x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)  # Inception wants RGB
+    return x.contiguous()
 
 
 def _check_images(images: np.ndarray, what: str) -> None:
@@ -156,58 +151,11 @@ def _check_images(images: np.ndarray, what: str) -> None:
         raise MetricsError(f"{what}: {problem}")
 
 
-def compute_metrics(samples: np.ndarray, reference: np.ndarray, features: Features, *,
-                    classifier_path: str | Path | None = None,
-                    inception_weights: str | Path | None = None, kid_subset_size: int = 100,
-                    kid_subsets: int = 100, batch_size: int = 256, device: str | None = None,
-                    seed: int = 2020) -> dict[str, float]:
-    """FID, KID (and IS for Inception) of uint8 [N, H, W, C] samples against a reference set."""
-    _check_images(samples, "samples")
-    _check_images(reference, "reference")
-    if samples.shape[1:] != reference.shape[1:]:
-        raise MetricsError(f"samples {samples.shape[1:]} and reference {reference.shape[1:]} "
-                           "differ in [H, W, C]")
-    if min(len(samples), len(reference)) < 2:
-        raise MetricsError(f"need >= 2 images per set, got {len(samples)} and {len(reference)}")
-    if features == "digits_classifier":
-        if classifier_path is None:
-            raise MetricsError("digits classifier features need classifier_path")
-        # Fails early (and clearly) on a missing/corrupt file or a channel mismatch.
-        expect_c = _load_classifier(classifier_path).config["in_channels"]
-        if samples.shape[-1] != expect_c:
-            raise MetricsError(f"images have {samples.shape[-1]} channels, the classifier at "
-                               f"{classifier_path} expects {expect_c}")
-        _register_digits_extractor()
-        extractor, weights, rgb, isc = DIGITS_EXTRACTOR_NAME, str(classifier_path), False, False
-    elif features == "inception":
-        weights = str(resolve_inception_weights(inception_weights))
-        extractor, rgb, isc = INCEPTION_NAME, True, len(samples) >= 10
-    else:
-        raise MetricsError(f"features: {features!r} is not inception or digits_classifier")
-    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    out = torch_fidelity.calculate_metrics(
-        input1=_Uint8Images(samples, rgb), input2=_Uint8Images(reference, rgb),
-        fid=True, kid=True, isc=isc, feature_extractor=extractor,
-        feature_extractor_weights_path=weights,
-        kid_subset_size=min(kid_subset_size, len(samples), len(reference)),
-        kid_subsets=kid_subsets, batch_size=batch_size, cuda=cuda, rng_seed=seed,
-        cache=False,  # inputs are in-memory arrays: never reuse stats of an older reference
-        save_cpu_ram=True,  # no DataLoader worker processes for in-memory tensors
-        verbose=False,
-    )
-    metrics = {"fid": float(out["frechet_inception_distance"]),
-               "kid_mean": float(out["kernel_inception_distance_mean"]),
-               "kid_std": float(out["kernel_inception_distance_std"])}
-    if isc:
-        metrics["isc_mean"] = float(out["inception_score_mean"])
-        metrics["isc_std"] = float(out["inception_score_std"])
-    return metrics
-
-
 # ----------------------------------------------------------------------------- reference statistics
 # The pipeline extracts the reference set's features ONCE (the `features` stage) and scores every
-# sample set against the stored statistics: the same numbers as compute_metrics, which would
-# re-extract the reference for every call (same torch-fidelity functions, same seeds).
+# sample set against the stored statistics: the same numbers as torch-fidelity's
+# calculate_metrics, which would re-extract the reference for every call (same functions, same
+# seeds; tests/test_reference_stats.py compares).
 
 
 @dataclass
@@ -228,12 +176,12 @@ def feature_network(features: Features, *, classifier_path: str | Path | None = 
     """The feature network of `features` (the digits classifier file, or Inception-v3)."""
     from torch_fidelity.utils import create_feature_extractor
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(device or default_device())
     cuda = dev.startswith("cuda")
     if features == "digits_classifier":
         if classifier_path is None:
             raise MetricsError("digits classifier features need classifier_path")
-        load_classifier(classifier_path)  # a clear error for a missing or corrupt file
+        _load_classifier(classifier_path)  # a clear error for a missing or corrupt file
         _register_digits_extractor()
         ex = create_feature_extractor(DIGITS_EXTRACTOR_NAME, ["features"], cuda=cuda,
                                       feature_extractor_weights_path=str(classifier_path),
@@ -244,7 +192,7 @@ def feature_network(features: Features, *, classifier_path: str | Path | None = 
         ex = create_feature_extractor(INCEPTION_NAME, ["2048", "logits_unbiased"], cuda=cuda,
                                       feature_extractor_weights_path=weights, verbose=False)
         return FeatureNet(ex, features, True, "2048", "logits_unbiased", dev)
-    raise MetricsError(f"features: {features!r} is not inception or digits_classifier")
+    raise MetricsError(f"features: {features!r} is not one of {get_args(Features)}")
 
 
 @torch.no_grad()
@@ -253,12 +201,12 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
     """One pass of the feature network over uint8 [N, H, W, C]: {layer: float32 [N, D] (CPU)}.
     `on_batch(n)` is called after every batch of n images (progress)."""
     _check_images(images, "images")
-    data = _Uint8Images(images, net.rgb)
+    x = nchw(images, net.rgb)
     out: dict[str, list[Tensor]] = {}
-    for i in range(0, len(data), batch_size):
+    for i in range(0, len(x), batch_size):
         # a fresh standard-strided batch as torch-fidelity's DataLoader makes (a grey [N, 1, H, W]
         # view of NHWC data also passes for channels_last, and convolutions then round differently)
-        batch = torch.stack(list(data.x[i:i + batch_size])).to(net.device)
+        batch = torch.stack(list(x[i:i + batch_size])).to(net.device)
         feats = net.extractor.convert_features_tuple_to_dict(net.extractor(batch))
         for k, v in feats.items():
             out.setdefault(k, []).append(v.cpu())
@@ -314,7 +262,7 @@ def metrics_against(net: FeatureNet, sample_feats: dict[str, Tensor], ref: Refer
                     kid_subset_size: int = 100, kid_subsets: int = 100,
                     seed: int = 2020, kid: bool = True) -> dict[str, float]:
     """FID, KID (and IS for Inception) of extracted sample features against `ref`; equal to
-    compute_metrics(samples, reference, ...) with the same seed. kid=False: FID (and IS) only."""
+    torch_fidelity.calculate_metrics with the same seed. kid=False: FID (and IS) only."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric

@@ -1,4 +1,5 @@
-"""The network call used by sampling and bits/dim: bf16 autocast, channels_last, compile.
+"""The network call used by sampling and bits/dim: where it runs (`default_device`), bf16
+autocast, channels_last, compile.
 
 Sampling and the likelihood call one fixed-shape network thousands of times, so the call is
 what to make fast. The mathematics around it (samplers.py, likelihood.py) always runs in
@@ -8,10 +9,17 @@ On CUDA, `compile=True` uses mode "reduce-overhead", i.e. CUDA graphs for the fi
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 from torch import Tensor, nn
 
 from ddpm_core.modes import Precision
+
+
+def default_device() -> torch.device:
+    """The device of every door when none is given: the GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Autocast(nn.Module):
@@ -31,8 +39,8 @@ class Autocast(nn.Module):
 def inference_model(model: nn.Module, precision: Precision = "fp32", channels_last: bool = False,
                     compile: bool = False) -> nn.Module:
     """The model in eval mode wrapped for fast repeated calls; same `(x_t, t) -> out` interface."""
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision not in get_args(Precision):
+        raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
     model = model.eval().requires_grad_(False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

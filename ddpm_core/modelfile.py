@@ -21,7 +21,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ddpm_core.checkpoint import MAGIC, CheckpointError, load_checkpoint
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.files import save_torch
-from ddpm_core.modes import LEARNED_VAR_TYPES, MeanType, ScheduleKind, VarType
+from ddpm_core.modes import LEARNED_VAR_TYPES, MeanType, ScheduleKind, VarType, Which
 from ddpm_core.unet import UNet, UNetConfig
 
 FORMAT = "ddpm-model/1"
@@ -205,7 +205,7 @@ def _read_blob(path: Path) -> tuple[dict, dict[str, Any]]:
     return blob, meta if isinstance(meta, dict) else {}
 
 
-def load_model_file(path: str | Path, which: Literal["ema", "model"] = "ema") -> LoadedModel:
+def load_model_file(path: str | Path, which: Which = "ema") -> LoadedModel:
     """Rebuild the network (EMA or raw weights) and diffusion from a model file or checkpoint."""
     if which not in WEIGHT_KEYS:
         raise ValueError(f"which must be one of {list(WEIGHT_KEYS)}, got {which!r}")

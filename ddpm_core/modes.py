@@ -2,7 +2,8 @@
 
 Torch-free on purpose: `ddpm_core.config` imports this module, and a bad params.yaml must fail
 without paying for `import torch`. Each mode is a `Literal` (for type hints and for config
-validation) and a tuple of its names (for checks and messages); a test keeps the two equal.
+validation); the tuple of its names, where code reads one, is `get_args` of it. A test
+(tests/test_modes.py) fails on any `Literal[` written outside this module.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ from typing import Literal, get_args
 # √β, constant), the common write-ups' β-quadratic (quadratic_beta), Nichol & Dhariwal 2021
 # (cosine). All but cosine are rescaled by 1000/T.
 ScheduleKind = Literal["linear", "quadratic", "quadratic_beta", "cosine", "constant"]
-SCHEDULE_KINDS: tuple[ScheduleKind, ...] = ("linear", "quadratic", "quadratic_beta", "cosine",
-                                            "constant")
+SCHEDULE_KINDS: tuple[ScheduleKind, ...] = get_args(ScheduleKind)
 
 # What the network's first C output channels predict (diffusion.py).
 MeanType = Literal["eps", "x0", "mu"]
-MEAN_TYPES: tuple[MeanType, ...] = ("eps", "x0", "mu")
 
 # The reverse-process variance σ_t² (diffusion.py); learned ones need C more output channels.
 VarType = Literal["fixed_large", "fixed_small", "learned", "learned_range"]
-VAR_TYPES: tuple[VarType, ...] = ("fixed_large", "fixed_small", "learned", "learned_range")
 FIXED_VAR_TYPES: tuple[VarType, ...] = ("fixed_large", "fixed_small")
 LEARNED_VAR_TYPES: tuple[VarType, ...] = ("learned", "learned_range")
 
@@ -53,7 +51,8 @@ SIGMA2_MODES: dict[Sigma2, Sigma2Mode] = {m.name: m for m in (
     Sigma2Mode("analytic", "sigma2_analytic", "σ² analytic", "analytic"),
 )}
 SIGMA2S: tuple[Sigma2, ...] = get_args(Sigma2)
-assert tuple(SIGMA2_MODES) == SIGMA2S and set(VAR_TYPES) < set(SIGMA2S)
+assert tuple(SIGMA2_MODES) == SIGMA2S and set(get_args(VarType)) < set(SIGMA2S)
+assert set(FIXED_VAR_TYPES) | set(LEARNED_VAR_TYPES) == set(get_args(VarType))
 
 
 def sigma2_mode(name: str) -> Sigma2Mode:
@@ -72,19 +71,41 @@ SAMPLER_KINDS: tuple[SamplerKind, ...] = get_args(SamplerKind)
 
 # Training loss (losses.py) and how its timesteps are drawn (resample.py).
 LossType = Literal["simple", "vlb", "hybrid"]
-LOSS_TYPES: tuple[LossType, ...] = ("simple", "vlb", "hybrid")
 TSampling = Literal["uniform", "importance"]
-T_SAMPLINGS: tuple[TSampling, ...] = ("uniform", "importance")
+T_SAMPLINGS: tuple[TSampling, ...] = get_args(TSampling)
 
 # Timestep subsequences for respaced sampling (samplers.py): leading, linspace and trailing as
 # diffusers' schedulers define them; ddim_quadratic as the DDIM code.
 Spacing = Literal["leading", "ddim_quadratic", "linspace", "trailing"]
-SPACINGS: tuple[Spacing, ...] = ("leading", "ddim_quadratic", "linspace", "trailing")
+SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
 
 # Arithmetic of the network call (training.py, inference.py).
 Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
 
 # Feature network of FID/KID (fid.py).
 Features = Literal["inception", "digits_classifier"]
-FEATURES: tuple[Features, ...] = ("inception", "digits_classifier")
+
+# ----------------------------------------------------------------------------- the other modes
+# Network presets (unet.PRESETS holds one UNetConfig per name): Ho et al. 2020's CIFAR-10 and
+# 256² networks, and a small one for the digits.
+Preset = Literal["digits", "cifar10", "celebahq256", "lsun256"]
+
+# A sample set of the pipeline (pipeline/records.SamplerSpec): all T steps of the ancestral
+# chain, the ancestral chain on S respaced steps, or DDIM on S steps.
+SpecKind = Literal["ancestral", "respaced", "ddim"]
+
+# Which weights of a model file: the EMA ones or the raw ones (modelfile.py, api.load_model).
+Which = Literal["ema", "model"]
+
+# Divergence of the probability-flow ODE (ode.py): exact (C·H·W backward passes) or Hutchinson.
+Divergence = Literal["exact", "hutchinson"]
+
+# Continuous-time schedules of the ODE (continuous.py).
+ContinuousKind = Literal["vp_linear", "cosine", "interpolated"]
+
+# DDIM's noise (samplers.py): η, or Bao et al.'s analytic σ̂² (Analytic-DDIM).
+DdimNoise = Literal["eta", "analytic"]
+
+# Data sets of params.yaml's data.dataset (data.py) and formats of pretrained weights.
+Dataset = Literal["digits", "cifar10", "folder", "npz"]
+ModelFormat = Literal["ours", "diffusers"]

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_core.modes import Preset
+
 NORM_EPS = 1e-6  # tf.contrib.layers.group_norm default, used by the official code
 
 
@@ -59,7 +61,7 @@ class UNetConfig:
         return tuple(self.image_size // 2**i for i in range(len(self.channel_mult)))
 
 
-PRESETS: dict[str, UNetConfig] = {
+PRESETS: dict[Preset, UNetConfig] = {  # one per modes.Preset
     # Ho et al. 2020, Appendix B; 35,746,307 parameters (google/ddpm-cifar10-32).
     "cifar10": UNetConfig(32, 3, 3, 128, (1, 2, 2, 2), 2, (16,), 0.1),
     # Official run_celebahq.py / run_lsun.py: dropout 0.0 on these data sets; ~114M parameters.

@@ -25,6 +25,7 @@ from ddpm_core.distributed import cleanup, map_shards
 from ddpm_core.inference import inference_model
 from ddpm_core.likelihood import bits_per_dim_at_steps
 from ddpm_core.modelfile import LoadedModel
+from ddpm_core.modes import SIGMA2_MODES
 from ddpm_core.progress import Progress, counting
 from pipeline.common import (
     StageError,
@@ -35,7 +36,7 @@ from pipeline.common import (
     write_text,
 )
 from pipeline.gamma import read_gamma
-from pipeline.records import DATA_DIR, SIGMA2_NAME, VariantPaths, bpd_key, variant_metrics
+from pipeline.records import DATA_DIR, VariantPaths, bpd_key, variant_metrics
 
 
 def per_image_bounds(params: Params, m: LoadedModel, net: torch.nn.Module, x_all: torch.Tensor,
@@ -104,13 +105,13 @@ def main(params: Params, v: VariantConfig) -> None:
         # rows: L_T (prior), then L_{t-1} evaluated at step t = T..1 (terms index t-1)
         columns = {vt: [float(mean[i, 0])] + [float(x) for x in mean[i, 1:].flip(0)]
                    for i, vt in enumerate(var_types)}
-        lines = ["term,t," + ",".join(SIGMA2_NAME[vt] for vt in columns)]
+        lines = ["term,t," + ",".join(SIGMA2_MODES[vt].key for vt in columns)]
         names = ["L_T"] + [f"L_{i}" for i in range(T - 1, -1, -1)]
         steps = [""] + list(range(T, 0, -1))  # L_T has no step: it is the prior at x_T
         for i, (name, t) in enumerate(zip(names, steps, strict=True)):
             lines.append(f"{name},{t}," + ",".join(f"{columns[vt][i]:.8g}" for vt in columns))
         write_text("\n".join(lines) + "\n", paths.bpd_terms)
-        steps_lines = ["K," + ",".join(SIGMA2_NAME[vt] for vt in var_types)]
+        steps_lines = ["K," + ",".join(SIGMA2_MODES[vt].key for vt in var_types)]
         steps_lines += [f"{K}," + ",".join(f"{totals[K][vt]:.6g}" for vt in var_types)
                         for K in Ks]
         write_text("\n".join(steps_lines) + "\n", paths.bpd_steps)

@@ -163,10 +163,10 @@ def scratch_dir() -> Iterator[Path]:
 
 
 def device() -> torch.device:
-    """The GPU when there is one, the CPU otherwise."""
-    import torch
+    """ddpm_core.inference.default_device, imported on use (torch loads only when needed)."""
+    from ddpm_core.inference import default_device
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device()
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -14,6 +14,7 @@ import numpy as np
 
 from ddpm_core.config import Params, VariantConfig
 from ddpm_core.fid import feature_network, load_reference, metrics_against
+from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES
 from pipeline.common import run_stage, write_json, write_text
 from pipeline.features import features_pass
 from pipeline.records import (
@@ -26,26 +27,32 @@ from pipeline.records import (
     variant_metrics,
 )
 
+# plots/fid_steps/<v>.csv: one `respaced` column for σ² = β or a model's own learned σ², one
+# respaced_<short> per other σ² (dvc.yaml's plot names them: tests/test_modes.py compares)
+_RESPACED = ("fixed_large", *LEARNED_VAR_TYPES)
+STEPS_COLUMNS = ("ddim", f"ddim_{SIGMA2_MODES['analytic'].short}", "respaced",
+                 *(f"respaced_{m.short}" for v, m in SIGMA2_MODES.items() if v not in _RESPACED))
+
+
+def steps_column(s: SamplerSpec) -> str:
+    """The column of a sample set in plots/fid_steps/<v>.csv (one of STEPS_COLUMNS)."""
+    short = None if s.variance is None else SIGMA2_MODES[s.variance].short
+    if s.kind == "ddim":
+        return "ddim" if short is None else f"ddim_{short}"
+    return "respaced" if s.variance in _RESPACED else f"respaced_{short}"
+
 
 def steps_csv(specs: list[SamplerSpec], fids: dict[str, float]) -> str:
-    """steps,ddim,ddim_analytic,respaced,respaced_beta_tilde,respaced_analytic: FID against S;
-    `respaced` is σ² = β (or the learned σ²); the full chains are the respaced points S = T."""
-    cols = {"fixed_large": "respaced", "learned": "respaced", "learned_range": "respaced",
-            "fixed_small": "respaced_beta_tilde", "analytic": "respaced_analytic"}
-    names = ["ddim", "ddim_analytic", "respaced", "respaced_beta_tilde", "respaced_analytic"]
+    """steps,<STEPS_COLUMNS>: FID against S; the full chains are the respaced points S = T."""
     rows: dict[int, dict[str, float]] = {}
     for s in specs:
-        if s.kind == "ddim":
-            col = "ddim" if s.variance is None else "ddim_analytic"
-            rows.setdefault(s.steps, {})[col] = fids[s.name]
-        elif s.variance in cols:
-            rows.setdefault(s.steps, {})[cols[s.variance]] = fids[s.name]
+        rows.setdefault(s.steps, {})[steps_column(s)] = fids[s.name]
 
     def cell(x: float | None) -> str:
         return "" if x is None else f"{x:.6g}"
 
-    return "\n".join([f"steps,{','.join(names)}"] + [
-        f"{S}," + ",".join(cell(r.get(c)) for c in names) for S, r in sorted(rows.items())
+    return "\n".join([f"steps,{','.join(STEPS_COLUMNS)}"] + [
+        f"{S}," + ",".join(cell(r.get(c)) for c in STEPS_COLUMNS) for S, r in sorted(rows.items())
     ]) + "\n"
 
 

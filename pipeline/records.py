@@ -30,10 +30,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ddpm_core.config import Params, SampleConfig
 from ddpm_core.last_sigma import last_sigma_cap, last_sigma_cap_of
+from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES, Sigma2, SpecKind
 
 DATA_DIR = Path("data/prepared")
 FEATURES_DIR = Path("features")
@@ -45,18 +46,6 @@ FEATURES_TIMINGS = Path("timings/features.json")
 REPORTS_DIR = Path("reports")
 CKPT_DIR = Path("checkpoints")  # training state: NOT a DVC output (see README, Resuming)
 
-# σ² choices: the var type the diffusion code uses -> the name in metric keys and MLflow params.
-SIGMA2_NAME = {"fixed_large": "sigma2_beta", "fixed_small": "sigma2_beta_tilde",
-               "analytic": "sigma2_analytic", "learned": "sigma2_learned",
-               "learned_range": "sigma2_learned_range"}
-SIGMA2_LABEL = {"fixed_large": "σ² = β", "fixed_small": "σ² = β̃", "analytic": "σ² analytic",
-                "learned": "σ² learned", "learned_range": "σ² learned (range)"}
-
-
-def sigma2_short(var_type: str) -> str:
-    """'beta', 'beta_tilde', 'analytic', ...: the σ² part of a sampler name."""
-    return SIGMA2_NAME[var_type].removeprefix("sigma2_")
-
 
 # ----------------------------------------------------------------------------- samplers
 
@@ -67,9 +56,9 @@ class SamplerSpec:
     respaced steps, improved DDPM Sec. 4) or `ddim` (η = eta on S steps; variance "analytic":
     Bao et al.'s Analytic-DDIM, DDIM with the σ̂² noise)."""
 
-    kind: Literal["ancestral", "respaced", "ddim"]
+    kind: SpecKind
     steps: int
-    variance: str | None = None  # σ² var type (ancestral, respaced); DDIM: None or "analytic"
+    variance: Sigma2 | None = None  # σ² (ancestral, respaced); DDIM: None or "analytic"
     spacing: str | None = None  # timestep spacing of respaced / DDIM; None: all T steps
     eta: float | None = None  # DDIM only
     # y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (samplers.last_sigma_cap); None:
@@ -80,17 +69,19 @@ class SamplerSpec:
     def name(self) -> str:
         """File and metric name: ancestral_beta, respaced_beta_S10, ddim_S10,
         ddim_analytic_S10."""
+        short = None if self.variance is None else SIGMA2_MODES[self.variance].short
         if self.kind == "ancestral":
-            return f"ancestral_{sigma2_short(self.variance or '')}"
+            return f"ancestral_{short}"
         if self.kind == "respaced":
-            return f"respaced_{sigma2_short(self.variance or '')}_S{self.steps}"
+            return f"respaced_{short}_S{self.steps}"
         eta = "" if not self.eta else f"_eta{self.eta:g}"
-        what = "ddim" if self.variance is None else f"ddim_{sigma2_short(self.variance)}"
+        what = "ddim" if short is None else f"ddim_{short}"
         return f"{what}{eta}_S{self.steps}"
 
     @property
     def sigma2(self) -> str | None:
-        return None if self.variance is None else SIGMA2_NAME[self.variance]
+        """The σ²'s metric-key stem (sigma2_beta, ...; MLflow's `sigma2` param), None: DDIM."""
+        return None if self.variance is None else SIGMA2_MODES[self.variance].key
 
     @property
     def last_sigma_cap(self) -> float | None:
@@ -103,7 +94,7 @@ class SamplerSpec:
             what = "DDIM" if self.variance is None else "Analytic-DDIM"
             return f"{what} η = {self.eta or 0.0:g}, {self.steps} steps"
         what = "ancestral" if self.kind == "ancestral" else "respaced ancestral"
-        return f"{what} {SIGMA2_LABEL[self.variance or '']}, {self.steps} steps"
+        return f"{what} {SIGMA2_MODES[self.variance].label}, {self.steps} steps"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self), "sigma2": self.sigma2,
@@ -114,8 +105,8 @@ class SamplerSpec:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
-def sampler_specs(s: SampleConfig, T: int, var_type: str,
-                  learned: tuple[str, ...] = ("learned", "learned_range")) -> list[SamplerSpec]:
+def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2,
+                  learned: tuple[str, ...] = LEARNED_VAR_TYPES) -> list[SamplerSpec]:
     """What sample@<v> draws for a model whose own σ² is `var_type`: the full chain with each
     σ² of sample.variances (a learned σ² instead: its own), then at every S of sample.steps
     respaced ancestral with each of those σ², DDIM and, when σ² analytic is among them,
@@ -141,9 +132,9 @@ def fid_key(spec: SamplerSpec) -> str:
     return f"fid_{spec.name}"
 
 
-def bpd_key(var_type: str, K: int | None = None) -> str:
+def bpd_key(var_type: Sigma2, K: int | None = None) -> str:
     """Metric key of a bound: bpd_<sigma2> (all T terms) or bpd_<sigma2>_K<K> (K steps)."""
-    return f"bpd_{SIGMA2_NAME[var_type]}" + ("" if K is None else f"_K{K}")
+    return f"bpd_{SIGMA2_MODES[var_type].key}" + ("" if K is None else f"_K{K}")
 
 
 # nll@<v>: the probability-flow ODE's bits/dim (mean over the images), its standard error over

@@ -32,6 +32,7 @@ from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator  # noqa: 
 
 from ddpm_core.config import Params  # noqa: E402
 from ddpm_core.data import load_images  # noqa: E402
+from ddpm_core.modes import SIGMA2_MODES  # noqa: E402
 from pipeline import published  # noqa: E402
 from pipeline.common import atomic_dir, run_stage, write_text  # noqa: E402
 from pipeline.provenance import provenance  # noqa: E402
@@ -41,8 +42,6 @@ from pipeline.records import (  # noqa: E402
     NLL_ODE_BPD,
     NLL_ODE_BPD_SE,
     REPORTS_DIR,
-    SIGMA2_LABEL,
-    SIGMA2_NAME,
     Results,
     SamplerSpec,
     bpd_key,
@@ -69,12 +68,12 @@ def summary_table(res: Results) -> pd.DataFrame:
     rows = []
     for name, r in res.variants.items():
         row = {"model": name, "final training loss": _fmt(r.train.get("final_loss"), 4)}
-        for var in SIGMA2_LABEL:
+        for var, mode in SIGMA2_MODES.items():
             if bpd_key(var) in r.bpd:
-                row[f"bits/dim {SIGMA2_LABEL[var]} (test)"] = _fmt(r.bpd[bpd_key(var)])
+                row[f"bits/dim {mode.label} (test)"] = _fmt(r.bpd[bpd_key(var)])
         for spec in r.samplers:
             if spec.kind == "ancestral":
-                row[f"{label}, ancestral {SIGMA2_LABEL[spec.variance]}"] = _fmt(r.fid_of(spec))
+                row[f"{label}, ancestral {_label(spec.variance)}"] = _fmt(r.fid_of(spec))
         rows.append(row)
     df = pd.DataFrame(rows).set_index("model")
     floor = {c: (_fmt(res.features.floor["fid"]) if c.startswith(label) else "–")
@@ -150,7 +149,7 @@ def steps_table(res: Results) -> pd.DataFrame:
         variances = list(dict.fromkeys(s.variance for s in r.samplers if s.kind != "ddim"))
         ddims = list(dict.fromkeys((s.variance, s.eta) for s in r.samplers if s.kind == "ddim"))
         kinds = [("ddim", v, _ddim_title(v, eta)) for v, eta in ddims or [(None, 0.0)]] + [
-            ("ancestral", v, f"ancestral {SIGMA2_LABEL[v or '']}") for v in variances]
+            ("ancestral", v, f"ancestral {_label(v)}") for v in variances]
         for kind, variance, title in kinds:
             row = {"model": name, "sampler": title}
             for spec in r.samplers:
@@ -167,8 +166,14 @@ def _ddim_title(variance: str | None, eta: float | None) -> str:
     return f"{'DDIM' if variance is None else 'Analytic-DDIM'} η = {eta or 0.0:g}"
 
 
-SIGMA2_COMPARED = ("fixed_large", "fixed_small", "analytic")
-_VAR_OF = {v: k for k, v in SIGMA2_NAME.items()}  # bpd/<v>.csv column -> σ² var type
+def _label(var: str | None) -> str:
+    """The table label of a σ² (σ² = β, ...)."""
+    return SIGMA2_MODES[var].label  # type: ignore[index]
+
+
+# the σ² of Analytic-DPM's published tables, compared with ours: β, β̃, analytic
+SIGMA2_COMPARED = tuple(v for v in SIGMA2_MODES if v in published.ANALYTIC_DPM_BPD)
+_VAR_OF = {m.key: var for var, m in SIGMA2_MODES.items()}  # bpd/<v>.csv column -> σ²
 
 
 def _by_steps(rows: list[dict[str, str]], first: list[str], last: list[str]) -> pd.DataFrame:
@@ -189,7 +194,7 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
     for name, r in res.variants.items():
         Ks = sorted({int(k.rsplit("_K", 1)[1]) for k in r.bpd if "_K" in k})
         for var in SIGMA2_COMPARED:
-            head = {"source": f"measured: {name}", "σ²": SIGMA2_LABEL[var]}
+            head = {"source": f"measured: {name}", "σ²": _label(var)}
             bpd = {f"K = {K}": _fmt(r.bpd[bpd_key(var, K)]) for K in Ks
                    if bpd_key(var, K) in r.bpd}
             if bpd:
@@ -206,7 +211,7 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
             fid_rows.append({"source": f"measured: {name}", "σ²": _ddim_title(variance, eta),
                              "metric": label, **fid, "spacing": params.sample.spacing})
     for var in SIGMA2_COMPARED:
-        head = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "σ²": SIGMA2_LABEL[var]}
+        head = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "σ²": _label(var)}
         bpd_rows.append({**head, **{f"K = {K}": _fmt(x, 2) for K, x in
                                     published.ANALYTIC_DPM_BPD[var].items()}, "spacing": "even"})
         fid_rows.append({**head, "metric": "FID (Inception-v3)",
@@ -235,9 +240,9 @@ def likelihood_table(res: Results) -> pd.DataFrame:
     rows = []
     for name, r in res.variants.items():
         row = {"likelihood": f"measured: {name}"}
-        bounds = {var: r.bpd[bpd_key(var)] for var in SIGMA2_LABEL if bpd_key(var) in r.bpd}
+        bounds = {var: r.bpd[bpd_key(var)] for var in SIGMA2_MODES if bpd_key(var) in r.bpd}
         for var, b in bounds.items():
-            row[f"bound {SIGMA2_LABEL[var]}"] = _fmt(b)
+            row[f"bound {_label(var)}"] = _fmt(b)
         ode = r.nll.get(NLL_ODE_BPD)
         row["ODE bits/dim"] = ("– (μ model: no ODE)" if ode is None else
                                f"{ode:.3f} ± {_fmt(r.nll.get(NLL_ODE_BPD_SE))}")
@@ -247,7 +252,7 @@ def likelihood_table(res: Results) -> pd.DataFrame:
         rows.append(row)
     for pub in published.NLL_TABLE:
         rows.append({"likelihood": f"published (CIFAR-10): {pub['model']}",
-                     f"bound {SIGMA2_LABEL['fixed_large']}": pub["bound σ² = β"] or "–",
+                     f"bound {_label('fixed_large')}": pub["bound σ² = β"] or "–",
                      "ODE bits/dim": _fmt(pub["ODE"], 2)})
     df = pd.DataFrame(rows)
     last = ["ODE bits/dim", "ODE NFE (mean)", "ODE < every bound"]
@@ -350,7 +355,7 @@ def thumb_width(res: Results) -> int:
     return max(lo, min(hi, 880 // max(1, len(res.variants))))
 
 
-SIGMA2_COLOR = {"fixed_large": "C0", "fixed_small": "C1", "analytic": "C2"}  # same in every figure
+SIGMA2_COLOR = dict(zip(SIGMA2_COMPARED, ("C0", "C1", "C2"), strict=True))  # in every figure
 MODEL_STYLE = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line, marker: model k (mod 4)
 LOSS_AXIS = {  # training loss kind -> (panel title, y label with the unit); {x}: the mean target
     "simple": ("L_simple (DDPM eq. 14)", "MSE of the {x} prediction\n(mean over dimensions)"),
@@ -407,7 +412,7 @@ def sigma2_steps_figure(params: Params, res: Results, fig_dir: Path) -> str | No
         line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
         for var in SIGMA2_COMPARED:
             style = {"color": SIGMA2_COLOR[var], "ls": line, "marker": marker,
-                     "label": f"{name}, {SIGMA2_LABEL[var]}"}
+                     "label": f"{name}, {_label(var)}"}
             ks = sorted(int(key.rsplit("_K", 1)[1]) for key in r.bpd
                         if key.startswith(bpd_key(var) + "_K"))
             if ks:
@@ -474,8 +479,8 @@ def terms_figure(res: Results, fig_dir: Path) -> str | None:
         line, _ = MODEL_STYLE[k % len(MODEL_STYLE)]
         steps = df[df["term"] != "L_T"].sort_values("t")
         for col in df.columns[2:]:
-            var = _VAR_OF.get(col, "")
-            style = {"ls": line, "label": f"{n}, {SIGMA2_LABEL.get(var, col)}",
+            var = _VAR_OF.get(col)
+            style = {"ls": line, "label": f"{n}, {_label(var) if var else col}",
                      **({"color": SIGMA2_COLOR[var]} if var in SIGMA2_COLOR else {})}
             a1.plot(steps["t"], steps[col], **style)
             a2.plot(steps["t"], steps[col].cumsum(), **style)

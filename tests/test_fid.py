@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import urllib.error
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch_fidelity
+import torch_fidelity.utils
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from ddpm_core import digits_classifier as dc
@@ -26,6 +27,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def score(samples: np.ndarray, reference: np.ndarray, features: fid.Features = "digits_classifier",
+          *, classifier_path: Path | None = None, inception_weights: Path | None = None,
+          fid_layer: str | None = None, **kw) -> dict[str, float]:
+    """FID, KID (and IS) of samples against reference by the pipeline's path: the features
+    stage's reference statistics, then the fid stage's metrics_against (fid_layer: read FID/KID
+    from another layer of the network)."""
+    net = fid.feature_network(features, classifier_path=classifier_path,
+                              inception_weights=inception_weights)
+    if fid_layer is not None:
+        net = dataclasses.replace(net, fid_layer=fid_layer)
+    ref = fid.reference_statistics(net, fid.extract_features(net, reference))
+    return fid.metrics_against(net, fid.extract_features(net, samples), ref, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +73,12 @@ def test_classifier_save_load_gives_the_same_features(clf, tmp_path):
     (tmp_path / "bad.pt").write_bytes(path.read_bytes()[:100])
     with pytest.raises(dc.ClassifierError, match=r"bad\.pt: corrupt digits classifier"):
         dc.load_classifier(tmp_path / "bad.pt")
+    # the fid and features stages print a MetricsError as one line (a ClassifierError was a
+    # traceback there)
     with pytest.raises(MetricsError, match=r"bad\.pt: corrupt digits classifier \(\w+\);"):
-        fid.compute_metrics(s.test, s.train, "digits_classifier",
-                            classifier_path=tmp_path / "bad.pt")
+        fid.feature_network("digits_classifier", classifier_path=tmp_path / "bad.pt")
     with pytest.raises(MetricsError, match=r"nope\.pt: digits classifier not found"):
-        fid.compute_metrics(s.test, s.train, "digits_classifier",
-                            classifier_path=tmp_path / "nope.pt")
+        fid.feature_network("digits_classifier", classifier_path=tmp_path / "nope.pt")
 
 
 def test_fid_floor_train_vs_test_far_below_noise_and_blank(clf):
@@ -71,8 +86,7 @@ def test_fid_floor_train_vs_test_far_below_noise_and_blank(clf):
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, s.test.shape, dtype=np.uint8)
     blank = np.zeros_like(s.test)
-    m = {name: fid.compute_metrics(x, s.train, "digits_classifier", classifier_path=path,
-                                   kid_subsets=20)
+    m = {name: score(x, s.train, classifier_path=path, kid_subsets=20)
          for name, x in [("test", s.test), ("noise", noise), ("blank", blank)]}
     print({k: round(v["fid"], 4) for k, v in m.items()}, fid.metric_label("digits_classifier"))
     assert set(m["test"]) == {"fid", "kid_mean", "kid_std"}  # no IS without Inception
@@ -84,8 +98,7 @@ def test_fid_floor_train_vs_test_far_below_noise_and_blank(clf):
 
 def test_fid_of_a_set_against_itself_is_zero(clf):
     s, _, path = clf
-    m = fid.compute_metrics(s.test, s.test, "digits_classifier", classifier_path=path,
-                            kid_subsets=5)
+    m = score(s.test, s.test, classifier_path=path, kid_subsets=5)
     assert abs(m["fid"]) < 1e-3
 
 
@@ -102,21 +115,16 @@ def test_fid_matches_frechet_distance_with_scipy_sqrtm(clf):
     s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2).real
     expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-    got = fid.compute_metrics(samples, reference, "digits_classifier", classifier_path=path,
-                              kid_subsets=5)["fid"]
+    got = score(samples, reference, classifier_path=path, kid_subsets=5)["fid"]
     assert got == pytest.approx(expected, rel=1e-3)
 
 
 def test_kid_subset_size_is_capped_at_the_sample_count(clf):
     s, _, path = clf
-    m = fid.compute_metrics(s.test[:12], s.train, "digits_classifier", classifier_path=path,
-                            kid_subset_size=100, kid_subsets=5)
+    m = score(s.test[:12], s.train, classifier_path=path, kid_subset_size=100, kid_subsets=5)
     assert np.isfinite(m["kid_mean"]) and np.isfinite(m["kid_std"]) and m["kid_std"] > 0
-    with pytest.raises(MetricsError, match=r"differ in \[H, W, C\]"):
-        fid.compute_metrics(s.test[:, :4], s.train, "digits_classifier", classifier_path=path)
     with pytest.raises(MetricsError, match="expected uint8"):
-        fid.compute_metrics(s.test.astype(np.float32), s.train, "digits_classifier",
-                            classifier_path=path)
+        score(s.test.astype(np.float32), s.train, classifier_path=path)
 
 
 def test_labels_name_the_feature_network():
@@ -128,23 +136,22 @@ def test_labels_name_the_feature_network():
 
 
 def test_missing_inception_weights_offline_is_a_clear_error(tmp_path, monkeypatch):
-    def no_fidelity(**kwargs):
+    def no_fidelity(*args, **kwargs):
         raise AssertionError("torch-fidelity must not be called without weights")
 
     def offline(url: str, dest: Path, timeout: float = 60.0) -> None:
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch_fidelity, "calculate_metrics", no_fidelity)
-    x = np.zeros((10, 8, 8, 3), np.uint8)
+    monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor", no_fidelity)
     missing = tmp_path / "weights" / fid.INCEPTION_FILE
     with pytest.raises(MetricsError) as e:
-        fid.compute_metrics(x, x, "inception", inception_weights=missing)
+        fid.feature_network("inception", inception_weights=missing)
     assert str(missing) in str(e.value) and fid.INCEPTION_URL in str(e.value)
     # No path given: torch hub's cache is tried, then a download, which fails offline.
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(fid, "_download", offline)
     with pytest.raises(MetricsError) as e:
-        fid.compute_metrics(x, x, "inception")
+        fid.feature_network("inception")
     msg = str(e.value)
     assert str(tmp_path / "hub" / "checkpoints" / fid.INCEPTION_FILE) in msg
     assert "download failed" in msg and fid.INCEPTION_URL in msg
@@ -157,9 +164,9 @@ def test_inception_path_runs_torch_fidelity_with_local_weights(tmp_path, monkeyp
     # input size is cut from 299 to 75 (its minimum) and FID/KID read the 64-d block instead of
     # the 2048-d pool (whose 2048x2048 eigvals alone take ~10 s) so that this runs in seconds.
     monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
-    default_layer = FeatureExtractorInceptionV3.get_default_feature_layer_for_metric
-    monkeypatch.setattr(FeatureExtractorInceptionV3, "get_default_feature_layer_for_metric",
-                        staticmethod(lambda m: default_layer(m) if m == "isc" else "64"))
+    create = torch_fidelity.utils.create_feature_extractor
+    monkeypatch.setattr(torch_fidelity.utils, "create_feature_extractor",
+                        lambda name, layers, **kw: create(name, [*layers, "64"], **kw))
     with monkeypatch.context() as m:
         torch.save({}, tmp_path / "empty.pth")
         m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
@@ -168,7 +175,7 @@ def test_inception_path_runs_torch_fidelity_with_local_weights(tmp_path, monkeyp
     weights = tmp_path / fid.INCEPTION_FILE
     torch.save(net.state_dict(), weights)
     x = np.random.default_rng(0).integers(0, 256, (10, 8, 8, 1), dtype=np.uint8)
-    out = fid.compute_metrics(x, x[::-1].copy(), "inception", inception_weights=weights,
-                              kid_subsets=2)
+    out = score(x, x[::-1].copy(), "inception", inception_weights=weights, fid_layer="64",
+                kid_subsets=2)
     assert set(out) == {"fid", "kid_mean", "kid_std", "isc_mean", "isc_std"}
     assert all(np.isfinite(v) for v in out.values())

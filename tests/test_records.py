@@ -126,3 +126,14 @@ def test_fid_steps_csv_gives_analytic_ddim_its_own_column():
     assert float(row["ddim"]) == fids["ddim_S10"]
     assert float(row["ddim_analytic"]) == fids["ddim_analytic_S10"]
     assert float(row["respaced_analytic"]) == fids["respaced_analytic_S10"]
+
+
+def test_sampler_names_metric_keys_and_labels_come_from_the_sigma2_table():
+    from ddpm_core.modes import SIGMA2_MODES
+    from pipeline.records import bpd_key
+
+    for var, m in SIGMA2_MODES.items():
+        spec = SamplerSpec("respaced", 10, var, "trailing")
+        assert spec.name == f"respaced_{m.short}_S10" and spec.sigma2 == m.key
+        assert spec.label() == f"respaced ancestral {m.label}, 10 steps"
+        assert bpd_key(var, 10) == f"bpd_{m.key}_K10"

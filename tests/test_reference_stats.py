@@ -4,9 +4,39 @@ torch-fidelity's calculate_metrics, which extracts the reference features on eve
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch_fidelity
 
 from ddpm_core import digits_classifier as C
 from ddpm_core import fid as F
+
+
+class _Images(torch.utils.data.Dataset):
+    """uint8 [N, H, W, C] as torch-fidelity's input: items uint8 [C, H, W]."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.x = F.nchw(images, rgb=False)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def calculate_metrics(samples: np.ndarray, reference: np.ndarray, classifier: str,
+                      kid_subset_size: int) -> dict[str, float]:
+    """The oracle: torch-fidelity's own calculate_metrics on the two image sets, extracting the
+    reference features itself, with the digits classifier's features."""
+    F._register_digits_extractor()
+    out = torch_fidelity.calculate_metrics(
+        input1=_Images(samples), input2=_Images(reference), fid=True, kid=True,
+        feature_extractor=F.DIGITS_EXTRACTOR_NAME, feature_extractor_weights_path=classifier,
+        kid_subset_size=kid_subset_size, kid_subsets=100, batch_size=256, cuda=False,
+        rng_seed=2020, cache=False, save_cpu_ram=True, verbose=False)
+    return {"fid": float(out["frechet_inception_distance"]),
+            "kid_mean": float(out["kernel_inception_distance_mean"]),
+            "kid_std": float(out["kernel_inception_distance_std"])}
 
 
 def test_metrics_against_stored_statistics_equal_a_full_recomputation(tmp_path, one_thread):
@@ -17,8 +47,7 @@ def test_metrics_against_stored_statistics_equal_a_full_recomputation(tmp_path, 
                       255).astype(np.uint8)
     clf = C.train_digits_classifier(reference, labels, epochs=1, seed=0)
     C.save_classifier(clf, tmp_path / "clf.pt")
-    full = F.compute_metrics(samples, reference, "digits_classifier",
-                             classifier_path=tmp_path / "clf.pt", kid_subset_size=20)
+    full = calculate_metrics(samples, reference, str(tmp_path / "clf.pt"), kid_subset_size=20)
     net = F.feature_network("digits_classifier", classifier_path=tmp_path / "clf.pt")
     calls = []
     F.extract_features(net, reference, batch_size=50, on_batch=calls.append)
