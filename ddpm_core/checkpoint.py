@@ -39,13 +39,19 @@ def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"ckpt_{step:08d}.pt"
 
 
+def step_of(path: Path) -> int:
+    """The step of a checkpoint file named by checkpoint_path (ValueError for another name)."""
+    if (m := _NAME.match(Path(path).name)) is None:
+        raise ValueError(f"{path}: not a checkpoint name (ckpt_<step>.pt)")
+    return int(m.group(1))
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Checkpoint files in ckpt_dir, oldest step first."""
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=step_of)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

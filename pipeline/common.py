@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ddpm_core.config import ConfigError, Params, VariantConfig, load_params
@@ -35,8 +36,12 @@ __all__ = ["atomic_dir", "write_text", "write_json"]
 if TYPE_CHECKING:  # torch is imported where it is used: a bad params.yaml fails in a blink
     import torch
 
+    from ddpm_core.distributed import DistInfo
+    from ddpm_core.modelfile import LoadedModel
+    from ddpm_core.modes import Which
+    from ddpm_core.unet import UNetConfig
+
 PARAMS_FILE = Path("params.yaml")
-MODEL_FILE_FORMAT = "ddpm-pipeline-model/1"
 
 
 class StageError(RuntimeError):
@@ -133,7 +138,7 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
-def start_processes(module: str, n: int) -> Any:
+def start_processes(module: str, n: int) -> DistInfo:
     """This process's ddpm_core.distributed info, after relaunching `module` on n processes."""
     from ddpm_core.distributed import init_distributed
 
@@ -186,10 +191,11 @@ def write_json(obj: Any, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- models
 # Model files carry their own network and diffusion spec, so the evaluation stages never rebuild
-# a network from params.yaml. (To be replaced by ddpm_core.modelfile.)
+# a network from params.yaml (ddpm_core.modelfile).
 
 
-def unet_config(params: Params, image_shape_hwc: tuple[int, ...], out_channels: int) -> Any:
+def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
+                out_channels: int) -> UNetConfig:
     """The U-Net of params.model (a preset plus overrides) sized for the data's [H, W, C]."""
     from ddpm_core.unet import PRESETS
 
@@ -208,27 +214,14 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...], out_channels: 
         raise ConfigError(f"model: {e}") from None
 
 
-def data_shape(split: str = "train") -> tuple[int, int, int]:
-    """[H, W, C] of a prepared split, read from the .npy header only."""
-    import numpy as np
-
-    from pipeline.records import DATA_DIR
-
-    path = DATA_DIR / f"{split}.npy"
-    if not path.is_file():
-        raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
-    arr = np.load(path, mmap_mode="r")
-    return tuple(arr.shape[1:])  # type: ignore[return-value]
-
-
-def variant_model(name: str, use_ema: bool) -> Any:
+def variant_model(name: str, use_ema: bool) -> LoadedModel:
     """The trained model of variant `name` (its EMA weights when use_ema), one-line error."""
     from pipeline.records import VariantPaths
 
     return load_model_file(VariantPaths(name).model, "ema" if use_ema else "model")
 
 
-def load_model_file(path: Path, which: str = "ema") -> Any:
+def load_model_file(path: Path, which: Which = "ema") -> LoadedModel:
     """A model file (or training checkpoint) as ddpm_core.modelfile.LoadedModel; one-line error."""
     from ddpm_core.modelfile import ModelFileError
     from ddpm_core.modelfile import load_model_file as _load
@@ -237,7 +230,7 @@ def load_model_file(path: Path, which: str = "ema") -> Any:
     if not path.is_file():
         raise StageError(f"{path}: not found; run the train stage first (dvc repro)")
     try:
-        return _load(path, which)  # type: ignore[arg-type]
+        return _load(path, which)
     except ModelFileError as e:
         raise StageError(str(e)) from None
 
@@ -256,7 +249,7 @@ _STOP_WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}
 _stopped_by: list[int] = []  # the signal that stopped the stage, once one has
 
 
-def _stop(signum: int, frame: Any) -> None:
+def _stop(signum: int, frame: FrameType | None) -> None:
     for s in _STOP_WORDS:  # a second signal acts at once (the default action)
         signal.signal(s, signal.SIG_DFL)
     _stopped_by.append(signum)
@@ -265,7 +258,8 @@ def _stop(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _quiet_after_stop(kind: type[BaseException], e: BaseException, tb: Any) -> None:
+def _quiet_after_stop(kind: type[BaseException], e: BaseException,
+                      tb: TracebackType | None) -> None:
     """An import interrupted inside a C extension turns the SystemExit into an ImportError: once
     a signal has stopped the stage, any uncaught exception just exits with 128 + signal."""
     if not _stopped_by:

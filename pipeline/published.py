@@ -39,7 +39,6 @@ DDIM_TABLE = {"DDIM η = 0": DDIM_ETA0, "DDIM η = 1": DDIM_ETA1,
 # even trajectory of K steps (τ keeps both ends). σ² var type -> K -> value.
 ANALYTIC_DPM_SOURCE = ("Bao et al. 2022 (Analytic-DPM), CIFAR-10 (LS), T = 1000, even trajectory "
                        "of K steps; FID on 50,000 samples")
-ANALYTIC_DPM_SPACING = "even (round(linspace(0, T−1, K)))"
 ANALYTIC_DPM_BPD = {
     "fixed_small": {10: 74.95, 25: 24.98, 50: 12.01, 100: 7.08, 200: 5.03, 400: 4.29, 1000: 3.73},
     "fixed_large": {10: 6.99, 25: 6.11, 50: 5.44, 100: 4.86, 200: 4.39, 400: 4.07, 1000: 3.75},

@@ -218,13 +218,6 @@ def store(params: Params) -> Iterator[tuple[Any, str]]:
                                   "track stage is running, delete the lock file") from None
 
 
-def client_and_experiment(params: Params) -> tuple[Any, str]:
-    """An MlflowClient on the store and the id of params.mlflow.experiment (created if new),
-    under the store's lock for the creation only (use `store` to hold it while logging)."""
-    with store(params) as opened:
-        return opened
-
-
 CLAIM_TAG = "ddpm.claim"  # a claim run: the key its writer is logging (shared stores only)
 HEARTBEAT_TAG = "ddpm.heartbeat"  # a counter the claim's writer raises while it is alive
 CLAIM_OWNER_TAG = "ddpm.claim_owner"  # host:pid (folder) of the writer, for the messages

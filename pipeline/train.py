@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_core.checkpoint import list_checkpoints
+from ddpm_core.checkpoint import list_checkpoints, step_of
 from ddpm_core.config import ConfigError, Params, TrainConfig, VariantConfig, weight_settings
 from ddpm_core.data import load_images, to_model_tensor
 from ddpm_core.diffusion import Diffusion
@@ -55,7 +55,7 @@ def ckpt_dir_for(params: Params, v: VariantConfig, ucfg: object, cfg: TrainConfi
                        "train": weight_settings(cfg)})
     d = VariantPaths(v.name).checkpoints() / key
     done = list_checkpoints(d)
-    if done and int(done[-1].name[5:-3]) > cfg.steps:
+    if done and step_of(done[-1]) > cfg.steps:
         d = d.with_name(f"{key}-steps{cfg.steps}")  # fewer steps than trained: start anew
     return d
 

@@ -16,6 +16,7 @@ from ddpm_core.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    step_of,
 )
 
 
@@ -110,3 +111,14 @@ def test_find_resume_falls_back_only_when_asked(tmp_path: Path) -> None:
         find_resume(tmp_path, fallback=True)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt_00000005.pt",
                                                            "ckpt_00000010.pt"]
+
+
+def test_step_of_reads_back_the_step_of_checkpoint_path_and_orders_the_listing(tmp_path) -> None:
+    for step in (0, 7, 12_345_678, 123_456_789):  # past 8 digits the name grows
+        assert step_of(checkpoint_path(tmp_path, step)) == step
+    for s in (100_000_000, 9, 20):
+        save_checkpoint(fake_state(s), checkpoint_path(tmp_path, s))
+    (tmp_path / "ckpt_x.pt").write_bytes(b"")
+    assert [step_of(p) for p in list_checkpoints(tmp_path)] == [9, 20, 100_000_000]
+    with pytest.raises(ValueError, match="ckpt_x.pt: not a checkpoint name"):
+        step_of(tmp_path / "ckpt_x.pt")
