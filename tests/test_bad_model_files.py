@@ -183,6 +183,7 @@ def test_pickle_with_code_is_refused_and_says_why(tmp_path: Path) -> None:
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_bad_and_huge_sources_are_one_line_through_cli_and_pretrained(tmp_path: Path) -> None:
     """Every bad source, through `ddpm sample`, `ddpm convert` and a pretrained variant, under
     the address-space cap; the error names the file (exit 2 in the CLI, 1 in the stage)."""

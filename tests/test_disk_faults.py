@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
+
 REPO = Path(__file__).resolve().parents[1]
 PREPARED = Path("data/prepared")
 

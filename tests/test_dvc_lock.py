@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 DVC = Path(sys.executable).parent / "dvc"
 
@@ -46,6 +48,7 @@ def test_lock_drift_sees_a_modified_dependency_and_ignores_missing_outputs() -> 
                                   "'modified'}}"]
 
 
+@pytest.mark.slow
 def test_committed_dvc_lock_matches_the_code_and_params() -> None:
     r = subprocess.run([str(DVC), "status", "--json"], cwd=REPO, capture_output=True,
                        text=True, timeout=300)

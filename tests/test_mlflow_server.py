@@ -7,7 +7,10 @@ import json
 import urllib.request
 from pathlib import Path
 
+import pytest
 from helpers import FID, free_port, make_outputs, run_stage, start_mlflow_server, stop_mlflow_server
+
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
 
 
 def _runs(db: str) -> list:

@@ -111,6 +111,7 @@ def trained(tmp_path_factory):
     return root, p
 
 
+@pytest.mark.slow
 def test_stage_and_cli_print_the_same_number(trained, capsys, monkeypatch):
     root, p = trained
     r = run_stage("nll", root, p)
@@ -140,6 +141,7 @@ def test_stage_and_cli_print_the_same_number(trained, capsys, monkeypatch):
     assert printed not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_stage_refuses_a_bad_tolerance_in_one_line(trained):
     root, p = trained
     q = json.loads(json.dumps(p))
@@ -150,6 +152,7 @@ def test_stage_refuses_a_bad_tolerance_in_one_line(trained):
     assert len(lines) == 1 and "nll.rtol: must lie in (0, 1)" in lines[0], r.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_tolerance_is_one_line(trained, capsys, monkeypatch):
     root, _ = trained
     monkeypatch.chdir(root)
@@ -158,6 +161,7 @@ def test_cli_bad_tolerance_is_one_line(trained, capsys, monkeypatch):
     assert code == 2 and err.count("\n") == 1 and "rtol and atol must be > 0" in err
 
 
+@pytest.mark.slow
 def test_stage_skips_a_mu_model_with_one_line(trained):
     root, p = trained
     q = json.loads(json.dumps(p))

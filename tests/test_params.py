@@ -42,6 +42,7 @@ assert {s for s, _, _ in CASES} == {"prepare", "train", "sample", "bpd", "nll", 
                                    "fid", "report", "track"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stage", "mutate", "key"), CASES,
                          ids=[f"{s}-{k}" for s, _, k in CASES])
 def test_bad_value_fails_before_work_with_one_line_naming_the_key(tmp_path, stage, mutate, key):
@@ -60,11 +61,13 @@ def test_bad_value_fails_before_work_with_one_line_naming_the_key(tmp_path, stag
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "m.db").exists()
 
 
+@pytest.mark.slow
 def test_invalid_yaml_names_the_line(tmp_path):
     r = run_stage("prepare", tmp_path, "schedule: linear\ntrain: [\n")
     assert_one_line_error(r, "params.yaml")
 
 
+@pytest.mark.slow
 def test_nan_loss_exits_nonzero_and_marks_the_mlflow_run_failed(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -85,6 +88,7 @@ def test_nan_loss_exits_nonzero_and_marks_the_mlflow_run_failed(tmp_path):
     assert not (tmp_path / "models" / "simple.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_per_variant_stage_names_an_unknown_variant(tmp_path):
     r = run_stage("sample", tmp_path, tiny_params(), variant="nope")
     assert_one_line_error(r, "variants.nope: no such variant")
@@ -103,6 +107,7 @@ def test_hflip_auto_is_resolved_where_mlflow_reads_it():
     assert params_from_dict(p).train.hflip is False
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_training_split_is_a_params_error_before_training(tmp_path):
     p = tiny_params()
     assert run_stage("prepare", tmp_path, p).returncode == 0

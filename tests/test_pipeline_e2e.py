@@ -17,6 +17,8 @@ import pytest
 import yaml
 from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
+
 VARIANT_STAGES = ("train", "gamma", "sample", "bpd", "nll", "fid")
 def e2e_params() -> dict:
     p = tiny_params()
@@ -51,7 +53,6 @@ def runs(root: Path) -> list:
     return c.search_runs([c.get_experiment_by_name("ddpm").experiment_id], max_results=1000)
 
 
-@pytest.mark.slow
 def test_repro_writes_every_output(repo):
     root, _, first = repo
     p = e2e_params()
@@ -156,7 +157,6 @@ def test_repro_writes_every_output(repo):
         assert kinds[f] == "vega" and shown["data"][f][0]["content"]["title"]["text"]
 
 
-@pytest.mark.slow
 def test_rerun_and_params_changes_rerun_only_what_changed(repo):
     root, env, _ = repo
     before = {r.info.run_id for r in runs(root)}
@@ -185,7 +185,6 @@ def test_rerun_and_params_changes_rerun_only_what_changed(repo):
     sh(["git", "checkout", "-q", "--", "params.yaml"], root, env)
 
 
-@pytest.mark.slow
 def test_exp_run_cosine_then_linear_restores_from_the_run_cache(repo):
     root, env, _ = repo
     sh(["git", "add", "-A"], root, env)
@@ -237,7 +236,6 @@ def test_exp_run_cosine_then_linear_restores_from_the_run_cache(repo):
     assert cos_run.data.tags["dvc.exp_name"] == "cosine"
 
 
-@pytest.mark.slow
 def test_a_third_variant_runs_only_its_own_stages(repo):
     root, env, _ = repo
     sh(["git", "checkout", "-q", "--", "params.yaml"], root, env)
@@ -251,7 +249,6 @@ def test_a_third_variant_runs_only_its_own_stages(repo):
     assert "x0" in (root / "reports" / "report.md").read_text()
 
 
-@pytest.mark.slow
 def test_pretrained_weights_are_evaluated_without_training(repo):
     root, env, _ = repo
     ckpts = sorted((root / "checkpoints" / "simple").rglob("ckpt_*.pt"))

@@ -11,6 +11,8 @@ import pytest
 import yaml
 from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
+
 OUTPUTS = ("data/prepared", "models", "samples", "grids", "bpd", "features", "fid", "metrics",
            "plots", "reports")
 
@@ -40,7 +42,6 @@ def _mlflow_parents(root: Path) -> list:
             if r.data.tags.get("ddpm.level") == "parent"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("key,value", [("diffusion.timesteps", 0),
                                        ("train.batch_size", 100000),
                                        ("sample.num_samples", 1)])
@@ -65,7 +66,6 @@ def test_failed_repro_then_dvc_checkout_brings_every_output_back(repo, key, valu
                                                                        '["always changed"]}')
 
 
-@pytest.mark.slow
 def test_forced_training_rerun_is_byte_identical_and_logs_no_second_record(repo):
     root, env = repo
     before = snapshot(root)

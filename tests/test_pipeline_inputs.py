@@ -10,6 +10,8 @@ import pytest
 import yaml
 from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, dict, dict]:
@@ -21,7 +23,6 @@ def repo(tmp_path_factory) -> tuple[Path, dict, dict]:
     return root, env, p
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["x;touch FILE;", "a b", "$(touch FILE)", "`touch FILE`"])
 def test_a_variant_name_runs_no_command_and_is_one_line_naming_it(repo, name):
     root, env, good = repo
@@ -41,7 +42,6 @@ def test_a_variant_name_runs_no_command_and_is_one_line_naming_it(repo, name):
     assert "Traceback" not in out
 
 
-@pytest.mark.slow
 def test_a_symlinked_data_file_under_data_raw_is_a_real_dependency(repo, tmp_path):
     # why a symlinked file under data/raw is accepted: DVC hashes its content
     import numpy as np

@@ -29,6 +29,8 @@ import pytest
 import yaml
 from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
+
 HOOK = Path(__file__).resolve().parent / "killpoint"
 RESULTS = ("data/prepared", "models", "gamma", "samples", "grids", "bpd", "features", "fid",
            "metrics", "plots", "reports")  # timings/ are measurements, not results
@@ -174,7 +176,6 @@ def baseline(tmp_path_factory):
                         if r.data.tags.get("ddpm.level") == "parent")}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ORDER)
 def test_killed_inside_a_stage_then_rerun_loses_nothing(baseline, stage, tmp_path):
     root, hold, log = tmp_path / "repo", tmp_path / "hold", tmp_path / "killed.log"
@@ -274,7 +275,6 @@ UNKNOWN = ("error: bogus: unknown key; delete it or use one of params.yaml's key
            "diffusion, fid, gamma, mlflow, model, nll, sample, schedule, train, variants")
 
 
-@pytest.mark.slow
 def test_an_unknown_top_level_key_stops_a_new_repro_before_prepare_writes(baseline, tmp_path):
     root = tmp_path / "repo"
     shutil.copytree(baseline["snaps"] / "prepare", root, symlinks=True)  # nothing run yet
@@ -288,7 +288,6 @@ def test_an_unknown_top_level_key_stops_a_new_repro_before_prepare_writes(baseli
     assert leftovers(root) == []
 
 
-@pytest.mark.slow
 def test_an_unknown_top_level_key_in_a_finished_repo_fails_and_changes_nothing(baseline,
                                                                                 tmp_path):
     root = tmp_path / "repo"

@@ -15,6 +15,8 @@ from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 from ddpm_core.config import params_from_dict
 from pipeline.records import sampler_specs
 
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
+
 EXPS = {"seed1": "train.seed=1", "seed2": "train.seed=2", "cosine": "schedule=cosine"}
 
 
@@ -58,7 +60,6 @@ def run_queue(root: Path, env: dict) -> None:
         sh([DVC, "queue", "stop"], root, env, ok=False)
 
 
-@pytest.mark.slow
 def test_two_workers_three_experiments_one_new_store_nothing_lost(tmp_path):
     p = tiny_params()
     p["variants"] = {"simple": p["variants"]["simple"]}

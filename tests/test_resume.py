@@ -74,6 +74,7 @@ def steps_saved(ckpt_dir: Path) -> list[int]:
     return [int(re.findall(r"\d+", p.name)[0]) for p in list_checkpoints(ckpt_dir)]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path: Path, one_thread) -> None:
     reference = run_to_end(tmp_path / "ref")
     ckpt = tmp_path / "killed"
@@ -88,6 +89,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path: Path, one_th
     assert_bitwise_equal(resumed, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_exits_143_and_resumes_bitwise(
         tmp_path: Path, one_thread) -> None:
     reference = run_to_end(tmp_path / "ref")
@@ -170,6 +172,7 @@ def _logged(rows: list[dict]) -> dict[int, tuple]:
     return {r["step"]: (r["loss"], r["grad_norm"], r["lr"]) for r in rows}
 
 
+@pytest.mark.slow
 def test_sigint_inside_a_log_window_then_resume_reproduces_the_logged_history(
         tmp_path: Path, one_thread) -> None:
     # the checkpoint written at the signal lies inside a log window: the resumed run must

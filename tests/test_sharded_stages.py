@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from helpers import run_stage, tiny_params
 
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

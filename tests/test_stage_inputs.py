@@ -18,6 +18,8 @@ import yaml
 from helpers import REPO, run_stage, tiny_params
 from test_params import assert_one_line_error
 
+pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
+
 
 def one_variant() -> dict:
     p = tiny_params()
@@ -80,7 +82,6 @@ def test_a_folder_reached_through_a_symlinked_folder_is_refused(tmp_path):
     assert "symlink" in r.stderr and not (tmp_path / "data" / "prepared").exists()
 
 
-@pytest.mark.slow
 def test_a_sample_set_that_cannot_fit_in_ram_is_refused_before_sampling(trained):
     p = one_variant()
     p["sample"].update(num_samples=10**12, batch_size=1000)
@@ -91,7 +92,6 @@ def test_a_sample_set_that_cannot_fit_in_ram_is_refused_before_sampling(trained)
     assert not (trained / "samples").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("ignore_sigint", [False, True], ids=["sigint", "sigint-ignored-by-shell"])
 def test_ctrl_c_while_sampling_stops_within_seconds_exits_130_and_leaves_nothing(
         trained, ignore_sigint):
@@ -121,7 +121,6 @@ def test_ctrl_c_while_sampling_stops_within_seconds_exits_130_and_leaves_nothing
     assert not list(trained.rglob(".tmp-*")), "partial output left behind"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted (SIGINT)"),
                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")])
 def test_a_signal_before_the_training_loop_is_one_line_and_the_usual_code(
@@ -138,7 +137,6 @@ def test_a_signal_before_the_training_loop_is_one_line_and_the_usual_code(
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.slow
 def test_ctrl_c_inside_a_log_window_then_rerun_gives_the_uninterrupted_loss_csv(
         tmp_path, trained):
     # plots/loss/<v>.csv and the final loss of an interrupted and re-run train@<v> must equal an

@@ -62,6 +62,7 @@ def _runs(uri: str) -> list:
     return c.search_runs([exp.experiment_id], max_results=1000, run_view_type=ViewType.ALL)
 
 
+@pytest.mark.slow
 def test_concurrent_track_on_a_new_store_logs_each_key_exactly_once(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     keys = ["a", "a", "a", "b", "c"]
@@ -83,6 +84,7 @@ def test_concurrent_track_on_a_new_store_logs_each_key_exactly_once(tmp_path):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+@pytest.mark.slow
 def test_runs_left_running_by_a_kill_are_marked_killed_when_the_rerun_logs(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -145,6 +147,7 @@ def test_tracking_server_down_is_one_line_within_the_timeout_then_logs_once_when
     assert len(runs) == 2 and all(x.info.status == "FINISHED" for x in runs)
 
 
+@pytest.mark.slow
 def test_a_deleted_experiment_is_a_one_line_error(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -158,6 +161,7 @@ def test_a_deleted_experiment_is_a_one_line_error(tmp_path):
     assert "mlflow experiments restore" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", ["::not a uri::", "foo://bar", "http://", "mlflow.db"])
 def test_a_garbage_tracking_uri_is_one_line_naming_the_key_exit_2(tmp_path, bad):
     (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: {bad!r}\n")
