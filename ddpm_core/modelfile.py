@@ -34,7 +34,7 @@ from ddpm_core.unet import UNet, UNetConfig
 
 FORMAT = "ddpm-model/1"
 MAX_TIMESTEPS = 1_000_000  # a sane bound on T from a file (papers use <= 4000): β is [T] float64
-WEIGHT_KEYS = ("ema", "model")
+WEIGHT_KEYS: tuple[Which, ...] = get_args(Which)  # the two weight sets of a model file
 _FIX = ("use a model file written by save_model (models/<name>.pt) or a training checkpoint "
         "ckpt_*.pt")
 
