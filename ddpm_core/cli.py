@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn, get_args
 
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
 from ddpm_core.modes import SAMPLER_KINDS, SIGMA2_MODES, SPACINGS, Which
 from ddpm_core.sources import check_model_source
 
@@ -291,7 +292,6 @@ def cmd_preset(a: argparse.Namespace) -> int:
 SIGMA2 = [m.short for m in SIGMA2_MODES.values()]  # --sigma2 beta, beta_tilde, ...
 WHICH = get_args(Which)
 DEFAULT_SPACING = "trailing"  # samplers.DEFAULT_SPACING (the parser must not import torch)
-DEFAULT_LAST_SIGMA_CAP_Y = 1.0  # samplers.DEFAULT_LAST_SIGMA_CAP_Y
 
 
 def _cap_y(text: str) -> float | None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from ddpm_core.config import Params, SampleConfig
 from ddpm_core.last_sigma import last_sigma_cap, last_sigma_cap_of
-from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES, Sigma2, SpecKind
+from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES, Sigma2, Spacing, SpecKind
 
 DATA_DIR = Path("data/prepared")
 FEATURES_DIR = Path("features")
@@ -59,9 +59,9 @@ class SamplerSpec:
     kind: SpecKind
     steps: int
     variance: Sigma2 | None = None  # σ² (ancestral, respaced); DDIM: None or "analytic"
-    spacing: str | None = None  # timestep spacing of respaced / DDIM; None: all T steps
+    spacing: Spacing | None = None  # timestep spacing of respaced / DDIM; None: all T steps
     eta: float | None = None  # DDIM only
-    # y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (samplers.last_sigma_cap); None:
+    # y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (last_sigma.last_sigma_cap); None:
     # no cap (the full chains)
     last_sigma_cap_y: float | None = None
 
