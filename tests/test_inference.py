@@ -62,3 +62,22 @@ def test_bf16_ddim_samples_stay_close_to_fp32():
     # moves pixels by about one grey level on average (measured 0.9); a wrong cast would not.
     err = float((a - b).abs().mean()) * 127.5
     assert 0.0 < err < 2.0, f"bf16 moved DDIM samples by {err:.3g} grey levels"
+
+
+def test_every_door_runs_on_the_one_default_device(monkeypatch) -> None:
+    """One chooser (inference.default_device): the CLI, the stages, the process group and the
+    feature network take the device it gives when none is named."""
+    from pathlib import Path
+
+    from ddpm_core import distributed, fid, inference
+    from pipeline import common
+
+    root = Path(__file__).resolve().parents[1]
+    choosers = [p.relative_to(root).as_posix() for p in [*root.glob("ddpm_core/*.py"),
+                                                         *root.glob("pipeline/*.py")]
+                if "if torch.cuda.is_available() else" in p.read_text()]
+    assert choosers == ["ddpm_core/inference.py"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert inference.default_device() == torch.device("cpu") == common.device()
+    assert distributed.init_distributed().device == torch.device("cpu")
+    assert fid.feature_network.__globals__["default_device"] is inference.default_device
