@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import tarfile
 import urllib.request
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddpm_core.config import DataConfig
 from ddpm_core.files import atomic_open, save_npy
@@ -236,16 +237,6 @@ def _open_image(f: Path, load: bool) -> Image.Image:
         raise DataError(f"{f}: unreadable image ({e}); remove or replace it") from None
 
 
-def _resize_square(im: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> size (bicubic), then a centre crop to size x size."""
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size))
-
-
 def load_image_folder(path: str | Path, image_size: int | None = None) -> np.ndarray:
     """PNG/JPEG under `path` (recursive, sorted) -> uint8 [N, H, W, C], all L or all RGB, each
     resized (shorter side) and centre-cropped to image_size x image_size when it is given."""
@@ -267,8 +258,8 @@ def load_image_folder(path: str | Path, image_size: int | None = None) -> np.nda
     for f in files:
         with _open_image(f, load=True) as im:
             im = im.convert(mode)
-        if image_size is not None:
-            im = _resize_square(im, image_size)
+        if image_size is not None:  # centre crop to a square, then bicubic to image_size
+            im = ImageOps.fit(im, (image_size, image_size), Image.Resampling.BICUBIC)
         elif arrays and im.size != arrays[0].shape[1::-1]:
             raise DataError(f"{f}: size {im.size} differs from {files[0]} "
                             f"{arrays[0].shape[1::-1]}; set data.image_size to resize all images")
@@ -359,6 +350,21 @@ def prepare_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
 
 
 # ----------------------------------------------------------------------------- files
+
+
+def save_grid(images: np.ndarray, path: str | Path, n: int = 64, scale: int | None = None) -> None:
+    """The first n uint8 [N, H, W, C] images as a square PNG grid (1-pixel white gaps), each
+    pixel drawn as scale x scale (default max(1, 64 // H): 8x8 digits stay crisp); C = 1: grey."""
+    from torchvision.utils import make_grid  # here: importing torchvision takes a second
+
+    x = to_model_tensor(images[:n])
+    grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), padding=1, pad_value=255)
+    if len(x) == 1:  # make_grid returns a single image unpadded
+        grid = torch.nn.functional.pad(grid, (1, 1, 1, 1), value=255)
+    scale = max(1, 64 // x.shape[2]) if scale is None else scale
+    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
+    with atomic_open(path) as f:  # make_grid draws grey images as RGB: keep one channel
+        Image.fromarray(grid[..., 0] if x.shape[1] == 1 else grid).save(f, format="PNG")
 
 
 def save_array(arr: np.ndarray, path: str | Path) -> None:
