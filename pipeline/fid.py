@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pandas as pd
 
 from ddpm_core.config import Params, VariantConfig
 from ddpm_core.fid import feature_network, load_reference, metrics_against
@@ -40,13 +41,8 @@ def steps_csv(specs: list[SamplerSpec], fids: dict[str, float]) -> str:
             rows.setdefault(s.steps, {})[col] = fids[s.name]
         elif s.variance in cols:
             rows.setdefault(s.steps, {})[cols[s.variance]] = fids[s.name]
-
-    def cell(x: float | None) -> str:
-        return "" if x is None else f"{x:.6g}"
-
-    return "\n".join([f"steps,{','.join(names)}"] + [
-        f"{S}," + ",".join(cell(r.get(c)) for c in names) for S, r in sorted(rows.items())
-    ]) + "\n"
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=names).sort_index()
+    return df.to_csv(index_label="steps", float_format="%.6g", lineterminator="\n")
 
 
 def main(params: Params, v: VariantConfig) -> None:
