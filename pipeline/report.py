@@ -540,16 +540,19 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
          "train_images": train_images_table(params), "grids": grid_table(res, shown),
          "other_grids": grid_table(res, rest) if rest else None,
          "timings": _markdown(timings_table(res), index=True),
-         "provenance": None if prov is None else _markdown(pd.DataFrame(
-             {"provenance": list(prov), "value": [_MD_SPECIAL.sub(r"\\\1", v)
-                                                  for v in prov.values()]}))}
+         "provenance": None if prov is None else provenance_table(prov)}
     return TEMPLATES.get_template("report.md.jinja").render(
         p=params, feats=res.features, label=res.features.label, published=published, t=t,
         cap_note=last_sigma_cap_note(res), n_other=len(rest),
         figures=[(title, key, figures[key]) for title, key in FIGURES if figures.get(key)])
 
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]<>])")  # escaped in provenance values (file names)
+def provenance_table(prov: dict[str, str]) -> str:
+    """The provenance as a Markdown table, values shown as written (file names hold `_`)."""
+    escaped = [re.sub(r"([\\`*_\[\]<>|])", r"\\\1", v) for v in prov.values()]
+    return _markdown(pd.DataFrame({"provenance": list(prov), "value": escaped}))
+
+
 _NUM = r"[-+]?\d[\d,]*(\.\d+)?"
 _NUMBER = re.compile(rf"{_NUM}( ± {_NUM})?|–|n/a")  # right-aligned table cells (not 3.11.7)
 

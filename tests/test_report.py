@@ -275,6 +275,15 @@ def test_git_state_unknown_outside_git_and_dirty_names_the_changed_files(tmp_pat
     assert s.commit == "unknown: git not available (FileNotFoundError)" and s.dirty is None
 
 
+def test_provenance_values_show_as_written_in_markdown_and_html(tmp_path):
+    # changed files such as ddpm_core/__init__.py are not Markdown: no bold, no lost underscores
+    prov = {"uncommitted changes": "yes: ddpm_core/__init__.py, a*b*.py, <x>|y"}
+    md = report.provenance_table(prov)
+    assert table_after(md, "provenance")[1][0] == "uncommitted changes"
+    page = report.markdown_to_html(md, tmp_path)
+    assert "<td>yes: ddpm_core/__init__.py, a*b*.py, &lt;x&gt;|y</td>" in page
+
+
 def test_report_stage_reports_a_missing_input_in_one_line(tmp_path):
     p = make_outputs(tmp_path)
     (tmp_path / "metrics" / "bpd" / "vlb.json").unlink()
