@@ -355,22 +355,17 @@ def save_grid(images: np.ndarray, path: str | Path, n: int = 64, scale: int | No
         Image.fromarray(grid[..., 0] if x.shape[1] == 1 else grid).save(f, format="PNG")
 
 
-def save_array(arr: np.ndarray, path: str | Path) -> None:
-    """np.save through the atomic writer (never half-written)."""
-    save_npy(arr, path)
-
-
 def save_splits(splits: Splits, out_dir: str | Path) -> None:
     """Write train.npy, test.npy (+ *_labels.npy when known; stale label files removed)."""
     out_dir = Path(out_dir)
     _check_nhwc(splits.train, "train")
     _check_nhwc(splits.test, "test")
-    save_array(splits.train, out_dir / "train.npy")
-    save_array(splits.test, out_dir / "test.npy")
+    save_npy(splits.train, out_dir / "train.npy")
+    save_npy(splits.test, out_dir / "test.npy")
     for part, labels in (("train", splits.train_labels), ("test", splits.test_labels)):
         f = out_dir / f"{part}_labels.npy"
         if labels is not None:
-            save_array(np.asarray(labels, dtype=np.int64), f)
+            save_npy(np.asarray(labels, dtype=np.int64), f)
         elif f.exists():
             f.unlink()
 
