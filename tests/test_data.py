@@ -233,6 +233,16 @@ def test_image_folder_recursive_mixed_modes_and_resize(tmp_path):
     assert data.load_image_folder(tmp_path, image_size=4).shape == (3, 4, 4, 1)
 
 
+def test_image_folder_resize_crops_the_centre_square(tmp_path):
+    # 12 x 6 (w x h): black | white (the centre 6 columns) | black; image_size 6 keeps the centre
+    im = np.zeros((6, 12), np.uint8)
+    im[:, 3:9] = 255
+    Image.fromarray(im).save(tmp_path / "wide.png")
+    assert (data.load_image_folder(tmp_path, image_size=6) == 255).all()
+    small = data.load_image_folder(tmp_path, image_size=3)  # then bicubic down: the kernel
+    assert small.min() > 200 and (small[..., 1, :] == 255).all()  # reaches the black a little
+
+
 def test_image_folder_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="image folder not found"):
         data.load_image_folder(tmp_path / "nope")
