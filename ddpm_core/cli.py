@@ -54,42 +54,6 @@ OOM_HINT = ("lower --batch-size (bpd: --batch-size or --t-batch; one network cal
 # ----------------------------------------------------------------------------- files
 
 
-def save_grid(images: Any, path: Path, n: int = 64) -> None:
-    """The first n uint8 [N, H, W, C] images as a square PNG grid (1-pixel white gaps)."""
-    import numpy as np
-    from PIL import Image
-
-    images = images[:n]
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    h, w, c = images.shape[1:]
-    grid = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = im
-    scale = max(1, 64 // h)
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-
-
-def _atomic_savez(path: Path, **arrays: Any) -> None:
-    import tempfile
-
-    import numpy as np
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def read_images(path: str | Path) -> Any:
     """uint8 [N, H, W, C] from an image folder, an .npz (`images`) or an .npy."""
     path = Path(path)
@@ -132,6 +96,8 @@ def _gamma(a: argparse.Namespace, net: Any, diff: Any) -> Any:
 def cmd_sample(a: argparse.Namespace) -> int:
     check_model_source(a.model)  # a mistyped path: one line before torch is imported
     from ddpm_core.api import load_model, sample
+    from ddpm_core.data import save_grid
+    from ddpm_core.files import save_npz
     from ddpm_core.inference import default_device
 
     net, diff = load_model(a.model, which=a.which, device=a.device or default_device())
@@ -140,7 +106,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
                     clip_x0=not a.no_clip, gamma=_gamma(a, net, diff),
                     last_sigma_cap_y=a.last_sigma_cap_y, progress=True)
     out = Path(a.out)
-    _atomic_savez(out, images=images)
+    save_npz(out, images=images)
     grid = Path(a.grid) if a.grid else out.with_suffix(".png")
     save_grid(images, grid, a.grid_n)
     print(f"wrote {len(images)} images {tuple(images.shape[1:])} to {out} and a grid to {grid}")

@@ -13,17 +13,15 @@ diffusers itself is never imported; huggingface_hub only to download from the hu
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, get_args
 
 import torch
 
 from ddpm_core.diffusion import Diffusion, MeanType, VarType
+from ddpm_core.files import atomic_dir, write_json
 from ddpm_core.modelfile import MAX_TIMESTEPS, check_weights_fit
 from ddpm_core.schedules import BETA_END, BETA_START, MAX_BETA, ScheduleKind, make_betas
 from ddpm_core.sources import check_model_source
@@ -503,22 +501,12 @@ def save_diffusers(net: UNet, diff: Diffusion, path: str | Path) -> None:
         raise ValueError(f"network outputs {cfg.out_channels} channels, {diff!r} needs "
                          f"{diff.out_channels(cfg.in_channels)}")
     sched = scheduler_config(diff)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with atomic_dir(path) as tmp:
         sd = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}
         save_file(to_diffusers_state_dict(sd), str(tmp / WEIGHT_FILES[0]),
                   metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config_to_diffusers(cfg), indent=2) + "\n")
-        (tmp / SCHEDULER_FILE).write_text(json.dumps(sched, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        write_json(config_to_diffusers(cfg), tmp / "config.json", sort_keys=False)
+        write_json(sched, tmp / SCHEDULER_FILE, sort_keys=False)
 
 
 def _norm_widths(net: UNet) -> list[int]:

@@ -7,8 +7,8 @@ input is a one-line `DataError` naming the file and the fix; every file is writt
 
 from __future__ import annotations
 
-import hashlib
 import io
+import math
 import pickle
 import tarfile
 import urllib.request
@@ -18,23 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import calculate_md5
+from torchvision.utils import make_grid
 
 from ddpm_core.config import DataConfig
 from ddpm_core.files import atomic_open, save_npy
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # the official archive (torchvision's tgz_md5)
-CIFAR10_FILE_MD5 = {  # the extracted cifar-10-batches-py files (torchvision's lists)
-    "data_batch_1": "c99cafc152244af753f735de768cd75f",
-    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-    "data_batch_4": "634d18415352ddfa80567beed471001a",
-    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-    "test_batch": "40351d587109b95175f43aff81a1287e",
-}
-CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR10_TEST = "test_batch"
+# The official archive and its extracted batches, as torchvision knows them (its own CIFAR10
+# reader unpickles with plain pickle and extracts archives to disk: ours reads in memory and
+# unpickles arrays only).
+CIFAR10_URL = CIFAR10.url
+CIFAR10_MD5 = CIFAR10.tgz_md5
+CIFAR10_FILE_MD5 = dict(CIFAR10.train_list + CIFAR10.test_list)
+CIFAR10_TRAIN = tuple(name for name, _ in CIFAR10.train_list)
+CIFAR10_TEST = CIFAR10.test_list[0][0]
 DEFAULT_CIFAR10_PATH = Path("data/raw/cifar-10-python.tar.gz")  # when data.path is not set
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -108,14 +107,6 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
     return images, d.target.astype(np.int64)
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles plain containers and numpy arrays only (CIFAR batches), nothing executable."""
 
@@ -167,17 +158,17 @@ def load_cifar10(path: str | Path, *, expected_md5: str | None = CIFAR10_MD5,
     raws: dict[str, bytes] = {}
     names = (*CIFAR10_TRAIN, CIFAR10_TEST)
     if path.is_dir():
-        folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+        folder = path / CIFAR10.base_folder if (path / CIFAR10.base_folder).is_dir() else path
         for name in names:
             f = folder / name
             if not f.is_file():
                 raise DataError(f"{f}: missing CIFAR-10 batch; extract {CIFAR10_URL} there again")
-            if expected_file_md5 is not None and _md5(f) != expected_file_md5[name]:
+            if expected_file_md5 is not None and calculate_md5(f) != expected_file_md5[name]:
                 raise DataError(f"{f}: md5 mismatch (corrupt or not the official file); extract "
                                 f"{CIFAR10_URL} again")
             raws[name] = f.read_bytes()
     else:
-        if expected_md5 is not None and (got := _md5(path)) != expected_md5:
+        if expected_md5 is not None and (got := calculate_md5(path)) != expected_md5:
             raise DataError(f"{path}: md5 {got} != {expected_md5} (corrupt or partial download); "
                             f"delete it and download {CIFAR10_URL} again")
         try:
@@ -236,16 +227,6 @@ def _open_image(f: Path, load: bool) -> Image.Image:
         raise DataError(f"{f}: unreadable image ({e}); remove or replace it") from None
 
 
-def _resize_square(im: Image.Image, size: int) -> Image.Image:
-    """Shorter side -> size (bicubic), then a centre crop to size x size."""
-    w, h = im.size
-    s = size / min(w, h)
-    im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.BICUBIC)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size))
-
-
 def load_image_folder(path: str | Path, image_size: int | None = None) -> np.ndarray:
     """PNG/JPEG under `path` (recursive, sorted) -> uint8 [N, H, W, C], all L or all RGB, each
     resized (shorter side) and centre-cropped to image_size x image_size when it is given."""
@@ -267,8 +248,8 @@ def load_image_folder(path: str | Path, image_size: int | None = None) -> np.nda
     for f in files:
         with _open_image(f, load=True) as im:
             im = im.convert(mode)
-        if image_size is not None:
-            im = _resize_square(im, image_size)
+        if image_size is not None:  # centre crop to a square, then bicubic to image_size
+            im = ImageOps.fit(im, (image_size, image_size), Image.Resampling.BICUBIC)
         elif arrays and im.size != arrays[0].shape[1::-1]:
             raise DataError(f"{f}: size {im.size} differs from {files[0]} "
                             f"{arrays[0].shape[1::-1]}; set data.image_size to resize all images")
@@ -361,9 +342,17 @@ def prepare_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
 # ----------------------------------------------------------------------------- files
 
 
-def save_array(arr: np.ndarray, path: str | Path) -> None:
-    """np.save through the atomic writer (never half-written)."""
-    save_npy(arr, path)
+def save_grid(images: np.ndarray, path: str | Path, n: int = 64, scale: int | None = None) -> None:
+    """The first n uint8 [N, H, W, C] images as a square PNG grid (1-pixel white gaps), each
+    pixel drawn as scale x scale (default max(1, 64 // H): 8x8 digits stay crisp); C = 1: grey."""
+    x = to_model_tensor(images[:n])
+    grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), padding=1, pad_value=255)
+    if len(x) == 1:  # make_grid returns a single image unpadded
+        grid = torch.nn.functional.pad(grid, (1, 1, 1, 1), value=255)
+    scale = max(1, 64 // x.shape[2]) if scale is None else scale
+    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2).permute(1, 2, 0).numpy()
+    with atomic_open(path) as f:  # make_grid draws grey images as RGB: keep one channel
+        Image.fromarray(grid[..., 0] if x.shape[1] == 1 else grid).save(f, format="PNG")
 
 
 def save_splits(splits: Splits, out_dir: str | Path) -> None:
@@ -371,12 +360,12 @@ def save_splits(splits: Splits, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     _check_nhwc(splits.train, "train")
     _check_nhwc(splits.test, "test")
-    save_array(splits.train, out_dir / "train.npy")
-    save_array(splits.test, out_dir / "test.npy")
+    save_npy(splits.train, out_dir / "train.npy")
+    save_npy(splits.test, out_dir / "test.npy")
     for part, labels in (("train", splits.train_labels), ("test", splits.test_labels)):
         f = out_dir / f"{part}_labels.npy"
         if labels is not None:
-            save_array(np.asarray(labels, dtype=np.int64), f)
+            save_npy(np.asarray(labels, dtype=np.int64), f)
         elif f.exists():
             f.unlink()
 

@@ -141,6 +141,14 @@ def save_npy(arr: Any, path: str | Path) -> None:
         np.save(f, np.asarray(arr), allow_pickle=False)
 
 
+def save_npz(path: str | Path, **arrays: Any) -> None:
+    """`np.savez(**arrays)` (no pickles) written atomically."""
+    import numpy as np
+
+    with atomic_open(path) as f:
+        np.savez(f, allow_pickle=False, **arrays)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _dirs, names in os.walk(root):
         for name in names:

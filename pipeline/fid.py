@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pandas as pd
 
 from ddpm_core.config import Params, VariantConfig
 from ddpm_core.fid import feature_network, load_reference, metrics_against
@@ -47,13 +48,8 @@ def steps_csv(specs: list[SamplerSpec], fids: dict[str, float]) -> str:
     rows: dict[int, dict[str, float]] = {}
     for s in specs:
         rows.setdefault(s.steps, {})[steps_column(s)] = fids[s.name]
-
-    def cell(x: float | None) -> str:
-        return "" if x is None else f"{x:.6g}"
-
-    return "\n".join([f"steps,{','.join(STEPS_COLUMNS)}"] + [
-        f"{S}," + ",".join(cell(r.get(c)) for c in STEPS_COLUMNS) for S, r in sorted(rows.items())
-    ]) + "\n"
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=list(STEPS_COLUMNS)).sort_index()
+    return df.to_csv(index_label="steps", float_format="%.6g", lineterminator="\n")
 
 
 def main(params: Params, v: VariantConfig) -> None:

@@ -18,20 +18,21 @@ this stage in dvc.yaml), differ between two runs of identical work.
 from __future__ import annotations
 
 import base64
-import html
 import math
 import re
 from pathlib import Path
 
+import jinja2
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from markdown_it import MarkdownIt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator  # noqa: E402
 
 from ddpm_core.config import Params  # noqa: E402
-from ddpm_core.data import load_images  # noqa: E402
+from ddpm_core.data import load_images, save_grid  # noqa: E402
 from ddpm_core.modes import SIGMA2_MODES  # noqa: E402
 from pipeline import published  # noqa: E402
 from pipeline.common import atomic_dir, run_stage, write_text  # noqa: E402
@@ -48,7 +49,6 @@ from pipeline.records import (  # noqa: E402
     load_results,
     wall_seconds,
 )
-from pipeline.sample import save_grid  # noqa: E402  (real images drawn as the samples are)
 
 FIG_DIR = REPORTS_DIR / "figures"  # the Markdown cites figures/<name>.png
 THUMB_WIDTH = (96, 200)  # px: a sample grid's thumbnail, narrower with more models side by side
@@ -308,45 +308,45 @@ def featured_samplers(specs: list[SamplerSpec]) -> list[SamplerSpec]:
     return [s for s in specs if s in pick]
 
 
-def grid_table(res: Results, specs: list[SamplerSpec]) -> list[str]:
+def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
     """Sample grids as a Markdown table: one row per sampler of `specs`, one column per model;
     each cell a linked image (figures/samples_<model>_<sampler>.png) and its FID."""
     label = res.features.label.split(" (")[0]
-    lines = ["| sampler | " + " | ".join(res.variants) + " |",
-             "|---|" + "---|" * len(res.variants)]
-    for spec in specs:
-        cells = []
-        for name, r in res.variants.items():
-            have = next((s for s in r.samplers if s.name == spec.name), None)
-            if have is None:
-                cells.append("–")
-                continue
-            src = f"figures/samples_{name}_{spec.name}.png"
-            cells.append(f"[![{name}: {spec.name}]({src})]({src}) {label} {_fmt(r.fid_of(have))}")
-        lines.append(f"| {spec.label()} | " + " | ".join(cells) + " |")
-    return lines
+
+    def cell(name: str, spec: SamplerSpec) -> str:
+        r = res.variants[name]
+        have = next((s for s in r.samplers if s.name == spec.name), None)
+        src = f"figures/samples_{name}_{spec.name}.png"
+        return "–" if have is None else f"[![{name}: {spec.name}]({src})]({src}) {label} " \
+            f"{_fmt(r.fid_of(have))}"
+
+    rows = [{"sampler": spec.label(), **{n: cell(n, spec) for n in res.variants}}
+            for spec in specs]
+    return _markdown(pd.DataFrame(rows, columns=["sampler", *res.variants]))
 
 
-def grid_rows(params: Params, res: Results) -> list[str]:
-    """The grids section's body: the training images, the featured samplers' grids, then every
-    other sampler's inside a <details> section (closed: one click opens it, nothing loads)."""
+def grid_specs(res: Results) -> tuple[list[SamplerSpec], list[SamplerSpec]]:
+    """The featured samplers (shown open), then every other sampler (a closed <details>)."""
     specs: dict[str, SamplerSpec] = {}
     for r in res.variants.values():
         for spec in r.samplers:
             specs.setdefault(spec.name, spec)
     every = list(specs.values())
     shown = featured_samplers(every) or every
-    rest = [s for s in every if s not in shown]
-    n = params.sample.grid_size
+    return shown, [s for s in every if s not in shown]
+
+
+def train_images_table(params: Params) -> str:
+    """The training images drawn as the sample grids are: one linked thumbnail."""
     src = f"figures/{TRAIN_GRID}"
-    lines = ["| real images | training split |", "|---|---|",
-             f"| first {n} images of {DATA_DIR / 'train.npy'} | [![training images]({src})]({src})"
-             " |", ""]
-    lines += grid_table(res, shown)
-    if rest:
-        lines += ["", f"<details><summary>The {len(rest)} other samplers (click to open)"
-                      "</summary>", "", *grid_table(res, rest), "", "</details>"]
-    return lines
+    return _markdown(pd.DataFrame({
+        "real images": [f"first {params.sample.grid_size} images of {DATA_DIR / 'train.npy'}"],
+        "training split": [f"[![training images]({src})]({src})"]}))
+
+
+def _markdown(df: pd.DataFrame, index: bool = False) -> str:
+    """A table as Markdown, cells as written (no number parsing)."""
+    return df.to_markdown(index=index, disable_numparse=True)
 
 
 def thumb_width(res: Results) -> int:
@@ -520,155 +520,46 @@ def steps_figure(res: Results, fig_dir: Path) -> str | None:
     return fig_to_file(fig, fig_dir, "fid_vs_steps.png")
 
 
+FIGURES = (("Loss curves", "loss"),
+           ("Per-timestep terms of the bound (DDPM Fig. 5 style)", "terms"),
+           ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps"),
+           ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic (measured)", "sigma2_steps"))
+TEMPLATES = jinja2.Environment(  # report.md.jinja (the text) and report.html.jinja (the page)
+    loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), trim_blocks=True,
+    lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+
+
 def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
                    prov: dict[str, str] | None = None) -> str:
-    label = res.features.label
-    feats = res.features
-    p = params
-    summary = summary_table(res)
-    steps = steps_table(res)
-    sigma2_bpd, sigma2_fid = sigma2_steps_tables(p, res)
-    inception = feats.features == "inception"
-    nll_images = "all the" if p.nll.num_images is None else f"the first {p.nll.num_images}"
-    md = [
-        "# DDPM reproduction report",
-        "",
-        f"**Measured** on `{p.data.dataset}` (this run): schedule `{p.schedule}`, "
-        f"T = {p.diffusion.timesteps}, U-Net preset `{p.model.preset}`, "
-        f"{p.train.steps} training steps at batch {p.train.batch_size}, "
-        f"{p.sample.num_samples} samples per sampler, bits/dim on the test split. "
-        f"FID is **{label}** against the training split "
-        f"({feats.reference_images} images)"
-        + (f"; the classifier's test accuracy is {feats.classifier_test_accuracy:.3f}"
-           if feats.classifier_test_accuracy is not None else "")
-        + ". The floor row is the test split scored against the training split: no model can "
-          "be expected to beat it with this many images.",
-        "",
-        f"## Measured on `{p.data.dataset}`: bits/dim and {label} per model",
-        "",
-        summary.to_markdown(disable_numparse=True),
-        "",
-        "## The bound beside the exact likelihood (bits/dim)",
-        "",
-        f"Measured rows: the variational bound of the full T-step chain (DDPM eq. 5) for each "
-        f"σ² on the {p.data.dataset} test split (bpd stage), and the model's exact bits/dim by "
-        f"its probability-flow ODE (Song et al. 2021: uniform dequantization, {p.nll.repeats} "
-        f"Hutchinson probe(s) per image, RK45 at rtol {p.nll.rtol:g}, atol {p.nll.atol:g}; "
-        f"± the standard error over {nll_images} test images; NFE: network evaluations per "
-        f"solve, {p.nll.batch_size} images per solve). The ODE defines a "
-        f"likelihood, the bound only bounds one: ODE < bound is expected. Published rows: "
-        f"{published.NLL_SOURCE}; context only.",
-        "",
-        likelihood_table(res).to_markdown(index=False, disable_numparse=True),
-        "",
-        "## Measured: FID, KID and IS of every sample set",
-        "",
-        f"KID (x 10³, mean ± std over {p.fid.kid_subset_size}-image subsets) uses the same "
-        "features as FID and, unlike FID, is unbiased in the number of images. "
-        + ("IS: Inception-v3 class probabilities of the samples." if inception else
-           "IS is n/a: it needs Inception-v3's class probabilities, and these features are "
-           f"another network's ({label.split('(')[-1].rstrip(')')})."),
-        "",
-        sample_sets_table(res).to_markdown(index=False, disable_numparse=True),
-        "",
-        last_sigma_cap_note(res),
-        "",
-        f"{label} against the number of sampling steps (T = {p.diffusion.timesteps} is the "
-        "full chain):",
-        "",
-        steps.reset_index().to_markdown(index=False, disable_numparse=True),
-        "",
-        "## σ² = β, β̃, analytic against the number of steps (Analytic-DPM Tables 1-2 layout)",
-        "",
-        "Measured rows: bits/dim of the K-step chains on the even trajectory (K = T is the full "
-        f"chain), {label} of the full and respaced ancestral chains and of DDIM and "
-        f"Analytic-DDIM ({p.sample.spacing} spacing). "
-        f"Published rows: {published.ANALYTIC_DPM_SOURCE}; context only (another data set, "
-        "scale and feature network).",
-        "",
-        f"Bits/dim against the number of steps K (measured: {p.data.dataset} test split; "
-        "published: CIFAR-10 test set):",
-        "",
-        sigma2_bpd.to_markdown(index=False, disable_numparse=True),
-        "",
-        "FID against the number of sampling steps S (the metric column says which FID; DDIM "
-        "rows: Analytic-DDIM adds σ̂² noise at η = 0, plain DDIM none):",
-        "",
-        sigma2_fid.to_markdown(index=False, disable_numparse=True),
-        "",
-        f"## Published: {published.SOURCE}",
-        "",
-        "Context only: these are CIFAR-10 numbers at full scale, not measured on "
-        f"`{p.data.dataset}`; an Inception FID and a {label} are different quantities.",
-        "",
-        "DDPM Table 1:",
-        "",
-        pd.DataFrame(published.TABLE1).set_index("model").to_markdown(),
-        "",
-        "DDPM Table 2 (IS / FID):",
-        "",
-        pd.DataFrame(published.TABLE2).set_index("parameterisation").to_markdown(),
-        "",
-        f"{published.DDIM_SOURCE} (FID; S steps of T = 1000). {published.DDIM_NOTE}",
-        "",
-        ddim_table().to_markdown(disable_numparse=True),
-        "",
-        "## Sample grids",
-        "",
-        f"One row per sampler, one column per model; the first {p.sample.grid_size} images "
-        "of each sample set (click a thumbnail for the full grid), below the same number of "
-        "training images.",
-        "",
-        *grid_rows(p, res),
-        "",
-    ]
-    for title, key in (("Loss curves", "loss"), ("Per-timestep terms of the bound (DDPM Fig. 5 "
-                                                  "style)", "terms"),
-                       ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps"),
-                       ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic (measured)",
-                        "sigma2_steps")):
-        if figures.get(key) is not None:
-            md += [f"## {title}", "", f"![{key}]({figures[key]})", ""]
-    md += [
-        "## Wall time per stage",
-        "",
-        "Measured by the runs that wrote these results (timings/). Timings are measurements, "
-        "not inputs of this report: a stage DVC restored from its cache, or re-ran on identical "
-        "work, keeps the time of the run that first wrote it here.",
-        "",
-        timings_table(res).to_markdown(disable_numparse=True),
-        "",
-    ]
-    if prov is not None:
-        md += [
-            "## Provenance",
-            "",
-            "The checkout and machine that wrote this report (DVC reruns the report only when "
-            "its inputs change, and may restore one written at an earlier commit with the same "
-            "inputs). Uncommitted changes leave out dvc.lock, which `dvc repro` rewrites; under "
-            "`dvc exp run` the commit is the experiment's baseline and its changed params show "
-            "as modified files.",
-            "",
-            pd.DataFrame({"provenance": list(prov), "value": list(prov.values())}).to_markdown(
-                index=False, disable_numparse=True),
-            "",
-        ]
-    return "\n".join(md) + "\n"
+    """report.md: the tables of this module in the text of templates/report.md.jinja."""
+    shown, rest = grid_specs(res)
+    sigma2_bpd, sigma2_fid = sigma2_steps_tables(params, res)
+    t = {"summary": _markdown(summary_table(res), index=True),
+         "likelihood": _markdown(likelihood_table(res)),
+         "sample_sets": _markdown(sample_sets_table(res)),
+         "steps": _markdown(steps_table(res).reset_index()),
+         "sigma2_bpd": _markdown(sigma2_bpd), "sigma2_fid": _markdown(sigma2_fid),
+         "table1": pd.DataFrame(published.TABLE1).set_index("model").to_markdown(),
+         "table2": pd.DataFrame(published.TABLE2).set_index("parameterisation").to_markdown(),
+         "ddim": _markdown(ddim_table(), index=True),
+         "train_images": train_images_table(params), "grids": grid_table(res, shown),
+         "other_grids": grid_table(res, rest) if rest else None,
+         "timings": _markdown(timings_table(res), index=True),
+         "provenance": None if prov is None else provenance_table(prov)}
+    return TEMPLATES.get_template("report.md.jinja").render(
+        p=params, feats=res.features, label=res.features.label, published=published, t=t,
+        cap_note=last_sigma_cap_note(res), n_other=len(rest),
+        figures=[(title, key, figures[key]) for title, key in FIGURES if figures.get(key)])
+
+
+def provenance_table(prov: dict[str, str]) -> str:
+    """The provenance as a Markdown table, values shown as written (file names hold `_`)."""
+    escaped = [re.sub(r"([\\`*_\[\]<>|])", r"\\\1", v) for v in prov.values()]
+    return _markdown(pd.DataFrame({"provenance": list(prov), "value": escaped}))
 
 
 _NUM = r"[-+]?\d[\d,]*(\.\d+)?"
 _NUMBER = re.compile(rf"{_NUM}( ± {_NUM})?|–|n/a")  # right-aligned table cells (not 3.11.7)
-
-
-def inline_text(line: str) -> str:
-    """Escaped text with **bold** and `code`."""
-    text = html.escape(line)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
-
-
-_LINKED_IMAGE = re.compile(r"\[!\[([^\]]*)\]\(([^)]+)\)\]\(([^)]+)\)")
-_DETAILS = re.compile(r"<details><summary>(.*)</summary>|</details>")  # grid_rows' section
 
 
 def _inline(path: str, fig_dir: Path) -> str:
@@ -677,69 +568,39 @@ def _inline(path: str, fig_dir: Path) -> str:
     return f"data:image/png;base64,{data}"
 
 
+def _wrap_table(self, tokens: list, idx: int, options: dict, env: dict) -> str:
+    """Tables scroll sideways inside a <div> rather than widen the page."""
+    tag = self.renderToken(tokens, idx, options, env)
+    return '<div class="scroll">' + tag if tokens[idx].nesting == 1 else tag + "</div>"
+
+
 def markdown_to_html(md: str, fig_dir: Path, thumb: int = THUMB_WIDTH[1]) -> str:
-    """A small converter for exactly what build_markdown writes (headings, tables, images);
-    images `figures/x.png` are read from fig_dir and inlined as base64. A linked image in a table
-    cell, `[![alt](figures/x.png)](figures/x.png) text`, becomes a `thumb`-pixel thumbnail
-    linking to the full-size file beside the report."""
-    out, table = [], []
-
-    def cell(c: str, tag: str) -> str:
-        m = _LINKED_IMAGE.match(c)
-        if not m:
-            num = ' class="n"' if tag == "td" and _NUMBER.fullmatch(c) else ""
-            return f"<{tag}{num}>{html.escape(c)}</{tag}>"
-        alt, src, href = m.groups()
-        rest = c[m.end():].strip()
-        return (f'<{tag} class="thumb"><a href="{html.escape(href)}"><img alt="{html.escape(alt)}" '
-                f'width="{thumb}" src="{_inline(src, fig_dir)}"></a>'
-                + html.escape(rest) + f"</{tag}>")  # the image is a block: text below
-
-    def flush() -> None:
-        if not table:
-            return
-        rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table
-                if not re.fullmatch(r"\|?[\s:|-]+\|?", r.strip())]
-        head, body = rows[0], rows[1:]
-        grids = any(_LINKED_IMAGE.match(c) for r in body for c in r)
-        out.append('<div class="scroll"><table' + (' class="grids"' if grids else "")
-                   + '><thead><tr>'
-                   + "".join(cell(c, "th") for c in head) + "</tr></thead><tbody>"
-                   + "".join("<tr>" + "".join(cell(c, "td") for c in r) + "</tr>" for r in body)
-                   + "</tbody></table></div>")
-        table.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if m := _DETAILS.fullmatch(line):
-            out.append(f"<details><summary>{inline_text(m.group(1))}</summary>"
-                       if m.group(1) is not None else "</details>")
-        elif m := re.fullmatch(r"(#+) (.*)", line):
-            n = len(m.group(1))
-            out.append(f"<h{n}>{inline_text(m.group(2))}</h{n}>")
-        elif m := re.fullmatch(r"!\[(.*)\]\((.*)\)", line):
-            out.append(f'<p><img alt="{html.escape(m.group(1))}" '
-                       f'src="{_inline(m.group(2), fig_dir)}"></p>')
-        elif line.strip():
-            out.append(f"<p>{inline_text(line)}</p>")
-    flush()
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             ".scroll{overflow-x:auto}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}"
-             "td.n{text-align:right;white-space:nowrap}"
-             "th{background:#f3f3f3}img{max-width:100%;image-rendering:pixelated}"
-             ".grids th{text-align:center}"
-             "summary{cursor:pointer;font-weight:bold;margin:1em 0}"
-             "td.thumb{text-align:center;vertical-align:top;font-size:12px}"
-             "td.thumb img{display:block;margin:0 auto 2px;border:1px solid #ddd;"
-             "image-rendering:auto}")
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>DDPM reproduction "
-            f"report</title><style>{style}</style></head><body>\n" + "\n".join(out)
-            + "\n</body></html>\n")
+    """report.md as a page (CommonMark and tables by markdown-it-py; raw HTML only as blocks:
+    the <details> section). Images figures/x.png are read from fig_dir and inlined as base64;
+    a table cell holding a linked image is a `thumb`-pixel thumbnail linking to the full-size
+    file beside the report (its table: class grids); number cells are right-aligned."""
+    parser = MarkdownIt("commonmark", {"xhtmlOut": False}).enable("table").disable(
+        "html_inline")
+    parser.add_render_rule("table_open", _wrap_table)
+    parser.add_render_rule("table_close", _wrap_table)
+    tokens = parser.parse(md)
+    for i, tok in enumerate(tokens):
+        if tok.type == "table_open":
+            table = tok
+        elif tok.type in ("th_open", "td_open"):
+            tok.attrs.pop("style", None)  # pandas' `:---` alignment: the stylesheet aligns
+            images = [c for c in tokens[i + 1].children if c.type == "image"]
+            for im in images:
+                im.attrSet("width", str(thumb))
+            if images:
+                tok.attrSet("class", "thumb")
+                table.attrSet("class", "grids")
+            elif tok.type == "td_open" and _NUMBER.fullmatch(tokens[i + 1].content):
+                tok.attrSet("class", "n")
+        for im in (c for c in tok.children or () if c.type == "image"):
+            im.attrSet("src", _inline(im.attrGet("src"), fig_dir))
+    body = parser.renderer.render(tokens, parser.options, {})
+    return TEMPLATES.get_template("report.html.jinja").render(body=body)
 
 
 def main(params: Params) -> None:
@@ -749,9 +610,8 @@ def main(params: Params) -> None:
             for spec in r.samplers:
                 src = r.paths.grids / f"{spec.name}.png"
                 (tmp_fig / f"samples_{name}_{spec.name}.png").write_bytes(src.read_bytes())
-        train = load_images(DATA_DIR / "train.npy")
-        save_grid(train, tmp_fig / TRAIN_GRID, params.sample.grid_size,
-                  max(1, 64 // train.shape[1]))  # the scale sample@<v> draws its grids at
+        save_grid(load_images(DATA_DIR / "train.npy"), tmp_fig / TRAIN_GRID,
+                  params.sample.grid_size)  # drawn as sample@<v> draws its grids
         figures = {"loss": loss_figure(params, res, tmp_fig),
                    "terms": terms_figure(res, tmp_fig),
                    "steps": steps_figure(res, tmp_fig),

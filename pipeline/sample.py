@@ -18,16 +18,13 @@ grids/<v>/<sampler>.png (image plots) and timings/sample/<v>.json.
 
 from __future__ import annotations
 
-import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ddpm_core.config import ConfigError, Params, VariantConfig
-from ddpm_core.data import from_unit, to_numpy_images
+from ddpm_core.data import from_unit, save_grid, to_numpy_images
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, sample_in_batches
 from ddpm_core.inference import inference_model
@@ -94,22 +91,6 @@ def draw(params: Params, m: LoadedModel, spec: SamplerSpec, net: torch.nn.Module
 
     x = sample_in_batches(fn, s.num_samples, s.batch_size, s.seed, device=dev)
     return to_numpy_images(x)
-
-
-def save_grid(images: np.ndarray, path: Path, n: int, scale: int) -> None:
-    """The first n images as a square PNG grid, each pixel shown as scale x scale."""
-    images = images[:n]
-    cols = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    h, w, c = images.shape[1:]
-    pad = 1
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h,
-             pad + q * (w + pad):pad + q * (w + pad) + w] = im
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
 
 
 def main(params: Params, v: VariantConfig) -> None:

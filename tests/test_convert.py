@@ -273,6 +273,36 @@ def test_narrow_networks_are_refused_for_diffusers_by_name(tmp_path: Path) -> No
     assert not (tmp_path / "d").exists()
 
 
+def test_save_diffusers_replaces_the_folder_whole_or_not_at_all(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """Through the one atomic writer: a rewrite replaces the whole folder (no stale file stays),
+    a failed one keeps the old folder, and no temporary is left beside it."""
+    import safetensors.torch
+    from tiny import make_diffusers_folder
+
+    from ddpm_core.convert import load_diffusers
+
+    d = tmp_path / "d"
+    make_diffusers_folder(d, T=12)
+    (d / "stale.txt").write_text("from an older write")
+    net, _ = make_diffusers_folder(d, T=20)
+    assert sorted(f.name for f in d.iterdir()) == [
+        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+    before = {f.name: f.read_bytes() for f in d.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        make_diffusers_folder(d, T=30)
+    assert {f.name: f.read_bytes() for f in d.iterdir()} == before
+    assert [f.name for f in tmp_path.iterdir()] == ["d"]  # no temporary folder left
+    back, diff = load_diffusers(d)
+    assert diff.T == 20
+    _assert_same_weights(back, net.state_dict())
+
+
 def test_pipeline_folder_layout_and_missing_scheduler(tmp_path: Path) -> None:
     """unet/ + scheduler/ (a saved DDPMPipeline) loads; a folder without a scheduler says so."""
     import shutil

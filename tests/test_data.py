@@ -101,6 +101,27 @@ def test_load_images_missing_corrupt_and_wrong_dtype(tmp_path):
         data.load_images(tmp_path / "f.npy")
 
 
+def test_grid_of_grey_images_is_a_grey_png_with_white_gaps_and_crisp_pixels(tmp_path):
+    # 8x8 digits drawn x8 (nearest: each pixel a flat 8x8 block), 1-pixel white gaps, mode L
+    x = np.random.default_rng(0).integers(0, 200, (7, 8, 8, 1), dtype=np.uint8)
+    data.save_grid(x, tmp_path / "g.png", n=5)
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.mode == "L"
+        grid = np.asarray(im)
+    assert grid.shape == ((2 * 9 + 1) * 8, (3 * 9 + 1) * 8)  # 5 images: 2 rows of 3 columns
+    for i in range(5):
+        r, c = divmod(i, 3)
+        cell = grid[8 * (1 + 9 * r):8 * (9 + 9 * r), 8 * (1 + 9 * c):8 * (9 + 9 * c)]
+        assert np.array_equal(cell, x[i, :, :, 0].repeat(8, 0).repeat(8, 1)), i
+    assert (grid[:8] == 255).all() and (grid[:, 8 * 9:8 * 10] == 255).all()  # the gaps
+    assert (grid[8 * 10:, 8 * 19:] == 255).all()  # the sixth cell is empty
+    data.save_grid(x[:1], tmp_path / "one.png", scale=1)  # one image keeps its white frame
+    one = np.asarray(Image.open(tmp_path / "one.png"))
+    assert one.shape == (10, 10) and np.array_equal(one[1:9, 1:9], x[0, :, :, 0])
+    assert one[0].min() == one[-1].min() == one[:, 0].min() == 255
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["g.png", "one.png"]
+
+
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
@@ -210,6 +231,16 @@ def test_image_folder_recursive_mixed_modes_and_resize(tmp_path):
     with pytest.raises(DataError, match=r"d\.png: size \(7, 9\) differs.*data\.image_size"):
         data.load_image_folder(tmp_path)
     assert data.load_image_folder(tmp_path, image_size=4).shape == (3, 4, 4, 1)
+
+
+def test_image_folder_resize_crops_the_centre_square(tmp_path):
+    # 12 x 6 (w x h): black | white (the centre 6 columns) | black; image_size 6 keeps the centre
+    im = np.zeros((6, 12), np.uint8)
+    im[:, 3:9] = 255
+    Image.fromarray(im).save(tmp_path / "wide.png")
+    assert (data.load_image_folder(tmp_path, image_size=6) == 255).all()
+    small = data.load_image_folder(tmp_path, image_size=3)  # then bicubic down: the kernel
+    assert small.min() > 200 and (small[..., 1, :] == 255).all()  # reaches the black a little
 
 
 def test_image_folder_errors_name_the_file(tmp_path):

@@ -19,6 +19,7 @@ from ddpm_core.files import (
     atomic_write_bytes,
     atomic_write_text,
     save_npy,
+    save_npz,
     save_torch,
     write_json,
 )
@@ -62,11 +63,12 @@ def test_written_files_have_mode_0666_minus_umask(tmp_path: Path, umask: int) ->
         write_json({"k": 1}, tmp_path / "c.json")
         save_torch({"k": 1}, tmp_path / "d.pt")
         save_npy(np.zeros(3), tmp_path / "e.npy")
+        save_npz(tmp_path / "g.npz", images=np.zeros(3))
         with atomic_dir(tmp_path / "f") as d:
             (d / "inner.txt").write_text("z")
     finally:
         os.umask(old)
-    for name in ("a.bin", "b.txt", "c.json", "d.pt", "e.npy"):
+    for name in ("a.bin", "b.txt", "c.json", "d.pt", "e.npy", "g.npz"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o777 & ~umask
 
@@ -87,13 +89,19 @@ def test_write_json_is_sorted_and_stable(tmp_path: Path) -> None:
     assert text == json.dumps({"a": {"c": [1, 2], "d": 2}, "b": 1}, indent=2) + "\n"
 
 
-def test_save_npy_round_trip_and_refuses_objects(tmp_path: Path) -> None:
+def test_save_npy_and_npz_round_trip_and_refuse_objects(tmp_path: Path) -> None:
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
     save_npy(arr, tmp_path / "a.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), arr)
+    save_npz(tmp_path / "a.npz", images=arr, labels=np.arange(2))
+    with np.load(tmp_path / "a.npz") as z:
+        assert sorted(z.files) == ["images", "labels"]
+        np.testing.assert_array_equal(z["images"], arr)
     with pytest.raises(ValueError):
         save_npy(np.array([{"x": 1}], dtype=object), tmp_path / "b.npy")
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.npy"]
+    with pytest.raises(ValueError):
+        save_npz(tmp_path / "b.npz", images=np.array([{"x": 1}], dtype=object))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.npy", "a.npz"]
 
 
 def test_atomic_dir_replaces_the_whole_folder_or_nothing(tmp_path: Path) -> None:

@@ -174,7 +174,8 @@ def test_ddim_published_numbers_are_a_table(tmp_path):
         ["DDIM η = 0", "13.36", "6.84", "4.67", "4.16", "4.04"],
         ["DDIM η = 1", "41.07", "18.36", "8.01", "5.78", "4.73"],
         ["DDPM ancestral σ² = β (σ̂), respaced", "367.43", "133.37", "32.72", "9.99", "3.17"]]
-    assert '<td>DDIM η = 0</td><td class="n">13.36</td><td class="n">6.84</td>' in page
+    assert '<td>DDIM η = 0</td><td class="n">13.36</td><td class="n">6.84</td>' in re.sub(
+        r">\s+<", "><", page)  # number cells right-aligned
     assert "S=10: DDIM" not in md  # no longer a run-on sentence
 
 
@@ -198,8 +199,9 @@ def test_grids_side_by_side_one_row_per_sampler_thumbnails_link_to_full_grids(tm
             assert c.endswith(f"FID {FID[spec.name] + k:.3f}")
             assert (tmp_path / "reports" / f).is_file()
             # HTML: a thumbnail (inlined, fixed width) inside a link to the full-size grid
-            assert re.search(rf'<a href="{re.escape(f)}"><img alt="{name}: {spec.name}" '
-                             r'width="\d+" src="data:image/png;base64,[^"]+"></a>', page), f
+            assert re.search(rf'<td class="thumb"><a href="{re.escape(f)}"><img src="data:image/'
+                             rf'png;base64,[^"]+" alt="{name}: {spec.name}" width="\d+"></a>',
+                             page), f
     assert page.count('<a href="figures/samples_') == 2 * len(GRID_SPECS)
 
 
@@ -271,6 +273,15 @@ def test_git_state_unknown_outside_git_and_dirty_names_the_changed_files(tmp_pat
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # git not installed
     s = provenance.git_state(repo)
     assert s.commit == "unknown: git not available (FileNotFoundError)" and s.dirty is None
+
+
+def test_provenance_values_show_as_written_in_markdown_and_html(tmp_path):
+    # changed files such as ddpm_core/__init__.py are not Markdown: no bold, no lost underscores
+    prov = {"uncommitted changes": "yes: ddpm_core/__init__.py, a*b*.py, <x>|y"}
+    md = report.provenance_table(prov)
+    assert table_after(md, "provenance")[1][0] == "uncommitted changes"
+    page = report.markdown_to_html(md, tmp_path)
+    assert "<td>yes: ddpm_core/__init__.py, a*b*.py, &lt;x&gt;|y</td>" in page
 
 
 def test_report_stage_reports_a_missing_input_in_one_line(tmp_path):
@@ -413,7 +424,7 @@ def test_grids_show_three_samplers_the_others_in_a_collapsed_section(tmp_path):
 def test_training_images_beside_the_samples_in_the_same_grid(tmp_path):
     # a reader needs real images to judge samples by: the first grid_size training images
     # (data/prepared/train.npy), drawn as the sample stage draws its grids
-    from pipeline.sample import save_grid
+    from ddpm_core.data import save_grid
 
     p = make_outputs(tmp_path)
     train = np.load(tmp_path / "data" / "prepared" / "train.npy")
@@ -421,7 +432,7 @@ def test_training_images_beside_the_samples_in_the_same_grid(tmp_path):
     assert r.returncode == 0, r.stderr
     got = tmp_path / "reports" / "figures" / "train_images.png"
     n = p["sample"]["grid_size"]
-    save_grid(train, tmp_path / "want.png", n, max(1, 64 // train.shape[1]))
+    save_grid(train, tmp_path / "want.png", n)  # as sample@<v> draws its grids
     assert got.read_bytes() == (tmp_path / "want.png").read_bytes()
     md = (tmp_path / "reports" / "report.md").read_text()
     page = (tmp_path / "reports" / "report.html").read_text()
@@ -429,13 +440,14 @@ def test_training_images_beside_the_samples_in_the_same_grid(tmp_path):
     assert f"[![training images]({f})]({f})" in md
     assert md.index(f) > md.index("## Sample grids") and md.index(f) < md.index("figures/samples_")
     assert f"first {n} images of data/prepared/train.npy" in md
-    assert re.search(rf'<a href="{re.escape(f)}"><img alt="training images" width="\d+" '
-                     r'src="data:image/png;base64,', page)
+    assert re.search(rf'<a href="{re.escape(f)}"><img src="data:image/png;base64,[^"]+" '
+                     r'alt="training images" width="\d+">', page)
     # the report stage depends on the images it draws (and on the grid size)
     import yaml
 
     stage = yaml.safe_load((report_repo() / "dvc.yaml").read_text())["stages"]["report"]
     assert "data/prepared/train.npy" in stage["deps"] and "sample.grid_size" in stage["params"]
+    assert "pipeline/templates" in stage["deps"]  # the report's text and page
 
 
 def report_repo() -> Path:
