@@ -88,3 +88,14 @@ PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16")
 # Feature network of FID/KID (fid.py).
 Features = Literal["inception", "digits_classifier"]
 FEATURES: tuple[Features, ...] = ("inception", "digits_classifier")
+
+# Choices of params.yaml's sections (ddpm_core.config, pipeline/params.py): the data sets of
+# the prepare stage (data.py), the U-Net presets (unet.PRESETS), the formats of existing weights
+# (our model files, a diffusers folder: convert.py), FID's feature network or "auto" (the
+# digits classifier for digits, Inception otherwise), and "auto" for a setting the loaded
+# params resolve from the data set (train.hflip).
+Dataset = Literal["digits", "cifar10", "folder", "npz"]
+UNetPreset = Literal["digits", "cifar10", "celebahq256", "lsun256"]
+WeightsFormat = Literal["ours", "diffusers"]
+FeatureChoice = Literal["auto", Features]
+Auto = Literal["auto"]

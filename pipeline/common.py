@@ -25,15 +25,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ddpm_core.config import ConfigError, Params, VariantConfig, load_params
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.files import atomic_dir, atomic_write_text
 from ddpm_core.files import write_json as _write_json
+from pipeline.params import ConfigError, Params, VariantConfig, load_params
 
 __all__ = ["atomic_dir", "write_text", "write_json"]
 
 if TYPE_CHECKING:  # torch is imported where it is used: a bad params.yaml fails in a blink
     import torch
+
+    from ddpm_core.distributed import DistInfo
+    from ddpm_core.modelfile import LoadedModel
+    from ddpm_core.unet import UNetConfig
 
 PARAMS_FILE = Path("params.yaml")
 MODEL_FILE_FORMAT = "ddpm-pipeline-model/1"
@@ -133,7 +137,7 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
-def start_processes(module: str, n: int) -> Any:
+def start_processes(module: str, n: int) -> DistInfo:
     """This process's ddpm_core.distributed info, after relaunching `module` on n processes."""
     from ddpm_core.distributed import init_distributed
 
@@ -189,7 +193,8 @@ def write_json(obj: Any, path: Path) -> None:
 # a network from params.yaml. (To be replaced by ddpm_core.modelfile.)
 
 
-def unet_config(params: Params, image_shape_hwc: tuple[int, ...], out_channels: int) -> Any:
+def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
+                out_channels: int) -> UNetConfig:
     """The U-Net of params.model (a preset plus overrides) sized for the data's [H, W, C]."""
     from ddpm_core.unet import PRESETS
 
@@ -221,14 +226,14 @@ def data_shape(split: str = "train") -> tuple[int, int, int]:
     return tuple(arr.shape[1:])  # type: ignore[return-value]
 
 
-def variant_model(name: str, use_ema: bool) -> Any:
+def variant_model(name: str, use_ema: bool) -> LoadedModel:
     """The trained model of variant `name` (its EMA weights when use_ema), one-line error."""
     from pipeline.records import VariantPaths
 
     return load_model_file(VariantPaths(name).model, "ema" if use_ema else "model")
 
 
-def load_model_file(path: Path, which: str = "ema") -> Any:
+def load_model_file(path: Path, which: str = "ema") -> LoadedModel:
     """A model file (or training checkpoint) as ddpm_core.modelfile.LoadedModel; one-line error."""
     from ddpm_core.modelfile import ModelFileError
     from ddpm_core.modelfile import load_model_file as _load

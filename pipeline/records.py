@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ddpm_core.config import Params, SampleConfig
 from ddpm_core.last_sigma import last_sigma_cap, last_sigma_cap_of
+from pipeline.params import Params, SampleConfig
 
 DATA_DIR = Path("data/prepared")
 FEATURES_DIR = Path("features")

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from ddpm_core.config import (
+from pipeline.params import (
     ConfigError,
     Params,
     TrainConfig,

@@ -20,19 +20,20 @@ def test_each_literal_equals_its_tuple_of_names() -> None:
 
 
 def test_library_and_config_use_the_same_literals() -> None:
-    from ddpm_core import config, diffusion, fid, inference, losses, resample, schedules
+    from ddpm_core import diffusion, fid, inference, losses, resample, schedules
+    from pipeline import params
 
-    assert config.MeanType is modes.MeanType and diffusion.MeanType is modes.MeanType
-    assert config.VarType is modes.VarType and diffusion.VarType is modes.VarType
-    assert config.Schedule is modes.ScheduleKind and schedules.ScheduleKind is modes.ScheduleKind
-    assert config.LossType is modes.LossType and losses.LossType is modes.LossType
-    assert config.TSampling is modes.TSampling and resample.TSampling is modes.TSampling
+    assert params.MeanType is modes.MeanType and diffusion.MeanType is modes.MeanType
+    assert params.VarType is modes.VarType and diffusion.VarType is modes.VarType
+    assert params.ScheduleKind is modes.ScheduleKind is schedules.ScheduleKind
+    assert params.LossType is modes.LossType and losses.LossType is modes.LossType
+    assert params.TSampling is modes.TSampling and resample.TSampling is modes.TSampling
     assert inference.Precision is modes.Precision and fid.Features is modes.Features
     assert diffusion.LEARNED_VAR_TYPES is modes.LEARNED_VAR_TYPES
 
 
 def test_importing_the_configuration_does_not_import_torch() -> None:
-    code = ("import sys, ddpm_core.config, ddpm_core.modes; "
+    code = ("import sys, ddpm_core.config, ddpm_core.modes, pipeline.params; "
             "print([m for m in sys.modules if m == 'torch' or m.startswith('torch.')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
