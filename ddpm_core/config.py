@@ -21,27 +21,17 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import pydantic
 import yaml
-from pydantic import (
-    AfterValidator,
-    ConfigDict,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
-from pydantic.dataclasses import dataclass
+from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from ddpm_core.modes import Auto, Dataset, Precision
 
 T = TypeVar("T")
 
 # extra="forbid": an unknown key is an error; no NaN or infinity in any number.
-CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
-settings = dataclass(frozen=True, config=CONFIG)  # the decorator of every settings class
+settings = pydantic.dataclasses.dataclass(  # the decorator of every settings class
+    frozen=True, config=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False))
 
 
 class ConfigError(ValueError):
@@ -57,13 +47,14 @@ class Invalid(ValueError):
         self.key = key
 
 
-def check(ok: Callable[[Any], bool], why: str) -> AfterValidator:
-    """A field constraint (in Annotated): a value failing `ok` is the error `<key>: <why>`."""
+def check(ok: Callable[[Any], bool], why: str | Callable[[Any], str]) -> Any:
+    """A field constraint (in Annotated): a value failing `ok` is the error `<key>: <why>`
+    (`why` may be a function of the value)."""
     def validate(value: Any) -> Any:
         if not ok(value):
-            raise Invalid(why)
+            raise Invalid(why(value) if callable(why) else why)
         return value
-    return AfterValidator(validate)
+    return pydantic.AfterValidator(validate)
 
 
 Positive = Annotated[StrictInt, check(lambda v: v > 0, "must be > 0")]
@@ -242,8 +233,8 @@ def _message(root: type, error: dict) -> str:
 def validate(cls: type[T], raw: Any) -> T:
     """Build settings class `cls` from a parsed YAML mapping; any problem is one ConfigError."""
     try:
-        return TypeAdapter(cls).validate_python({} if raw is None else raw)
-    except ValidationError as e:
+        return pydantic.TypeAdapter(cls).validate_python({} if raw is None else raw)
+    except pydantic.ValidationError as e:
         # a mistyped key first: it explains the other errors of its section
         first = min(e.errors(), key=lambda err: err["type"] != "unexpected_keyword_argument")
         raise ConfigError(_message(cls, first)) from None

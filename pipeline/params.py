@@ -17,16 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import (
-    AfterValidator,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-    field_validator,
-    model_validator,
-)
+from pydantic import StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
+from ddpm_core import modes
 from ddpm_core.config import (
     ConfigError,
     DataConfig,
@@ -41,45 +34,23 @@ from ddpm_core.config import (
     validate,
 )
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
-from ddpm_core.modes import (
-    FIXED_VAR_TYPES,
-    LEARNED_VAR_TYPES,
-    FeatureChoice,
-    LossType,
-    MeanType,
-    Precision,
-    ScheduleKind,
-    Sigma2,
-    Spacing,
-    TSampling,
-    UNetPreset,
-    VarType,
-    WeightsFormat,
-)
 
 Fraction = Annotated[StrictFloat, check(lambda v: 0 <= v < 1, "must be in [0, 1)")]
 
 # The σ² choices of the samplers and the bound over every variant: the fixed ones and
 # Analytic-DPM's (Γ from the gamma stage); a learned σ² is a learned variant's own.
-VARIANCES: tuple[Sigma2, ...] = (*FIXED_VAR_TYPES, "analytic")
-
-
-def _variances(vs: tuple[Sigma2, ...]) -> tuple[Sigma2, ...]:
-    for v in vs:
-        if v not in VARIANCES:
-            raise Invalid(f"{v!r} is not a σ² choice; use {', '.join(VARIANCES[:-1])} or "
-                          f"{VARIANCES[-1]}")
-    return vs
-
-
-Variances = Annotated[tuple[Sigma2, ...], AfterValidator(_variances)]
+VARIANCES: tuple[modes.Sigma2, ...] = (*modes.FIXED_VAR_TYPES, "analytic")
+Variances = Annotated[tuple[modes.Sigma2, ...], check(
+    lambda vs: set(vs) <= set(VARIANCES),
+    lambda vs: f"{next(v for v in vs if v not in VARIANCES)!r} is not a σ² choice; use "
+               f"{', '.join(VARIANCES[:-1])} or {VARIANCES[-1]}")]
 
 
 @settings
 class ModelConfig:
     """The U-Net: a preset from ddpm_core.unet.PRESETS, with optional overrides."""
 
-    preset: UNetPreset = "digits"
+    preset: modes.UNetPreset = "digits"
     base_channels: PositiveOrNull = None
     channel_mult: Annotated[tuple[StrictInt, ...] | None, check(
         lambda v: v is None or (len(v) > 0 and min(v) > 0),
@@ -108,20 +79,20 @@ class VariantConfig:
     """One model: a row of DDPM Table 2 (or improved DDPM's hybrid objective) that the train
     stage trains, or, with `pretrained`, existing weights that the train stage imports."""
 
-    mean_type: MeanType = "eps"
-    var_type: VarType = "fixed_large"
-    loss: LossType = "simple"
-    t_sampling: TSampling = "uniform"
+    mean_type: modes.MeanType = "eps"
+    var_type: modes.VarType = "fixed_large"
+    loss: modes.LossType = "simple"
+    t_sampling: modes.TSampling = "uniform"
     # Evaluate existing weights instead of training: one of our model files
     # (models/<name>.pt), a training checkpoint (checkpoints/.../ckpt_*.pt), or with
     # format: diffusers a diffusers DDPM folder (config.json + weights).
     pretrained: StrictStr | None = None
-    format: WeightsFormat = "ours"
+    format: modes.WeightsFormat = "ours"
     name: str = field(default="", init=False)  # its key in `variants` (set by Params)
 
     @model_validator(mode="after")
     def _trainable(self) -> VariantConfig:
-        learned = self.var_type in LEARNED_VAR_TYPES
+        learned = self.var_type in modes.LEARNED_VAR_TYPES
         if learned and self.pretrained is None and self.loss == "simple":
             raise Invalid("a learned variance needs loss 'vlb' or 'hybrid' (L_simple does not "
                           "train it)", "loss")
@@ -151,7 +122,7 @@ class SampleConfig:
         lambda s: all(k > 0 for k in s), "must be positive step counts")] = (10, 20, 50, 100)
     # trailing: every chain starts at step T (Lin et al. 2024); the DDIM paper's conventions
     # (leading, ddim_quadratic) start earlier and stay available for comparing with its table.
-    spacing: Spacing = "trailing"
+    spacing: modes.Spacing = "trailing"
     ddim_eta: Annotated[StrictFloat, check(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.0
     # σ of the step to x_{τ_1} (respaced chains of K < T steps and DDIM) at most 2y/255·√(π/2),
     # y pixel levels: Bao et al.'s code (clip_sigma_idx 1; y = 2 for CIFAR-10 LS, else 1). DDPM
@@ -163,7 +134,7 @@ class SampleConfig:
     grid_size: Positive = 64
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
     # GPU), and N processes under torchrun, each taking its share of the batches.
-    precision: Precision = "fp32"
+    precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
 
@@ -188,18 +159,13 @@ class BpdConfig:
     # from (seed, i, t)
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
     # GPU), and N processes under torchrun, each taking its share of the batches.
-    precision: Precision = "fp32"
+    precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
 
 
-def _tolerance(value: float) -> float:
-    if not 0 < value < 1:
-        raise Invalid(f"must lie in (0, 1), got {value} (Song et al.: 1e-5)")
-    return value
-
-
-Tolerance = Annotated[StrictFloat, AfterValidator(_tolerance)]
+Tolerance = Annotated[StrictFloat, check(
+    lambda v: 0 < v < 1, lambda v: f"must lie in (0, 1), got {v} (Song et al.: 1e-5)")]
 
 
 @settings
@@ -234,7 +200,7 @@ class FidConfig:
     """fid stage: torch-fidelity against the training split."""
 
     # auto: Inception-v3 for natural images, the digits classifier for the digits data set.
-    features: FeatureChoice = "auto"
+    features: modes.FeatureChoice = "auto"
     inception_weights: StrictStr | None = None  # local path to torch-fidelity's Inception weights
     kid_subset_size: Annotated[StrictInt, check(lambda v: v > 1, "must be > 1")] = 100
     classifier_epochs: Positive = 30
@@ -267,19 +233,14 @@ def check_tracking_uri(uri: str, key: str) -> None:
         raise ConfigError(f"{key}: {uri!r} {_URI_FIX}")
 
 
-def _tracking_uri(uri: str | None) -> str | None:
-    if uri is not None and not is_tracking_uri(uri):
-        raise Invalid(f"{uri!r} {_URI_FIX}")
-    return uri
-
-
 @settings
 class MlflowConfig:
     """Where runs go; MLFLOW_TRACKING_URI overrides `tracking_uri`."""
 
     experiment: StrictStr = "ddpm"
     # None: sqlite:///<DVC_ROOT or repo root>/mlflow.db
-    tracking_uri: Annotated[StrictStr | None, AfterValidator(_tracking_uri)] = None
+    tracking_uri: Annotated[StrictStr | None, check(
+        lambda u: u is None or is_tracking_uri(u), lambda u: f"{u!r} {_URI_FIX}")] = None
 
 
 def _default_variants() -> dict[str, VariantConfig]:
@@ -290,7 +251,7 @@ def _default_variants() -> dict[str, VariantConfig]:
 class Params:
     """The whole params.yaml."""
 
-    schedule: ScheduleKind = "linear"  # formulas and the 1000/T scaling: schedules.py
+    schedule: modes.ScheduleKind = "linear"  # formulas and the 1000/T scaling: schedules.py
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

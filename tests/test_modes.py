@@ -21,13 +21,15 @@ def test_each_literal_equals_its_tuple_of_names() -> None:
 
 def test_library_and_config_use_the_same_literals() -> None:
     from ddpm_core import diffusion, fid, inference, losses, resample, schedules
-    from pipeline import params
+    from pipeline.params import Params, VariantConfig
 
-    assert params.MeanType is modes.MeanType and diffusion.MeanType is modes.MeanType
-    assert params.VarType is modes.VarType and diffusion.VarType is modes.VarType
-    assert params.ScheduleKind is modes.ScheduleKind is schedules.ScheduleKind
-    assert params.LossType is modes.LossType and losses.LossType is modes.LossType
-    assert params.TSampling is modes.TSampling and resample.TSampling is modes.TSampling
+    config = typing.get_type_hints(VariantConfig)
+    assert config["mean_type"] is modes.MeanType and diffusion.MeanType is modes.MeanType
+    assert config["var_type"] is modes.VarType and diffusion.VarType is modes.VarType
+    assert typing.get_type_hints(Params)["schedule"] is modes.ScheduleKind
+    assert schedules.ScheduleKind is modes.ScheduleKind
+    assert config["loss"] is modes.LossType and losses.LossType is modes.LossType
+    assert config["t_sampling"] is modes.TSampling and resample.TSampling is modes.TSampling
     assert inference.Precision is modes.Precision and fid.Features is modes.Features
     assert diffusion.LEARNED_VAR_TYPES is modes.LEARNED_VAR_TYPES
 
