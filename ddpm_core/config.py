@@ -157,7 +157,7 @@ def _locate(root: type, loc: tuple) -> tuple[str, Any]:
         if origin is tuple:
             key, tp = f"{key}[{part}]", typing.get_args(tp)[0]
             continue
-        if part == "[key]" or (origin not in (None, dict) and origin is not Literal):
+        if part == "[key]" or origin not in (None, dict):
             break  # a mapping's key, or the member tag of a union: the key is complete
         key = f"{key}.{part}" if key else str(part)
         if origin is dict:
