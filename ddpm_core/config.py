@@ -219,7 +219,8 @@ def _message(root: type, error: dict) -> str:
         return f"{where}: is empty (null); give its settings or delete the key to use the defaults"
     if kind == "literal_error" and typing.get_origin(tp) is Literal:
         allowed = typing.get_args(tp)
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1) if isinstance(
+            value, str) else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{where}: {value!r} is not one of {list(allowed)}{hint}"
     if typing.get_origin(tp) in (typing.Union, types.UnionType):  # no member of a union fits
