@@ -199,46 +199,49 @@ _EXPECTED = {"int_type": "an integer", "float_type": "a number", "finite_number"
              "dict_type": "a mapping", "dataclass_type": "a mapping"}
 
 
-def _message(root: type, error: dict) -> str:
-    """One pydantic error as `<dotted key>: <why and fix>`."""
+def _message(root: type, error: dict, top: str) -> tuple[str, str]:
+    """One pydantic error as (dotted key, why and fix); `top` names the root ('' for it)."""
     kind, value, loc = error["type"], error.get("input"), tuple(error["loc"])
     key, tp = _locate(root, loc)
-    where = key or "params.yaml"
     exc = (error.get("ctx") or {}).get("error")
     if isinstance(exc, Invalid):
-        key = ".".join(k for k in (key, exc.key) if k)
-        return f"{key or 'params.yaml'}: {exc}"
+        return ".".join(k for k in (key, exc.key) if k), str(exc)
     if kind == "unexpected_keyword_argument":
         parent, cls = _locate(root, loc[:-1])
         keys, prefix = _keys(cls), f"{parent}." if parent else ""
         close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
-        return f"{key}: unknown key; " + (
+        return key, "unknown key; " + (
             f"did you mean '{prefix}{close[0]}'?" if close else
-            f"delete it or use one of {parent or 'params.yaml'}'s keys: {', '.join(keys)}")
+            f"delete it or use one of {parent or top}'s keys: {', '.join(keys)}")
     if kind == "dataclass_type" and value is None:
-        return f"{where}: is empty (null); give its settings or delete the key to use the defaults"
+        return key, "is empty (null); give its settings or delete the key to use the defaults"
     if kind == "literal_error" and typing.get_origin(tp) is Literal:
         allowed = typing.get_args(tp)
         close = difflib.get_close_matches(value, [str(a) for a in allowed], n=1) if isinstance(
             value, str) else []
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}: {value!r} is not one of {list(allowed)}{hint}"
+        return key, f"{value!r} is not one of {list(allowed)}{hint}"
     if typing.get_origin(tp) in (typing.Union, types.UnionType):  # no member of a union fits
-        return f"{where}: expected {_names(tp)}, got {value!r}"
+        return key, f"expected {_names(tp)}, got {value!r}"
     if kind in _EXPECTED:
         hint = _int_hint(value) if kind == "int_type" and not isinstance(value, bool) else ""
-        return f"{where}: expected {_EXPECTED[kind]}, got {value!r}{hint}"
-    return f"{where}: {error['msg']}"  # a kind no settings class provokes today
+        return key, f"expected {_EXPECTED[kind]}, got {value!r}{hint}"
+    if kind == "missing":
+        return key, "required key is missing"
+    return key, error["msg"].lower()  # a kind no settings class provokes today
 
 
-def validate(cls: type[T], raw: Any) -> T:
-    """Build settings class `cls` from a parsed YAML mapping; any problem is one ConfigError."""
+def validate(cls: type[T], raw: Any, under: str = "") -> T:
+    """Build settings class `cls` from parsed YAML; any problem is one ConfigError
+    `<key>: <why and fix>`, the key under `under` (e.g. `expected.yaml: toy`) or params.yaml's."""
     try:
         return pydantic.TypeAdapter(cls).validate_python({} if raw is None else raw)
     except pydantic.ValidationError as e:
         # a mistyped key first: it explains the other errors of its section
         first = min(e.errors(), key=lambda err: err["type"] != "unexpected_keyword_argument")
-        raise ConfigError(_message(cls, first)) from None
+        key, why = _message(cls, first, under or "params.yaml")
+        raise ConfigError(f"{'.'.join(k for k in (under, key) if k) or 'params.yaml'}: {why}") \
+            from None
 
 
 def read_yaml(path: str | Path, what: str, fix: str,
