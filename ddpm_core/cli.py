@@ -189,16 +189,30 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_check(a: argparse.Namespace) -> int:
-    from ddpm_core.check import check, format_table
+def _pipeline(module: str) -> Any:
+    """pipeline.<module>: the stages' code, which runs from the checkout (it is not installed)."""
+    import importlib
 
+    if Path("pipeline", "__init__.py").is_file() and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
     try:
-        entry, rows = check(a.params, a.metrics_dir, a.expected)
+        return importlib.import_module(f"pipeline.{module}")
+    except ModuleNotFoundError as e:
+        if e.name != "pipeline":
+            raise
+        raise UsageError("this command reads the pipeline's params and results: run it from "
+                         "the repository's checkout (pipeline/ is not installed)") from None
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    check = _pipeline("check")
+    try:
+        entry, rows = check.check(a.params, a.metrics_dir, a.expected)
     except LookupError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(f"entry: {entry.name}" + (f" ({entry.description})" if entry.description else ""))
-    print(format_table(rows))
+    print(check.format_table(rows))
     bad = [r for r in rows if not r.ok]
     if bad:
         reasons = {"FAIL": "outside tolerance", "MISSING": "not measured (run the pipeline)",
@@ -223,8 +237,7 @@ def merge(base: Any, over: Any) -> Any:
 def cmd_preset(a: argparse.Namespace) -> int:
     import yaml
 
-    from ddpm_core.check import read_params
-    from ddpm_core.config import ConfigError, params_from_dict
+    from ddpm_core.config import ConfigError
 
     if a.list:
         for f in sorted(PRESETS_DIR.glob("*.yaml")):
@@ -239,11 +252,11 @@ def cmd_preset(a: argparse.Namespace) -> int:
     over = yaml.safe_load(file.read_text())
     if not isinstance(over, dict):
         raise UsageError(f"{file}: a preset is a mapping of params.yaml sections")
-    merged = merge(read_params(a.params), over)
+    merged = merge(_pipeline("check").read_params(a.params), over)
     if "variants" in over:  # a preset names its models: they replace, not join, the variants
         merged["variants"] = over["variants"]
     try:
-        params_from_dict(merged)
+        _pipeline("params").params_from_dict(merged)
     except ConfigError as e:
         raise UsageError(f"preset {file.stem} does not fit {a.params}: {e}") from None
     text = (f"# {a.params} with presets/{file.name} applied by `ddpm preset {file.stem}`; "

@@ -109,3 +109,8 @@ DdimNoise = Literal["eta", "analytic"]
 # Data sets of params.yaml's data.dataset (data.py) and formats of pretrained weights.
 Dataset = Literal["digits", "cifar10", "folder", "npz"]
 ModelFormat = Literal["ours", "diffusers"]
+
+# Choices of params.yaml that take "auto" (resolved from the data set when the params load):
+# FID's feature network (the digits classifier for digits, Inception otherwise) and train.hflip.
+FeatureChoice = Literal["auto", Features]
+Auto = Literal["auto"]

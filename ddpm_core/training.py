@@ -43,7 +43,7 @@ from ddpm_core.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from ddpm_core.config import weight_settings
+from ddpm_core.config import TrainConfig, weight_settings
 from ddpm_core.inference import Autocast
 from ddpm_core.losses import Loss
 from ddpm_core.modelfile import ModelSpec
@@ -133,7 +133,7 @@ class EpochSampler:
 class Batcher:
     """Draws this rank's slice of each global batch: x0 [b,C,H,W] in [-1,1], t, weights, noise."""
 
-    def __init__(self, data_uint8: Tensor, t_sampler: TimestepSampler, cfg: Any,
+    def __init__(self, data_uint8: Tensor, t_sampler: TimestepSampler, cfg: TrainConfig,
                  info: D.DistInfo) -> None:
         assert data_uint8.dtype == torch.uint8 and data_uint8.ndim == 4, \
             f"data must be uint8 [N,C,H,W], got {data_uint8.dtype} {tuple(data_uint8.shape)}"
@@ -175,7 +175,7 @@ class Batcher:
 class TrainStep:
     """One update: loss, backward, global-norm clip, Adam, warm-up, EMA (fp32), sampler update."""
 
-    def __init__(self, model: nn.Module, loss: Loss, t_sampler: TimestepSampler, cfg: Any,
+    def __init__(self, model: nn.Module, loss: Loss, t_sampler: TimestepSampler, cfg: TrainConfig,
                  info: D.DistInfo) -> None:
         dev = info.device
         mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -255,8 +255,8 @@ def _cpu_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     return m.eval()
 
 
-def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: Tensor, cfg: Any,
-          ckpt_dir: Path,
+def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: Tensor,
+          cfg: TrainConfig, ckpt_dir: Path,
           device: str | torch.device | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
           spec: ModelSpec | None = None) -> TrainResult:
@@ -337,7 +337,7 @@ def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: 
                        history=history, resumed_from=resumed_from, step=step)
 
 
-def _check_finite(first_bad: Tensor, last_path: Path | None, cfg: Any) -> None:
+def _check_finite(first_bad: Tensor, last_path: Path | None, cfg: TrainConfig) -> None:
     """Raise TrainingDiverged if any step since the start had a non-finite loss or grad norm."""
     bad = int(D.all_reduce_(first_bad.clone(), "min").item())
     if bad == _NO_BAD_STEP:
@@ -361,7 +361,7 @@ def _check_spec(spec: ModelSpec | None, model: nn.Module) -> dict | None:
     return spec.to_dict()
 
 
-def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: Any, info: D.DistInfo,
+def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: TrainConfig, info: D.DistInfo,
           ckpt_dir: Path, spec: dict | None = None,
           window: tuple[int, Tensor] | None = None) -> Path:
     """Write the full training state after `step` (rank 0 writes; all ranks give RNG states
@@ -371,7 +371,7 @@ def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: Any, info: D.Dis
     sums_all = D.all_gather_objects(acc.detach().cpu().clone())
     path = checkpoint_path(ckpt_dir, step)
     if info.is_main:
-        cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(vars(cfg))
+        cfg_dict = dataclasses.asdict(cfg)
         state = {
             "step": step, "world_size": info.world_size, "config": cfg_dict,
             "model": step_fn.model.state_dict(), "ema": step_fn.ema.state_dict(),
@@ -403,7 +403,8 @@ def _restore_window(ck: dict, info: D.DistInfo) -> tuple[int, Tensor]:
     return int(w["start"]), (total if info.rank == 0 else torch.zeros(2)).to(dev)
 
 
-def _restore(ck: dict, step_fn: TrainStep, batcher: Batcher, cfg: Any, info: D.DistInfo) -> int:
+def _restore(ck: dict, step_fn: TrainStep, batcher: Batcher, cfg: TrainConfig,
+             info: D.DistInfo) -> int:
     """Load a verified checkpoint into the live training state; returns its step."""
     old = ck.get("config", {})
     changed = [k for k, v in weight_settings(cfg).items() if k in old and old[k] != v]

@@ -18,7 +18,6 @@ import time
 
 import torch
 
-from ddpm_core.config import Params, VariantConfig
 from ddpm_core.data import load_images, to_model_tensor, to_unit
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, map_shards
@@ -36,6 +35,7 @@ from pipeline.common import (
     write_text,
 )
 from pipeline.gamma import read_gamma
+from pipeline.params import Params, VariantConfig
 from pipeline.records import DATA_DIR, VariantPaths, bpd_key, variant_metrics
 
 

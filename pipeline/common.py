@@ -26,10 +26,10 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ddpm_core.config import ConfigError, Params, VariantConfig, load_params
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.files import atomic_dir, atomic_write_text
 from ddpm_core.files import write_json as _write_json
+from pipeline.params import ConfigError, Params, VariantConfig, load_params
 
 __all__ = ["atomic_dir", "write_text", "write_json"]
 
@@ -212,6 +212,19 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
                                    out_channels=out_channels, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+
+
+def data_shape(split: str = "train") -> tuple[int, int, int]:
+    """[H, W, C] of a prepared split, read from the .npy header only."""
+    import numpy as np
+
+    from pipeline.records import DATA_DIR
+
+    path = DATA_DIR / f"{split}.npy"
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
+    arr = np.load(path, mmap_mode="r")
+    return tuple(arr.shape[1:])  # type: ignore[return-value]
 
 
 def variant_model(name: str, use_ema: bool) -> LoadedModel:

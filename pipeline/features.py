@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 
-from ddpm_core.config import Params
 from ddpm_core.data import load_images, load_labels
 from ddpm_core.digits_classifier import (
     classifier_accuracy,
@@ -35,6 +34,7 @@ from ddpm_core.fid import (
 )
 from ddpm_core.progress import Progress
 from pipeline.common import StageError, atomic_dir, run_stage, write_json
+from pipeline.params import Params
 from pipeline.records import (
     CLASSIFIER_FILE,
     DATA_DIR,

@@ -13,11 +13,11 @@ import time
 import torch
 
 from ddpm_core.analytic import estimate_gamma
-from ddpm_core.config import Params, VariantConfig
 from ddpm_core.data import load_images, to_model_tensor, to_unit
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.inference import inference_model
 from pipeline.common import device, run_stage, variant_model, write_json
+from pipeline.params import Params, VariantConfig
 from pipeline.records import DATA_DIR, VariantPaths, read_json
 
 

@@ -17,9 +17,9 @@ import math
 import time
 
 from ddpm_core.api import nll
-from ddpm_core.config import Params, VariantConfig
 from ddpm_core.data import load_images
 from pipeline.common import device, run_stage, variant_model, write_json
+from pipeline.params import Params, VariantConfig
 from pipeline.records import (
     DATA_DIR,
     NLL_NFE_MEAN,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ddpm_core.config import ConfigError, Params
 from ddpm_core.data import prepare_splits, save_splits
 from pipeline.common import atomic_dir, run_stage, write_json
+from pipeline.params import ConfigError, Params
 from pipeline.records import DATA_DIR
 
 RAW_DIR = Path("data/raw")  # the stage's one data dependency in dvc.yaml

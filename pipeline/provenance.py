@@ -20,8 +20,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddpm_core.config import Params, to_dict
 from pipeline.common import stable_hash
+from pipeline.params import Params, to_dict
 
 # Files `dvc repro` itself rewrites while it runs: not a sign of uncommitted work.
 WRITTEN_BY_DVC = ("dvc.lock",)

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ddpm_core.config import Params, SampleConfig
 from ddpm_core.last_sigma import last_sigma_cap, last_sigma_cap_of
 from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES, Sigma2, Spacing, SpecKind
+from pipeline.params import Params, SampleConfig
 
 DATA_DIR = Path("data/prepared")
 FEATURES_DIR = Path("features")

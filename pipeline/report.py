@@ -31,11 +31,11 @@ import pandas as pd  # noqa: E402
 from markdown_it import MarkdownIt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator  # noqa: E402
 
-from ddpm_core.config import Params  # noqa: E402
 from ddpm_core.data import load_images, save_grid  # noqa: E402
 from ddpm_core.modes import SIGMA2_MODES  # noqa: E402
 from pipeline import published  # noqa: E402
 from pipeline.common import atomic_dir, run_stage, write_text  # noqa: E402
+from pipeline.params import Params  # noqa: E402
 from pipeline.provenance import provenance  # noqa: E402
 from pipeline.records import (  # noqa: E402
     DATA_DIR,

@@ -23,7 +23,6 @@ import time
 import numpy as np
 import torch
 
-from ddpm_core.config import ConfigError, Params, VariantConfig
 from ddpm_core.data import from_unit, save_grid, to_numpy_images
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup, sample_in_batches
@@ -41,6 +40,7 @@ from pipeline.common import (
     write_json,
 )
 from pipeline.gamma import read_gamma
+from pipeline.params import ConfigError, Params, VariantConfig
 from pipeline.records import SamplerSpec, VariantPaths, sampler_specs
 
 

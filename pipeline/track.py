@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from ddpm_core.config import Params, to_dict
 from pipeline.common import run_stage, stable_hash
+from pipeline.params import Params, to_dict
 from pipeline.records import (
     DATA_DIR,
     REPORTS_DIR,

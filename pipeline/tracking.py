@@ -34,8 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ddpm_core.config import Params, check_tracking_uri, to_dict
 from pipeline.common import StageError
+from pipeline.params import Params, check_tracking_uri, to_dict
 from pipeline.provenance import git_state
 
 KEY_TAG = "ddpm.key"

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ddpm_core.checkpoint import list_checkpoints, step_of
-from ddpm_core.config import ConfigError, Params, TrainConfig, VariantConfig, weight_settings
+from ddpm_core.config import weight_settings
 from ddpm_core.data import load_images, to_model_tensor
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.losses import Loss
@@ -40,6 +40,7 @@ from pipeline.common import (
     write_json,
     write_text,
 )
+from pipeline.params import ConfigError, Params, TrainConfig, VariantConfig
 from pipeline.records import DATA_DIR, FINAL_LOSS, VariantPaths, variant_metrics
 
 LOSS_HEADER = "step,loss,grad_norm,lr"

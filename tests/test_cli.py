@@ -335,13 +335,26 @@ def test_malformed_expected_file_is_exit_2(check_files, capsys) -> None:
     assert_one_line_error(err, "toy.metrics[0]", "tolerance")
 
 
+def test_check_outside_the_checkout_says_where_to_run_it(tmp_path: Path) -> None:
+    """pipeline/ is not installed: `ddpm check` away from the checkout is one line, exit 2."""
+    import os
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "ddpm_core").symlink_to(ROOT / "ddpm_core")
+    r = subprocess.run([sys.executable, "-c", "import sys; from ddpm_core.cli import main; "
+                        "sys.exit(main(['check']))"], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path / "lib")})
+    assert r.returncode == 2, r.stderr
+    assert_one_line_error(r.stderr, "run it from the repository's checkout")
+
+
 def test_shipped_expected_file_is_valid_and_digits_entry_holds_the_default_runs_numbers(
         capsys) -> None:
     """The repository's own expected.yaml loads; the default run's entry matches the shipped
     params.yaml, has a recorded number for every metric (a null would fail `ddpm check`), names
     only metrics the shipped params produce, and keeps Analytic-DPM's order at K = 10."""
-    from ddpm_core.check import load_expected, read_params, select_entry
-    from ddpm_core.config import load_params
+    from pipeline.check import load_expected, read_params, select_entry
+    from pipeline.params import load_params
 
     entries = load_expected(ROOT / "reference" / "expected.yaml")
     entry = select_entry(entries, read_params(ROOT / "params.yaml"))
@@ -371,7 +384,7 @@ def test_table1_preset_then_check_on_fake_results(tmp_path: Path, monkeypatch, c
     from tiny import make_diffusers_folder
 
     import ddpm_core
-    from ddpm_core.config import load_params
+    from pipeline.params import load_params
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(ROOT / "presets", tmp_path / "presets")

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from ddpm_core.config import (
+from pipeline.params import (
     ConfigError,
     Params,
     TrainConfig,
@@ -85,6 +85,11 @@ def test_tree_is_frozen():
         ({"variants": "simple"}, "variants: expected a mapping"),
         ({"train": 3}, "train: expected a mapping"),
         ([1, 2], "params.yaml: expected a mapping"),
+        ({"bpd": {"seed": -1}}, "bpd.seed: must be >= 0"),
+        ({"data": {"test_fraction": 3, "tets": 1}}, "data.tets: unknown key"),  # the typo first
+        ({"sample": {"variances": ["fixd_large"]}}, "did you mean 'fixed_large'?"),
+        ({"mlflow": {"tracking_uri": "localhost"}}, "mlflow.tracking_uri: 'localhost' is not a "
+         "tracking URI; give http://<host>:<port>"),
     ],
 )
 def test_bad_params_name_the_key(raw, message):
@@ -103,3 +108,12 @@ def test_load_params_reports_missing_file_and_bad_yaml(tmp_path):
         load_params(bad)
     bad.write_text("schedule: cosine\ntrain:\n  steps: 3\n")
     assert load_params(bad).train.steps == 3
+
+
+def test_the_presets_literal_names_the_unet_presets():
+    import typing
+
+    from ddpm_core import modes
+    from ddpm_core.unet import PRESETS
+
+    assert set(typing.get_args(modes.Preset)) == set(PRESETS)

@@ -95,7 +95,7 @@ def test_a_per_variant_stage_names_an_unknown_variant(tmp_path):
 
 
 def test_hflip_auto_is_resolved_where_mlflow_reads_it():
-    from ddpm_core.config import params_from_dict, to_dict
+    from pipeline.params import params_from_dict, to_dict
 
     p = tiny_params()
     assert p["train"]["hflip"] == "auto"

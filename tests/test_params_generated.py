@@ -17,7 +17,7 @@ from typing import Any, Literal, Union
 import pytest
 import yaml
 
-from ddpm_core.config import ConfigError, Params, params_from_dict
+from pipeline.params import ConfigError, Params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
-from ddpm_core.config import params_from_dict
+from pipeline.params import params_from_dict
 from pipeline.records import sampler_specs
 
 pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ddpm_core.config import SampleConfig
+from pipeline.params import SampleConfig
 from pipeline.records import SamplerSpec, sampler_specs
 
 
@@ -62,7 +62,7 @@ def test_sampler_specs_cap_y_from_config_and_no_analytic_ddim_without_the_analyt
 
 
 def test_sample_config_last_sigma_cap_y_must_be_positive_or_null():
-    from ddpm_core.config import ConfigError, params_from_dict
+    from pipeline.params import ConfigError, params_from_dict
 
     assert params_from_dict({"sample": {"last_sigma_cap_y": None}}).sample.last_sigma_cap_y is None
     assert params_from_dict({"sample": {"last_sigma_cap_y": 2}}).sample.last_sigma_cap_y == 2.0
@@ -80,9 +80,9 @@ def test_sample_stage_draws_each_spec_with_its_cap_and_analytic_ddim(tmp_path, o
 
     import ddpm_core
     from ddpm_core.api import save_model_file
-    from ddpm_core.config import params_from_dict
     from ddpm_core.diffusion import Diffusion
     from ddpm_core.modelfile import load_model_file
+    from pipeline.params import params_from_dict
     from pipeline.sample import draw
 
     diff = Diffusion.from_schedule("linear", 10)

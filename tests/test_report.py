@@ -16,8 +16,8 @@ import numpy as np
 from helpers import FID, run_stage, tiny_params  # noqa: F401
 from helpers import make_outputs as stage_outputs
 
-from ddpm_core.config import load_params, to_dict
 from pipeline import provenance, report
+from pipeline.params import load_params, to_dict
 from pipeline.records import SamplerSpec, load_results
 
 GRID_SPECS = [SamplerSpec("ancestral", 10, "fixed_large"), SamplerSpec("ancestral", 10,

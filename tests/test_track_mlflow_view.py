@@ -17,7 +17,7 @@ import yaml
 from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
 import ddpm_core
-from ddpm_core.config import params_from_dict
+from pipeline.params import params_from_dict
 
 VARIANTS = ("simple", "vlb")
 

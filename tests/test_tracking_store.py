@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOG_ONCE = r"""
 import sys, time
 
-from ddpm_core.config import params_from_dict
+from pipeline.params import params_from_dict
 from pipeline.tracking import COMPLETE_TAG, create_run, log_once, store
 
 key = sys.argv[1]
@@ -89,7 +89,7 @@ def test_runs_left_running_by_a_kill_are_marked_killed_when_the_rerun_logs(tmp_p
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    from ddpm_core.config import params_from_dict
+    from pipeline.params import params_from_dict
     from pipeline.tracking import create_run, store
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -183,7 +183,7 @@ def test_a_garbage_tracking_uri_is_one_line_naming_the_key_exit_2(tmp_path, bad)
 
 
 def test_valid_tracking_uris_are_accepted():
-    from ddpm_core.config import params_from_dict
+    from pipeline.params import params_from_dict
 
     for uri in ("http://127.0.0.1:5000", "https://mlflow.example.org/", "sqlite:///mlflow.db",
                 "sqlite:////abs/path/mlflow.db", "postgresql+psycopg2://u:p@host:5432/db",

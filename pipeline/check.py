@@ -15,41 +15,57 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from ddpm_core.config import read_yaml
+from pydantic import StrictFloat, StrictStr, model_validator
+
+from ddpm_core import config  # config.check: this module's check() is the judge
+from ddpm_core.config import ConfigError, Invalid, read_yaml, settings, validate
 
 
 class ExpectedError(ValueError):
     """expected.yaml (or params.yaml) is malformed; the message names the entry and key."""
 
 
-@dataclass(frozen=True)
+Tolerance = Annotated[StrictFloat | None, config.check(lambda v: v is None or v >= 0,
+                                                        "tolerances must be >= 0")]
+Text = Annotated[StrictStr, config.check(bool, "required (a string)")]
+
+
+@settings
 class MetricSpec:
     """One expected number: metrics/<file> at key path `key`, expected ± tolerance."""
 
-    name: str
-    file: str
-    key: str
-    expected: float | None
-    abs_tol: float | None
-    rel_tol: float | None
+    file: Text
+    key: Text
+    expected: StrictFloat | None  # null until recorded
+    name: StrictStr = ""  # "": the key
+    abs: Tolerance = None
+    rel: Tolerance = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> MetricSpec:
+        if self.abs is None and self.rel is None:
+            raise Invalid("give a tolerance, abs and/or rel")
+        object.__setattr__(self, "name", self.name or self.key)
+        return self
 
     def tolerance(self) -> float | None:
         """max(abs, rel·|expected|), None while the expected value is missing."""
         if self.expected is None:
             return None
-        return max(self.abs_tol or 0.0, (self.rel_tol or 0.0) * abs(self.expected))
+        return max(self.abs or 0.0, (self.rel or 0.0) * math.fabs(self.expected))
 
 
-@dataclass(frozen=True)
+@settings
 class Entry:
     """A configuration (`when`) and the metrics expected of it."""
 
-    name: str
-    description: str
-    when: dict[str, Any]
-    metrics: tuple[MetricSpec, ...]
+    name: StrictStr
+    when: Annotated[dict[str, Any], config.check(
+        bool, "a non-empty mapping of params keys to values")]
+    metrics: Annotated[tuple[MetricSpec, ...], config.check(bool, "a non-empty list")]
+    description: StrictStr = ""
 
 
 @dataclass(frozen=True)
@@ -68,60 +84,22 @@ class Row:
         return self.status == "pass"
 
 
-def _number(value: Any, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ExpectedError(f"{where}: expected a number or null, got {value!r}")
-    return float(value)
-
-
-def _metric(raw: Any, where: str) -> MetricSpec:
-    if not isinstance(raw, dict):
-        raise ExpectedError(f"{where}: expected a mapping with file, key, expected, abs/rel")
-    unknown = set(raw) - {"name", "file", "key", "expected", "abs", "rel"}
-    if unknown:
-        raise ExpectedError(f"{where}: unknown keys {sorted(unknown)} (use name, file, key, "
-                            "expected, abs, rel)")
-    for k in ("file", "key"):
-        if not isinstance(raw.get(k), str) or not raw[k]:
-            raise ExpectedError(f"{where}.{k}: required (a string)")
-    if "expected" not in raw:
-        raise ExpectedError(f"{where}.expected: required (a number, or null until recorded)")
-    abs_tol, rel_tol = _number(raw.get("abs"), f"{where}.abs"), _number(raw.get("rel"),
-                                                                         f"{where}.rel")
-    if abs_tol is None and rel_tol is None:
-        raise ExpectedError(f"{where}: give a tolerance, abs and/or rel")
-    if (abs_tol or 0) < 0 or (rel_tol or 0) < 0:
-        raise ExpectedError(f"{where}: tolerances must be >= 0")
-    return MetricSpec(name=str(raw.get("name", raw["key"])), file=raw["file"], key=raw["key"],
-                      expected=_number(raw["expected"], f"{where}.expected"),
-                      abs_tol=abs_tol, rel_tol=rel_tol)
-
-
 def load_expected(path: str | Path) -> list[Entry]:
     """Entries of an expected.yaml, validated (ExpectedError names the bad key)."""
     path = Path(path)
     raw = read_yaml(path, "expected-metrics file", "pass --expected", ExpectedError)
     if not isinstance(raw, dict) or not isinstance(raw.get("entries"), list):
         raise ExpectedError(f"{path}: needs a top-level `entries:` list")
-    out, names = [], set()
+    out: list[Entry] = []
     for i, e in enumerate(raw["entries"]):
-        where = f"{path}: entries[{i}]"
-        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
-            raise ExpectedError(f"{where}: needs a name")
-        where = f"{path}: {e['name']}"
-        if e["name"] in names:
+        name = e.get("name") if isinstance(e, dict) else None
+        where = f"{path}: {name if isinstance(name, str) else f'entries[{i}]'}"
+        try:
+            out.append(validate(Entry, e, where))
+        except ConfigError as err:
+            raise ExpectedError(str(err)) from None
+        if name in (o.name for o in out[:-1]):
             raise ExpectedError(f"{where}: duplicate entry name")
-        names.add(e["name"])
-        when, metrics = e.get("when"), e.get("metrics")
-        if not isinstance(when, dict) or not when:
-            raise ExpectedError(f"{where}.when: a non-empty mapping of params keys to values")
-        if not isinstance(metrics, list) or not metrics:
-            raise ExpectedError(f"{where}.metrics: a non-empty list")
-        out.append(Entry(e["name"], str(e.get("description", "")), dict(when),
-                         tuple(_metric(m, f"{where}.metrics[{j}]")
-                               for j, m in enumerate(metrics))))
     return out
 
 
