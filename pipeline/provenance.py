@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,34 +49,31 @@ class GitState:
                 + (f" and {more} more" if more > 0 else ""))
 
 
-def _git(args: list[str], cwd: Path | None) -> subprocess.CompletedProcess | str:
-    """`git <args>`, or the reason it could not run."""
+def _git(args: list[str], cwd: str | Path | None) -> tuple[str | None, str]:
+    """(stdout of `git <args>`, "") or (None, why it failed: git's first line, or git
+    not being there)."""
     try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=30, check=False)
+        r = subprocess.run(["git", *args], cwd=cwd or None, capture_output=True, text=True,
+                           timeout=30, check=False)
     except (OSError, subprocess.SubprocessError) as e:
-        return f"git not available ({type(e).__name__})"
-
-
-def _why(r: subprocess.CompletedProcess | str) -> str:
-    if isinstance(r, str):
-        return r
-    first = (r.stderr.strip().splitlines() or [f"git exited with {r.returncode}"])[0]
-    return first.removeprefix("fatal: ")[:120]
+        return None, f"git not available ({type(e).__name__})"
+    if r.returncode != 0:
+        first = (r.stderr.strip().splitlines() or [f"git exited with {r.returncode}"])[0]
+        return None, first.removeprefix("fatal: ")[:120]
+    return r.stdout, ""
 
 
 def git_state(cwd: str | Path | None = None) -> GitState:
     """`git rev-parse HEAD` and `git status --porcelain` in cwd; 'unknown' outside a repo."""
-    head = _git(["rev-parse", "--verify", "HEAD"], Path(cwd) if cwd else None)
-    commit = head.stdout.strip() if not isinstance(head, str) and head.returncode == 0 else ""
+    head, why = _git(["rev-parse", "--verify", "HEAD"], cwd)
+    commit = (head or "").strip()
     if not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", commit):
-        return GitState(f"unknown: {_why(head) or 'no commit'}", None)
-    status = _git(["status", "--porcelain", "--untracked-files=normal"],
-                  Path(cwd) if cwd else None)
-    if isinstance(status, str) or status.returncode != 0:
+        return GitState(f"unknown: {why or 'no commit'}", None)
+    status, _ = _git(["status", "--porcelain", "--untracked-files=normal"], cwd)
+    if status is None:
         return GitState(commit, None)
     # porcelain v1: "XY path" or "XY old -> new"; a path with spaces comes quoted
-    paths = sorted({ln[3:].split(" -> ")[-1].strip('"') for ln in status.stdout.splitlines()
+    paths = sorted({ln[3:].split(" -> ")[-1].strip('"') for ln in status.splitlines()
                     if len(ln) > 3})
     changed = tuple(p for p in paths if p not in WRITTEN_BY_DVC)
     return GitState(commit, bool(changed), changed)
@@ -86,10 +84,10 @@ def params_hash(params: Params) -> str:
     return stable_hash(to_dict(params), n=64)
 
 
-def versions(packages: dict[str, tuple[str, ...]] = PACKAGES) -> dict[str, str]:
+def versions() -> dict[str, str]:
     """{package: installed version} (the first distribution name found; else 'not installed')."""
     out = {"python": platform.python_version()}
-    for name, dists in packages.items():
+    for name, dists in PACKAGES.items():
         out[name] = "not installed"
         for dist in dists:
             try:
@@ -115,7 +113,7 @@ def cpu_model() -> str:
 
 
 def gpu_names() -> list[str]:
-    """The CUDA devices torch sees (empty without CUDA)."""
+    """The CUDA devices torch sees, one name per device (empty without CUDA)."""
     try:
         import torch
 
@@ -128,10 +126,8 @@ def gpu_names() -> list[str]:
 
 def device_description() -> str:
     """'CPU: <model>, N logical cores; GPU: <name> x k' (or 'GPU: none')."""
-    gpus = gpu_names()
-    gpu = "none (no CUDA device)"
-    if gpus:
-        gpu = "; ".join(f"{n} x {gpus.count(n)}" for n in dict.fromkeys(gpus))
+    gpus = Counter(gpu_names())
+    gpu = "; ".join(f"{n} x {k}" for n, k in gpus.items()) or "none (no CUDA device)"
     return f"CPU: {cpu_model()}; GPU: {gpu}"
 
 
