@@ -12,6 +12,7 @@ params it changed show up as modified files; the params hash says which params t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -79,11 +80,6 @@ def git_state(cwd: str | Path | None = None) -> GitState:
     return GitState(commit, bool(changed), changed)
 
 
-def params_hash(params: Params) -> str:
-    """SHA-256 of the validated params (ddpm_core.config.to_dict, JSON with sorted keys)."""
-    return stable_hash(to_dict(params), n=64)
-
-
 def versions() -> dict[str, str]:
     """{package: installed version} (the first distribution name found; else 'not installed')."""
     out = {"python": platform.python_version()}
@@ -101,13 +97,11 @@ def versions() -> dict[str, str]:
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux, else platform), with its logical cores."""
     name = ""
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
                 name = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     name = name or platform.processor() or platform.machine() or "unknown CPU"
     return f"{name}, {os.cpu_count() or '?'} logical cores"
 
@@ -117,8 +111,6 @@ def gpu_names() -> list[str]:
     try:
         import torch
 
-        if not torch.cuda.is_available():
-            return []
         return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:  # a broken driver must not stop the report  # noqa: BLE001
         return []
@@ -136,7 +128,8 @@ def provenance(params: Params, cwd: str | Path | None = None) -> dict[str, str]:
     git = git_state(cwd)
     rows = {"git commit": git.commit,
             "uncommitted changes": git.dirty_text(),
-            "params hash (SHA-256)": params_hash(params)}
+            # of the validated params (config.to_dict, as JSON with sorted keys)
+            "params hash (SHA-256)": stable_hash(to_dict(params), n=64)}
     rows.update({f"version: {k}": v for k, v in versions().items()})
     rows["device (of the machine that wrote the report)"] = device_description()
     return rows

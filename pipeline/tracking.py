@@ -28,6 +28,7 @@ in the store itself elsewhere (a tracking server shared by clones: see log_once)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -272,13 +273,11 @@ def _write_once(client: Any, exp_id: str, key: str, write: Callable[[], str]
 def _kill_running(client: Any, exp_id: str, key: str) -> None:
     """Mark KILLED our runs still RUNNING (of `key`'s tree; "": every key): nobody else is
     writing them, so a killed process left them."""
-    from mlflow.entities import RunStatus
-
     for r in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'",
                                 max_results=1000):
         run_key = r.data.tags.get(KEY_TAG)
         if run_key is not None and (not key or run_key == key or run_key.startswith(key + "/")):
-            client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            client.set_terminated(r.info.run_id, "KILLED")
 
 
 def _parents(client: Any, exp_id: str, key: str) -> list[Any]:
@@ -301,11 +300,9 @@ def delete_parents(client: Any, exp_id: str, key: str) -> None:
 
 def _release(client: Any, run_id: str, status: str) -> None:
     """End and delete a claim run (best effort: a claim left behind goes stale)."""
-    try:
+    with contextlib.suppress(Exception):  # the store is failing; the next writer takes over
         client.set_terminated(run_id, status)
         client.delete_run(run_id)
-    except Exception:  # noqa: BLE001, S110 (the store is failing; the next writer takes over)
-        pass
 
 
 def _claim(client: Any, exp_id: str, key: str) -> str | None:
@@ -391,13 +388,10 @@ def _heartbeat(uri: str, run_id: str) -> Iterator[None]:
         client, n = MlflowClient(tracking_uri=uri), 0
         while not stop.wait(every):
             n += 1
-            try:
+            with contextlib.suppress(Exception):  # a lost store shows in the main thread
                 client.set_tag(run_id, HEARTBEAT_TAG, str(n))
-            except Exception:  # noqa: BLE001, S110 (a lost store shows in the main thread)
-                pass
 
-    thread = threading.Thread(target=beat, name="mlflow-claim-heartbeat", daemon=True)
-    thread.start()
+    threading.Thread(target=beat, name="mlflow-claim-heartbeat", daemon=True).start()
     try:
         yield
     finally:
