@@ -12,11 +12,13 @@ params it changed show up as modified files; the params hash says which params t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
 import re
 import subprocess
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,48 +50,40 @@ class GitState:
                 + (f" and {more} more" if more > 0 else ""))
 
 
-def _git(args: list[str], cwd: Path | None) -> subprocess.CompletedProcess | str:
-    """`git <args>`, or the reason it could not run."""
+def _git(args: list[str], cwd: str | Path | None) -> tuple[str | None, str]:
+    """(stdout of `git <args>`, "") or (None, why it failed: git's first line, or git
+    not being there)."""
     try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=30, check=False)
+        r = subprocess.run(["git", *args], cwd=cwd or None, capture_output=True, text=True,
+                           timeout=30, check=False)
     except (OSError, subprocess.SubprocessError) as e:
-        return f"git not available ({type(e).__name__})"
-
-
-def _why(r: subprocess.CompletedProcess | str) -> str:
-    if isinstance(r, str):
-        return r
-    first = (r.stderr.strip().splitlines() or [f"git exited with {r.returncode}"])[0]
-    return first.removeprefix("fatal: ")[:120]
+        return None, f"git not available ({type(e).__name__})"
+    if r.returncode != 0:
+        first = (r.stderr.strip().splitlines() or [f"git exited with {r.returncode}"])[0]
+        return None, first.removeprefix("fatal: ")[:120]
+    return r.stdout, ""
 
 
 def git_state(cwd: str | Path | None = None) -> GitState:
     """`git rev-parse HEAD` and `git status --porcelain` in cwd; 'unknown' outside a repo."""
-    head = _git(["rev-parse", "--verify", "HEAD"], Path(cwd) if cwd else None)
-    commit = head.stdout.strip() if not isinstance(head, str) and head.returncode == 0 else ""
+    head, why = _git(["rev-parse", "--verify", "HEAD"], cwd)
+    commit = (head or "").strip()
     if not re.fullmatch(r"[0-9a-f]{40}([0-9a-f]{24})?", commit):
-        return GitState(f"unknown: {_why(head) or 'no commit'}", None)
-    status = _git(["status", "--porcelain", "--untracked-files=normal"],
-                  Path(cwd) if cwd else None)
-    if isinstance(status, str) or status.returncode != 0:
+        return GitState(f"unknown: {why or 'no commit'}", None)
+    status, _ = _git(["status", "--porcelain", "--untracked-files=normal"], cwd)
+    if status is None:
         return GitState(commit, None)
     # porcelain v1: "XY path" or "XY old -> new"; a path with spaces comes quoted
-    paths = sorted({ln[3:].split(" -> ")[-1].strip('"') for ln in status.stdout.splitlines()
+    paths = sorted({ln[3:].split(" -> ")[-1].strip('"') for ln in status.splitlines()
                     if len(ln) > 3})
     changed = tuple(p for p in paths if p not in WRITTEN_BY_DVC)
     return GitState(commit, bool(changed), changed)
 
 
-def params_hash(params: Params) -> str:
-    """SHA-256 of the validated params (ddpm_core.config.to_dict, JSON with sorted keys)."""
-    return stable_hash(to_dict(params), n=64)
-
-
-def versions(packages: dict[str, tuple[str, ...]] = PACKAGES) -> dict[str, str]:
+def versions() -> dict[str, str]:
     """{package: installed version} (the first distribution name found; else 'not installed')."""
     out = {"python": platform.python_version()}
-    for name, dists in packages.items():
+    for name, dists in PACKAGES.items():
         out[name] = "not installed"
         for dist in dists:
             try:
@@ -103,24 +97,20 @@ def versions(packages: dict[str, tuple[str, ...]] = PACKAGES) -> dict[str, str]:
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux, else platform), with its logical cores."""
     name = ""
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
                 name = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     name = name or platform.processor() or platform.machine() or "unknown CPU"
     return f"{name}, {os.cpu_count() or '?'} logical cores"
 
 
 def gpu_names() -> list[str]:
-    """The CUDA devices torch sees (empty without CUDA)."""
+    """The CUDA devices torch sees, one name per device (empty without CUDA)."""
     try:
         import torch
 
-        if not torch.cuda.is_available():
-            return []
         return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception:  # a broken driver must not stop the report  # noqa: BLE001
         return []
@@ -128,10 +118,8 @@ def gpu_names() -> list[str]:
 
 def device_description() -> str:
     """'CPU: <model>, N logical cores; GPU: <name> x k' (or 'GPU: none')."""
-    gpus = gpu_names()
-    gpu = "none (no CUDA device)"
-    if gpus:
-        gpu = "; ".join(f"{n} x {gpus.count(n)}" for n in dict.fromkeys(gpus))
+    gpus = Counter(gpu_names())
+    gpu = "; ".join(f"{n} x {k}" for n, k in gpus.items()) or "none (no CUDA device)"
     return f"CPU: {cpu_model()}; GPU: {gpu}"
 
 
@@ -140,7 +128,8 @@ def provenance(params: Params, cwd: str | Path | None = None) -> dict[str, str]:
     git = git_state(cwd)
     rows = {"git commit": git.commit,
             "uncommitted changes": git.dirty_text(),
-            "params hash (SHA-256)": params_hash(params)}
+            # of the validated params (config.to_dict, as JSON with sorted keys)
+            "params hash (SHA-256)": stable_hash(to_dict(params), n=64)}
     rows.update({f"version: {k}": v for k, v in versions().items()})
     rows["device (of the machine that wrote the report)"] = device_description()
     return rows

@@ -28,15 +28,14 @@ from pipeline.records import (
 )
 from pipeline.tracking import (
     COMPLETE_TAG,
+    DATASET_CONTEXT_TAG,
     MODEL_ARTIFACT_DIR,
     MODEL_URI_TAG,
     ClaimedElsewhere,
     create_run,
-    dataset_input,
     flatten,
     log_batch,
     log_once,
-    model_artifact,
     run_tags,
     store,
     tracking_uri,
@@ -80,12 +79,25 @@ def data_digest(lock: dict[str, dict[str, str]] | None) -> str:
 
 
 def data_inputs(params: Params, digest: str, trained: bool) -> list:
-    """The splits as MLflow dataset inputs (`digits-train`, `digits-test`) with the DVC hash
-    as digest; none when data/prepared is absent (results copied in without their data)."""
-    splits = [("train", "training" if trained else "evaluation"), ("test", "evaluation")]
-    return [dataset_input(DATA_DIR / f"{split}.npy", f"{params.data.dataset}-{split}", digest,
-                          context)
-            for split, context in splits if (DATA_DIR / f"{split}.npy").is_file()]
+    """The splits as MLflow dataset inputs (`digits-train`, `digits-test`, the labels beside
+    an array as its targets) with the DVC hash as digest and the UI's dataset badge (training
+    or evaluation); none when data/prepared is absent (results copied in without their data).
+    The arrays are memory-mapped, as MLflow reads only their shape and dtype."""
+    import numpy as np
+    from mlflow.data import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = []
+    for split, context in (("train", "training" if trained else "evaluation"),
+                           ("test", "evaluation")):
+        path, labels = DATA_DIR / f"{split}.npy", DATA_DIR / f"{split}_labels.npy"
+        if path.is_file():
+            ds = from_numpy(np.load(path, mmap_mode="r"), source=str(path), digest=digest,
+                            name=f"{params.data.dataset}-{split}",
+                            targets=np.load(labels, mmap_mode="r") if labels.is_file() else None)
+            inputs.append(DatasetInput(ds._to_mlflow_entity(),
+                                       tags=[InputTag(DATASET_CONTEXT_TAG, context)]))
+    return inputs
 
 
 def headline_metrics(res: Results) -> dict[str, float]:
@@ -156,8 +168,7 @@ def log_everything(params: Params, client, exp_id: str, key: str,
     """Write the whole run tree for `key` from pipeline.records (lock: lock_outputs());
     returns the parent run id."""
     res: Results = load_results(params)
-    label = res.features.label
-    tags = {**run_tags(params), "fid.features": label}
+    tags = {**run_tags(params), "fid.features": res.features.label}
     p = params
     digest = data_digest(lock) if DATA_DIR.is_dir() else ""
     parent = create_run(client, exp_id, f"{tags['dvc.exp_name']} ({p.schedule}, "
@@ -176,10 +187,8 @@ def log_everything(params: Params, client, exp_id: str, key: str,
         # r.bpd holds every σ² × K: bpd_<sigma2> (full chain) and bpd_<sigma2>_K<k>
         metrics = {**r.train, **r.bpd, **r.nll, **r.fid,
                    "train_steps": t.get("train", {}).get("steps"),
-                   "train_seconds": t.get("train", {}).get("seconds"),
-                   "sample_seconds": t.get("sample", {}).get("seconds"),
-                   "bpd_seconds": t.get("bpd", {}).get("seconds"),
-                   "nll_seconds": t.get("nll", {}).get("seconds")}
+                   **{f"{s}_seconds": t.get(s, {}).get("seconds")
+                      for s in ("train", "sample", "bpd", "nll")}}
         start, end = train_window(r) or (None, None)
         vrun = create_run(client, exp_id, name, f"{key}/{name}", "variant", parent,
                           tags={**tags, "variant": name}, start_time=start)
@@ -189,13 +198,14 @@ def log_everything(params: Params, client, exp_id: str, key: str,
             client.log_inputs(vrun, datasets=inputs)
         if r.paths.model.is_file():
             client.log_artifact(vrun, str(r.paths.model), MODEL_ARTIFACT_DIR)
-            client.set_tag(vrun, MODEL_URI_TAG, model_artifact(vrun, r.paths.model))
+            client.set_tag(vrun, MODEL_URI_TAG,
+                           f"runs:/{vrun}/{MODEL_ARTIFACT_DIR}/{r.paths.model.name}")
         for f in variant_files(r.paths):  # under the stage output's own path: bpd/<v>.csv, ...
             client.log_artifact(vrun, str(f), f.parent.as_posix())
         for spec in r.samplers:
             d = r.fid_details.get(spec.name, {})
-            sm = {"fid": d.get("fid"), "kid_mean": d.get("kid_mean"), "kid_std": d.get("kid_std"),
-                  "isc_mean": d.get("isc_mean"), "num_samples": r.num_samples.get(spec.name),
+            sm = {**{k: d.get(k) for k in ("fid", "kid_mean", "kid_std", "isc_mean")},
+                  "num_samples": r.num_samples.get(spec.name),
                   "sampling_seconds": t.get("sample", {}).get("samplers", {})
                   .get(spec.name, {}).get("seconds")}
             if spec.kind == "ancestral" and spec.variance is not None:

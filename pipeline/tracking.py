@@ -28,6 +28,7 @@ in the store itself elsewhere (a tracking server shared by clones: see log_once)
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,7 +48,9 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 MODEL_ARTIFACT_DIR = "model"  # a variant run's models/<v>.pt, as artifact model/<v>.pt
-MODEL_URI_TAG = "ddpm.model_uri"  # runs:/<run id>/model/<v>.pt, to copy from the UI
+# runs:/<run id>/model/<v>.pt, to copy from the UI into
+# ddpm_core.load_model(mlflow.artifacts.download_artifacts(uri))
+MODEL_URI_TAG = "ddpm.model_uri"
 DATASET_CONTEXT_TAG = "mlflow.data.context"  # training / evaluation: the UI's dataset badge
 
 
@@ -65,52 +68,63 @@ def tracking_uri(params: Params) -> str:
 
 
 STORE_TIMEOUT_ENV = "DDPM_MLFLOW_TIMEOUT"  # seconds to wait for a tracking server (default 15)
-DEFAULT_STORE_TIMEOUT = 15.0
 
 
 class TrackingUnavailable(StageError):
     """The tracking store cannot be reached or opened; the message names the URI and the fix."""
 
 
+def env_seconds(env: str, default: float) -> float:
+    """A wait in seconds from the environment variable `env` (unset or empty: `default`)."""
+    raw = os.environ.get(env)
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise TrackingUnavailable(f"{env}={raw!r}: expected a number of seconds") from None
+    if value <= 0:
+        raise TrackingUnavailable(f"{env}={raw!r}: must be > 0 seconds")
+    return value
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///<path>` store, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def lock_path(uri: str) -> Path:
     """The lock file that serialises store creation and logging: beside a sqlite file, else
     in the repository root (queued experiments share DVC_ROOT, so they share the lock)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).with_name(Path(uri[len("sqlite:///"):]).name
-                                                       + ".lock")
-    return repo_root() / ".mlflow.lock"
+    db = sqlite_file(uri)
+    return repo_root() / ".mlflow.lock" if db is None else db.with_name(db.name + ".lock")
 
 
-def store_timeout() -> float:
-    """Seconds to keep trying an unreachable tracking server ($DDPM_MLFLOW_TIMEOUT, default 15)."""
-    raw = os.environ.get(STORE_TIMEOUT_ENV)
-    try:
-        value = float(raw) if raw else DEFAULT_STORE_TIMEOUT
-    except ValueError:
-        raise TrackingUnavailable(f"{STORE_TIMEOUT_ENV}={raw!r}: expected a number of seconds"
-                                  ) from None
-    if value <= 0:
-        raise TrackingUnavailable(f"{STORE_TIMEOUT_ENV}={raw!r}: must be > 0 seconds")
-    return value
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line (whitespace collapsed), or its type's name."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
+def reason(e: BaseException) -> str:
+    """Why a request failed, in a few words: the last `[Errno N] ...` in its text (a refused
+    or reset connection, deep inside requests' and MLflow's wrapping), else its first line."""
+    import re
+
+    text = first_line(e, 100_000)
+    return (re.findall(r"\[Errno -?\d+\] [^'\")(]+", text) or [text[:200]])[-1].strip()
 
 
 def _wait_for_server(uri: str, timeout: float) -> None:
     """Poll an http(s) tracking server's /health until it answers or `timeout` s have passed."""
     import time
-    import urllib.error
-    import urllib.request
+
+    import requests
 
     deadline = time.monotonic() + timeout
-    last = ""
     while True:
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health",
-                                        timeout=min(5.0, timeout)) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except (urllib.error.URLError, OSError) as e:
-            last = str(getattr(e, "reason", e))
+            requests.get(uri.rstrip("/") + "/health", timeout=min(5.0, timeout)).raise_for_status()
+            return
+        except requests.RequestException as e:
+            last = reason(e)
         if time.monotonic() >= deadline:
             raise TrackingUnavailable(
                 f"mlflow: tracking server {uri} not reachable after {timeout:g} s ({last}); "
@@ -119,23 +133,17 @@ def _wait_for_server(uri: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def _bound_mlflow_retries(timeout: float) -> None:
-    """MLflow's own HTTP retries default to minutes; keep them within the store timeout."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
-
-
 def artifact_root(uri: str) -> str | None:
     """Where a new experiment keeps its files: `mlartifacts/` beside a sqlite store (so clones
     sharing the store share it, and deleting one clone loses nothing); None elsewhere (a
     server's --default-artifact-root, a file store's own folder)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-    return None
+    db = sqlite_file(uri)
+    return None if db is None else (db.resolve().parent / "mlartifacts").as_uri()
 
 
 def _open(params: Params, uri: str) -> tuple[Any, str]:
+    """(client, id of the experiment params.mlflow.experiment), created on first use with its
+    artifact root and the UI's model-training view; one line for a deleted one."""
     import logging
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -147,44 +155,32 @@ def _open(params: Params, uri: str) -> tuple[Any, str]:
     try:
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(name)
-        if exp is not None and exp.lifecycle_stage == "deleted":
+        if exp is None:
+            return client, client.create_experiment(name, artifact_location=artifact_root(uri),
+                                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if exp.lifecycle_stage == "deleted":
             raise TrackingUnavailable(
                 f"mlflow: experiment {name!r} is deleted in {uri}; restore it "
                 f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or set "
                 "mlflow.experiment to another name")
-        if exp is not None:
-            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
-                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-            return client, exp.experiment_id
-        return client, client.create_experiment(name, artifact_location=artifact_root(uri),
-                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return client, exp.experiment_id
     except MlflowException as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrackingUnavailable(f"mlflow: store {uri} failed: {first[:300]}") from None
-
-
-def _store_errors() -> tuple[type[BaseException], ...]:
-    """What MLflow raises when its store stops answering (a server gone, a database error)."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    return MlflowException, requests.exceptions.RequestException
+        raise TrackingUnavailable(f"mlflow: store {uri} failed: {first_line(e)}") from None
 
 
 def lost_store(uri: str, e: BaseException) -> str:
     """One line for a store that failed in the middle of logging."""
-    import re
-
     import requests
 
-    text = " ".join(str(e).split())
-    reason = re.findall(r"\[Errno -?\d+\] [^'\")(]+", text) or [text[:200] or type(e).__name__]
+    text = str(e)
     gone = isinstance(e, requests.exceptions.ConnectionError) or any(
         m in text for m in ("Max retries exceeded", "Connection refused", "Connection aborted",
                             "Connection reset", "Read timed out"))
     what = (f"the tracking server at {uri} stopped answering" if gone and uri.startswith("http")
             else f"the store {uri} failed")
-    return (f"mlflow: {what} while logging ({reason[-1].strip()}); the results are safe on disk "
+    return (f"mlflow: {what} while logging ({reason(e)}); the results are safe on disk "
             "and the next `dvc repro` (or python -m pipeline.track) repairs the run tree")
 
 
@@ -197,11 +193,16 @@ def store(params: Params) -> Iterator[tuple[Any, str]]:
     (e.g. `dvc queue start -j 2`); a tracking server that is down is an error after
     $DDPM_MLFLOW_TIMEOUT seconds, not after MLflow's minutes of retries.
     """
+    import requests
     from filelock import FileLock, Timeout
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(params)
-    timeout = store_timeout()
-    _bound_mlflow_retries(timeout)
+    timeout = env_seconds(STORE_TIMEOUT_ENV, 15.0)
+    # MLflow's own HTTP retries default to minutes; keep them within the store timeout
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(timeout))))
     if uri.startswith(("http://", "https://")):
         _wait_for_server(uri, timeout)
     lock = lock_path(uri)
@@ -211,7 +212,7 @@ def store(params: Params) -> Iterator[tuple[Any, str]]:
             opened = _open(params, uri)
             try:
                 yield opened
-            except _store_errors() as e:
+            except (MlflowException, requests.RequestException) as e:  # store stopped answering
                 raise TrackingUnavailable(lost_store(uri, e)) from None
     except Timeout:
         raise TrackingUnavailable(f"mlflow: {lock} held by another process for 10 min; if no "
@@ -230,22 +231,6 @@ class ClaimedElsewhere(Exception):  # noqa: N818 (not an error: the other writer
     """Another live writer holds the key's claim past $DDPM_MLFLOW_CLAIM_WAIT seconds."""
 
 
-def uses_lock_file(uri: str) -> bool:
-    """A sqlite store: its lock file (lock_path) serialises every writer of that file."""
-    return uri.startswith("sqlite:")
-
-
-def _seconds(env: str, default: float) -> float:
-    raw = os.environ.get(env)
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise TrackingUnavailable(f"{env}={raw!r}: expected a number of seconds") from None
-    if value <= 0:
-        raise TrackingUnavailable(f"{env}={raw!r}: must be > 0 seconds")
-    return value
-
-
 def log_once(client: Any, exp_id: str, key: str, write: Callable[[], str]) -> tuple[str, bool]:
     """The complete parent run of `key`, writing it with `write()` unless it exists.
 
@@ -257,66 +242,67 @@ def log_once(client: Any, exp_id: str, key: str, write: Callable[[], str]) -> tu
     this key are repaired. Returns (parent run id, newly written); raises ClaimedElsewhere when
     another live writer still holds the key after $DDPM_MLFLOW_CLAIM_WAIT seconds.
     """
-    if uses_lock_file(client.tracking_uri):
+    if client.tracking_uri.startswith("sqlite:"):  # its lock file serialises every writer
         _kill_running(client, exp_id, "")
         return _write_once(client, exp_id, key, write)
     mine = _claim(client, exp_id, key)
     if mine is None:  # written by the other writer while this one waited
         return _complete_parent(client, exp_id, key), False
-    with _heartbeat(client.tracking_uri, mine):
-        try:
+    status = "FAILED"
+    try:
+        with _heartbeat(client.tracking_uri, mine):
             _kill_running(client, exp_id, key)
             out = _write_once(client, exp_id, key, write)
-        except BaseException:
-            _release(client, mine, "FAILED")
-            raise
-    _release(client, mine, "FINISHED")
+        status = "FINISHED"
+    finally:
+        _release(client, mine, status)
     return out
 
 
 def _write_once(client: Any, exp_id: str, key: str, write: Callable[[], str]
                 ) -> tuple[str, bool]:
-    found = [r for r in find_runs(client, exp_id, key) if r.data.tags.get(LEVEL_TAG) == "parent"]
-    done = [r for r in found if r.data.tags.get(COMPLETE_TAG) == "true"]
-    if done:
-        return done[0].info.run_id, False
-    for r in found:
-        delete_tree(client, exp_id, r.info.run_id)
+    """(the complete parent of `key`, False), else (write(), True) once the half-written
+    parents of `key` are deleted."""
+    done = _complete_parent(client, exp_id, key)
+    if done is not None:
+        return done, False
+    delete_parents(client, exp_id, key)
     return write(), True
 
 
 def _kill_running(client: Any, exp_id: str, key: str) -> None:
     """Mark KILLED our runs still RUNNING (of `key`'s tree; "": every key): nobody else is
     writing them, so a killed process left them."""
-    from mlflow.entities import RunStatus
-
     for r in client.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'",
                                 max_results=1000):
         run_key = r.data.tags.get(KEY_TAG)
         if run_key is not None and (not key or run_key == key or run_key.startswith(key + "/")):
-            client.set_terminated(r.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+            client.set_terminated(r.info.run_id, "KILLED")
+
+
+def _parents(client: Any, exp_id: str, key: str) -> list[Any]:
+    """The active parent runs of `key`."""
+    return [r for r in tagged(client, exp_id, KEY_TAG, key)
+            if r.data.tags.get(LEVEL_TAG) == "parent"]
 
 
 def _complete_parent(client: Any, exp_id: str, key: str) -> str | None:
-    for r in find_runs(client, exp_id, key):
-        if r.data.tags.get(LEVEL_TAG) == "parent" and r.data.tags.get(COMPLETE_TAG) == "true":
-            return r.info.run_id
-    return None
+    """The id of `key`'s complete parent run, or None."""
+    done = [r for r in _parents(client, exp_id, key) if r.data.tags.get(COMPLETE_TAG) == "true"]
+    return done[0].info.run_id if done else None
 
 
-def _claims(client: Any, exp_id: str, key: str) -> list[Any]:
-    """The active claim runs of `key`."""
-    return client.search_runs([exp_id], filter_string=f"tags.`{CLAIM_TAG}` = '{key}'",
-                              max_results=1000)
+def delete_parents(client: Any, exp_id: str, key: str) -> None:
+    """Delete every parent run of `key` with its nested runs."""
+    for r in _parents(client, exp_id, key):
+        delete_tree(client, exp_id, r.info.run_id)
 
 
 def _release(client: Any, run_id: str, status: str) -> None:
     """End and delete a claim run (best effort: a claim left behind goes stale)."""
-    try:
+    with contextlib.suppress(Exception):  # the store is failing; the next writer takes over
         client.set_terminated(run_id, status)
         client.delete_run(run_id)
-    except Exception:  # noqa: BLE001, S110 (the store is failing; the next writer takes over)
-        pass
 
 
 def _claim(client: Any, exp_id: str, key: str) -> str | None:
@@ -333,7 +319,7 @@ def _claim(client: Any, exp_id: str, key: str) -> str | None:
     import socket
     import time
 
-    wait, stale = _seconds(CLAIM_WAIT_ENV, 600.0), _seconds(CLAIM_STALE_ENV, 60.0)
+    wait, stale = env_seconds(CLAIM_WAIT_ENV, 600.0), env_seconds(CLAIM_STALE_ENV, 60.0)
     deadline = time.monotonic() + wait
     seen: dict[str, tuple[str, float]] = {}  # claim run id -> (heartbeat, when it last moved)
     owner = f"{socket.gethostname()}:{os.getpid()} ({Path.cwd()})"
@@ -343,9 +329,9 @@ def _claim(client: Any, exp_id: str, key: str) -> str | None:
             return None
         now = time.monotonic()
         live = []
-        for c in _claims(client, exp_id, key):
+        for c in tagged(client, exp_id, CLAIM_TAG, key):
             beat = c.data.tags.get(HEARTBEAT_TAG, "")
-            if seen.get(c.info.run_id, ("",))[0] != beat or c.info.run_id not in seen:
+            if seen.get(c.info.run_id, (None,))[0] != beat:  # new, or it moved
                 seen[c.info.run_id] = (beat, now)
             if (c.info.status != "RUNNING" or now - seen[c.info.run_id][1] > stale
                     or _writer_gone(c.data.tags.get(CLAIM_OWNER_TAG, ""))):
@@ -357,7 +343,7 @@ def _claim(client: Any, exp_id: str, key: str) -> str | None:
                 CLAIM_TAG: key, LEVEL_TAG: "claim", HEARTBEAT_TAG: "0",
                 CLAIM_OWNER_TAG: owner}).info.run_id
             time.sleep(CLAIM_SETTLE)
-            rivals = [c.info.run_id for c in _claims(client, exp_id, key)
+            rivals = [c.info.run_id for c in tagged(client, exp_id, CLAIM_TAG, key)
                       if c.info.status == "RUNNING"]
             if min(rivals, default=mine) == mine:
                 return mine
@@ -381,17 +367,11 @@ def _writer_gone(owner: str) -> bool:
     and its process is gone: no need to wait for its heartbeat to go stale."""
     import socket
 
+    import psutil  # a dependency of DVC's
+
     host, _, rest = owner.partition(":")
     pid = rest.split(" ", 1)[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, another user's
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
 
 
 @contextmanager
@@ -402,51 +382,45 @@ def _heartbeat(uri: str, run_id: str) -> Iterator[None]:
     from mlflow.tracking import MlflowClient
 
     stop = threading.Event()
-    every = min(5.0, _seconds(CLAIM_STALE_ENV, 60.0) / 4)
+    every = min(5.0, env_seconds(CLAIM_STALE_ENV, 60.0) / 4)
 
     def beat() -> None:
         client, n = MlflowClient(tracking_uri=uri), 0
         while not stop.wait(every):
             n += 1
-            try:
+            with contextlib.suppress(Exception):  # a lost store shows in the main thread
                 client.set_tag(run_id, HEARTBEAT_TAG, str(n))
-            except Exception:  # noqa: BLE001, S110 (a lost store shows in the main thread)
-                pass
 
-    thread = threading.Thread(target=beat, name="mlflow-claim-heartbeat", daemon=True)
-    thread.start()
+    threading.Thread(target=beat, name="mlflow-claim-heartbeat", daemon=True).start()
     try:
         yield
     finally:
         stop.set()
 
 
-def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
-    """Nested dicts -> {"a.b": "value"}; lists of dicts are indexed (variants.0.name)."""
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested dicts -> {"a.b": "value"}: None as "null", a list as "[a, b]", at most MLflow's
+    6000 characters of a param value."""
     out: dict[str, str] = {}
-    if isinstance(obj, dict):
-        for k, v in obj.items():
+    for k, v in tree.items():
+        if isinstance(v, dict):
             out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(obj, (list, tuple)) and obj and all(isinstance(v, dict) for v in obj):
-        for i, v in enumerate(obj):
-            out.update(flatten(v, f"{prefix}{i}."))
-    else:
-        text = "null" if obj is None else (
-            "[" + ", ".join(map(str, obj)) + "]" if isinstance(obj, (list, tuple)) else str(obj))
-        out[prefix[:-1]] = text[:6000]
+        else:
+            text = "null" if v is None else (
+                "[" + ", ".join(map(str, v)) + "]" if isinstance(v, (list, tuple)) else str(v))
+            out[prefix + str(k)] = text[:6000]
     return out
 
 
-def find_runs(client: Any, exp_id: str, key: str) -> list[Any]:
-    """Active runs whose ddpm.key tag equals `key`."""
-    return client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'",
+def tagged(client: Any, exp_id: str, tag: str, value: str) -> list[Any]:
+    """The active runs whose tag `tag` is `value` (a key's runs, its claims, a run's children)."""
+    return client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'",
                               max_results=1000)
 
 
 def delete_tree(client: Any, exp_id: str, run_id: str) -> None:
     """Delete a run and (recursively) its nested runs."""
-    for child in client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'",
-                                    max_results=1000):
+    for child in tagged(client, exp_id, PARENT_TAG, run_id):
         delete_tree(client, exp_id, child.info.run_id)
     client.delete_run(run_id)
 
@@ -463,46 +437,19 @@ def create_run(client: Any, exp_id: str, name: str, key: str, level: str,
                              start_time=start_time).info.run_id
 
 
-def model_artifact(run_id: str, model_file: Path) -> str:
-    """`runs:/<run id>/model/<v>.pt`: where a variant run keeps its model file, for
-    `ddpm_core.load_model(mlflow.artifacts.download_artifacts(uri))`."""
-    return f"runs:/{run_id}/{MODEL_ARTIFACT_DIR}/{Path(model_file).name}"
-
-
-def dataset_input(path: Path, name: str, digest: str, context: str) -> Any:
-    """An MLflow dataset input of the uint8 array at `path` [N, H, W, C] (labels beside it as
-    targets, when present), named `name`, with `digest` (the DVC hash) as its identity; the
-    array is memory-mapped, as MLflow reads only its shape and dtype."""
-    import numpy as np
-    from mlflow.data import from_numpy
-    from mlflow.entities import DatasetInput, InputTag
-
-    path = Path(path)
-    labels = path.with_name(f"{path.stem}_labels.npy")
-    ds = from_numpy(np.load(path, mmap_mode="r"), source=str(path), name=name, digest=digest,
-                    targets=np.load(labels, mmap_mode="r") if labels.is_file() else None)
-    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(DATASET_CONTEXT_TAG, context)])
-
-
 def log_batch(client: Any, run_id: str, params: dict | None = None,
               metrics: dict | None = None, steps: list[tuple[str, float, int]] | None = None,
               tags: dict | None = None) -> None:
-    """Params, scalar metrics, per-step metric histories and tags in a few batched calls."""
-    import time
-
+    """Params, scalar metrics (None left out), per-step metric histories and tags in one
+    MlflowClient.log_batch (which splits them into MLflow's per-request limits)."""
     from mlflow.entities import Metric, Param, RunTag
+    from mlflow.utils.time import get_current_time_millis
 
-    now = int(time.time() * 1000)
-    p = [Param(k, str(v)) for k, v in (params or {}).items()]
+    now = get_current_time_millis()
     m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None]
     m += [Metric(k, float(v), now, int(s)) for k, v, s in (steps or [])]
-    t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for i in range(0, len(p), 100):  # MLflow's per-call limits: 100 params/tags, 1000 metrics
-        client.log_batch(run_id, params=p[i:i + 100])
-    for i in range(0, len(t), 100):
-        client.log_batch(run_id, tags=t[i:i + 100])
-    for i in range(0, len(m), 1000):
-        client.log_batch(run_id, metrics=m[i:i + 1000])
+    client.log_batch(run_id, metrics=m, tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+                     params=[Param(k, str(v)) for k, v in (params or {}).items()])
 
 
 def run_tags(params: Params) -> dict[str, str]:
@@ -523,18 +470,18 @@ def record_failure(params: Params, stage: str, variant: str, message: str,
             parent = _record_failure(client, exp_id, params, stage, variant, message, history)
         print(f"mlflow: run {parent} marked FAILED ({tracking_uri(params)})")
     except Exception as e:  # the stage's own error matters more than the bookkeeping
-        print(f"mlflow: could not record the failure: {' '.join(str(e).split())[:300]}")
+        print(f"mlflow: could not record the failure: {first_line(e)}")
 
 
 def _record_failure(client: Any, exp_id: str, params: Params, stage: str, variant: str,
                     message: str, history: list[dict]) -> str:
+    """Write the failure's parent and variant runs (a repeat of the same failure replaces
+    them); returns the parent run id."""
     from pipeline.common import stable_hash
 
     key = "failed-" + stable_hash({"params": to_dict(params), "stage": stage,
                                    "variant": variant, "message": message})
-    for r in find_runs(client, exp_id, key):
-        if r.data.tags.get(LEVEL_TAG) == "parent":
-            delete_tree(client, exp_id, r.info.run_id)
+    delete_parents(client, exp_id, key)
     tags = {**run_tags(params), "ddpm.error": message[:5000], "ddpm.failed_stage": stage}
     parent = create_run(client, exp_id, f"FAILED {stage} {variant}", key, "parent", tags=tags)
     log_batch(client, parent, params=flatten(to_dict(params)))
