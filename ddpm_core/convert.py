@@ -126,16 +126,10 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
 
 def load_converted(model: UNet, sd: dict[str, torch.Tensor]) -> UNet:
     """Load an already converted state dict; any missing/unexpected key or shape is an error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointMismatch(f"checkpoint does not match the U-Net: missing keys {missing}, "
-                                 f"unexpected keys {unexpected}")
-    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in own.items() if sd[k].shape != v.shape]
-    if bad:
-        raise CheckpointMismatch("shape mismatch: " + "; ".join(bad))
+    try:
+        check_weights_fit(model.cfg, sd, spec_name="the U-Net")
+    except ValueError as e:
+        raise CheckpointMismatch(f"checkpoint does not match the U-Net: {e}") from None
     model.load_state_dict(sd, strict=True)
     return model
 

@@ -9,8 +9,6 @@ comparable: `metric_label` names the feature network next to every value.
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ddpm_core.data import download_file, nhwc_problem
 from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_classifier
+from ddpm_core.files import save_npz
 from ddpm_core.inference import default_device
 from ddpm_core.modes import Features
 
@@ -107,10 +106,6 @@ def _register_digits_extractor() -> None:
 # ----------------------------------------------------------------------------- Inception weights
 
 
-def _download(url: str, dest: Path) -> None:
-    download_file(url, dest, timeout=60.0)
-
-
 def resolve_inception_weights(path: str | Path | None = None, download: bool = True) -> Path:
     """A local Inception weights file: `path`, else torch hub's cache (downloaded when online)."""
     if path is not None:
@@ -124,9 +119,9 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
         return cached
     if download:
         try:
-            _download(INCEPTION_URL, cached)
+            download_file(INCEPTION_URL, cached, timeout=60.0)
             return cached
-        except (urllib.error.URLError, OSError) as e:
+        except OSError as e:  # URLError, timeouts and DNS failures are OSErrors
             reason = f"download failed ({e})"
     else:
         reason = "not found and downloading is off"
@@ -144,11 +139,6 @@ def nchw(images: np.ndarray, rgb: bool) -> Tensor:
     if rgb and x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)  # Inception wants RGB
     return x.contiguous()
-
-
-def _check_images(images: np.ndarray, what: str) -> None:
-    if (problem := nhwc_problem(images)) is not None:
-        raise MetricsError(f"{what}: {problem}")
 
 
 # ----------------------------------------------------------------------------- reference statistics
@@ -200,7 +190,8 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
                      on_batch: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """One pass of the feature network over uint8 [N, H, W, C]: {layer: float32 [N, D] (CPU)}.
     `on_batch(n)` is called after every batch of n images (progress)."""
-    _check_images(images, "images")
+    if (problem := nhwc_problem(images)) is not None:
+        raise MetricsError(f"images: {problem}")
     x = nchw(images, net.rgb)
     out: dict[str, list[Tensor]] = {}
     for i in range(0, len(x), batch_size):
@@ -240,11 +231,8 @@ def reference_statistics(net: FeatureNet, feats: dict[str, Tensor]) -> Reference
 
 def save_reference(ref: ReferenceStats, path: str | Path) -> None:
     """The statistics as one .npz, through the one atomic writer."""
-    from ddpm_core.files import atomic_open
-
-    with atomic_open(path) as f:
-        np.savez(f, features=np.array(ref.features), mu=ref.mu, sigma=ref.sigma,
-                 kid_features=ref.kid_features.numpy())
+    save_npz(path, features=np.array(ref.features), mu=ref.mu, sigma=ref.sigma,
+             kid_features=ref.kid_features.numpy())
 
 
 def load_reference(path: str | Path) -> ReferenceStats:
