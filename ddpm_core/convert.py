@@ -58,6 +58,7 @@ _LAYOUT = (
 # Settings that must hold for our computation to equal diffusers': key -> (required value,
 # diffusers' default when config.json omits the key).
 _REQUIRED: dict[str, tuple[Any, Any]] = {
+    "_class_name": ("UNet2DModel", "UNet2DModel"),
     "act_fn": ("silu", "silu"),
     "add_attention": (True, True),
     "attn_norm_num_groups": (None, None),
@@ -141,8 +142,6 @@ def config_from_diffusers(conf: dict[str, Any]) -> UNetConfig:
             raise ValueError(
                 f"diffusers config {key}={conf.get(key, default)!r} unsupported (need {want!r})"
             )
-    if conf.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"_class_name={conf['_class_name']!r}: only UNet2DModel is supported")
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         if key not in conf:
             raise ValueError(f"diffusers config lacks {key!r}")

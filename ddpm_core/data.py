@@ -379,10 +379,8 @@ def _load_npy(path: str | Path) -> np.ndarray:
 def load_images(path: str | Path) -> np.ndarray:
     """A prepared split: uint8 [N, H, W, C], with a DataError on a missing/corrupt file."""
     arr = _load_npy(path)
-    try:
-        _check_nhwc(arr, str(path))
-    except DataError as e:
-        raise DataError(f"{e}; run the prepare stage again") from None
+    if (problem := nhwc_problem(arr)) is not None:
+        raise DataError(f"{path}: {problem}; run the prepare stage again")
     return arr
 
 

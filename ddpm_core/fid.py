@@ -19,9 +19,12 @@ import torch
 import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ddpm_core.data import download_file, nhwc_problem
+from ddpm_core.data import download_file, nhwc_problem, to_model_tensor
 from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_classifier
 from ddpm_core.files import save_npz
 from ddpm_core.inference import default_device
@@ -135,10 +138,8 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
 
 def nchw(images: np.ndarray, rgb: bool) -> Tensor:
     """uint8 [N, H, W, C] numpy -> uint8 [N, C', H, W] (rgb: grey -> three equal channels)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    if rgb and x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)  # Inception wants RGB
-    return x.contiguous()
+    x = to_model_tensor(images)
+    return x.expand(-1, 3, -1, -1).contiguous() if rgb and x.shape[1] == 1 else x  # RGB
 
 
 # ----------------------------------------------------------------------------- reference statistics
@@ -222,8 +223,6 @@ class ReferenceStats:
 
 def reference_statistics(net: FeatureNet, feats: dict[str, Tensor]) -> ReferenceStats:
     """The statistics of extracted reference features (torch-fidelity's own estimators)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
     f = feats[net.fid_layer]
     stats = fid_features_to_statistics(f)
     return ReferenceStats(net.features, stats["mu"], stats["sigma"], f)
@@ -251,10 +250,6 @@ def metrics_against(net: FeatureNet, sample_feats: dict[str, Tensor], ref: Refer
                     seed: int = 2020, kid: bool = True) -> dict[str, float]:
     """FID, KID (and IS for Inception) of extracted sample features against `ref`; equal to
     torch_fidelity.calculate_metrics with the same seed. kid=False: FID (and IS) only."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-
     if ref.features != net.features:
         raise MetricsError(f"reference statistics are {ref.features} features, the samples "
                            f"{net.features}; run the features stage again")
