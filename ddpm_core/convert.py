@@ -13,7 +13,6 @@ diffusers itself is never imported; huggingface_hub only to download from the hu
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 from typing import Any, get_args
@@ -200,15 +199,12 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     elif file.suffix in (".bin", ".pt", ".pth"):
         try:
             sd = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "weights only load failed" not in str(e).lower():
-                raise DiffusersFolderError(f"{file}: not a readable weight file (a corrupt "
-                                           "pickle); download or convert it again") from None
-            raise DiffusersFolderError(
-                f"{file}: refused to load: the pickle holds code or objects other than tensors "
-                "(torch.load weights_only=True); convert it to safetensors from a trusted "
-                "source") from None
-        except Exception as e:  # truncated zip, not a torch file at all
+        except Exception as e:  # a pickle with code in it, truncated, not a torch file at all
+            if "weights only load failed" in str(e).lower():
+                raise DiffusersFolderError(
+                    f"{file}: refused to load: the pickle holds code or objects other than "
+                    "tensors (torch.load weights_only=True); convert it to safetensors from a "
+                    "trusted source") from None
             raise DiffusersFolderError(f"{file}: not a readable weight file "
                                        f"({type(e).__name__}); download or convert it "
                                        "again") from None

@@ -29,6 +29,7 @@ from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_
 from ddpm_core.files import save_npz
 from ddpm_core.inference import default_device
 from ddpm_core.modes import Features
+from ddpm_core.progress import Progress
 
 INCEPTION_NAME = "inception-v3-compat"
 # torch-fidelity's own copy of the TF-FID Inception weights (feature_extractor_inceptionv3.py).
@@ -46,12 +47,10 @@ class MetricsError(RuntimeError):
 
 
 def resolve_features(features: str, dataset: str) -> Features:
-    """FidConfig.features ('auto' | 'inception' | 'digits_classifier') for a data set name."""
+    """FidConfig.features ('auto' | 'inception' | 'digits_classifier', checked by the config)
+    for a data set name."""
     if features == "auto":
         return "digits_classifier" if dataset == "digits" else "inception"
-    if features not in _LABELS:
-        raise MetricsError(f"fid.features: {features!r} is not one of "
-                           f"{('auto', *get_args(Features))}")
     return features  # type: ignore[return-value]
 
 
@@ -205,6 +204,15 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
         if on_batch is not None:
             on_batch(len(batch))
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def features_pass(net: FeatureNet, images: np.ndarray, what: str,
+                  stage: str = "features") -> dict[str, Tensor]:
+    """One pass of the feature network over `images`, with progress (the line is printed so that
+    the passes over the reference set can be counted)."""
+    print(f"{stage}: extracting {what} features of {len(images)} images", flush=True)
+    with Progress(len(images), f"{stage}[{what}]", "images") as bar:
+        return extract_features(net, images, on_batch=bar.update)
 
 
 @dataclass

@@ -14,10 +14,9 @@ import numpy as np
 import pandas as pd
 
 from ddpm_core.config import Params, VariantConfig
-from ddpm_core.fid import feature_network, load_reference, metrics_against
+from ddpm_core.fid import feature_network, features_pass, load_reference, metrics_against
 from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES
 from pipeline.common import run_stage, write_json, write_text
-from pipeline.features import features_pass
 from pipeline.records import (
     CLASSIFIER_FILE,
     REFERENCE_FILE,
