@@ -163,7 +163,8 @@ class FeatureNet:
 def feature_network(features: Features, *, classifier_path: str | Path | None = None,
                     inception_weights: str | Path | None = None,
                     device: str | None = None) -> FeatureNet:
-    """The feature network of `features` (the digits classifier file, or Inception-v3)."""
+    """The feature network of `features`: the digits classifier file `classifier_path` (read
+    for digits_classifier only), or Inception-v3."""
     from torch_fidelity.utils import create_feature_extractor
 
     dev = str(device or default_device())

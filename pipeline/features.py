@@ -69,8 +69,7 @@ def main(params: Params) -> None:
                 out["classifier_test_accuracy"] = round(
                     classifier_accuracy(clf, test, load_labels(test_labels)), 4)
             timings["classifier_seconds"] = round(time.perf_counter() - t0, 2)
-        net = feature_network(features, classifier_path=tmp / CLASSIFIER_FILE.name
-                              if features == "digits_classifier" else None,
+        net = feature_network(features, classifier_path=tmp / CLASSIFIER_FILE.name,
                               inception_weights=f.inception_weights)
         t0 = time.perf_counter()
         ref = reference_statistics(net, features_pass(net, train, "reference"))
