@@ -231,14 +231,19 @@ def _read_json(file: Path, settings: str) -> dict[str, Any]:
     return conf
 
 
-def _from_hub(repo_id: str) -> Path:
-    """Download config.json and the weights of a hub repository (needs huggingface_hub)."""
+def resolve_diffusers_path(path: str | Path) -> Path:
+    """A local path as it is; a hub id (ddpm_core.sources.is_hub_id) downloaded (config,
+    scheduler, weights) to the cache by huggingface_hub; a missing local path is
+    FileNotFoundError."""
+    check_model_source(path)
+    if Path(path).exists():
+        return Path(path)
+    repo_id = str(path)
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise FileNotFoundError(
-            f"{repo_id!r} is not a local path and huggingface_hub is not installed"
-        ) from e
+        raise FileNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not "
+                                "installed") from e
     files = ["config.json", SCHEDULER_FILE, *WEIGHT_FILES]
     patterns = [*files, *(f"unet/{f}" for f in files), f"scheduler/{SCHEDULER_FILE}"]
     try:
@@ -248,15 +253,6 @@ def _from_hub(repo_id: str) -> Path:
         raise FileNotFoundError(f"could not fetch {repo_id!r} from the Hugging Face hub "
                                 f"({type(e).__name__}: {first}); check the network or pass a "
                                 "local folder") from None
-
-
-def resolve_diffusers_path(path: str | Path) -> Path:
-    """A local path as it is; a hub id (ddpm_core.sources.is_hub_id) downloaded (config,
-    scheduler, weights) to the cache; a missing local path is FileNotFoundError."""
-    check_model_source(path)
-    if Path(path).exists():
-        return Path(path)
-    return _from_hub(str(path))
 
 
 def _narrow_norms(net: UNet) -> list[int]:

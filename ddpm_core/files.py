@@ -53,18 +53,13 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _remove_dead_siblings(path: Path) -> None:
-    """Temporary siblings of `path` left by a killed writer (its pid is gone) are removed."""
+def _tmp_name(path: Path) -> Path:
+    """A fresh temporary sibling of `path`: `.tmp-<name>-<pid>-<random>` (stale ones of dead
+    writers, whose pid is gone, are removed first, so a rerun after a kill leaves none behind)."""
     for p in path.parent.glob(f"{TMP_PREFIX}{path.name}-*"):
         pid = p.name[len(TMP_PREFIX) + len(path.name) + 1:].split("-")[0]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             _remove(p)
-
-
-def _tmp_name(path: Path) -> Path:
-    """A fresh temporary sibling of `path`: `.tmp-<name>-<pid>-<random>` (stale ones of dead
-    writers are removed first, so a rerun after a kill leaves none behind)."""
-    _remove_dead_siblings(path)
     return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
 
 
