@@ -48,10 +48,8 @@ def step_of(path: Path) -> int:
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Checkpoint files in ckpt_dir, oldest step first."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return []
-    return sorted((p for p in d.iterdir() if _NAME.match(p.name)), key=step_of)
+    names = Path(ckpt_dir).glob("ckpt_*.pt")  # none when the folder does not exist
+    return sorted((p for p in names if _NAME.match(p.name)), key=step_of)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -13,7 +13,6 @@ diffusers itself is never imported; huggingface_hub only to download from the hu
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 from typing import Any, get_args
@@ -25,7 +24,7 @@ from ddpm_core.files import atomic_dir, write_json
 from ddpm_core.modelfile import MAX_TIMESTEPS, check_weights_fit
 from ddpm_core.schedules import BETA_END, BETA_START, MAX_BETA, ScheduleKind, make_betas
 from ddpm_core.sources import check_model_source
-from ddpm_core.unet import PRESETS, UNet, UNetConfig, num_groups
+from ddpm_core.unet import PRESETS, UNet, UNetConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 SCHEDULER_FILE = "scheduler_config.json"
@@ -33,15 +32,32 @@ SCHEDULER_FILE = "scheduler_config.json"
 # diffusers sub-module name -> ours, inside a residual block / an attention block.
 _RES = {"norm1": "norm1", "conv1": "conv1", "time_emb_proj": "temb_proj", "norm2": "norm2",
         "conv2": "conv2", "conv_shortcut": "skip"}
-# Older checkpoints (e.g. the hub's google/ddpm-* files) name them query/key/value/proj_attn.
+# Older checkpoints (e.g. the hub's google/ddpm-* files) name them query/key/value/proj_attn;
+# ours -> diffusers writes the new names, with qkv still fused (split by the caller).
 _ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj",
          "query": "q", "key": "k", "value": "v", "proj_attn": "proj"}
-_TOP = {"time_embedding.linear_1": "time_mlp.0", "time_embedding.linear_2": "time_mlp.2",
-        "conv_in": "conv_in", "conv_norm_out": "norm_out", "conv_out": "conv_out"}
+_ATTN_INV = {"norm": "group_norm", "proj": "to_out.0", "qkv": "qkv"}
+# The one layout table, read both ways: (diffusers module, ours). {p}: down | up; {l}, {j}:
+# level and block index; {res}, {attn}: a sub-module named by _RES / _ATTN.
+_LAYOUT = (
+    ("time_embedding.linear_1", "time_mlp.0"),
+    ("time_embedding.linear_2", "time_mlp.2"),
+    ("conv_in", "conv_in"),
+    ("conv_norm_out", "norm_out"),
+    ("conv_out", "conv_out"),
+    ("{p}_blocks.{l}.resnets.{j}.{res}", "{p}.{l}.blocks.{j}.{res}"),
+    ("{p}_blocks.{l}.attentions.{j}.{attn}", "{p}.{l}.attns.{j}.{attn}"),
+    ("down_blocks.{l}.downsamplers.0.conv", "down.{l}.resample.conv"),
+    ("up_blocks.{l}.upsamplers.0.conv", "up.{l}.resample.conv"),
+    ("mid_block.resnets.0.{res}", "mid.block1.{res}"),
+    ("mid_block.resnets.1.{res}", "mid.block2.{res}"),
+    ("mid_block.attentions.0.{attn}", "mid.attn.{attn}"),
+)
 
 # Settings that must hold for our computation to equal diffusers': key -> (required value,
 # diffusers' default when config.json omits the key).
 _REQUIRED: dict[str, tuple[Any, Any]] = {
+    "_class_name": ("UNet2DModel", "UNet2DModel"),
     "act_fn": ("silu", "silu"),
     "add_attention": (True, True),
     "attn_norm_num_groups": (None, None),
@@ -71,36 +87,29 @@ class DiffusersFolderError(ValueError):
     """A diffusers folder's config.json or weight file is unusable; the message names the file."""
 
 
-def _map_key(key: str) -> str:
-    """One diffusers parameter name -> ours (q/k/v left separate, fused later)."""
+def _rename(key: str, to_ours: bool) -> str:
+    """One parameter name through _LAYOUT: diffusers -> ours (q/k/v separate, fused by the
+    caller) or ours -> diffusers (qkv still fused); CheckpointMismatch for any other name."""
     prefix, _, leaf = key.rpartition(".")  # leaf: weight / bias
-    if prefix in _TOP:
-        return f"{_TOP[prefix]}.{leaf}"
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
-                     r"\.(\d+)(?:\.(.+))?", prefix)
-    if m:
-        path, lvl, kind, j, sub = m.groups()
-        if kind in ("downsamplers", "upsamplers") and j == "0" and sub == "conv":
-            return f"{path}.{lvl}.resample.conv.{leaf}"
-        if kind == "resnets" and sub in _RES:
-            return f"{path}.{lvl}.blocks.{j}.{_RES[sub]}.{leaf}"
-        if kind == "attentions" and sub in _ATTN:
-            return f"{path}.{lvl}.attns.{j}.{_ATTN[sub]}.{leaf}"
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", prefix)
-    if m:
-        kind, j, sub = m.groups()
-        if kind == "resnets" and j in "01" and sub in _RES:
-            return f"mid.block{int(j) + 1}.{_RES[sub]}.{leaf}"
-        if kind == "attentions" and j == "0" and sub in _ATTN:
-            return f"mid.attn.{_ATTN[sub]}.{leaf}"
-    raise CheckpointMismatch(f"unexpected diffusers key {key!r} (not part of the DDPM U-Net)")
+    names = {"res": _RES if to_ours else {v: k for k, v in _RES.items()},
+             "attn": _ATTN if to_ours else _ATTN_INV}
+    groups = {"p": "down|up", "l": r"\d+", "j": r"\d+",
+              **{k: "|".join(map(re.escape, v)) for k, v in names.items()}}
+    for theirs, ours in _LAYOUT:
+        src, dst = (theirs, ours) if to_ours else (ours, theirs)
+        pattern = src.replace(".", r"\.").format(**{k: f"(?P<{k}>{g})" for k, g in groups.items()})
+        if m := re.fullmatch(pattern, prefix):
+            parts = {k: names[k][v] if k in names else v for k, v in m.groupdict().items()}
+            return f"{dst.format(**parts)}.{leaf}"
+    side = "diffusers key" if to_ours else "key"
+    raise CheckpointMismatch(f"unexpected {side} {key!r} (not part of the DDPM U-Net)")
 
 
 def convert_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers UNet2DModel state dict -> ours (renamed; q, k, v fused into qkv)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        new = _map_key(key)
+        new = _rename(key, to_ours=True)
         if new in out:
             raise CheckpointMismatch(f"two diffusers keys map to {new!r} (old and new names?)")
         out[new] = value
@@ -117,16 +126,10 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
 
 def load_converted(model: UNet, sd: dict[str, torch.Tensor]) -> UNet:
     """Load an already converted state dict; any missing/unexpected key or shape is an error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise CheckpointMismatch(f"checkpoint does not match the U-Net: missing keys {missing}, "
-                                 f"unexpected keys {unexpected}")
-    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in own.items() if sd[k].shape != v.shape]
-    if bad:
-        raise CheckpointMismatch("shape mismatch: " + "; ".join(bad))
+    try:
+        check_weights_fit(model.cfg, sd, spec_name="the U-Net")
+    except ValueError as e:
+        raise CheckpointMismatch(f"checkpoint does not match the U-Net: {e}") from None
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -138,8 +141,6 @@ def config_from_diffusers(conf: dict[str, Any]) -> UNetConfig:
             raise ValueError(
                 f"diffusers config {key}={conf.get(key, default)!r} unsupported (need {want!r})"
             )
-    if conf.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"_class_name={conf['_class_name']!r}: only UNet2DModel is supported")
     for key in ("block_out_channels", "down_block_types", "up_block_types"):
         if key not in conf:
             raise ValueError(f"diffusers config lacks {key!r}")
@@ -198,15 +199,12 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     elif file.suffix in (".bin", ".pt", ".pth"):
         try:
             sd = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "weights only load failed" not in str(e).lower():
-                raise DiffusersFolderError(f"{file}: not a readable weight file (a corrupt "
-                                           "pickle); download or convert it again") from None
-            raise DiffusersFolderError(
-                f"{file}: refused to load: the pickle holds code or objects other than tensors "
-                "(torch.load weights_only=True); convert it to safetensors from a trusted "
-                "source") from None
-        except Exception as e:  # truncated zip, not a torch file at all
+        except Exception as e:  # a pickle with code in it, truncated, not a torch file at all
+            if "weights only load failed" in str(e).lower():
+                raise DiffusersFolderError(
+                    f"{file}: refused to load: the pickle holds code or objects other than "
+                    "tensors (torch.load weights_only=True); convert it to safetensors from a "
+                    "trusted source") from None
             raise DiffusersFolderError(f"{file}: not a readable weight file "
                                        f"({type(e).__name__}); download or convert it "
                                        "again") from None
@@ -219,27 +217,33 @@ def _read_weights(file: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _read_config(file: Path) -> dict[str, Any]:
-    """config.json as a mapping; DiffusersFolderError when it is not JSON or not a mapping."""
+def _read_json(file: Path, settings: str) -> dict[str, Any]:
+    """A diffusers JSON file as a mapping; DiffusersFolderError when it is not JSON or not a
+    mapping (`settings` names whose settings it should hold: UNet2DModel, DDPMScheduler)."""
     try:
         conf = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffusersFolderError(f"{file}: not valid JSON ({e}); copy the model "
-                                   "repository's config.json again") from None
+                                   f"repository's {file.name} again") from None
     if not isinstance(conf, dict):
         raise DiffusersFolderError(f"{file}: holds a {type(conf).__name__}, not a mapping of "
-                                   "UNet2DModel settings")
+                                   f"{settings} settings")
     return conf
 
 
-def _from_hub(repo_id: str) -> Path:
-    """Download config.json and the weights of a hub repository (needs huggingface_hub)."""
+def resolve_diffusers_path(path: str | Path) -> Path:
+    """A local path as it is; a hub id (ddpm_core.sources.is_hub_id) downloaded (config,
+    scheduler, weights) to the cache by huggingface_hub; a missing local path is
+    FileNotFoundError."""
+    check_model_source(path)
+    if Path(path).exists():
+        return Path(path)
+    repo_id = str(path)
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
-        raise FileNotFoundError(
-            f"{repo_id!r} is not a local path and huggingface_hub is not installed"
-        ) from e
+        raise FileNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not "
+                                "installed") from e
     files = ["config.json", SCHEDULER_FILE, *WEIGHT_FILES]
     patterns = [*files, *(f"unet/{f}" for f in files), f"scheduler/{SCHEDULER_FILE}"]
     try:
@@ -251,13 +255,10 @@ def _from_hub(repo_id: str) -> Path:
                                 "local folder") from None
 
 
-def resolve_diffusers_path(path: str | Path) -> Path:
-    """A local path as it is; a hub id (ddpm_core.sources.is_hub_id) downloaded (config,
-    scheduler, weights) to the cache; a missing local path is FileNotFoundError."""
-    check_model_source(path)
-    if Path(path).exists():
-        return Path(path)
-    return _from_hub(str(path))
+def _narrow_norms(net: UNet) -> list[int]:
+    """Widths at which our GroupNorm has fewer groups than diffusers' 32 (unet.num_groups)."""
+    return sorted({m.num_channels for m in net.modules()
+                   if isinstance(m, torch.nn.GroupNorm) and m.num_groups != 32})
 
 
 def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet:
@@ -282,7 +283,7 @@ def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet
     if cfg is None:
         cfg = PRESETS["cifar10"]
         if conf_file.is_file():
-            spec_file, conf = conf_file, _read_config(conf_file)
+            spec_file, conf = conf_file, _read_json(conf_file, "UNet2DModel")
             try:
                 cfg = config_from_diffusers(conf)
             except ValueError as e:
@@ -293,9 +294,7 @@ def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet
         raise DiffusersFolderError(f"{spec_file}: does not fit the weights in {weights.name} "
                                    f"({e})") from None
     model = UNet(cfg)
-    odd = sorted({m.num_channels for m in model.modules()
-                  if isinstance(m, torch.nn.GroupNorm) and m.num_groups != 32})
-    if odd:
+    if odd := _narrow_norms(model):
         raise ValueError(f"our GroupNorm uses fewer than diffusers' 32 groups at widths {odd}")
     return load_converted(model, sd)
 
@@ -393,14 +392,7 @@ def read_scheduler_config(path: str | Path) -> dict[str, Any]:
     for f in (root / SCHEDULER_FILE, root / "scheduler" / SCHEDULER_FILE,
               root.parent / "scheduler" / SCHEDULER_FILE):
         if f.is_file():
-            try:
-                conf = json.loads(f.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DiffusersFolderError(f"{f}: not valid JSON ({e})") from None
-            if not isinstance(conf, dict):
-                raise DiffusersFolderError(f"{f}: holds a {type(conf).__name__}, not a mapping "
-                                           "of DDPMScheduler settings")
-            return conf
+            return _read_json(f, "DDPMScheduler")
     raise FileNotFoundError(f"{root}: no {SCHEDULER_FILE} (the diffusion's T and β); copy the "
                             "model repository's scheduler_config.json beside config.json")
 
@@ -408,10 +400,9 @@ def read_scheduler_config(path: str | Path) -> dict[str, Any]:
 def load_diffusers(path: str | Path) -> tuple[UNet, Diffusion]:
     """(UNet, Diffusion) of a diffusers folder or hub id: UNet2DModel + DDPMScheduler."""
     path = resolve_diffusers_path(path)
+    conf = read_scheduler_config(path)
     try:
-        diff = diffusion_from_scheduler_config(read_scheduler_config(path))
-    except DiffusersFolderError:
-        raise
+        diff = diffusion_from_scheduler_config(conf)
     except ValueError as e:  # a setting we do not support: name the folder
         raise DiffusersFolderError(f"{path}: {SCHEDULER_FILE}: {e}") from None
     net = load_diffusers_unet(path)
@@ -423,11 +414,6 @@ def load_diffusers(path: str | Path) -> tuple[UNet, Diffusion]:
 
 
 # ----------------------------------------------------------------------------- ours -> diffusers
-
-_RES_INV = {v: k for k, v in _RES.items()}
-_ATTN_INV = {"norm": "group_norm", "proj": "to_out.0"}
-_TOP_INV = {v: k for k, v in _TOP.items()}
-
 
 def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     """UNetConfig -> diffusers UNet2DModel config.json (the official DDPM layout)."""
@@ -446,41 +432,15 @@ def config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     return conf
 
 
-def _unmap_key(key: str) -> str:
-    """One of our parameter names -> diffusers' (qkv still fused)."""
-    prefix, _, leaf = key.rpartition(".")
-    if prefix in _TOP_INV:
-        return f"{_TOP_INV[prefix]}.{leaf}"
-    m = re.fullmatch(r"(down|up)\.(\d+)\.(blocks|attns|resample)\.(?:(\d+)\.)?(.+)", prefix)
-    if m:
-        path, lvl, kind, j, sub = m.groups()
-        if kind == "resample" and sub == "conv":
-            sampler = "downsamplers" if path == "down" else "upsamplers"
-            return f"{path}_blocks.{lvl}.{sampler}.0.conv.{leaf}"
-        if kind == "blocks" and sub in _RES_INV:
-            return f"{path}_blocks.{lvl}.resnets.{j}.{_RES_INV[sub]}.{leaf}"
-        if kind == "attns" and sub in ("norm", "proj", "qkv"):
-            return f"{path}_blocks.{lvl}.attentions.{j}.{_ATTN_INV.get(sub, sub)}.{leaf}"
-    m = re.fullmatch(r"mid\.(block1|block2|attn)\.(.+)", prefix)
-    if m:
-        part, sub = m.groups()
-        if part == "attn" and sub in ("norm", "proj", "qkv"):
-            return f"mid_block.attentions.0.{_ATTN_INV.get(sub, sub)}.{leaf}"
-        if part != "attn" and sub in _RES_INV:
-            return f"mid_block.resnets.{int(part[-1]) - 1}.{_RES_INV[sub]}.{leaf}"
-    raise CheckpointMismatch(f"unexpected key {key!r} (not part of the DDPM U-Net)")
-
-
 def to_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our state dict -> diffusers UNet2DModel's (renamed; qkv split into to_q, to_k, to_v)."""
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        new = _unmap_key(key)
-        if new.rsplit(".", 2)[-2] == "qkv":
-            head = new.rsplit(".", 2)[0]
-            leaf = new.rsplit(".", 1)[1]
+        new = _rename(key, to_ours=False)
+        stem, _, leaf = new.rpartition(".")
+        if stem.endswith(".qkv"):
             for name, part in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0), strict=True):
-                out[f"{head}.{name}.{leaf}"] = part.contiguous()
+                out[f"{stem[:-3]}{name}.{leaf}"] = part.contiguous()
         else:
             out[new] = value.contiguous()
     return out
@@ -492,8 +452,7 @@ def save_diffusers(net: UNet, diff: Diffusion, path: str | Path) -> None:
     from safetensors.torch import save_file
 
     cfg: UNetConfig = net.cfg
-    odd = sorted({c for c in _norm_widths(net) if num_groups(c) != 32})
-    if odd:
+    if odd := _narrow_norms(net):
         raise ValueError(f"diffusers' UNet2DModel uses 32 GroupNorm groups in every layer; ours "
                          f"uses fewer at widths {odd} (only networks whose layers are all >= 128 "
                          "channels convert)")
@@ -508,6 +467,3 @@ def save_diffusers(net: UNet, diff: Diffusion, path: str | Path) -> None:
         write_json(config_to_diffusers(cfg), tmp / "config.json", sort_keys=False)
         write_json(sched, tmp / SCHEDULER_FILE, sort_keys=False)
 
-
-def _norm_widths(net: UNet) -> list[int]:
-    return [m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]

@@ -136,11 +136,6 @@ def _read_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
-def download_cifar10(dest: Path, url: str = CIFAR10_URL, timeout: float = 30.0) -> None:
-    """Fetch the CIFAR-10 archive to `dest`."""
-    download_file(url, dest, timeout)
-
-
 def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
     """Fetch `url` to `dest` through the atomic writer (never half-written)."""
     with atomic_open(dest) as f, urllib.request.urlopen(url, timeout=timeout) as r:
@@ -207,7 +202,7 @@ def _cifar10_from_config(cfg: DataConfig) -> Splits:
             raise DataError(f"{path}: CIFAR-10 folder not found; put the extracted "
                             f"cifar-10-batches-py there, or set data.path to a .tar.gz to download")
         try:
-            download_cifar10(path)
+            download_file(CIFAR10_URL, path)
         except OSError as e:  # URLError, timeouts, DNS failures are all OSErrors
             raise DataError(f"{path}: CIFAR-10 download failed ({e}); offline, download "
                             f"{CIFAR10_URL} elsewhere and put it at {path.resolve()}") from None
@@ -384,10 +379,8 @@ def _load_npy(path: str | Path) -> np.ndarray:
 def load_images(path: str | Path) -> np.ndarray:
     """A prepared split: uint8 [N, H, W, C], with a DataError on a missing/corrupt file."""
     arr = _load_npy(path)
-    try:
-        _check_nhwc(arr, str(path))
-    except DataError as e:
-        raise DataError(f"{e}; run the prepare stage again") from None
+    if (problem := nhwc_problem(arr)) is not None:
+        raise DataError(f"{path}: {problem}; run the prepare stage again")
     return arr
 
 

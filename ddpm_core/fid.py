@@ -9,8 +9,6 @@ comparable: `metric_label` names the feature network next to every value.
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +19,17 @@ import torch
 import torch_fidelity
 from torch import Tensor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import isc_features_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ddpm_core.data import download_file, nhwc_problem
+from ddpm_core.data import download_file, nhwc_problem, to_model_tensor
 from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_classifier
+from ddpm_core.files import save_npz
 from ddpm_core.inference import default_device
 from ddpm_core.modes import Features
+from ddpm_core.progress import Progress
 
 INCEPTION_NAME = "inception-v3-compat"
 # torch-fidelity's own copy of the TF-FID Inception weights (feature_extractor_inceptionv3.py).
@@ -44,12 +47,10 @@ class MetricsError(RuntimeError):
 
 
 def resolve_features(features: str, dataset: str) -> Features:
-    """FidConfig.features ('auto' | 'inception' | 'digits_classifier') for a data set name."""
+    """FidConfig.features ('auto' | 'inception' | 'digits_classifier', checked by the config)
+    for a data set name."""
     if features == "auto":
         return "digits_classifier" if dataset == "digits" else "inception"
-    if features not in _LABELS:
-        raise MetricsError(f"fid.features: {features!r} is not one of "
-                           f"{('auto', *get_args(Features))}")
     return features  # type: ignore[return-value]
 
 
@@ -107,10 +108,6 @@ def _register_digits_extractor() -> None:
 # ----------------------------------------------------------------------------- Inception weights
 
 
-def _download(url: str, dest: Path) -> None:
-    download_file(url, dest, timeout=60.0)
-
-
 def resolve_inception_weights(path: str | Path | None = None, download: bool = True) -> Path:
     """A local Inception weights file: `path`, else torch hub's cache (downloaded when online)."""
     if path is not None:
@@ -124,9 +121,9 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
         return cached
     if download:
         try:
-            _download(INCEPTION_URL, cached)
+            download_file(INCEPTION_URL, cached, timeout=60.0)
             return cached
-        except (urllib.error.URLError, OSError) as e:
+        except OSError as e:  # URLError, timeouts and DNS failures are OSErrors
             reason = f"download failed ({e})"
     else:
         reason = "not found and downloading is off"
@@ -140,15 +137,8 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
 
 def nchw(images: np.ndarray, rgb: bool) -> Tensor:
     """uint8 [N, H, W, C] numpy -> uint8 [N, C', H, W] (rgb: grey -> three equal channels)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    if rgb and x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)  # Inception wants RGB
-    return x.contiguous()
-
-
-def _check_images(images: np.ndarray, what: str) -> None:
-    if (problem := nhwc_problem(images)) is not None:
-        raise MetricsError(f"{what}: {problem}")
+    x = to_model_tensor(images)
+    return x.expand(-1, 3, -1, -1).contiguous() if rgb and x.shape[1] == 1 else x  # RGB
 
 
 # ----------------------------------------------------------------------------- reference statistics
@@ -173,7 +163,8 @@ class FeatureNet:
 def feature_network(features: Features, *, classifier_path: str | Path | None = None,
                     inception_weights: str | Path | None = None,
                     device: str | None = None) -> FeatureNet:
-    """The feature network of `features` (the digits classifier file, or Inception-v3)."""
+    """The feature network of `features`: the digits classifier file `classifier_path` (read
+    for digits_classifier only), or Inception-v3."""
     from torch_fidelity.utils import create_feature_extractor
 
     dev = str(device or default_device())
@@ -200,7 +191,8 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
                      on_batch: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """One pass of the feature network over uint8 [N, H, W, C]: {layer: float32 [N, D] (CPU)}.
     `on_batch(n)` is called after every batch of n images (progress)."""
-    _check_images(images, "images")
+    if (problem := nhwc_problem(images)) is not None:
+        raise MetricsError(f"images: {problem}")
     x = nchw(images, net.rgb)
     out: dict[str, list[Tensor]] = {}
     for i in range(0, len(x), batch_size):
@@ -213,6 +205,15 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
         if on_batch is not None:
             on_batch(len(batch))
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+def features_pass(net: FeatureNet, images: np.ndarray, what: str,
+                  stage: str = "features") -> dict[str, Tensor]:
+    """One pass of the feature network over `images`, with progress (the line is printed so that
+    the passes over the reference set can be counted)."""
+    print(f"{stage}: extracting {what} features of {len(images)} images", flush=True)
+    with Progress(len(images), f"{stage}[{what}]", "images") as bar:
+        return extract_features(net, images, on_batch=bar.update)
 
 
 @dataclass
@@ -231,8 +232,6 @@ class ReferenceStats:
 
 def reference_statistics(net: FeatureNet, feats: dict[str, Tensor]) -> ReferenceStats:
     """The statistics of extracted reference features (torch-fidelity's own estimators)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
     f = feats[net.fid_layer]
     stats = fid_features_to_statistics(f)
     return ReferenceStats(net.features, stats["mu"], stats["sigma"], f)
@@ -240,11 +239,8 @@ def reference_statistics(net: FeatureNet, feats: dict[str, Tensor]) -> Reference
 
 def save_reference(ref: ReferenceStats, path: str | Path) -> None:
     """The statistics as one .npz, through the one atomic writer."""
-    from ddpm_core.files import atomic_open
-
-    with atomic_open(path) as f:
-        np.savez(f, features=np.array(ref.features), mu=ref.mu, sigma=ref.sigma,
-                 kid_features=ref.kid_features.numpy())
+    save_npz(path, features=np.array(ref.features), mu=ref.mu, sigma=ref.sigma,
+             kid_features=ref.kid_features.numpy())
 
 
 def load_reference(path: str | Path) -> ReferenceStats:
@@ -263,10 +259,6 @@ def metrics_against(net: FeatureNet, sample_feats: dict[str, Tensor], ref: Refer
                     seed: int = 2020, kid: bool = True) -> dict[str, float]:
     """FID, KID (and IS for Inception) of extracted sample features against `ref`; equal to
     torch_fidelity.calculate_metrics with the same seed. kid=False: FID (and IS) only."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
-
     if ref.features != net.features:
         raise MetricsError(f"reference statistics are {ref.features} features, the samples "
                            f"{net.features}; run the features stage again")

@@ -14,6 +14,7 @@ Argument order follows `Path.write_bytes` for raw data (`atomic_write_bytes(path
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -36,32 +37,29 @@ def _pid_alive(pid: int) -> bool:
         return False
     except OSError:  # exists, owned by someone else
         return True
-    stat_file = Path(f"/proc/{pid}/stat")
-    if not Path("/proc/self/stat").exists():  # no /proc (macOS): os.kill's answer stands
-        return True
     try:
-        return stat_file.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:  # exited meanwhile
-        return False
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # exited meanwhile; or no /proc (macOS): os.kill's answer stands
+        return not Path("/proc/self/stat").exists()
     except (OSError, IndexError):
         return True
 
 
-def _remove_dead_siblings(path: Path) -> None:
-    """Temporary siblings of `path` left by a killed writer (its pid is gone) are removed."""
-    for p in path.parent.glob(f"{TMP_PREFIX}{path.name}-*"):
-        pid = p.name[len(TMP_PREFIX) + len(path.name) + 1:].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
+def _remove(p: Path) -> None:
+    """Delete a file or a folder tree, whichever `p` is (gone already: nothing to do)."""
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 def _tmp_name(path: Path) -> Path:
     """A fresh temporary sibling of `path`: `.tmp-<name>-<pid>-<random>` (stale ones of dead
-    writers are removed first, so a rerun after a kill leaves none behind)."""
-    _remove_dead_siblings(path)
+    writers, whose pid is gone, are removed first, so a rerun after a kill leaves none behind)."""
+    for p in path.parent.glob(f"{TMP_PREFIX}{path.name}-*"):
+        pid = p.name[len(TMP_PREFIX) + len(path.name) + 1:].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            _remove(p)
     return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
 
 
@@ -80,12 +78,9 @@ def _fsync_dir(d: str | Path) -> None:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
         return
-    try:
+    with contextlib.suppress(OSError):
         os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    os.close(fd)
 
 
 @contextmanager
@@ -150,6 +145,7 @@ def save_npz(path: str | Path, **arrays: Any) -> None:
 
 
 def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (before the folder is renamed into place)."""
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
             fd = os.open(Path(dirpath) / name, os.O_RDONLY)
@@ -189,7 +185,4 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def remove_stale_tmp(folder: str | Path, name_glob: str = "*") -> None:
     """Delete temporary files a crashed writer left in `folder` (names matching `name_glob`)."""
     for p in Path(folder).glob(f"{TMP_PREFIX}{name_glob}"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+        _remove(p)

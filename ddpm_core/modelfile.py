@@ -44,8 +44,18 @@ class ModelFileError(RuntimeError):
 
 
 def _check_mode(value: Any, kind: Any, key: str) -> None:
+    """ValueError unless `value` is one of the Literal `kind`'s names."""
     if value not in get_args(kind):
         raise ValueError(f"{key}: {value!r} is not one of {list(get_args(kind))}")
+
+
+def _check_fields(d: Any, cls: type, what: str) -> None:
+    """ValueError unless `d` is a mapping with exactly the fields of the dataclass `cls`."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a mapping, got {type(d).__name__}")
+    keys = {f.name for f in dataclasses.fields(cls)}
+    if set(d) != keys:
+        raise ValueError(f"{what} keys {sorted(d)} differ from {sorted(keys)}")
 
 
 @dataclass(frozen=True)
@@ -88,29 +98,18 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (lists for tuples): JSON- and weights_only-loadable."""
-        unet = {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self.unet).items()}
-        return {"unet": unet, "schedule": self.schedule, "timesteps": self.timesteps,
-                "mean_type": self.mean_type, "var_type": self.var_type}
+        d = dataclasses.asdict(self)
+        d["unet"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["unet"].items()}
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> ModelSpec:
         """Inverse of to_dict; ValueError names what is wrong."""
-        if not isinstance(d, dict):
-            raise ValueError(f"model spec must be a mapping, got {type(d).__name__}")
-        keys = {f.name for f in dataclasses.fields(cls)}
-        if set(d) != keys:
-            raise ValueError(f"model spec keys {sorted(d)} differ from {sorted(keys)}")
-        if not isinstance(d["unet"], dict):
-            raise ValueError("model spec: unet must be a mapping")
-        unet_keys = {f.name for f in dataclasses.fields(UNetConfig)}
-        if set(d["unet"]) != unet_keys:
-            raise ValueError(f"model spec: unet keys {sorted(d['unet'])} differ from "
-                             f"{sorted(unet_keys)}")
+        _check_fields(d, cls, "model spec")
+        _check_fields(d["unet"], UNetConfig, "model spec: unet")
         unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
                              for k, v in d["unet"].items()})
-        return cls(unet=unet, schedule=d["schedule"], timesteps=d["timesteps"],
-                   mean_type=d["mean_type"], var_type=d["var_type"])
+        return cls(**{**d, "unet": unet})
 
 
 def save_model(path: str | Path, spec: ModelSpec, weights: dict[str, dict[str, Tensor]],
@@ -123,9 +122,8 @@ def save_model(path: str | Path, spec: ModelSpec, weights: dict[str, dict[str, T
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta must be plain JSON data: {e}") from None
-    net = spec.build_net()
-    for k in WEIGHT_KEYS:  # refuse a file that could not be loaded back
-        net.load_state_dict(weights[k])
+    for k in WEIGHT_KEYS:  # refuse a file that could not be loaded back (checked on meta)
+        check_weights_fit(spec.unet, weights[k])
     blob = {"format": FORMAT, "spec": spec.to_dict(), "meta": meta,
             **{k: {n: t.detach().cpu().contiguous() for n, t in weights[k].items()}
                for k in WEIGHT_KEYS}}

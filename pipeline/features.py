@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from ddpm_core.data import load_images, load_labels
 from ddpm_core.digits_classifier import (
     classifier_accuracy,
@@ -23,16 +21,14 @@ from ddpm_core.digits_classifier import (
     train_digits_classifier,
 )
 from ddpm_core.fid import (
-    FeatureNet,
-    extract_features,
     feature_network,
+    features_pass,
     metric_label,
     metrics_against,
     reference_statistics,
     resolve_features,
     save_reference,
 )
-from ddpm_core.progress import Progress
 from pipeline.common import StageError, atomic_dir, run_stage, write_json
 from pipeline.params import Params
 from pipeline.records import (
@@ -46,15 +42,6 @@ from pipeline.records import (
     REFERENCE_FILE,
     read_json,
 )
-
-
-def features_pass(net: FeatureNet, images: np.ndarray, what: str,
-                  stage: str = "features") -> dict:
-    """One pass of the feature network over `images`, with progress (the line is printed so that
-    the passes over the reference set can be counted)."""
-    print(f"{stage}: extracting {what} features of {len(images)} images", flush=True)
-    with Progress(len(images), f"{stage}[{what}]", "images") as bar:
-        return extract_features(net, images, on_batch=bar.update)
 
 
 def main(params: Params) -> None:
@@ -82,8 +69,7 @@ def main(params: Params) -> None:
                 out["classifier_test_accuracy"] = round(
                     classifier_accuracy(clf, test, load_labels(test_labels)), 4)
             timings["classifier_seconds"] = round(time.perf_counter() - t0, 2)
-        net = feature_network(features, classifier_path=tmp / CLASSIFIER_FILE.name
-                              if features == "digits_classifier" else None,
+        net = feature_network(features, classifier_path=tmp / CLASSIFIER_FILE.name,
                               inception_weights=f.inception_weights)
         t0 = time.perf_counter()
         ref = reference_statistics(net, features_pass(net, train, "reference"))

@@ -13,10 +13,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from ddpm_core.fid import feature_network, load_reference, metrics_against
+from ddpm_core.fid import feature_network, features_pass, load_reference, metrics_against
 from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES
 from pipeline.common import run_stage, write_json, write_text
-from pipeline.features import features_pass
 from pipeline.params import Params, VariantConfig
 from pipeline.records import (
     CLASSIFIER_FILE,
@@ -55,13 +54,11 @@ def steps_csv(specs: list[SamplerSpec], fids: dict[str, float]) -> str:
 def main(params: Params, v: VariantConfig) -> None:
     paths = VariantPaths(v.name)
     ref = load_reference(REFERENCE_FILE)
-    net = feature_network(ref.features, classifier_path=CLASSIFIER_FILE
-                          if ref.features == "digits_classifier" else None,
+    net = feature_network(ref.features, classifier_path=CLASSIFIER_FILE,
                           inception_weights=params.fid.inception_weights)
-    index = read_json(paths.sample_index)
+    specs = [SamplerSpec.from_dict(d) for d in read_json(paths.sample_index)["samplers"]]
     details, fids, seconds = {}, {}, {}
-    for d in index["samplers"]:
-        spec = SamplerSpec.from_dict(d)
+    for spec in specs:
         samples = np.load(paths.samples / f"{spec.name}.npy", allow_pickle=False)
         t0 = time.perf_counter()
         r = metrics_against(net, features_pass(net, samples, spec.name, f"fid[{v.name}]"), ref,
@@ -71,7 +68,6 @@ def main(params: Params, v: VariantConfig) -> None:
         fids[spec.name] = r["fid"]
         print(f"fid[{v.name}] {spec.name}: FID {r['fid']:.3f} (KID {r['kid_mean']:.4f})",
               flush=True)
-    specs = [SamplerSpec.from_dict(d) for d in index["samplers"]]
     write_json(details, paths.fid_details)
     write_json(variant_metrics(v.name, {fid_key(s): round(fids[s.name], 5) for s in specs}),
                paths.fid_metrics)

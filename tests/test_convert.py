@@ -120,7 +120,8 @@ def test_extra_key_is_an_error_naming_it(reference) -> None:
 def test_shape_mismatch_is_an_error_naming_the_key(converted) -> None:
     sd = dict(converted)
     sd["conv_out.weight"] = torch.zeros(6, 128, 3, 3)  # a learned-variance head
-    with pytest.raises(CheckpointMismatch, match=r"conv_out.weight: checkpoint \(6, 128, 3, 3\)"):
+    shapes = r"conv_out.weight: \(3, 128, 3, 3\) in the U-Net, \(6, 128, 3, 3\) stored"
+    with pytest.raises(CheckpointMismatch, match=shapes):
         load_converted(UNet(PRESETS["cifar10"]), sd)
 
 

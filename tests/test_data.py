@@ -194,10 +194,10 @@ def test_cifar10_missing_offline_names_path_and_url(tmp_path, monkeypatch):
         data.prepare_splits(cfg)
     assert str(target.resolve()) in str(e.value) and data.CIFAR10_URL in str(e.value)
 
-    def offline(dest: Path) -> None:
+    def offline(url: str, dest: Path, timeout: float = 30.0) -> None:
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(data, "download_cifar10", offline)
+    monkeypatch.setattr(data, "download_file", offline)
     with pytest.raises(DataError) as e:
         data.prepare_splits(DataConfig(dataset="cifar10", path=str(target), download=True))
     msg = str(e.value)

@@ -149,7 +149,7 @@ def test_missing_inception_weights_offline_is_a_clear_error(tmp_path, monkeypatc
     assert str(missing) in str(e.value) and fid.INCEPTION_URL in str(e.value)
     # No path given: torch hub's cache is tried, then a download, which fails offline.
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(fid, "_download", offline)
+    monkeypatch.setattr(fid, "download_file", offline)
     with pytest.raises(MetricsError) as e:
         fid.feature_network("inception")
     msg = str(e.value)
