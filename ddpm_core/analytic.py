@@ -22,7 +22,6 @@ from typing import Literal, get_args
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddpm_core.diffusion import (
     Diffusion,
@@ -32,6 +31,7 @@ from ddpm_core.diffusion import (
     predict_x0_from_mu,
     q_sample,
 )
+from ddpm_core.seeds import keyed_randn
 
 Sigma2 = Literal["fixed_large", "fixed_small", "learned", "learned_range", "analytic"]
 SIGMA2_CHOICES: tuple[Sigma2, ...] = get_args(Sigma2)
@@ -60,41 +60,30 @@ def _eps_from_output(diff: Diffusion, out: Tensor, x_t: Tensor, t: Tensor) -> Te
 
 # Bao et al. 2022, Theorem 1: Γ_n = β̄_n E_q ‖∇log q_n‖² / d, written with ε̂ = −√β̄_n ∇log q_n
 @torch.no_grad()
-def estimate_gamma(model: Model, diff: Diffusion, x0: Tensor, M: int,
-                   generator: torch.Generator, batch_size: int,
-                   timesteps: Sequence[int] | None = None, progress: bool = False) -> Tensor:
-    """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 by Monte Carlo on the first M images of x0 [N,C,H,W].
+def estimate_gamma(diff: Diffusion, model: Model, x0: Tensor, *, seed: int, batch_size: int,
+                   timesteps: Sequence[int] | None = None) -> Tensor:
+    """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 by Monte Carlo over the M images x0 [M,C,H,W].
 
-    One noise draw per image and timestep; NaN at the indices not in `timesteps` (default all).
-    Every network call holds `batch_size` (image, timestep) pairs, several timesteps per call
-    when M < batch_size; the noise comes from `generator` in that order.
+    One noise draw per image m and timestep τ, from (seed, m, τ) alone (seeds.keyed_randn);
+    NaN at the indices not in `timesteps` (default all). Every network call holds `batch_size`
+    (image, timestep) pairs, t-major (several timesteps per call when M < batch_size).
     """
-    if x0.ndim != 4:
-        raise ValueError(f"x0 must be [N,C,H,W], got {tuple(x0.shape)}")
-    if not 1 <= M <= x0.shape[0]:
-        raise ValueError(f"M={M} must lie in 1..{x0.shape[0]} (the number of images given)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if float(x0.min()) < -1.0 or float(x0.max()) > 1.0:
-        raise ValueError("x0 must lie in [-1, 1]; map uint8 images with data.to_unit first")
+    assert x0.ndim == 4, f"x0 must be [M,C,H,W], got {tuple(x0.shape)}"
+    assert batch_size >= 1, f"batch_size={batch_size} must be >= 1"
+    assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
     steps = _chain(diff, timesteps)[0]
-    images = x0[:M]
-    device = x0.device
+    M, device = x0.shape[0], x0.device
     # (t, image) pairs, t-major: pair p is image p % M at step steps[p // M]
-    n_pairs = len(steps) * M
-    step_of = torch.tensor(steps, device=device).repeat_interleave(M)
+    pairs = [(m, tau) for tau in steps for m in range(M)]
     sums = torch.zeros(diff.T, dtype=torch.float64)
-    starts = range(0, n_pairs, batch_size)
-    for start in tqdm(starts, desc="gamma", leave=False) if progress else starts:
-        stop = min(start + batch_size, n_pairs)
-        t = step_of[start:stop]
-        x0_b = images[torch.arange(start, stop, device=device) % M].to(torch.float64)
-        eps = torch.randn(x0_b.shape, generator=generator, device=generator.device,
-                          dtype=torch.float64).to(device)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        t = torch.tensor([tau for _, tau in chunk], device=device)
+        x0_b = x0[[m for m, _ in chunk]].to(torch.float64)
+        eps = keyed_randn(seed, chunk, x0.shape[1:], device=device)
         x_t = q_sample(diff, x0_b, t, eps)
         eps_hat = _eps_from_output(diff, model(x_t.to(x0.dtype), t), x_t, t)
-        sq = eps_hat.pow(2).mean(dim=(1, 2, 3)).cpu()
-        sums.index_add_(0, t.cpu(), sq)
+        sums.index_add_(0, t.cpu(), eps_hat.pow(2).mean(dim=(1, 2, 3)).cpu())
     gamma = torch.full((diff.T,), float("nan"), dtype=torch.float64)
     gamma[steps] = sums[steps] / M
     return gamma

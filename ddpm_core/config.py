@@ -246,8 +246,10 @@ class BpdConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     nproc: int = 1
+    seed: int = 0  # the q(x_t | x_0) noise of test image i at step τ comes from (seed, i, τ)
 
     def validate(self, key: str) -> None:
+        _require(self.seed >= 0, f"{key}.seed", "must be >= 0")
         # the even trajectory keeps steps 1 and T (likelihood.even_trajectory): a chain of one
         # step has no decoder step below its prior, so K = 1 is no bound of that family
         _require(all(k >= 2 for k in self.steps), f"{key}.steps",

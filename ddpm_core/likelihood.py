@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ddpm_core.analytic import SIGMA2_CHOICES, Sigma2, analytic_sigma2
 from ddpm_core.diffusion import (
@@ -46,6 +45,7 @@ from ddpm_core.losses import (
     vlb_terms_from_output,
 )
 from ddpm_core.samplers import respace, timestep_spacing
+from ddpm_core.seeds import keyed_randn
 
 
 @dataclass(frozen=True)
@@ -137,19 +137,19 @@ class _Chain:
 
 
 @torch.no_grad()
-def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, steps: Sequence[int],
+def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: Sequence[int],
                           var_types: Sequence[Sigma2] | None = None,
-                          gamma: Tensor | None = None, clip_x0: bool = True,
-                          progress: bool = False, t_batch: int = 10,
-                          generator: torch.Generator | None = None
+                          gamma: Tensor | None = None, clip_x0: bool = True, t_batch: int = 10,
+                          seed: int = 0, indices: Sequence[int] | None = None
                           ) -> dict[int, dict[Sigma2, BpdResult]]:
     """Variational bound of the K-step chains (even trajectory) for each K in steps, per σ².
 
     x0 [B,C,H,W] on the 256-level grid. Chain K visits τ = round(linspace(0, T−1, K)) with
     β'_k = 1 − ᾱ_{τ_k}/ᾱ_{τ_{k−1}}; K = T is the full chain. "analytic" needs gamma [T].
     One network call per group of t_batch original indices of the union of the trajectories:
-    every K and every σ² reuse it, and x_τ is drawn once per index τ (noise from `generator`,
-    default seeded 0), so with T in steps the cost is that of the full chain alone.
+    every K and every σ² reuse it, and x_τ is drawn once per index τ. The noise of image b at
+    τ comes from (seed, indices[b], τ) alone (seeds.keyed_randn; indices default 0..B−1), so
+    no number depends on B, t_batch or the set of K.
     """
     assert x0.ndim == 4, f"x0 must be [B,C,H,W], got {tuple(x0.shape)}"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
@@ -160,21 +160,20 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, steps: Sequ
     if not Ks:
         raise ValueError("steps is empty: give the chain lengths K, e.g. [10, 100, T]")
     chains = {K: _Chain(diff, K, chosen, gamma) for K in Ks}
-    if generator is None:
-        generator = torch.Generator(device=x0.device).manual_seed(0)
     B, C = x0.shape[:2]
+    idx = list(range(B)) if indices is None else [int(i) for i in indices]
+    assert len(idx) == B, f"{len(idx)} indices for {B} images"
     x0_64 = x0.to(torch.float64)
     terms = {K: {v: torch.zeros(B, K, dtype=torch.float64, device=x0.device) for v in chosen}
              for K in Ks}
     union = sorted(set().union(*(c.steps for c in chains.values())))
-    starts = range(0, len(union), t_batch)
-    for start in tqdm(starts, desc="bpd", leave=False) if progress else starts:
+    for start in range(0, len(union), t_batch):
         group = union[start:start + t_batch]
         n = len(group)
         t = torch.tensor(group, device=x0.device).repeat_interleave(B)
         x0_rep = x0_64.repeat(n, 1, 1, 1)
-        noise = torch.randn(x0_rep.shape, generator=generator, device=generator.device,
-                            dtype=torch.float64).to(x0.device)
+        noise = keyed_randn(seed, [(i, tau) for tau in group for i in idx], x0.shape[1:],
+                            device=x0.device)
         x_t = q_sample(diff, x0_rep, t, noise)
         out = model(x_t.to(x0.dtype), t).to(torch.float64)
         for K, chain in chains.items():
@@ -211,16 +210,15 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, steps: Sequ
 
 
 @torch.no_grad()
-def bits_per_dim(diff: Diffusion, model: Model, x0: Tensor,
+def bits_per_dim(diff: Diffusion, model: Model, x0: Tensor, *,
                  var_types: Sequence[Sigma2] | None = None, clip_x0: bool = True,
-                 progress: bool = False, t_batch: int = 10,
-                 generator: torch.Generator | None = None,
+                 t_batch: int = 10, seed: int = 0, indices: Sequence[int] | None = None,
                  gamma: Tensor | None = None) -> dict[Sigma2, BpdResult]:
     """Full variational bound of p_θ(x_0) for x0 [B,C,H,W] on the 256-level grid, per var type.
 
-    ⌈T / t_batch⌉ network calls of t_batch timesteps × B images. The noise of q(x_t|x_0) comes
-    from `generator` (default: a fresh one seeded 0 on x0's device, so the result is
-    deterministic). "analytic" needs gamma [T] from analytic.estimate_gamma.
+    ⌈T / t_batch⌉ network calls of t_batch timesteps × B images; the noise of image b at τ
+    from (seed, indices[b], τ). "analytic" needs gamma [T] from analytic.estimate_gamma.
     """
-    return bits_per_dim_at_steps(diff, model, x0, [diff.T], var_types, gamma, clip_x0,
-                                 progress, t_batch, generator)[diff.T]
+    return bits_per_dim_at_steps(diff, model, x0, steps=[diff.T], var_types=var_types,
+                                 gamma=gamma, clip_x0=clip_x0, t_batch=t_batch, seed=seed,
+                                 indices=indices)[diff.T]

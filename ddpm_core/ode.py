@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ddpm_core.continuous import ContinuousSchedule, continuous_schedule
 from ddpm_core.diffusion import Diffusion, Model
-from ddpm_core.distributed import batch_seed
+from ddpm_core.seeds import image_seed
 
 T_EPS = 1e-5  # [SDE] App. D.2: start time of the likelihood integral
 RTOL = ATOL = 1e-5  # [SDE] App. D.2: RK45 tolerances of the likelihood
@@ -242,10 +242,10 @@ def image_noise(shape: tuple[int, ...], seed: int, index: int, repeats: int,
                 divergence: Divergence) -> tuple[Tensor, Tensor | None]:
     """Dequantization noise u [C,H,W] and Rademacher probes [R,C,H,W] of image `index`.
 
-    Both come from one generator seeded by batch_seed(seed, index), u first, so the exact and
+    Both come from one generator seeded by image_seed(seed, index), u first, so the exact and
     Hutchinson runs see the same u and no result depends on batching.
     """
-    g = torch.Generator().manual_seed(batch_seed(seed, index))
+    g = torch.Generator().manual_seed(image_seed(seed, index))
     u = torch.rand(shape, generator=g, dtype=torch.float64)
     if divergence == "exact":
         return u, None

@@ -231,8 +231,8 @@ def test_ddim_eta0_converges_to_the_probability_flow_ode_as_steps_grow():
     assert float(ode.x.abs().max()) < 1.0  # no clamp of DDIM's output is active
     dist = {}
     for S in (10, 50, 250, 1000):
-        x0 = sample_ddim(d, GaussianDenoiser(d, m, sd), x_T.shape, timestep_spacing(1000, S),
-                         eta=0.0, generator=torch.Generator(), clip_x0=False, x_T=x_T)
+        x0 = sample_ddim(d, GaussianDenoiser(d, m, sd), x_T, noise=None,
+                         timesteps=timestep_spacing(1000, S), eta=0.0, clip_x0=False)
         dist[S] = float((x0.double() - ode.x).abs().max())
     print(f"DDIM vs ODE (NFE {ode.nfe}): {dist}")
     assert dist[10] > dist[50] > dist[250] > dist[1000]
@@ -282,7 +282,7 @@ def test_ode_bits_per_dim_is_below_the_bound_and_above_the_data_entropy():
     assert ode_gap > -3 * ode_se
     bounds = bits_per_dim(d, GaussianDenoiser(d, m, sd), x0.float(),
                           var_types=["fixed_large", "fixed_small", "analytic"], t_batch=100,
-                          generator=torch.Generator().manual_seed(1), gamma=gaussian_gamma(d, sd))
+                          seed=1, gamma=gaussian_gamma(d, sd))
     for v, r in bounds.items():
         excess = r.total - ode.bpd
         mean, se = float(excess.mean()), float(excess.std()) / math.sqrt(n)
