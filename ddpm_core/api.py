@@ -98,8 +98,9 @@ def _load_ours(path: Path, which: Which) -> tuple[torch.nn.Module, Diffusion]:
 
 
 def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
-                    meta: dict | None = None) -> None:
-    """Our model file of (net, diff), the same weights as EMA and raw (ddpm_core.modelfile)."""
+                    meta: dict | None = None, raw: torch.nn.Module | None = None) -> None:
+    """Our model file of (net, diff): net as the EMA weights, raw (default: net) as the raw
+    ones (ddpm_core.modelfile)."""
     from ddpm_core.convert import schedule_kind
     from ddpm_core.modelfile import ModelSpec, save_model
 
@@ -110,8 +111,12 @@ def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
                          "hold them")
     spec = ModelSpec(unet=net.cfg, schedule=kind, timesteps=diff.T, mean_type=diff.mean_type,
                      var_type=diff.var_type)
-    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    save_model(Path(path), spec, weights={"ema": sd, "model": sd}, meta=meta)
+
+    def weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+    save_model(Path(path), spec, weights={"ema": weights(net), "model": weights(raw or net)},
+               meta=meta)
 
 
 def check_matches(diff: Diffusion, *, schedule: ScheduleKind | None = None,

@@ -205,3 +205,32 @@ def test_ddpm_bpd_and_the_bpd_stage_print_the_same_bits_per_dim(tmp_path: Path) 
         cli = json.loads(out.read_text())["bpd"]
         assert round(cli, 5) == stage[key], (short, cli, stage[key])
         assert f"{stage[key]:.4f}" in r.stdout and f"bits/dim {cli:.5f}" in c.stdout
+
+
+@pytest.mark.slow
+def test_import_of_pretrained_weights_checks_them_against_params(tmp_path: Path) -> None:
+    """train@<v> with `pretrained`: api.load_model, then api.check_matches against params.yaml
+    (the 1000-step model under diffusion.timesteps 10 was imported silently), then the file."""
+    from tiny import make_diffusers_folder
+
+    from ddpm_core.modelfile import load_model_file
+
+    make_diffusers_folder(tmp_path / "official", T=1000, schedule="linear")
+    make_diffusers_folder(tmp_path / "small", T=10, schedule="quadratic")
+    p = tiny_params()
+    p["variants"] = {"official": {"pretrained": str(tmp_path / "official"),
+                                  "format": "diffusers"}}
+    r = run_stage("train", tmp_path, p)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: diffusion.timesteps is 10 but variants.official.pretrained")
+    assert "has T = 1000 (set diffusion.timesteps: 1000)" in lines[0]
+    assert not (tmp_path / "models").exists()
+    p["variants"] = {"small": {"pretrained": str(tmp_path / "small"), "format": "diffusers"}}
+    r = run_stage("train", tmp_path, p)  # params' schedule is linear, the weights' quadratic
+    assert r.returncode == 2 and "schedule 'linear' gives β[" in r.stderr, r.stderr
+    p["schedule"] = "quadratic"
+    r = run_stage("train", tmp_path, p)
+    assert r.returncode == 0, r.stderr
+    m = load_model_file(tmp_path / "models" / "small.pt")
+    assert m.diffusion.T == 10 and m.spec.schedule == "quadratic"
