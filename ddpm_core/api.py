@@ -23,7 +23,7 @@ al.'s Analytic-DDIM: DDIM with the analytic σ̂² noise, eta = 0 by default; ne
 On a chain of fewer than T steps (and on every DDIM chain) the step to x_{τ_1} adds noise of std
 at most 2y/255·√(π/2), y = last_sigma_cap_y (default 1, None: no cap), as Bao et al.'s code does;
 the full T-step ancestral chain is DDPM's Algorithm 2, uncapped.
-Step lists come from samplers.timestep_spacing: "trailing" (default, starts at T − 1),
+Step lists come from chains.timestep_spacing: "trailing" (default, starts at T − 1),
 "linspace", "leading" (diffusers': S steps of stride T // S; the DDIM code's uniform when S
 divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
 """
@@ -40,11 +40,12 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
+from ddpm_core.chains import DEFAULT_SPACING
 from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
 from ddpm_core.likelihood import BpdResult
-from ddpm_core.modes import SAMPLER_KINDS, SamplerKind, Sigma2, sigma2_mode
+from ddpm_core.modes import SAMPLER_KINDS, SamplerKind, Sigma2, Spacing, sigma2_mode
 from ddpm_core.progress import Progress
-from ddpm_core.samplers import DEFAULT_LAST_SIGMA_CAP_Y, DEFAULT_SPACING, Spacing
 from ddpm_core.schedules import ScheduleKind, make_betas
 
 Which = Literal["ema", "model"]
@@ -238,7 +239,8 @@ def _gather(part: torch.Tensor, dev: torch.device) -> torch.Tensor:
 
 def timesteps_for(diff: Diffusion, steps: int | None, spacing: Spacing) -> list[int] | None:
     """The increasing steps a chain of `steps` visits (None: all T, the full chain)."""
-    from ddpm_core.samplers import SPACINGS, timestep_spacing
+    from ddpm_core.chains import timestep_spacing
+    from ddpm_core.modes import SPACINGS
 
     if spacing not in SPACINGS:  # checked even for the full chain: a typo is never ignored
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
@@ -430,9 +432,9 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     Ks = sorted({diffusion.T} if steps is None else {int(K) for K in steps})
     if not Ks:
         raise ValueError("steps is empty: give the chain lengths K, e.g. [10, 100, T]")
-    if diffusion.var_type in LEARNED_VAR_TYPES and Ks != [diffusion.T]:
-        raise ValueError(f"a learned σ² is a one-step variance: it has no K-step chain for "
-                         f"K < T = {diffusion.T}")
+    if "learned" in chosen and Ks != [diffusion.T]:
+        raise ValueError(f"σ² learned is a one-step variance: it has no K-step chain for "
+                         f"K < T = {diffusion.T} (learned_range interpolates and has one)")
     dev = _device(device, net)
     x_all = to_model_tensor(images)
     share = _shares(len(x_all))

@@ -19,11 +19,11 @@ import math
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from ddpm_core.analytic import analytic_sigma2, ddim_analytic_sigma2
+from ddpm_core.chains import check_timesteps, respace
 from ddpm_core.diffusion import (
     Diffusion,
     Model,
@@ -37,52 +37,13 @@ from ddpm_core.last_sigma import (  # noqa: F401  (re-exported: the samplers' op
     last_sigma_cap,
     last_sigma_cap_of,
 )
-from ddpm_core.modes import SPACINGS, Sigma2, Spacing
+from ddpm_core.modes import Sigma2
 
 
 class Noise(Protocol):
     """A source of the samplers' noise: seeds.ImageNoise (one stream per image)."""
 
     def randn(self, shape: Sequence[int]) -> Tensor: ...
-
-
-# Lin et al. 2024: a chain must start at the last step; `trailing` does, as DPM-Solver's does
-DEFAULT_SPACING: Spacing = "trailing"
-
-
-# Timestep spacings named as diffusers names them (DDIM code, improved DDPM, Lin et al. 2024)
-def timestep_spacing(T: int, S: int, spacing: Spacing = DEFAULT_SPACING) -> list[int]:
-    """Increasing indices in 0..T−1 of an S-step chain (0-indexed, index T−1 is step T).
-
-    leading:        0, T//S, 2·(T//S), …, (S − 1)·(T//S): exactly S steps with stride T // S,
-                    diffusers' `leading` (steps_offset 0); tops out at T − T//S when S divides T
-                    (then it is also the DDIM code's "uniform", range(0, T, T // S), which has
-                    more than S steps otherwise: 31 up to 990 for S = 30 at T = 1000, where
-                    leading has 30 up to 957).
-    ddim_quadratic: int(s) for s in linspace(0, √(0.8 T), S)², the DDIM code's "quadratic";
-                    top 0.8T, repeated low indices dropped (96 of S = 100 at T = 1000): a repeat
-                    is an identity step of DDIM (ᾱ_τ = ᾱ_prev).
-    linspace:       round(linspace(0, T − 1, S)), both ends (improved DDPM; Bao et al.'s even
-                    trajectory; diffusers' `linspace`); S = 1 gives [0].
-    trailing:       round(arange(T, 0, −T/S)) − 1, i.e. T−1, T−1−T/S, …: starts at T − 1
-                    (the first S values of the arange; diffusers' `trailing`).
-    Only linspace (S ≥ 2) and trailing start at T − 1; see prior_kl_at for what an early start
-    costs.
-    """
-    if not 1 <= S <= T:
-        raise ValueError(f"need 1 <= S <= T, got S={S}, T={T}")
-    if spacing == "leading":
-        # diffusers: (arange(0, S) * (T // S)).round()[::-1], reversed back to increasing
-        return [k * (T // S) for k in range(S)]
-    if spacing == "ddim_quadratic":
-        root = np.linspace(0.0, math.sqrt(0.8 * T), S)
-        return sorted({int(v) for v in (root**2).tolist()})
-    if spacing == "linspace":
-        return [int(v) for v in np.round(np.linspace(0, T - 1, S))]
-    if spacing == "trailing":
-        # arange's length is float-fragile (T=17, S=7 gives 8 values, the last one −1)
-        return sorted(int(v) - 1 for v in np.round(np.arange(T, 0, -T / S)[:S]))
-    raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
 
 
 # Ho et al. 2020, eq. (5), L_T at the chain's first index: KL(q(x_t | x_0) ‖ N(0, I))
@@ -101,30 +62,6 @@ def prior_kl_at(diff: Diffusion, t_index: int, x0_mean_square: float = 1.0) -> f
         raise ValueError(f"x0_mean_square={x0_mean_square} must lie in [0, 1] for data in [-1, 1]")
     ab = float(diff.alpha_bar[t_index])
     return 0.5 * (ab * x0_mean_square - ab - math.log1p(-ab)) / math.log(2.0)
-
-
-def _check_timesteps(diff: Diffusion, timesteps: Sequence[int]) -> list[int]:
-    steps = [int(s) for s in timesteps]
-    assert len(steps) >= 1, "need at least one timestep"
-    assert all(0 <= s < diff.T for s in steps), f"timesteps must lie in 0..{diff.T - 1}"
-    assert all(b > a for a, b in zip(steps, steps[1:], strict=False)), "timesteps must increase"
-    return steps
-
-
-# Nichol & Dhariwal 2021, Sec. 4 (eq. 19): β'_i = 1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}}
-def respaced_betas(diff: Diffusion, timesteps: Sequence[int]) -> Tensor:
-    """β' [S] float64 of the chain that visits only the steps τ (ᾱ'_i = ᾱ_{τ_i})."""
-    steps = _check_timesteps(diff, timesteps)
-    alpha_bar = diff.alpha_bar[steps]
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-    return 1.0 - alpha_bar / prev
-
-
-def respace(diff: Diffusion, timesteps: Sequence[int]) -> Diffusion:
-    """Diffusion over the subsequence τ (same mean/var types; the model still sees τ_i)."""
-    steps = _check_timesteps(diff, timesteps)
-    return Diffusion(respaced_betas(diff, steps), diff.mean_type, diff.var_type,
-                     alpha_bar=diff.alpha_bar[steps])
 
 
 def _time(tau: int, n: int, device: torch.device) -> Tensor:
@@ -147,7 +84,7 @@ def sample_ancestral(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise
     """
     chosen: Sigma2 = diff.var_type if sigma2 is None else sigma2
     assert chosen != "analytic" or gamma is not None, "sigma2 'analytic' needs gamma"
-    steps = list(range(diff.T)) if timesteps is None else _check_timesteps(diff, timesteps)
+    steps = list(range(diff.T)) if timesteps is None else check_timesteps(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), False, last_sigma_cap_y)
     sub = diff if timesteps is None else respace(diff, steps)
     if diff.mean_type == "mu" and timesteps is not None:
@@ -229,7 +166,7 @@ def sample_ddim(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise,
     last_sigma_cap(last_sigma_cap_y); the last step adds none.
     """
     assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
-    steps = _check_timesteps(diff, timesteps)
+    steps = check_timesteps(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), True, last_sigma_cap_y)
     noise_sigma2: list[float | None] = [None] * len(steps)
     if gamma is not None:
@@ -256,7 +193,7 @@ def ddim_encode(diff: Diffusion, model: Model, x0: Tensor, *,
     Step i maps ᾱ_{τ_{i−1}} (ᾱ = 1 for i = 0) to ᾱ_{τ_i} with ε̂ evaluated at the current point
     (x_{τ_{i−1}}, τ_{i−1}); the first step evaluates the model at (x_0, τ_0).
     """
-    steps = _check_timesteps(diff, timesteps)
+    steps = check_timesteps(diff, timesteps)
     x = x0.float()
     for i in range(len(steps)):
         ab_next = float(diff.alpha_bar[steps[i]])

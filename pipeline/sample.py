@@ -28,12 +28,13 @@ import torch
 from PIL import Image
 
 from ddpm_core.api import calls_per_step, sample
+from ddpm_core.chains import timestep_spacing
 from ddpm_core.config import ConfigError, Params, VariantConfig
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup
 from ddpm_core.inference import inference_model
 from ddpm_core.progress import Progress
-from ddpm_core.samplers import prior_kl_at, timestep_spacing
+from ddpm_core.samplers import prior_kl_at
 from pipeline.common import (
     atomic_dir,
     check_sample_memory,

@@ -13,8 +13,8 @@ from ddpm_core.analytic import (
     optimal_sigma2,
     optimal_sigma2_bounds,
 )
+from ddpm_core.chains import timestep_spacing
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.samplers import timestep_spacing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

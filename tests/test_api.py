@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import torch
 from tiny import OURS_TINY, make_diffusers_folder, random_net
 
 import ddpm_core
+import ddpm_core.api
 from ddpm_core.analytic import estimate_gamma
 from ddpm_core.api import NET_BATCH, FixedRows, ModelMismatch, bits_per_dim_per_image
+from ddpm_core.chains import timestep_spacing
 from ddpm_core.data import DataError, from_unit, to_numpy_images, to_unit
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.likelihood import bits_per_dim as bound
 from ddpm_core.likelihood import bits_per_dim_at_steps
-from ddpm_core.samplers import sample_ancestral, sample_ddim, timestep_spacing
+from ddpm_core.samplers import sample_ancestral, sample_ddim
 from ddpm_core.seeds import ImageNoise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +107,35 @@ def test_bits_per_dim_is_the_bound_with_each_images_own_noise(model, one_thread)
     assert mean == pytest.approx(float(want.mean()), rel=1e-12)
     assert ddpm_core.bits_per_dim(net, diff, images, batch_size=2, t_batch=3,
                                   seed=4) != mean  # σ² = β
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(sigma2=["learned"]), "needs a model with a learned variance"),
+    (dict(sigma2=["sigma"]), "unknown σ² 'sigma'"),
+    (dict(sigma2=["beta", "analytic"]), "needs gamma"),
+    (dict(steps=[1]), "2 <= K"),
+    (dict(steps=[]), "steps is empty"),
+    (dict(t_batch=0), "t_batch must be >= 1"),
+])
+def test_bound_rejects_bad_arguments_by_name(model, kwargs, match) -> None:
+    net, diff = model
+    with pytest.raises(ValueError, match=match):
+        ddpm_core.api.bound(net, diff, np.zeros((2, 8, 8, 1), np.uint8), **kwargs)
+
+
+def test_bound_of_a_learned_variance_model_takes_its_own_sigma2_only(one_thread) -> None:
+    cfg = dataclasses.replace(OURS_TINY, out_channels=2)
+    net = random_net(cfg)
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    for var_type in ("learned", "learned_range"):
+        diff = Diffusion.from_schedule("linear", 10, var_type=var_type)
+        with pytest.raises(ValueError, match="learned its variance"):
+            ddpm_core.api.bound(net, diff, images, sigma2=["beta"])
+        own = ddpm_core.api.bound(net, diff, images, sigma2=["learned"])[10]
+        assert set(own) == {var_type}
+    with pytest.raises(ValueError, match="one-step variance"):
+        ddpm_core.api.bound(net, diff.with_var_type("learned"), images, steps=[4])
+    assert set(ddpm_core.api.bound(net, diff, images, steps=[4])) == {4}  # learned_range: K < T
 
 
 def test_analytic_sigma2_uses_gamma_from_training_images(model, one_thread) -> None:

@@ -6,10 +6,10 @@ import pytest
 import torch
 from analytic import ddim
 
+from ddpm_core.chains import timestep_spacing
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.inference import inference_model
 from ddpm_core.likelihood import bits_per_dim
-from ddpm_core.samplers import timestep_spacing
 from ddpm_core.unet import PRESETS, UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

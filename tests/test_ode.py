@@ -14,6 +14,7 @@ from analytic import (
 )
 from torch import nn
 
+from ddpm_core.chains import timestep_spacing
 from ddpm_core.continuous import ContinuousSchedule, continuous_schedule
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.likelihood import bits_per_dim
@@ -24,7 +25,7 @@ from ddpm_core.ode import (
     ode_encode,
     ode_log_likelihood,
 )
-from ddpm_core.samplers import sample_ddim, timestep_spacing
+from ddpm_core.samplers import sample_ddim
 from ddpm_core.unet import UNet, UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

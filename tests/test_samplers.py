@@ -8,17 +8,10 @@ import torch
 from analytic import GaussianDenoiser, GenNoise, ancestral, ddim, discretize, gaussian_gamma
 
 from ddpm_core.analytic import analytic_sigma2, ddim_analytic_sigma2
+from ddpm_core.chains import respace, respaced_betas, timestep_spacing
 from ddpm_core.diffusion import Diffusion, p_mean_variance_from_output
-from ddpm_core.samplers import (
-    SPACINGS,
-    ddim_encode,
-    ddim_sigma,
-    ddim_step,
-    prior_kl_at,
-    respace,
-    respaced_betas,
-    timestep_spacing,
-)
+from ddpm_core.modes import SPACINGS
+from ddpm_core.samplers import ddim_encode, ddim_sigma, ddim_step, prior_kl_at
 
 M, S = 0.1, 0.25  # data N(M, S²): |x| > 1 is > 3.6 standard deviations away
 
