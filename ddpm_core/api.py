@@ -169,6 +169,8 @@ class FixedRows(torch.nn.Module):
         self.net, self.rows = net, rows
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.rows:
+            return self.net(x, t)
         outs = []
         for s in range(0, x.shape[0], self.rows):
             xs, ts = x[s:s + self.rows], t[s:s + self.rows]
@@ -176,7 +178,8 @@ class FixedRows(torch.nn.Module):
             if k < self.rows:
                 xs = torch.cat([xs, xs.new_zeros((self.rows - k, *xs.shape[1:]))])
                 ts = torch.cat([ts, ts.new_zeros(self.rows - k)])
-            outs.append(self.net(xs, ts)[:k])
+            # a copy: the next call may reuse the output's memory (CUDA graphs of compile)
+            outs.append(self.net(xs, ts)[:k].clone())
         return torch.cat(outs)
 
 
