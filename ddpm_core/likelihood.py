@@ -242,18 +242,3 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
                                    terms=terms[K][v].cpu(), timesteps=tuple(chain.steps))
                       for v in chosen}
     return results
-
-
-@torch.no_grad()
-def bits_per_dim(diff: Diffusion, model: Model, x0: Tensor, *,
-                 var_types: Sequence[Sigma2] | None = None, clip_x0: bool = True,
-                 t_batch: int = 10, seed: int = 0, indices: Sequence[int] | None = None,
-                 gamma: Tensor | None = None) -> dict[Sigma2, BpdResult]:
-    """Full variational bound of p_θ(x_0) for x0 [B,C,H,W] on the 256-level grid, per var type.
-
-    ⌈T / t_batch⌉ network calls of t_batch timesteps × B images; the noise of image b at τ
-    from (seed, indices[b], τ). "analytic" needs gamma [T] from analytic.estimate_gamma.
-    """
-    return bits_per_dim_at_steps(diff, model, x0, steps=[diff.T], var_types=var_types,
-                                 gamma=gamma, clip_x0=clip_x0, t_batch=t_batch, seed=seed,
-                                 indices=indices)[diff.T]

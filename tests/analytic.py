@@ -117,3 +117,10 @@ def ddim(diff, model, shape, timesteps, eta, g, *, x_T=None, sigma2=None, gamma=
     x_T = torch.randn(tuple(shape), generator=g) if x_T is None else x_T
     return sample_ddim(diff, model, x_T, noise=GenNoise(g), timesteps=timesteps, eta=eta,
                        gamma=gamma if sigma2 == "analytic" else None, **kw)
+
+
+def full_bound(diff, model, x0, **kw):
+    """likelihood.bits_per_dim_at_steps of the full chain alone: {σ²: BpdResult}."""
+    from ddpm_core.likelihood import bits_per_dim_at_steps
+
+    return bits_per_dim_at_steps(diff, model, x0, steps=[diff.T], **kw)[diff.T]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from analytic import full_bound
 from tiny import OURS_TINY, make_diffusers_folder, random_net
 
 import ddpm_core
@@ -18,7 +19,6 @@ from ddpm_core.api import NET_BATCH, FixedRows, ModelMismatch, bits_per_dim_per_
 from ddpm_core.chains import timestep_spacing
 from ddpm_core.data import DataError, from_unit, to_numpy_images, to_unit
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.likelihood import bits_per_dim as bound
 from ddpm_core.likelihood import bits_per_dim_at_steps
 from ddpm_core.samplers import sample_ancestral, sample_ddim
 from ddpm_core.seeds import ImageNoise
@@ -100,7 +100,7 @@ def test_bits_per_dim_is_the_bound_with_each_images_own_noise(model, one_thread)
     x = to_unit(torch.from_numpy(images).permute(0, 3, 1, 2))
     small = diff.with_var_type("fixed_small")
     # all five images in one batch, the noise of image i at τ from (4, i, τ)
-    want = bound(small, FixedRows(net, NET_BATCH), x, t_batch=10, seed=4)["fixed_small"].total
+    want = full_bound(small, FixedRows(net, NET_BATCH), x, t_batch=10, seed=4)["fixed_small"].total
     np.testing.assert_array_equal(per, want.numpy())
     mean = ddpm_core.bits_per_dim(net, diff, images, sigma2="beta_tilde", batch_size=2,
                                   t_batch=3, seed=4)

@@ -4,12 +4,11 @@ import dataclasses
 
 import pytest
 import torch
-from analytic import ddim
+from analytic import ddim, full_bound
 
 from ddpm_core.chains import timestep_spacing
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.inference import inference_model
-from ddpm_core.likelihood import bits_per_dim
 from ddpm_core.unet import PRESETS, UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,8 +42,8 @@ def test_bf16_bits_per_dim_differs_from_fp32_by_less_than_its_standard_error():
     # The metric's own noise is the spread of per-image bounds / sqrt(B); bf16 must stay inside.
     diff = Diffusion.from_schedule("linear", 100)
     net, x0 = _net(), _digits_like(64, 1)
-    ref = bits_per_dim(diff, inference_model(net, "fp32"), x0, t_batch=25)["fixed_large"]
-    low = bits_per_dim(diff, inference_model(net, "bf16"), x0, t_batch=25)["fixed_large"]
+    ref = full_bound(diff, inference_model(net, "fp32"), x0, t_batch=25)["fixed_large"]
+    low = full_bound(diff, inference_model(net, "bf16"), x0, t_batch=25)["fixed_large"]
     sem = float(ref.total.std() / len(x0) ** 0.5)
     shift = abs(float(low.total.mean() - ref.total.mean()))
     assert shift < sem, f"bf16 moved bits/dim by {shift:.4g}, its standard error is {sem:.4g}"

@@ -11,13 +11,13 @@ from analytic import (
     discretize,
     discretized_gaussian_probs,
     entropy_bits,
+    full_bound,
     gaussian_gamma,
     gaussian_reverse_variance,
 )
 
 from ddpm_core.diffusion import Diffusion, q_sample
 from ddpm_core.likelihood import (
-    bits_per_dim,
     bits_per_dim_at_steps,
     discretized_gaussian_log_likelihood,
     even_trajectory,
@@ -53,7 +53,7 @@ def test_full_bound_ho2020_eq5_is_above_and_close_to_exact_data_entropy():
     # control variate: each image's exact information content −log2 P(x0) (mean over dims)
     info = -torch.log2(probs[torch.round((x0.double() + 1) * 127.5).long()]).mean(dim=(1, 2, 3))
     model = GaussianDenoiser(d, m, s)
-    res = bits_per_dim(d, model, x0, var_types=["fixed_large", "fixed_small"], t_batch=100,
+    res = full_bound(d, model, x0, var_types=["fixed_large", "fixed_small"], t_batch=100,
                        seed=1)
     assert model.calls == 10
     gaps = {}
@@ -74,12 +74,12 @@ def test_fixed_var_types_share_one_pass_of_network_calls():
     d = Diffusion.from_schedule("cosine", 20)
     x0 = discretize(0.3 * torch.randn(5, 2, 2, 2, generator=torch.Generator().manual_seed(0)))
     model = GaussianDenoiser(d, 0.0, 0.3)
-    both = bits_per_dim(d, model, x0, var_types=["fixed_large", "fixed_small"], t_batch=7,
+    both = full_bound(d, model, x0, var_types=["fixed_large", "fixed_small"], t_batch=7,
                         seed=3)
     assert model.calls == 3  # ⌈20 / 7⌉ calls of 7 timesteps × 5 images
     assert sorted(int(v) for t in model.seen_t for v in t.unique()) == list(range(20))
     for v in ("fixed_large", "fixed_small"):
-        alone = bits_per_dim(d.with_var_type(v), model, x0, t_batch=7, seed=3)[v]
+        alone = full_bound(d.with_var_type(v), model, x0, t_batch=7, seed=3)[v]
         assert torch.allclose(both[v].terms, alone.terms, rtol=1e-12)
         assert both[v].terms.shape == (5, 20) and both[v].total.shape == (5,)
     assert not torch.allclose(both["fixed_large"].total, both["fixed_small"].total)
@@ -98,16 +98,16 @@ def test_bits_per_dim_learned_variance_and_argument_checks():
     d = Diffusion.from_schedule("linear", 10, var_type="learned_range")
     x0 = discretize(0.3 * torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)))
     model = GaussianDenoiser(d, 0.0, 0.3, var_value=0.5)
-    res = bits_per_dim(d, model, x0, var_types=["learned_range", "fixed_small"])
+    res = full_bound(d, model, x0, var_types=["learned_range", "fixed_small"])
     assert set(res) == {"learned_range", "fixed_small"} and model.calls == 1
     assert bool(torch.isfinite(res["learned_range"].total).all())
-    default = bits_per_dim(d, model, x0)  # var_types=None: the diffusion's own var type
+    default = full_bound(d, model, x0)  # var_types=None: the diffusion's own var type
     assert torch.equal(default["learned_range"].total, res["learned_range"].total)
     with pytest.raises(ValueError, match="needs a model trained"):
-        bits_per_dim(d, model, x0, var_types=["learned"])
+        full_bound(d, model, x0, var_types=["learned"])
     # names are validated once, by the api (test_api); here a shape-style assert
     with pytest.raises(AssertionError, match="σ² choices"):
-        bits_per_dim(d, model, x0, var_types=["huge"])  # type: ignore[list-item]
+        full_bound(d, model, x0, var_types=["huge"])  # type: ignore[list-item]
 
 
 def _todays_full_chain_bound(diff, model, x0, var_types, t_batch, seed):
@@ -145,7 +145,7 @@ def test_K_equal_T_chain_equals_the_full_chain_bound_exactly(mean_type, var_type
     steps = [10, 50] if var_type != "learned" else [50]  # 'learned' has no 10-step chain
     res = bits_per_dim_at_steps(d, model, x0.float(), steps=steps, var_types=var_types,
                                 t_batch=7, seed=2)
-    full = bits_per_dim(d, model, x0.float(), var_types=var_types, t_batch=7, seed=2)
+    full = full_bound(d, model, x0.float(), var_types=var_types, t_batch=7, seed=2)
     for v in ref_total:
         assert torch.equal(res[50][v].total, ref_total[v]), v
         assert torch.equal(res[50][v].terms, ref_terms[v]) and torch.equal(full[v].total,

@@ -10,6 +10,7 @@ from analytic import (
     discretize,
     discretized_gaussian_probs,
     entropy_bits,
+    full_bound,
     gaussian_gamma,
 )
 from torch import nn
@@ -17,7 +18,6 @@ from torch import nn
 from ddpm_core.chains import timestep_spacing
 from ddpm_core.continuous import ContinuousSchedule, continuous_schedule
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.likelihood import bits_per_dim
 from ddpm_core.ode import (
     T_EPS,
     ode_bits_per_dim,
@@ -281,7 +281,7 @@ def test_ode_bits_per_dim_is_below_the_bound_and_above_the_data_entropy():
     print(f"entropy {H:.4f}; ODE {float(ode.bpd.mean()):.4f} (gap {ode_gap:.4f} ± {ode_se:.4f},"
           f" NFE {int(ode.nfe[0])})")
     assert ode_gap > -3 * ode_se
-    bounds = bits_per_dim(d, GaussianDenoiser(d, m, sd), x0.float(),
+    bounds = full_bound(d, GaussianDenoiser(d, m, sd), x0.float(),
                           var_types=["fixed_large", "fixed_small", "analytic"], t_batch=100,
                           seed=1, gamma=gaussian_gamma(d, sd))
     for v, r in bounds.items():
