@@ -11,41 +11,27 @@ On a respaced chain τ_0 < … < τ_{K−1} every quantity is the chain's own: �
 original index τ_k (the network sees τ_k). Γ is estimated once on training images and reused
 for every chain.
 
-Reverse-variance choices (`Sigma2`): the four VarTypes of diffusion.py, plus "analytic", which
-needs Γ: samplers and bits/dim take it as an explicit `gamma` argument (no hidden state).
+The σ² choice "analytic" (ddpm_core.modes) needs Γ: samplers and bits/dim take it as an
+explicit `gamma` argument (no hidden state). A chain's β', ᾱ' and β̃' are those of
+chains.respace.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from ddpm_core.chains import chain_of
 from ddpm_core.diffusion import (
     Diffusion,
     Model,
-    VarType,
     predict_eps_from_x0,
     predict_x0_from_mu,
     q_sample,
 )
-
-Sigma2 = Literal["fixed_large", "fixed_small", "learned", "learned_range", "analytic"]
-SIGMA2_CHOICES: tuple[Sigma2, ...] = get_args(Sigma2)
-assert set(SIGMA2_CHOICES) == {*get_args(VarType), "analytic"}
-
-
-def _chain(diff: Diffusion, timesteps: Sequence[int] | None) -> tuple[list[int], Tensor]:
-    """Original indices τ [K] and the chain's ᾱ'_{k−1} [K] (1 before the first step)."""
-    steps = list(range(diff.T)) if timesteps is None else [int(s) for s in timesteps]
-    if not steps or any(not 0 <= s < diff.T for s in steps) or any(
-            b <= a for a, b in zip(steps, steps[1:], strict=False)):
-        raise ValueError(f"timesteps must be increasing indices in 0..{diff.T - 1}")
-    alpha_bar = diff.alpha_bar[steps]
-    return steps, torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+from ddpm_core.seeds import keyed_randn
 
 
 def _eps_from_output(diff: Diffusion, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
@@ -60,41 +46,30 @@ def _eps_from_output(diff: Diffusion, out: Tensor, x_t: Tensor, t: Tensor) -> Te
 
 # Bao et al. 2022, Theorem 1: Γ_n = β̄_n E_q ‖∇log q_n‖² / d, written with ε̂ = −√β̄_n ∇log q_n
 @torch.no_grad()
-def estimate_gamma(model: Model, diff: Diffusion, x0: Tensor, M: int,
-                   generator: torch.Generator, batch_size: int,
-                   timesteps: Sequence[int] | None = None, progress: bool = False) -> Tensor:
-    """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 by Monte Carlo on the first M images of x0 [N,C,H,W].
+def estimate_gamma(diff: Diffusion, model: Model, x0: Tensor, *, seed: int, batch_size: int,
+                   timesteps: Sequence[int] | None = None) -> Tensor:
+    """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 by Monte Carlo over the M images x0 [M,C,H,W].
 
-    One noise draw per image and timestep; NaN at the indices not in `timesteps` (default all).
-    Every network call holds `batch_size` (image, timestep) pairs, several timesteps per call
-    when M < batch_size; the noise comes from `generator` in that order.
+    One noise draw per image m and timestep τ, from (seed, m, τ) alone (seeds.keyed_randn);
+    NaN at the indices not in `timesteps` (default all). Every network call holds `batch_size`
+    (image, timestep) pairs, t-major (several timesteps per call when M < batch_size).
     """
-    if x0.ndim != 4:
-        raise ValueError(f"x0 must be [N,C,H,W], got {tuple(x0.shape)}")
-    if not 1 <= M <= x0.shape[0]:
-        raise ValueError(f"M={M} must lie in 1..{x0.shape[0]} (the number of images given)")
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
-    if float(x0.min()) < -1.0 or float(x0.max()) > 1.0:
-        raise ValueError("x0 must lie in [-1, 1]; map uint8 images with data.to_unit first")
-    steps = _chain(diff, timesteps)[0]
-    images = x0[:M]
-    device = x0.device
+    assert x0.ndim == 4, f"x0 must be [M,C,H,W], got {tuple(x0.shape)}"
+    assert batch_size >= 1, f"batch_size={batch_size} must be >= 1"
+    assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
+    steps = chain_of(diff, timesteps)[0]
+    M, device = x0.shape[0], x0.device
     # (t, image) pairs, t-major: pair p is image p % M at step steps[p // M]
-    n_pairs = len(steps) * M
-    step_of = torch.tensor(steps, device=device).repeat_interleave(M)
+    pairs = [(m, tau) for tau in steps for m in range(M)]
     sums = torch.zeros(diff.T, dtype=torch.float64)
-    starts = range(0, n_pairs, batch_size)
-    for start in tqdm(starts, desc="gamma", leave=False) if progress else starts:
-        stop = min(start + batch_size, n_pairs)
-        t = step_of[start:stop]
-        x0_b = images[torch.arange(start, stop, device=device) % M].to(torch.float64)
-        eps = torch.randn(x0_b.shape, generator=generator, device=generator.device,
-                          dtype=torch.float64).to(device)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        t = torch.tensor([tau for _, tau in chunk], device=device)
+        x0_b = x0[[m for m, _ in chunk]].to(torch.float64)
+        eps = keyed_randn(seed, chunk, x0.shape[1:], device=device)
         x_t = q_sample(diff, x0_b, t, eps)
         eps_hat = _eps_from_output(diff, model(x_t.to(x0.dtype), t), x_t, t)
-        sq = eps_hat.pow(2).mean(dim=(1, 2, 3)).cpu()
-        sums.index_add_(0, t.cpu(), sq)
+        sums.index_add_(0, t.cpu(), eps_hat.pow(2).mean(dim=(1, 2, 3)).cpu())
     gamma = torch.full((diff.T,), float("nan"), dtype=torch.float64)
     gamma[steps] = sums[steps] / M
     return gamma
@@ -104,24 +79,17 @@ def estimate_gamma(model: Model, diff: Diffusion, x0: Tensor, M: int,
 def optimal_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int] | None = None
                    ) -> Tensor:
     """Unclipped σ*² [K] float64 of the chain τ (default all T steps); Γ [T] at original indices."""
-    steps, alpha_bar_prev = _chain(diff, timesteps)
-    alpha_bar = diff.alpha_bar[steps]
-    alpha = alpha_bar / alpha_bar_prev
-    beta = 1.0 - alpha
-    beta_tilde = (1.0 - alpha_bar_prev) * beta / (1.0 - alpha_bar)
+    steps, c = chain_of(diff, timesteps)
     g = _gamma_at(gamma, diff, steps)
-    return beta_tilde + beta**2 / (alpha * (1.0 - alpha_bar)) * (1.0 - g)
+    return c.beta_tilde + c.betas**2 / (c.alphas * (1.0 - c.alpha_bar)) * (1.0 - g)
 
 
 # Bao et al. 2022, Theorem 2: β̃ ≤ σ*² ≤ β̃ + ᾱ_{t−1} β² / (1 − ᾱ)² for data in [−1, 1]
 def optimal_sigma2_bounds(diff: Diffusion, timesteps: Sequence[int] | None = None
                           ) -> tuple[Tensor, Tensor]:
     """Lower and upper bound [K] float64 of σ*² on the chain τ for data in [−1, 1]^d."""
-    steps, alpha_bar_prev = _chain(diff, timesteps)
-    alpha_bar = diff.alpha_bar[steps]
-    beta = 1.0 - alpha_bar / alpha_bar_prev
-    beta_tilde = (1.0 - alpha_bar_prev) * beta / (1.0 - alpha_bar)
-    return beta_tilde, beta_tilde + alpha_bar_prev * beta**2 / (1.0 - alpha_bar) ** 2
+    c = chain_of(diff, timesteps)[1]
+    return c.beta_tilde, c.beta_tilde + c.alpha_bar_prev * c.betas**2 / (1.0 - c.alpha_bar) ** 2
 
 
 def _gamma_at(gamma: Tensor, diff: Diffusion, steps: list[int]) -> Tensor:
@@ -159,11 +127,9 @@ def ddim_analytic_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int
     of (√((1−ᾱ_k)/α'_k) − √(1−ᾱ_{k−1}−λ²))² and (√ᾱ_{k−1} − √(1−ᾱ_{k−1}−λ²) √(ᾱ_k/(1−ᾱ_k)))²]
     (data in [−1, 1]). η = 1 is analytic_sigma2; index 0 (the deterministic last step) is unused.
     """
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    steps, alpha_bar_prev = _chain(diff, timesteps)
-    alpha_bar = diff.alpha_bar[steps]
-    alpha = alpha_bar / alpha_bar_prev
+    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
+    steps, c = chain_of(diff, timesteps)
+    alpha_bar, alpha_bar_prev, alpha = c.alpha_bar, c.alpha_bar_prev, c.alphas
     lam2 = eta**2 * (1.0 - alpha_bar_prev) * (1.0 - alpha) / (1.0 - alpha_bar)
     rest = (1.0 - alpha_bar_prev - lam2).clamp(min=0.0).sqrt()
     coef_eps = ((1.0 - alpha_bar) / alpha).sqrt() - rest

@@ -6,22 +6,24 @@
     exact = ddpm_core.nll(net, diffusion, images)   # probability-flow ODE: .bpd, .se, .nfe [N]
 
 Images are uint8 numpy arrays [N, H, W, C] (0..255, channels last) both ways: what
-`sample` returns is what `bits_per_dim`, PIL, np.savez and the FID code take. Batch j of a
-call is seeded by (seed, j) exactly as the pipeline's sample stage seeds it, so the same
-(model, sampler, seed, batch size) gives the same images here and in `samples/`.
+`sample` returns is what `bits_per_dim`, PIL, np.savez and the FID code take.
 
-σ² names (the reverse-process variance of the ancestral sampler and of the bound):
-    beta        σ² = β_t                 (DDPM's default; "fixed_large")
-    beta_tilde  σ² = β̃_t                 (the posterior variance; "fixed_small")
-    learned     the network's own σ²     (models trained with a learned variance)
-    analytic    Analytic-DPM's σ̂²        (Bao et al. 2022; needs gamma = estimate_gamma(...) from
-                                          training images; DDIM at eta = 0: ddim_analytic)
+This module is the one engine: the pipeline's stages and the `ddpm` command call it, and it
+alone calls the samplers, the bound and Γ and validates their settings. Seeds are per image
+(ddpm_core.seeds): image i of a sampler and the bound's noise of test image i depend only on
+(seed, i) and the settings, and every network call has NET_BATCH rows, so no number depends on
+the batch size or the number of processes (under torchrun, ranks take contiguous shares).
+
+σ² names (the reverse-process variance of the ancestral sampler and of the bound): the names
+of ddpm_core.modes or their short names (beta = fixed_large, beta_tilde = fixed_small,
+learned: the network's own, analytic: Analytic-DPM's σ̂², Bao et al. 2022, which needs
+gamma = estimate_gamma(...) from training images; DDIM at eta = 0: ddim_analytic).
 Samplers: "ancestral", "ddim" (η = eta; deterministic at eta = 0) and "ddim_analytic" (Bao et
 al.'s Analytic-DDIM: DDIM with the analytic σ̂² noise, eta = 0 by default; needs gamma).
 On a chain of fewer than T steps (and on every DDIM chain) the step to x_{τ_1} adds noise of std
 at most 2y/255·√(π/2), y = last_sigma_cap_y (default 1, None: no cap), as Bao et al.'s code does;
 the full T-step ancestral chain is DDPM's Algorithm 2, uncapped.
-Step lists come from samplers.timestep_spacing: "trailing" (default, starts at T − 1),
+Step lists come from chains.timestep_spacing: "trailing" (default, starts at T − 1),
 "linspace", "leading" (diffusers': S steps of stride T // S; the DDIM code's uniform when S
 divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
 """
@@ -29,26 +31,31 @@ divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 import torch
 
-from ddpm_core import analytic
+from ddpm_core.chains import DEFAULT_SPACING
 from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion
-from ddpm_core.samplers import DEFAULT_LAST_SIGMA_CAP_Y, DEFAULT_SPACING, Spacing
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
+from ddpm_core.likelihood import BpdResult
+from ddpm_core.modes import (
+    NET_BATCH,
+    SAMPLER_KINDS,
+    Divergence,
+    SamplerKind,
+    Sigma2,
+    Spacing,
+    Which,
+    sigma2_mode,
+)
+from ddpm_core.progress import Progress
 from ddpm_core.schedules import ScheduleKind, make_betas
-
-SamplerKind = Literal["ancestral", "ddim", "ddim_analytic"]
-Sigma2 = Literal["beta", "beta_tilde", "learned", "analytic"]
-Which = Literal["ema", "model"]
-
-# public σ² name -> the library's (analytic.Sigma2)
-SIGMA2_TO_CORE: dict[str, analytic.Sigma2] = {"beta": "fixed_large", "beta_tilde": "fixed_small",
-                                              "analytic": "analytic"}
 
 
 class ModelMismatch(ValueError):
@@ -99,8 +106,9 @@ def _load_ours(path: Path, which: Which) -> tuple[torch.nn.Module, Diffusion]:
 
 
 def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
-                    meta: dict | None = None) -> None:
-    """Our model file of (net, diff), the same weights as EMA and raw (ddpm_core.modelfile)."""
+                    meta: dict | None = None, raw: torch.nn.Module | None = None) -> None:
+    """Our model file of (net, diff): net as the EMA weights, raw (default: net) as the raw
+    ones (ddpm_core.modelfile)."""
     from ddpm_core.convert import schedule_kind
     from ddpm_core.modelfile import ModelSpec, save_model
 
@@ -111,8 +119,12 @@ def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
                          "hold them")
     spec = ModelSpec(unet=net.cfg, schedule=kind, timesteps=diff.T, mean_type=diff.mean_type,
                      var_type=diff.var_type)
-    sd = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    save_model(Path(path), spec, weights={"ema": sd, "model": sd}, meta=meta)
+
+    def weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+    save_model(Path(path), spec, weights={"ema": weights(net), "model": weights(raw or net)},
+               meta=meta)
 
 
 def check_matches(diff: Diffusion, *, schedule: ScheduleKind | None = None,
@@ -146,7 +158,48 @@ def check_matches(diff: Diffusion, *, schedule: ScheduleKind | None = None,
         raise ModelMismatch("; ".join(problems))
 
 
-# ----------------------------------------------------------------------------- sampling
+# ----------------------------------------------------------------------------- the engine's parts
+
+# rows of every network call (modes.NET_BATCH): one fixed shape, so an image's numbers do not
+# depend on the batch size or its companions (BLAS and cuDNN pick their kernels by shape: a
+# 13-image call and a 64-image call give the same image outputs that differ in the last bits)
+
+
+class FixedRows(torch.nn.Module):
+    """`net(x [B,C,H,W], t [B])` in calls of exactly `rows` rows (the last one zero-padded)."""
+
+    def __init__(self, net: torch.nn.Module, rows: int) -> None:
+        super().__init__()
+        if rows < 1:
+            raise ValueError(f"net_batch must be >= 1, got {rows}")
+        self.net, self.rows = net, rows
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.rows:
+            return self.net(x, t)
+        outs = []
+        for s in range(0, x.shape[0], self.rows):
+            xs, ts = x[s:s + self.rows], t[s:s + self.rows]
+            k = xs.shape[0]
+            if k < self.rows:
+                xs = torch.cat([xs, xs.new_zeros((self.rows - k, *xs.shape[1:]))])
+                ts = torch.cat([ts, ts.new_zeros(self.rows - k)])
+            # a copy: the next call may reuse the output's memory (CUDA graphs of compile)
+            outs.append(self.net(xs, ts)[:k].clone())
+        return torch.cat(outs)
+
+
+@contextmanager
+def _network(net: torch.nn.Module, net_batch: int, progress: bool | Progress, total: int,
+             desc: str) -> Iterator[torch.nn.Module]:
+    """net in fixed-size calls, each advancing the caller's bar, a new one (True) or none."""
+    from ddpm_core import progress as bars
+
+    if isinstance(progress, bars.Progress):
+        yield FixedRows(bars.counting(net, progress), net_batch)
+        return
+    with bars.Progress(total, desc, "calls", enabled=bool(progress)) as bar:
+        yield FixedRows(bars.counting(net, bar), net_batch)
 
 
 def _device(device: str | torch.device | None, net: torch.nn.Module) -> torch.device:
@@ -155,9 +208,48 @@ def _device(device: str | torch.device | None, net: torch.nn.Module) -> torch.de
     return next(net.parameters()).device
 
 
+def _image_shape(net: torch.nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the ddpm_core UNet inside `net` (wrappers: inference, compile, counting)."""
+    from ddpm_core.unet import UNet
+
+    for m in net.modules():
+        if isinstance(m, UNet):
+            return m.cfg.in_channels, m.cfg.image_size, m.cfg.image_size
+    raise ValueError("net holds no ddpm_core UNet: pass image_shape=(C, H, W)")
+
+
+def _shares(n: int) -> range:
+    """This rank's contiguous share of images 0..n-1 (all of them in one process)."""
+    from ddpm_core import distributed as D
+
+    if not D.is_initialized():
+        return range(n)
+    return D.shard_range(n, D.dist.get_rank(), D.dist.get_world_size())
+
+
+def calls_per_step(n: int, batch_size: int, rows_per_image: int = 1,
+                   net_batch: int = NET_BATCH) -> int:
+    """Network calls of this rank per step of its share of n images in batches of batch_size
+    (rows_per_image rows each: t_batch for the bound)."""
+    share = _shares(n)
+    return sum(-(-min(batch_size, share.stop - s) * rows_per_image // net_batch)
+               for s in range(share.start, share.stop, batch_size))
+
+
+def _gather(part: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Every rank's share, in rank order (identity in one process), on the CPU."""
+    from ddpm_core.distributed import gather_shards
+
+    return gather_shards(part.to(dev)).cpu()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
 def timesteps_for(diff: Diffusion, steps: int | None, spacing: Spacing) -> list[int] | None:
     """The increasing steps a chain of `steps` visits (None: all T, the full chain)."""
-    from ddpm_core.samplers import SPACINGS, timestep_spacing
+    from ddpm_core.chains import timestep_spacing
+    from ddpm_core.modes import SPACINGS
 
     if spacing not in SPACINGS:  # checked even for the full chain: a typo is never ignored
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
@@ -168,52 +260,94 @@ def timesteps_for(diff: Diffusion, steps: int | None, spacing: Spacing) -> list[
     return timestep_spacing(diff.T, steps, spacing)
 
 
-def core_sigma2(diff: Diffusion, sigma2: Sigma2 | None) -> analytic.Sigma2:
-    """The library's σ² choice for a public name (None: the model's own variance)."""
+def check_eta(eta: float) -> None:
+    """DDIM's η (Song et al. 2021, eq. 16) lies in [0, 1]."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+
+
+def check_gamma(needed: bool, gamma: torch.Tensor | None, what: str) -> None:
+    """Analytic σ̂² (Bao et al. 2022) needs Γ from estimate_gamma."""
+    if needed and gamma is None:
+        raise ValueError(f"{what} needs gamma: pass gamma=ddpm_core.estimate_gamma(net, "
+                         "diffusion, training_images)")
+
+
+def sigma2_of(diff: Diffusion, sigma2: str | None) -> Sigma2:
+    """The canonical σ² of a name or short name (None: the model's own); a learned σ² needs
+    the model that learned it, and such a model takes only its own (or analytic)."""
     if sigma2 is None:
         return diff.var_type
-    if sigma2 == "learned":
+    name = sigma2_mode(sigma2).name
+    if name in LEARNED_VAR_TYPES:
         if diff.var_type not in LEARNED_VAR_TYPES:
-            raise ValueError(f"sigma2='learned' needs a model with a learned variance; this one "
-                             f"has {diff.var_type!r} (use 'beta' or 'beta_tilde')")
+            raise ValueError(f"sigma2={sigma2!r} needs a model with a learned variance; this "
+                             f"one has {diff.var_type!r} (use 'beta' or 'beta_tilde')")
         return diff.var_type
-    if sigma2 not in SIGMA2_TO_CORE:
-        raise ValueError(f"unknown sigma2 {sigma2!r}; expected one of {get_args(Sigma2)}")
-    if diff.var_type in LEARNED_VAR_TYPES and sigma2 != "analytic":
+    if diff.var_type in LEARNED_VAR_TYPES and name != "analytic":
         raise ValueError(f"this model learned its variance ({diff.var_type!r}): use "
                          "sigma2='learned'")
-    return SIGMA2_TO_CORE[sigma2]
+    return name
+
+
+def check_sampler(sampler: str, sigma2: str | None, eta: float,
+                  gamma: torch.Tensor | None) -> bool:
+    """The sampler/σ² combinations; True when the sampler adds Analytic-DDIM's σ̂² noise."""
+    if sampler not in SAMPLER_KINDS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_KINDS}")
+    check_eta(eta)
+    analytic = sigma2 is not None and sigma2_mode(sigma2).name == "analytic"
+    if sampler == "ddim" and sigma2 is not None and not analytic:
+        raise ValueError("DDIM's noise is set by eta (sigma2 None) or sigma2='analytic'; "
+                         f"sigma2={sigma2!r} is for the ancestral sampler")
+    if sampler == "ddim_analytic" and sigma2 is not None and not analytic:
+        raise ValueError(f"sampler 'ddim_analytic' adds the analytic σ̂²; sigma2={sigma2!r} is "
+                         "for the ancestral sampler (leave sigma2 unset)")
+    analytic_ddim = sampler == "ddim_analytic" or (sampler == "ddim" and analytic)
+    check_gamma(analytic or analytic_ddim, gamma,
+                f"sampler={sampler!r}" if analytic_ddim else "sigma2")
+    if sampler == "ddim" and analytic and eta == 0.0:
+        raise ValueError("DDIM with sigma2='analytic' needs eta > 0 (plain DDIM at eta = 0 is "
+                         "deterministic); Analytic-DDIM at eta = 0 is sampler='ddim_analytic'")
+    return analytic_ddim
+
+
+# ----------------------------------------------------------------------------- sampling
 
 
 @torch.no_grad()
 def estimate_gamma(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
                    M: int = 100, seed: int = 0, batch_size: int = 256,
-                   device: str | torch.device | None = None,
-                   progress: bool = False) -> torch.Tensor:
+                   net_batch: int = NET_BATCH, device: str | torch.device | None = None,
+                   progress: bool | Progress = False) -> torch.Tensor:
     """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 on the first M uint8 training images [N, H, W, C]
-    (Bao et al. 2022; M = 10 or 100 gave the same NLL there): the input of sigma2="analytic"."""
+    (Bao et al. 2022; M = 10 or 100 gave the same NLL there): the input of sigma2="analytic".
+    The draw of image m at step τ comes from (seed, m, τ)."""
+    from ddpm_core.analytic import estimate_gamma as estimate
     from ddpm_core.data import to_model_tensor, to_unit
 
-    cfg = getattr(net, "cfg", None)
-    _check_images(images, None if cfg is None else
-                  (cfg.in_channels, cfg.image_size, cfg.image_size))
+    _check_images(images)
+    if M < 1 or batch_size < 1:
+        raise ValueError(f"M and batch_size must be >= 1, got M={M}, batch_size={batch_size}")
     dev = _device(device, net)
-    net = net.to(dev).eval()
     x0 = to_unit(to_model_tensor(images[:M])).to(dev)
-    gen = torch.Generator(dev).manual_seed(seed)
-    return analytic.estimate_gamma(net, diffusion, x0, len(x0), gen, batch_size,
-                                   progress=progress)
+    total = -(-diffusion.T * len(x0) // batch_size) * -(-batch_size // net_batch)
+    with _network(net, net_batch, progress, total, "gamma") as counted:
+        return estimate(diffusion, counted, x0, seed=seed, batch_size=batch_size)
 
 
 @torch.no_grad()
 def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
            sampler: SamplerKind = "ancestral", steps: int | None = None,
-           sigma2: Sigma2 | None = None, spacing: Spacing = DEFAULT_SPACING, eta: float = 0.0,
+           sigma2: str | None = None, spacing: Spacing = DEFAULT_SPACING, eta: float = 0.0,
            seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None,
            clip_x0: bool = True, gamma: torch.Tensor | None = None,
            last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y,
-           progress: bool = False) -> np.ndarray:
-    """n images uint8 [n, H, W, C] drawn from p_θ.
+           image_shape: tuple[int, int, int] | None = None, net_batch: int = NET_BATCH,
+           progress: bool | Progress = False) -> np.ndarray:
+    """n images uint8 [n, H, W, C] drawn from p_θ; image i depends only on (seed, i) and the
+    settings (its generator draws x_T, then each step's noise), whatever batch_size, net_batch
+    rows per network call or the number of processes (ranks take contiguous shares).
 
     sampler "ancestral" (DDPM Algorithm 2; `steps` < T respaces the chain, improved DDPM
     Sec. 4) with reverse variance `sigma2`, "ddim" (Song et al. 2021, η = `eta`; sigma2 None,
@@ -221,74 +355,47 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     at η = `eta`, 0 by default). `steps` None means all T steps (DDIM then visits every step
     too). σ² analytic needs gamma = estimate_gamma(net, diffusion, training_images).
     last_sigma_cap_y: y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (K < T and DDIM;
-    None: no cap).
+    None: no cap). image_shape (C, H, W): default that of the UNet inside net.
     """
-    from ddpm_core import progress as bars
     from ddpm_core.data import from_unit, to_numpy_images
-    from ddpm_core.distributed import sample_in_batches
+    from ddpm_core.last_sigma import last_sigma_cap
     from ddpm_core.samplers import sample_ancestral, sample_ddim
+    from ddpm_core.seeds import ImageNoise
 
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
-    if sampler not in get_args(SamplerKind):
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {get_args(SamplerKind)}")
-    if sampler == "ddim" and sigma2 not in (None, "analytic"):
-        raise ValueError("DDIM's noise is set by eta (sigma2 None) or sigma2='analytic'; "
-                         f"sigma2={sigma2!r} is for the ancestral sampler")
-    if sampler == "ddim_analytic" and sigma2 not in (None, "analytic"):
-        raise ValueError(f"sampler 'ddim_analytic' adds the analytic σ̂²; sigma2={sigma2!r} is "
-                         "for the ancestral sampler (leave sigma2 unset)")
+    analytic_ddim = check_sampler(sampler, sigma2, eta, gamma)
     if last_sigma_cap_y is not None:
-        from ddpm_core.samplers import last_sigma_cap
-
         last_sigma_cap(last_sigma_cap_y)  # y > 0 or a one-line error
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
     diff = diffusion
-    chosen = core_sigma2(diff, sigma2) if sampler == "ancestral" else None
-    analytic_ddim = sampler == "ddim_analytic" or (sampler == "ddim" and sigma2 == "analytic")
-    if (sigma2 == "analytic" or analytic_ddim) and gamma is None:
-        raise ValueError(f"{'sampler=' + repr(sampler) if analytic_ddim else 'sigma2'} "
-                         "needs gamma: pass gamma=ddpm_core.estimate_gamma(net, diffusion, "
-                         "training_images)")
-    if sampler == "ddim" and sigma2 == "analytic" and eta == 0.0:
-        raise ValueError("DDIM with sigma2='analytic' needs eta > 0 (plain DDIM at eta = 0 is "
-                         "deterministic); Analytic-DDIM at eta = 0 is sampler='ddim_analytic'")
+    chosen = sigma2_of(diff, sigma2) if sampler == "ancestral" else None
     timesteps = timesteps_for(diff, steps, spacing)
+    ts = timesteps if timesteps is not None else list(range(diff.T))
     dev = _device(device, net)
-    net = net.to(dev).eval()
-    cfg = getattr(net, "cfg", None)
-    if cfg is None:
-        raise ValueError("net must be a ddpm_core UNet (its .cfg gives the image shape)")
-    chw = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    # one network call per step of every batch: the bar and its ETA move within a batch
-    steps_per_batch = diff.T if timesteps is None else len(timesteps)
-    bar = bars.Progress(-(-n // batch_size) * steps_per_batch, f"sample {sampler}", "steps",
-                        enabled=progress)
-    counted = bars.counting(net, bar)
-
-    def draw(size: int, gen: torch.Generator) -> torch.Tensor:
-        shape = (size, *chw)
-        if sampler != "ancestral":
-            ts = timesteps if timesteps is not None else list(range(diff.T))
-            x = sample_ddim(diff, counted, shape, ts, eta, gen, clip_x0=clip_x0,
-                            sigma2="analytic" if analytic_ddim else "eta", gamma=gamma,
-                            last_sigma_cap_y=last_sigma_cap_y)
-        else:
-            x = sample_ancestral(diff, counted, shape, gen, timesteps=timesteps,
-                                 clip_x0=clip_x0, sigma2=chosen, gamma=gamma,
-                                 last_sigma_cap_y=last_sigma_cap_y)
-        return from_unit(x).cpu()
-
-    with bar:
-        x = sample_in_batches(draw, n, batch_size, seed, rank=0, world=1, device=dev)
-    return to_numpy_images(x)
+    chw = image_shape or _image_shape(net)
+    share = _shares(n)
+    total = calls_per_step(n, batch_size, 1, net_batch) * len(ts)
+    out = [torch.zeros((0, *chw), dtype=torch.uint8)]
+    with _network(net, net_batch, progress, total, f"sample {sampler}") as counted:
+        for s in range(share.start, share.stop, batch_size):
+            noise = ImageNoise(seed, range(s, min(s + batch_size, share.stop)), dev)
+            x_T = noise.randn((len(noise.indices), *chw))
+            if sampler == "ancestral":
+                x = sample_ancestral(diff, counted, x_T, noise=noise, timesteps=timesteps,
+                                     clip_x0=clip_x0, sigma2=chosen, gamma=gamma,
+                                     last_sigma_cap_y=last_sigma_cap_y)
+            else:
+                x = sample_ddim(diff, counted, x_T, noise=noise, timesteps=ts, eta=eta,
+                                clip_x0=clip_x0, gamma=gamma if analytic_ddim else None,
+                                last_sigma_cap_y=last_sigma_cap_y)
+            out.append(from_unit(x).cpu())
+    return to_numpy_images(_gather(torch.cat(out), dev))
 
 
 # ----------------------------------------------------------------------------- bits/dim
 
 
-def _check_images(images: np.ndarray, chw: Sequence[int] | None) -> None:
+def _check_images(images: np.ndarray, chw: Sequence[int] | None = None) -> None:
     from ddpm_core.data import DataError
 
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
@@ -300,53 +407,97 @@ def _check_images(images: np.ndarray, chw: Sequence[int] | None) -> None:
                         f"{(chw[1], chw[2], chw[0])}")
 
 
+def _image_shape_or_none(net: torch.nn.Module) -> tuple[int, int, int] | None:
+    try:
+        return _image_shape(net)
+    except ValueError:
+        return None
+
+
 @torch.no_grad()
-def bits_per_dim_per_image(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
-                           sigma2: Sigma2 | None = None, steps: int | None = None,
-                           gamma: torch.Tensor | None = None, batch_size: int = 256,
-                           t_batch: int = 10, device: str | torch.device | None = None,
-                           progress: bool = False) -> np.ndarray:
-    """Variational bound (DDPM eq. 5) per image, bits/dim float64 [N], for uint8 NHWC images.
+def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
+          sigma2: Sequence[str] | None = None, steps: Sequence[int] | None = None,
+          gamma: torch.Tensor | None = None, seed: int = 0, batch_size: int = 256,
+          t_batch: int = 10, net_batch: int = NET_BATCH,
+          device: str | torch.device | None = None,
+          progress: bool | Progress = False) -> dict[int, dict[Sigma2, BpdResult]]:
+    """Variational bound (DDPM eq. 5) of uint8 NHWC images, per K-step chain and σ², per image:
+    {K: {σ²: BpdResult (total [N], prior [N], terms [N, K], timesteps)}} from one pass of
+    network calls (likelihood.bits_per_dim_at_steps).
 
-    `steps` None is the full T-step chain; K < T the K-step chain on the even trajectory
-    round(linspace(0, T−1, K)) (Bao et al. 2022). Batch j starting at image s draws the noise
-    of q(x_t|x_0) from a generator seeded s, as the pipeline's bpd stage does.
+    sigma2: names or short names (None: the model's own); steps: chain lengths K (None: [T];
+    K < T is the even trajectory round(linspace(0, T−1, K)), Bao et al. 2022). The noise of
+    image i at original index τ comes from (seed, i, τ): no number depends on batch_size,
+    t_batch, the set of K or σ², or the number of processes (ranks take contiguous shares).
     """
-    from ddpm_core import progress as bars
     from ddpm_core.data import to_model_tensor, to_unit
-    from ddpm_core.likelihood import bits_per_dim_at_steps
+    from ddpm_core.likelihood import bits_per_dim_at_steps, even_trajectory
 
-    cfg = getattr(net, "cfg", None)
-    _check_images(images, None if cfg is None else
-                  (cfg.in_channels, cfg.image_size, cfg.image_size))
-    chosen = core_sigma2(diffusion, sigma2)
-    K = diffusion.T if steps is None else int(steps)
+    _check_images(images, _image_shape_or_none(net))
+    if batch_size < 1 or t_batch < 1:
+        raise ValueError(f"batch_size and t_batch must be >= 1, got {batch_size}, {t_batch}")
+    chosen = list(dict.fromkeys(sigma2_of(diffusion, s) for s in (sigma2 or [None])))
+    check_gamma("analytic" in chosen, gamma, "sigma2 'analytic'")
+    Ks = sorted({diffusion.T} if steps is None else {int(K) for K in steps})
+    if not Ks:
+        raise ValueError("steps is empty: give the chain lengths K, e.g. [10, 100, T]")
+    if "learned" in chosen and Ks != [diffusion.T]:
+        raise ValueError(f"σ² learned is a one-step variance: it has no K-step chain for "
+                         f"K < T = {diffusion.T} (learned_range interpolates and has one)")
     dev = _device(device, net)
-    net = net.to(dev).eval()
     x_all = to_model_tensor(images)
-    out = []
-    starts = range(0, len(x_all), batch_size)
-    # the K-step chain visits K indices, t_batch of them per network call, in every batch
-    bar = bars.Progress(len(starts) * -(-K // t_batch), "bpd", "calls", enabled=progress)
-    with bar:
-        counted = bars.counting(net, bar)
-        for start in starts:
-            x0 = to_unit(x_all[start:start + batch_size]).to(dev)
-            gen = torch.Generator(dev).manual_seed(start)
-            res = bits_per_dim_at_steps(diffusion, counted, x0, [K], var_types=[chosen],
-                                        gamma=gamma, t_batch=t_batch, generator=gen)
-            out.append(res[K][chosen].total.numpy())
-    return np.concatenate(out)
+    share = _shares(len(x_all))
+    union = set().union(*(even_trajectory(diffusion.T, K) for K in Ks))
+    width = sum(K + 1 for K in Ks)  # per K: the prior, then the K terms
+    total = sum(calls_per_step(len(x_all), batch_size, min(t_batch, len(union) - g), net_batch)
+                for g in range(0, len(union), t_batch))
+    rows = [torch.zeros(0, len(chosen), width, dtype=torch.float64)]
+    with _network(net, net_batch, progress, total, "bpd") as counted:
+        for s in range(share.start, share.stop, batch_size):
+            ids = range(s, min(s + batch_size, share.stop))
+            x0 = to_unit(x_all[ids.start:ids.stop]).to(dev)
+            res = bits_per_dim_at_steps(diffusion, counted, x0, steps=Ks, var_types=chosen,
+                                        gamma=gamma, t_batch=t_batch, seed=seed, indices=ids)
+            rows.append(torch.stack([torch.cat([torch.cat([res[K][v].prior[:, None],
+                                                           res[K][v].terms], 1) for K in Ks], 1)
+                                     for v in chosen], 1))
+    every = _gather(torch.cat(rows), dev)
+    out: dict[int, dict[Sigma2, BpdResult]] = {}
+    offset = 0
+    for K in Ks:
+        part = every[:, :, offset:offset + K + 1]
+        offset += K + 1
+        out[K] = {v: BpdResult(total=part[:, i, 0] + part[:, i, 1:].sum(dim=1),
+                               prior=part[:, i, 0], terms=part[:, i, 1:],
+                               timesteps=tuple(even_trajectory(diffusion.T, K)))
+                  for i, v in enumerate(chosen)}
+    return out
+
+
+def bits_per_dim_per_image(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
+                           sigma2: str | None = None, steps: int | None = None,
+                           gamma: torch.Tensor | None = None, seed: int = 0,
+                           batch_size: int = 256, t_batch: int = 10,
+                           net_batch: int = NET_BATCH, device: str | torch.device | None = None,
+                           progress: bool | Progress = False) -> np.ndarray:
+    """The bound of one chain (`steps` None: all T) and one σ², bits/dim float64 [N]."""
+    K = diffusion.T if steps is None else int(steps)
+    res = bound(net, diffusion, images, sigma2=[sigma2] if sigma2 else None, steps=[K],
+                gamma=gamma, seed=seed, batch_size=batch_size, t_batch=t_batch,
+                net_batch=net_batch, device=device, progress=progress)[K]
+    return next(iter(res.values())).total.numpy()
 
 
 def bits_per_dim(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
-                 sigma2: Sigma2 | None = None, steps: int | None = None,
-                 gamma: torch.Tensor | None = None, batch_size: int = 256, t_batch: int = 10,
-                 device: str | torch.device | None = None, progress: bool = False) -> float:
-    """Mean negative log-likelihood bound in bits/dim of uint8 images [N, H, W, C]."""
+                 sigma2: str | None = None, steps: int | None = None,
+                 gamma: torch.Tensor | None = None, seed: int = 0, batch_size: int = 256,
+                 t_batch: int = 10, net_batch: int = NET_BATCH,
+                 device: str | torch.device | None = None,
+                 progress: bool | Progress = False) -> float:
+    """Mean bound in bits/dim of uint8 images [N, H, W, C] (bits_per_dim_per_image's mean)."""
     per = bits_per_dim_per_image(net, diffusion, images, sigma2=sigma2, steps=steps,
-                                 gamma=gamma, batch_size=batch_size, t_batch=t_batch,
-                                 device=device, progress=progress)
+                                 gamma=gamma, seed=seed, batch_size=batch_size, t_batch=t_batch,
+                                 net_batch=net_batch, device=device, progress=progress)
     value = float(per.mean())
     assert math.isfinite(value), "bits/dim is not finite"
     return value
@@ -383,8 +534,8 @@ class Nll:
 
 
 def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol: float = 1e-5,
-        atol: float = 1e-5, repeats: int = 1, divergence: Literal["exact", "hutchinson"] =
-        "hutchinson", batch_size: int = 1, seed: int = 0, start_index: int = 0,
+        atol: float = 1e-5, repeats: int = 1, divergence: Divergence = "hutchinson",
+        batch_size: int = 1, seed: int = 0, start_index: int = 0,
         device: str | torch.device | None = None, progress: bool = False) -> Nll:
     """Exact bits/dim by the probability-flow ODE (Song et al. 2021, uniform dequantization) of
     uint8 images [N, H, W, C], per image (ddpm_core.ode.ode_bits_per_dim).
@@ -399,9 +550,7 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
     """
     from ddpm_core.ode import ode_bits_per_dim
 
-    cfg = getattr(net, "cfg", None)
-    _check_images(images, None if cfg is None else
-                  (cfg.in_channels, cfg.image_size, cfg.image_size))
+    _check_images(images, _image_shape_or_none(net))
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
     dev = _device(device, net)

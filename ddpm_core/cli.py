@@ -23,7 +23,7 @@ from typing import Any, NoReturn, get_args
 
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
-from ddpm_core.modes import SAMPLER_KINDS, SIGMA2_MODES, SPACINGS, Which
+from ddpm_core.modes import DEFAULT_SPACING, NET_BATCH, SAMPLER_KINDS, SIGMA2_MODES, SPACINGS, Which
 from ddpm_core.sources import check_model_source
 
 PRESETS_DIR = Path("presets")
@@ -104,7 +104,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
                     spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
                     clip_x0=not a.no_clip, gamma=_gamma(a, net, diff),
-                    last_sigma_cap_y=a.last_sigma_cap_y, progress=True)
+                    last_sigma_cap_y=a.last_sigma_cap_y, net_batch=a.net_batch, progress=True)
     out = Path(a.out)
     save_npz(out, images=images)
     grid = Path(a.grid) if a.grid else out.with_suffix(".png")
@@ -140,7 +140,7 @@ def cmd_bpd(a: argparse.Namespace) -> int:
 
     per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, steps=a.steps,
                                  gamma=_gamma(a, net, diff), batch_size=a.batch_size,
-                                 t_batch=a.t_batch, progress=True)
+                                 t_batch=a.t_batch, net_batch=a.net_batch, progress=True)
     mean, se = float(per.mean()), float(per.std(ddof=1) / math.sqrt(len(per))) if len(
         per) > 1 else float("nan")
     result = {"bpd": mean, "standard_error": se, "images": int(len(per)), "T": diff.T,
@@ -270,7 +270,6 @@ def cmd_preset(a: argparse.Namespace) -> int:
 
 SIGMA2 = [m.short for m in SIGMA2_MODES.values()]  # --sigma2 beta, beta_tilde, ...
 WHICH = get_args(Which)
-DEFAULT_SPACING = "trailing"  # samplers.DEFAULT_SPACING (the parser must not import torch)
 
 
 def _cap_y(text: str) -> float | None:
@@ -285,6 +284,12 @@ def _cap_y(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of pixel levels > 0 (or "
                                          "none)")
     return y
+
+
+def _net_batch_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--net-batch", type=int, default=NET_BATCH,
+                   help=f"rows of every network call (default {NET_BATCH}, as params.yaml's; "
+                   "the numbers depend on it, not on --batch-size)")
 
 
 def _gamma_args(p: argparse.ArgumentParser) -> None:
@@ -321,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "CIFAR-10: 2; none: no cap)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=256)
+    _net_batch_arg(s)
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     s.add_argument("--which", choices=WHICH, default="ema",
                    help="EMA (default) or raw weights of our files")
@@ -342,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K-step chain on the even trajectory (default: all T steps)")
     b.add_argument("--batch-size", type=int, default=100)
     b.add_argument("--t-batch", type=int, default=10, help="timesteps per network call")
+    _net_batch_arg(b)
     b.add_argument("--device", default=None)
     b.add_argument("--which", choices=WHICH, default="ema")
     b.add_argument("--json", default=None, help="also write the result to this JSON file")

@@ -11,7 +11,7 @@ Per schedule (continuous_schedule, the kind read from the chain's β):
 - any other chain (quadratic, constant): log ᾱ piecewise linear in t through the grid points
   t_i, with log ᾱ(0) = 0, so β(t) = −T log(1 − β_i) is piecewise constant and ᾱ(t_i) = ᾱ_i
   exactly.
-A respaced chain (samplers.respace) is not a model's own chain: its labels t·(S − 1) are not the
+A respaced chain (chains.respace) is not a model's own chain: its labels t·(S − 1) are not the
 original indices the network was trained on, so pass the full chain.
 """
 

@@ -3,11 +3,9 @@
 Everything here is a no-op in a single process (WORLD_SIZE absent or 1), so library code calls
 these helpers unconditionally.
 
-Sharded sampling. `sample_in_batches(fn, n, batch_size, seed)` cuts the n samples into batches
-j = 0..ceil(n / batch_size) - 1 (the last one may be short); batch j is drawn by
-`fn(size_j, torch.Generator().manual_seed(batch_seed(seed, j)))`. Ranks take contiguous runs of
-batch indices (`shard_range`) and the results are gathered in rank order, so the images depend
-only on (fn, n, batch_size, seed), never on the number of processes.
+Sharded work (`map_shards`): ranks take contiguous runs of image indices (`shard_range`) and
+the results are gathered in rank order; every image's noise comes from (seed, its index)
+(ddpm_core.seeds), so no result depends on the number of processes.
 """
 
 from __future__ import annotations
@@ -146,26 +144,5 @@ def map_shards(fn: Callable[[range], Tensor], n: int, rank: int | None = None,
 
 
 def batch_seed(seed: int, j: int) -> int:
-    """Seed of sample batch j: one fixed function of (seed, j), shared by every world size."""
+    """Seed of training's epoch permutation / resumed step j: a fixed function of (seed, j)."""
     return (seed * 1_000_003 + j) % (2**63 - 1)
-
-
-def sample_in_batches(fn: Callable[[int, torch.Generator], Tensor], n: int, batch_size: int,
-                      seed: int, rank: int | None = None, world: int | None = None,
-                      device: str | torch.device = "cpu") -> Tensor:
-    """n samples [n, ...] from fn(size, generator) batch by batch, the batches sharded by rank."""
-    assert n > 0 and batch_size > 0, f"n={n}, batch_size={batch_size}"
-    num_batches = -(-n // batch_size)
-
-    def run(batches: range) -> Tensor:
-        out = []
-        for j in batches:
-            size = min(batch_size, n - j * batch_size)
-            gen = torch.Generator(device).manual_seed(batch_seed(seed, j))
-            out.append(fn(size, gen))
-        if not out:  # more ranks than batches: an empty share with the right trailing shape
-            probe = fn(1, torch.Generator(device).manual_seed(batch_seed(seed, 0)))
-            return probe[:0]
-        return torch.cat(out)
-
-    return map_shards(run, num_batches, rank, world)

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ddpm_core.analytic import SIGMA2_CHOICES, Sigma2, analytic_sigma2
+from ddpm_core.analytic import analytic_sigma2
+from ddpm_core.chains import respace, timestep_spacing
 from ddpm_core.diffusion import (
-    LEARNED_VAR_TYPES,
     Diffusion,
     Model,
     extract,
@@ -39,13 +38,59 @@ from ddpm_core.diffusion import (
     q_posterior,
     q_sample,
 )
-from ddpm_core.losses import (
-    discretized_gaussian_log_likelihood,
-    mean_flat,
-    normal_kl,
-    vlb_terms_from_output,
-)
-from ddpm_core.samplers import respace, timestep_spacing
+from ddpm_core.modes import SIGMA2S, Sigma2, VarType
+from ddpm_core.seeds import keyed_randn
+
+BIN_HALF_WIDTH = 1.0 / 255.0  # half a bin of the 256-level grid on [-1, 1]
+EDGE = 0.999  # x below −0.999 / above 0.999 is the first / last bin
+PROB_FLOOR = 1e-12  # official code: log(max(p, 1e-12)) on every bin
+LOG_PROB_FLOOR = math.log(PROB_FLOOR)
+
+
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over every dimension but the batch: [B, ...] -> [B]."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+# KL between diagonal Gaussians (closed form), e.g. Kingma & Welling 2014, App. B
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats (broadcast shape)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+# Standard normal CDF Φ(x) = ½ erfc(−x/√2): exact and accurate in the lower tail (the official
+# code uses a tanh approximation)
+def standard_normal_cdf(x: Tensor) -> Tensor:
+    """Φ(x) elementwise."""
+    return 0.5 * torch.special.erfc(-x / math.sqrt(2.0))
+
+
+# Ho et al. 2020, eq. (13): discretized Gaussian decoder over 256 bins of [-1, 1]
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log ∫_bin(x) N(y; mean, e^{2·log_scale}) dy elementwise, in nats, for x on the 256 grid.
+
+    Every bin's probability is floored at 1e-12 before the log, as in the official code
+    (log(max(p, 1e-12))): one hopeless dimension costs at most 40 bits, and a bin whose mass
+    underflows to 0 gets a zero gradient instead of 0 · ∞ = NaN. Every branch of the selects
+    below is finite, because torch.where back-propagates 0 · (derivative) into the unused ones.
+    """
+    assert x.shape == mean.shape, f"x {tuple(x.shape)} vs mean {tuple(mean.shape)}"
+    dt = x.dtype
+    x, mean, log_scale = (v.to(torch.float64) for v in (x, mean, log_scale))
+    inv_std = torch.exp(-log_scale)
+    upper = inv_std * (x - mean + BIN_HALF_WIDTH)
+    lower = inv_std * (x - mean - BIN_HALF_WIDTH)
+    # first bin: (-inf, x + 1/255]; last bin: [x − 1/255, inf); log Φ is finite far into the tail
+    log_cdf_upper = torch.special.log_ndtr(upper).clamp(min=LOG_PROB_FLOOR)
+    log_sf_lower = torch.special.log_ndtr(-lower).clamp(min=LOG_PROB_FLOOR)
+    # mass of the bin, taken in the tail it lies in to avoid cancellation near Φ = 1
+    mass = torch.where(lower > 0, standard_normal_cdf(-lower) - standard_normal_cdf(-upper),
+                       standard_normal_cdf(upper) - standard_normal_cdf(lower))
+    log_mass = torch.log(mass.clamp(min=PROB_FLOOR))
+    log_prob = torch.where(x < -EDGE, log_cdf_upper,
+                           torch.where(x > EDGE, log_sf_lower, log_mass))
+    return log_prob.to(dt)
 
 
 @dataclass(frozen=True)
@@ -79,34 +124,26 @@ def even_trajectory(T: int, K: int) -> list[int]:
     return list(range(T)) if K == T else timestep_spacing(T, K, "linspace")
 
 
-def _check_var_types(diff: Diffusion, var_types: Sequence[Sigma2] | None,
-                     gamma: Tensor | None) -> list[Sigma2]:
-    chosen: list[Sigma2] = [diff.var_type] if var_types is None else list(
-        dict.fromkeys(var_types))
-    for v in chosen:
-        if v not in SIGMA2_CHOICES:
-            raise ValueError(f"unknown var type {v!r}; expected one of {SIGMA2_CHOICES}")
-        if v in LEARNED_VAR_TYPES and v != diff.var_type:
-            raise ValueError(f"var type {v!r} needs a model trained with it; {diff!r}")
-        if v == "analytic" and gamma is None:
-            raise ValueError("var type 'analytic' needs gamma: pass gamma=estimate_gamma(...)")
-    if not chosen:
-        raise ValueError("var_types is empty")
-    return chosen
+# Ho et al. 2020, eq. (5): L_{t−1} = KL(q(x_{t−1}|x_t,x_0) ‖ p_θ(x_{t−1}|x_t)), L_0 the decoder
+# (eq. 13); with σ² given per step, e.g. σ̂² (Bao et al. 2022, Theorem 1)
+def vlb_terms(diff: Diffusion, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, *,
+              clip_x0: bool = False, var_type: VarType | None = None,
+              log_sigma2: Tensor | None = None) -> Tensor:
+    """One VLB term per example [B] in bits/dim: the decoder NLL where t == 0, else the KL.
 
-
-# Ho et al. 2020, eq. (5) with a given σ² per step (σ̂²: Bao et al. 2022, Theorem 1)
-def vlb_terms_given_variance(diff: Diffusion, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor,
-                             log_sigma2: Tensor, clip_x0: bool = True) -> Tensor:
-    """VLB terms [B] in bits/dim with the model's mean and log σ² = log_sigma2[t] (of [T])."""
+    The reverse variance is var_type's (default diff.var_type), or log σ² = log_sigma2[t] (of
+    [T]) with the model's mean when log_sigma2 is given.
+    """
     true_mean, _, true_log_var = q_posterior(diff, x0, x_t, t)
-    p = p_mean_variance_from_output(diff, out, x_t, t, clip_x0=clip_x0, var_type="fixed_small")
-    log_var = extract(log_sigma2, t, x_t.shape, p["mean"].dtype)
+    p = p_mean_variance_from_output(diff, out, x_t, t, clip_x0=clip_x0,
+                                    var_type=var_type if log_sigma2 is None else "fixed_small")
+    log_var = p["log_variance"] if log_sigma2 is None else extract(
+        log_sigma2, t, x_t.shape, p["mean"].dtype).expand_as(x_t)
     terms = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], log_var))
     first = t == 0
-    if bool(first.any()):
-        ll = discretized_gaussian_log_likelihood(
-            x0[first], p["mean"][first], (0.5 * log_var[first]).expand_as(x0[first]))
+    if bool(first.any()):  # the decoder only where it is needed: it is the costly part
+        ll = discretized_gaussian_log_likelihood(x0[first], p["mean"][first],
+                                                 0.5 * log_var[first])
         terms = terms.masked_scatter(first, -mean_flat(ll))
     return terms / math.log(2.0)
 
@@ -126,9 +163,8 @@ class _Chain:
         if self.mu_as_x0:
             # μ̃ outputs belong to the one-step chain: read them as x̂_0 (as the sampler does)
             self.diff = self.diff.with_mean_type("x0")
-        if not full and "learned" in chosen:
-            raise ValueError(f"var type 'learned' is a one-step variance; it has no K={K}-step "
-                             "chain (learned_range interpolates and has one)")
+        # 'learned' is a one-step variance (the api refuses it on K < T)
+        assert full or "learned" not in chosen, f"σ² learned has no K={K}-step chain"
         self.position = {tau: k for k, tau in enumerate(self.steps)}
         self.log_sigma2 = None
         if "analytic" in chosen:
@@ -137,44 +173,44 @@ class _Chain:
 
 
 @torch.no_grad()
-def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, steps: Sequence[int],
+def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: Sequence[int],
                           var_types: Sequence[Sigma2] | None = None,
-                          gamma: Tensor | None = None, clip_x0: bool = True,
-                          progress: bool = False, t_batch: int = 10,
-                          generator: torch.Generator | None = None
+                          gamma: Tensor | None = None, clip_x0: bool = True, t_batch: int = 10,
+                          seed: int = 0, indices: Sequence[int] | None = None
                           ) -> dict[int, dict[Sigma2, BpdResult]]:
     """Variational bound of the K-step chains (even trajectory) for each K in steps, per σ².
 
     x0 [B,C,H,W] on the 256-level grid. Chain K visits τ = round(linspace(0, T−1, K)) with
     β'_k = 1 − ᾱ_{τ_k}/ᾱ_{τ_{k−1}}; K = T is the full chain. "analytic" needs gamma [T].
     One network call per group of t_batch original indices of the union of the trajectories:
-    every K and every σ² reuse it, and x_τ is drawn once per index τ (noise from `generator`,
-    default seeded 0), so with T in steps the cost is that of the full chain alone.
+    every K and every σ² reuse it, and x_τ is drawn once per index τ. The noise of image b at
+    τ comes from (seed, indices[b], τ) alone (seeds.keyed_randn; indices default 0..B−1), so
+    no number depends on B, t_batch or the set of K.
     """
     assert x0.ndim == 4, f"x0 must be [B,C,H,W], got {tuple(x0.shape)}"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
-    if t_batch < 1:
-        raise ValueError(f"t_batch={t_batch} must be >= 1")
-    chosen = _check_var_types(diff, var_types, gamma)
+    assert t_batch >= 1, f"t_batch={t_batch} must be >= 1"
+    chosen: list[Sigma2] = [diff.var_type] if var_types is None else list(
+        dict.fromkeys(var_types))  # the api validates the names (api.sigma2_of)
+    assert chosen and set(chosen) <= set(SIGMA2S), f"σ² choices {chosen}"
+    assert "analytic" not in chosen or gamma is not None, "σ² analytic needs gamma"
     Ks = sorted({int(K) for K in steps})
-    if not Ks:
-        raise ValueError("steps is empty: give the chain lengths K, e.g. [10, 100, T]")
+    assert Ks, "steps is empty: give the chain lengths K"
     chains = {K: _Chain(diff, K, chosen, gamma) for K in Ks}
-    if generator is None:
-        generator = torch.Generator(device=x0.device).manual_seed(0)
     B, C = x0.shape[:2]
+    idx = list(range(B)) if indices is None else [int(i) for i in indices]
+    assert len(idx) == B, f"{len(idx)} indices for {B} images"
     x0_64 = x0.to(torch.float64)
     terms = {K: {v: torch.zeros(B, K, dtype=torch.float64, device=x0.device) for v in chosen}
              for K in Ks}
     union = sorted(set().union(*(c.steps for c in chains.values())))
-    starts = range(0, len(union), t_batch)
-    for start in tqdm(starts, desc="bpd", leave=False) if progress else starts:
+    for start in range(0, len(union), t_batch):
         group = union[start:start + t_batch]
         n = len(group)
         t = torch.tensor(group, device=x0.device).repeat_interleave(B)
         x0_rep = x0_64.repeat(n, 1, 1, 1)
-        noise = torch.randn(x0_rep.shape, generator=generator, device=generator.device,
-                            dtype=torch.float64).to(x0.device)
+        noise = keyed_randn(seed, [(i, tau) for tau in group for i in idx], x0.shape[1:],
+                            device=x0.device)
         x_t = q_sample(diff, x0_rep, t, noise)
         out = model(x_t.to(x0.dtype), t).to(torch.float64)
         for K, chain in chains.items():
@@ -194,12 +230,10 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, steps: Sequ
                 o = torch.cat([predict_x0_from_mu(diff, x_t_c, t_orig, o[:, :C]), o[:, C:]], 1)
             for v in chosen:
                 if v == "analytic":
-                    assert chain.log_sigma2 is not None
-                    vt = vlb_terms_given_variance(chain.diff, o, x0_c, x_t_c, k,
-                                                  chain.log_sigma2, clip_x0=clip_x0)
+                    vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0,
+                                   log_sigma2=chain.log_sigma2)
                 else:
-                    vt = vlb_terms_from_output(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0,
-                                               var_type=v)
+                    vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0, var_type=v)
                 terms[K][v][:, ks] = vt.reshape(len(js), B).T
     results: dict[int, dict[Sigma2, BpdResult]] = {}
     for K, chain in chains.items():
@@ -208,19 +242,3 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, steps: Sequ
                                    terms=terms[K][v].cpu(), timesteps=tuple(chain.steps))
                       for v in chosen}
     return results
-
-
-@torch.no_grad()
-def bits_per_dim(diff: Diffusion, model: Model, x0: Tensor,
-                 var_types: Sequence[Sigma2] | None = None, clip_x0: bool = True,
-                 progress: bool = False, t_batch: int = 10,
-                 generator: torch.Generator | None = None,
-                 gamma: Tensor | None = None) -> dict[Sigma2, BpdResult]:
-    """Full variational bound of p_θ(x_0) for x0 [B,C,H,W] on the 256-level grid, per var type.
-
-    ⌈T / t_batch⌉ network calls of t_batch timesteps × B images. The noise of q(x_t|x_0) comes
-    from `generator` (default: a fresh one seeded 0 on x0's device, so the result is
-    deterministic). "analytic" needs gamma [T] from analytic.estimate_gamma.
-    """
-    return bits_per_dim_at_steps(diff, model, x0, [diff.T], var_types, gamma, clip_x0,
-                                 progress, t_batch, generator)[diff.T]

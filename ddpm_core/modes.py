@@ -78,6 +78,12 @@ T_SAMPLINGS: tuple[TSampling, ...] = get_args(TSampling)
 # diffusers' schedulers define them; ddim_quadratic as the DDIM code.
 Spacing = Literal["leading", "ddim_quadratic", "linspace", "trailing"]
 SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
+# Lin et al. 2024: a chain must start at the last step; `trailing` does, as DPM-Solver's does.
+DEFAULT_SPACING: Spacing = "trailing"
+
+# Rows of every network call of the engine (api.FixedRows; sample.net_batch, bpd.net_batch,
+# `ddpm --net-batch`): a fixed call size keeps each image's numbers independent of the batch.
+NET_BATCH = 100
 
 # Arithmetic of the network call (training.py, inference.py).
 Precision = Literal["fp32", "bf16"]

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -46,11 +46,11 @@ from torch import Tensor
 
 from ddpm_core.continuous import ContinuousSchedule, continuous_schedule
 from ddpm_core.diffusion import Diffusion, Model
-from ddpm_core.distributed import batch_seed
+from ddpm_core.modes import Divergence
+from ddpm_core.seeds import image_seed
 
 T_EPS = 1e-5  # [SDE] App. D.2: start time of the likelihood integral
 RTOL = ATOL = 1e-5  # [SDE] App. D.2: RK45 tolerances of the likelihood
-Divergence = Literal["exact", "hutchinson"]
 def _model_dtype_device(model: Model) -> tuple[torch.dtype, torch.device]:
     p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     return (torch.float64, torch.device("cpu")) if p is None else (p.dtype, p.device)
@@ -242,10 +242,10 @@ def image_noise(shape: tuple[int, ...], seed: int, index: int, repeats: int,
                 divergence: Divergence) -> tuple[Tensor, Tensor | None]:
     """Dequantization noise u [C,H,W] and Rademacher probes [R,C,H,W] of image `index`.
 
-    Both come from one generator seeded by batch_seed(seed, index), u first, so the exact and
+    Both come from one generator seeded by image_seed(seed, index), u first, so the exact and
     Hutchinson runs see the same u and no result depends on batching.
     """
-    g = torch.Generator().manual_seed(batch_seed(seed, index))
+    g = torch.Generator().manual_seed(image_seed(seed, index))
     u = torch.rand(shape, generator=g, dtype=torch.float64)
     if divergence == "exact":
         return u, None
@@ -268,7 +268,7 @@ def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int
     """
     assert images.ndim == 4 and images.dtype == torch.uint8, \
         f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}"
-    if divergence not in ("exact", "hutchinson"):
+    if divergence not in get_args(Divergence):
         raise ValueError(f"error: divergence: {divergence!r}; expected 'exact' or 'hutchinson'")
     if repeats < 1 or (divergence == "exact" and repeats != 1):
         raise ValueError(f"error: repeats: {repeats}; need >= 1 (exactly 1 for 'exact')")

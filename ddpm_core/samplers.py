@@ -1,10 +1,10 @@
 """Samplers: ancestral DDPM sampling (all T steps or a subsequence) and DDIM.
 
 Plain functions: the model is called with the ORIGINAL indices τ_i (0..T−1); a respaced chain
-only recomputes β from ᾱ at the kept steps. Every random draw (x_T and each step's noise) uses
-the explicit generator, so (seed, shape, timesteps) fixes the samples. `timestep_spacing` makes
-the step lists (default `trailing`, which starts at T − 1); `prior_kl_at` says how much a chain
-that starts earlier loses.
+only recomputes β from ᾱ at the kept steps. The caller gives x_T and the noise source (one
+stream per image, ddpm_core.seeds), so image b depends only on its own seed and the settings.
+`timestep_spacing` makes the step lists (default `trailing`, which starts at T − 1);
+`prior_kl_at` says how much a chain that starts earlier loses.
 
 The last sampling step outputs the mean (no noise). On a chain that skips steps (K < T) and on
 every DDIM chain, the step before it (to x_{τ_1}, the first kept index) adds noise of std at most
@@ -16,17 +16,15 @@ off. The full T-step ancestral chain is DDPM's Algorithm 2 and is never capped.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Literal
+from collections.abc import Sequence
+from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ddpm_core.analytic import SIGMA2_CHOICES, Sigma2, analytic_sigma2, ddim_analytic_sigma2
+from ddpm_core.analytic import analytic_sigma2, ddim_analytic_sigma2
+from ddpm_core.chains import check_timesteps, respace
 from ddpm_core.diffusion import (
-    LEARNED_VAR_TYPES,
     Diffusion,
     Model,
     VarType,
@@ -39,45 +37,13 @@ from ddpm_core.last_sigma import (  # noqa: F401  (re-exported: the samplers' op
     last_sigma_cap,
     last_sigma_cap_of,
 )
-from ddpm_core.modes import SPACINGS, Spacing  # noqa: E402  (one source of the names)
-
-# Lin et al. 2024: a chain must start at the last step; `trailing` does, as DPM-Solver's does
-DEFAULT_SPACING: Spacing = "trailing"
+from ddpm_core.modes import Sigma2
 
 
-# Timestep spacings named as diffusers names them (DDIM code, improved DDPM, Lin et al. 2024)
-def timestep_spacing(T: int, S: int, spacing: Spacing = DEFAULT_SPACING) -> list[int]:
-    """Increasing indices in 0..T−1 of an S-step chain (0-indexed, index T−1 is step T).
+class Noise(Protocol):
+    """A source of the samplers' noise: seeds.ImageNoise (one stream per image)."""
 
-    leading:        0, T//S, 2·(T//S), …, (S − 1)·(T//S): exactly S steps with stride T // S,
-                    diffusers' `leading` (steps_offset 0); tops out at T − T//S when S divides T
-                    (then it is also the DDIM code's "uniform", range(0, T, T // S), which has
-                    more than S steps otherwise: 31 up to 990 for S = 30 at T = 1000, where
-                    leading has 30 up to 957).
-    ddim_quadratic: int(s) for s in linspace(0, √(0.8 T), S)², the DDIM code's "quadratic";
-                    top 0.8T, repeated low indices dropped (96 of S = 100 at T = 1000): a repeat
-                    is an identity step of DDIM (ᾱ_τ = ᾱ_prev).
-    linspace:       round(linspace(0, T − 1, S)), both ends (improved DDPM; Bao et al.'s even
-                    trajectory; diffusers' `linspace`); S = 1 gives [0].
-    trailing:       round(arange(T, 0, −T/S)) − 1, i.e. T−1, T−1−T/S, …: starts at T − 1
-                    (the first S values of the arange; diffusers' `trailing`).
-    Only linspace (S ≥ 2) and trailing start at T − 1; see prior_kl_at for what an early start
-    costs.
-    """
-    if not 1 <= S <= T:
-        raise ValueError(f"need 1 <= S <= T, got S={S}, T={T}")
-    if spacing == "leading":
-        # diffusers: (arange(0, S) * (T // S)).round()[::-1], reversed back to increasing
-        return [k * (T // S) for k in range(S)]
-    if spacing == "ddim_quadratic":
-        root = np.linspace(0.0, math.sqrt(0.8 * T), S)
-        return sorted({int(v) for v in (root**2).tolist()})
-    if spacing == "linspace":
-        return [int(v) for v in np.round(np.linspace(0, T - 1, S))]
-    if spacing == "trailing":
-        # arange's length is float-fragile (T=17, S=7 gives 8 values, the last one −1)
-        return sorted(int(v) - 1 for v in np.round(np.arange(T, 0, -T / S)[:S]))
-    raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    def randn(self, shape: Sequence[int]) -> Tensor: ...
 
 
 # Ho et al. 2020, eq. (5), L_T at the chain's first index: KL(q(x_t | x_0) ‖ N(0, I))
@@ -98,74 +64,27 @@ def prior_kl_at(diff: Diffusion, t_index: int, x0_mean_square: float = 1.0) -> f
     return 0.5 * (ab * x0_mean_square - ab - math.log1p(-ab)) / math.log(2.0)
 
 
-def _check_timesteps(diff: Diffusion, timesteps: Sequence[int]) -> list[int]:
-    steps = [int(s) for s in timesteps]
-    assert len(steps) >= 1, "need at least one timestep"
-    assert all(0 <= s < diff.T for s in steps), f"timesteps must lie in 0..{diff.T - 1}"
-    assert all(b > a for a, b in zip(steps, steps[1:], strict=False)), "timesteps must increase"
-    return steps
-
-
-# Nichol & Dhariwal 2021, Sec. 4 (eq. 19): β'_i = 1 − ᾱ_{τ_i}/ᾱ_{τ_{i−1}}
-def respaced_betas(diff: Diffusion, timesteps: Sequence[int]) -> Tensor:
-    """β' [S] float64 of the chain that visits only the steps τ (ᾱ'_i = ᾱ_{τ_i})."""
-    steps = _check_timesteps(diff, timesteps)
-    alpha_bar = diff.alpha_bar[steps]
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-    return 1.0 - alpha_bar / prev
-
-
-def respace(diff: Diffusion, timesteps: Sequence[int]) -> Diffusion:
-    """Diffusion over the subsequence τ (same mean/var types; the model still sees τ_i)."""
-    steps = _check_timesteps(diff, timesteps)
-    return Diffusion(respaced_betas(diff, steps), diff.mean_type, diff.var_type,
-                     alpha_bar=diff.alpha_bar[steps])
-
-
-def _progress(it: range, progress: bool, desc: str) -> Iterable[int]:
-    return tqdm(it, desc=desc, leave=False) if progress else it
-
-
-def _initial_noise(shape: Sequence[int], generator: torch.Generator,
-                   x_T: Tensor | None) -> Tensor:
-    if x_T is not None:
-        assert tuple(x_T.shape) == tuple(shape), f"x_T {tuple(x_T.shape)} vs shape {shape}"
-        return x_T.to(generator.device, torch.float32)
-    return torch.randn(tuple(shape), generator=generator, device=generator.device)
-
-
 def _time(tau: int, n: int, device: torch.device) -> Tensor:
     return torch.full((n,), tau, dtype=torch.long, device=device)
-
-
-def _check_sigma2(diff: Diffusion, sigma2: Sigma2 | None, gamma: Tensor | None) -> Sigma2:
-    chosen: Sigma2 = diff.var_type if sigma2 is None else sigma2
-    if chosen not in SIGMA2_CHOICES:
-        raise ValueError(f"unknown sigma2 {chosen!r}; expected one of {SIGMA2_CHOICES}")
-    if chosen == "analytic" and gamma is None:
-        raise ValueError("sigma2 'analytic' needs gamma: pass gamma=estimate_gamma(...)")
-    if chosen in LEARNED_VAR_TYPES and chosen != diff.var_type:
-        raise ValueError(f"sigma2 {chosen!r} needs a model trained with it, not {diff!r}")
-    return chosen
 
 
 # Ho et al. 2020, Algorithm 2 (on a subsequence: Nichol & Dhariwal 2021, Sec. 4; σ² = σ̂²:
 # Bao et al. 2022, Theorem 1)
 @torch.no_grad()
-def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
-                     generator: torch.Generator, timesteps: Sequence[int] | None = None,
-                     clip_x0: bool = True, progress: bool = False,
-                     x_T: Tensor | None = None, sigma2: Sigma2 | None = None,
-                     gamma: Tensor | None = None,
+def sample_ancestral(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise,
+                     timesteps: Sequence[int] | None = None, clip_x0: bool = True,
+                     sigma2: Sigma2 | None = None, gamma: Tensor | None = None,
                      last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y) -> Tensor:
-    """x_0 ~ p_θ by ancestral sampling from x_T ~ N(0, I); returns [B,C,H,W] in [-1, 1].
+    """x_0 ~ p_θ by ancestral sampling from x_T [B,C,H,W]; returns [B,C,H,W] in [-1, 1].
 
-    sigma2 picks the reverse variance (default diff.var_type); "analytic" uses σ̂² of
-    analytic.analytic_sigma2 with gamma = Γ [T] from analytic.estimate_gamma. With K < T steps
-    the step to x_{τ_1} adds noise of std at most last_sigma_cap(last_sigma_cap_y).
+    Each noisy step draws noise.randn(shape) (seeds.ImageNoise: image b's own stream). sigma2
+    picks the reverse variance (default diff.var_type); "analytic" uses σ̂² of
+    analytic.analytic_sigma2 with gamma = Γ [T]. With K < T steps the step to x_{τ_1} adds
+    noise of std at most last_sigma_cap(last_sigma_cap_y). The api validates the choices.
     """
-    chosen = _check_sigma2(diff, sigma2, gamma)
-    steps = list(range(diff.T)) if timesteps is None else _check_timesteps(diff, timesteps)
+    chosen: Sigma2 = diff.var_type if sigma2 is None else sigma2
+    assert chosen != "analytic" or gamma is not None, "sigma2 'analytic' needs gamma"
+    steps = list(range(diff.T)) if timesteps is None else check_timesteps(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), False, last_sigma_cap_y)
     sub = diff if timesteps is None else respace(diff, steps)
     if diff.mean_type == "mu" and timesteps is not None:
@@ -176,9 +95,9 @@ def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
         assert gamma is not None
         log_sigma2 = torch.log(analytic_sigma2(diff, gamma, None if timesteps is None else steps))
     var_type: VarType = "fixed_small" if chosen == "analytic" else chosen
-    x = _initial_noise(shape, generator, x_T)
+    x = x_T.float()
     C = x.shape[1]
-    for i in _progress(range(len(steps) - 1, -1, -1), progress, "ancestral"):
+    for i in range(len(steps) - 1, -1, -1):
         t_model = _time(steps[i], x.shape[0], x.device)
         out = model(x, t_model).float()
         if sub is not diff and diff.mean_type == "mu":
@@ -188,12 +107,12 @@ def sample_ancestral(diff: Diffusion, model: Model, shape: Sequence[int],
                                         var_type=var_type)
         x = p["mean"]
         if i > 0:  # no noise on the last step (Algorithm 2, z = 0 for t = 1)
-            noise = torch.randn(x.shape, generator=generator, device=generator.device)
+            z = noise.randn(x.shape).to(x.device)
             std = (torch.exp(0.5 * p["log_variance"]) if log_sigma2 is None
                    else math.exp(0.5 * float(log_sigma2[i])))
             if i == 1 and cap is not None:  # the step to x_{τ_1}
                 std = std.clamp(max=cap) if isinstance(std, Tensor) else min(std, cap)
-            x = x + std * noise
+            x = x + std * z
     return x.clamp(-1.0, 1.0)
 
 
@@ -214,16 +133,15 @@ def _pred_x0_eps(diff: Diffusion, model: Model, x: Tensor, tau: int,
 
 # Song et al. 2021, eq. (12)
 @torch.no_grad()
-def ddim_step(diff: Diffusion, model: Model, x: Tensor, tau: int, tau_prev: int | None,
-              eta: float, generator: torch.Generator, clip_x0: bool = True,
+def ddim_step(diff: Diffusion, model: Model, x: Tensor, *, tau: int, tau_prev: int | None,
+              eta: float, noise: Noise, clip_x0: bool = True,
               noise_sigma2: float | None = None) -> Tensor:
     """One DDIM step x_τ -> x_{τ_prev} [B,C,H,W]; tau_prev=None means ᾱ_prev = 1 (x̂_0).
 
     The mean uses λ = σ_τ(η); the added noise has variance noise_sigma2 (default λ², e.g.
     Bao et al.'s optimal σ*² from analytic.ddim_analytic_sigma2).
     """
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
     ab = float(diff.alpha_bar[tau])
     ab_prev = 1.0 if tau_prev is None else float(diff.alpha_bar[tau_prev])
     x0, eps = _pred_x0_eps(diff, model, x, tau, clip_x0)
@@ -231,63 +149,53 @@ def ddim_step(diff: Diffusion, model: Model, x: Tensor, tau: int, tau_prev: int 
     x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)) * eps
     std = sigma if noise_sigma2 is None else math.sqrt(noise_sigma2)
     if std > 0:
-        x = x + std * torch.randn(x.shape, generator=generator, device=generator.device)
+        x = x + std * noise.randn(x.shape).to(x.device)
     return x
 
 
-DdimSigma2 = Literal["eta", "analytic"]
-
-
 @torch.no_grad()
-def sample_ddim(diff: Diffusion, model: Model, shape: Sequence[int], timesteps: Sequence[int],
-                eta: float, generator: torch.Generator, clip_x0: bool = True,
-                progress: bool = False, x_T: Tensor | None = None, sigma2: DdimSigma2 = "eta",
+def sample_ddim(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise,
+                timesteps: Sequence[int], eta: float, clip_x0: bool = True,
                 gamma: Tensor | None = None,
                 last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y) -> Tensor:
-    """x_0 by DDIM on the increasing steps τ with stochasticity η ∈ [0, 1]; [B,C,H,W] in [-1,1].
+    """x_0 by DDIM from x_T [B,C,H,W] on the increasing steps τ, η ∈ [0, 1]; [B,C,H,W] in [-1,1].
 
-    sigma2 "eta": each step adds noise of variance σ_τ(η)² (none at η = 0: deterministic);
-    "analytic": Bao et al.'s optimal variance for λ = σ_τ(η), with gamma = Γ [T] from
-    analytic.estimate_gamma; at η = 0 this is their Analytic-DDIM, which adds σ̂² noise. The
-    step to x_{τ_1} adds noise of std at most last_sigma_cap(last_sigma_cap_y); the last step
-    adds none.
+    gamma None: each step adds noise of variance σ_τ(η)² (none at η = 0: deterministic);
+    gamma = Γ [T]: Bao et al.'s optimal variance for λ = σ_τ(η) instead (at η = 0 their
+    Analytic-DDIM, which adds σ̂² noise). The step to x_{τ_1} adds noise of std at most
+    last_sigma_cap(last_sigma_cap_y); the last step adds none.
     """
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    steps = _check_timesteps(diff, timesteps)
+    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
+    steps = check_timesteps(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), True, last_sigma_cap_y)
     noise_sigma2: list[float | None] = [None] * len(steps)
-    if sigma2 == "analytic":
-        if gamma is None:
-            raise ValueError("sigma2 'analytic' needs gamma: pass gamma=estimate_gamma(...)")
+    if gamma is not None:
         noise_sigma2 = ddim_analytic_sigma2(diff, gamma, steps, eta).tolist()
-    elif sigma2 != "eta":
-        raise ValueError(f"unknown sigma2 {sigma2!r} for DDIM; expected 'eta' or 'analytic'")
     if cap is not None and len(steps) > 1:
         # σ of the step to x_{τ_1}: √σ̂² (analytic) or σ_τ(η), at most the cap
         lam = ddim_sigma(float(diff.alpha_bar[steps[1]]), float(diff.alpha_bar[steps[0]]), eta)
         sigma = lam if noise_sigma2[1] is None else math.sqrt(noise_sigma2[1])
         noise_sigma2[1] = min(sigma, cap) ** 2
-    x = _initial_noise(shape, generator, x_T)
-    for i in _progress(range(len(steps) - 1, -1, -1), progress, "ddim"):
+    x = x_T.float()
+    for i in range(len(steps) - 1, -1, -1):
         prev = steps[i - 1] if i > 0 else None
-        x = ddim_step(diff, model, x, steps[i], prev, eta, generator, clip_x0,
-                      noise_sigma2[i] if i > 0 else None)
+        x = ddim_step(diff, model, x, tau=steps[i], tau_prev=prev, eta=eta, noise=noise,
+                      clip_x0=clip_x0, noise_sigma2=noise_sigma2[i] if i > 0 else None)
     return x.clamp(-1.0, 1.0)
 
 
 # Song et al. 2021, eq. (13): the η = 0 ODE integrated forward, x_0 -> x_T
 @torch.no_grad()
-def ddim_encode(diff: Diffusion, model: Model, x0: Tensor, timesteps: Sequence[int],
-                progress: bool = False) -> Tensor:
+def ddim_encode(diff: Diffusion, model: Model, x0: Tensor, *,
+                timesteps: Sequence[int]) -> Tensor:
     """Deterministic latent x_{τ_S} [B,C,H,W] of x_0 (inverse of sample_ddim with η=0, no clip).
 
     Step i maps ᾱ_{τ_{i−1}} (ᾱ = 1 for i = 0) to ᾱ_{τ_i} with ε̂ evaluated at the current point
     (x_{τ_{i−1}}, τ_{i−1}); the first step evaluates the model at (x_0, τ_0).
     """
-    steps = _check_timesteps(diff, timesteps)
+    steps = check_timesteps(diff, timesteps)
     x = x0.float()
-    for i in _progress(range(len(steps)), progress, "ddim_encode"):
+    for i in range(len(steps)):
         ab_next = float(diff.alpha_bar[steps[i]])
         if i == 0:
             # the model evaluated at x_0 taken as a point of step τ_0 gives the first ε̂

@@ -292,7 +292,7 @@ def stop_on_signals() -> None:
 
 # ----------------------------------------------------------------------------- memory
 # sample@<v> holds a sampler's images in RAM until it writes them, per value: the float32
-# batches and their concatenation (distributed.sample_in_batches), the uint8 array
+# batches and their concatenation (api.sample), the uint8 array
 # (data.to_numpy_images) and the previous sampler's uint8 array, still referenced meanwhile.
 SAMPLE_BYTES_PER_VALUE = 4 + 4 + 1 + 1
 

@@ -1,6 +1,7 @@
 """Stage `gamma@<variant>`: Γ_t = E‖ε̂(x_t, t)‖²/d of the analytic σ² (Analytic-DPM, Bao et al.
 2022, Thm. 1), estimated once per model by Monte Carlo on the first gamma.num_images training
-images (ddpm_core.analytic.estimate_gamma) and read by sample@<v> and bpd@<v>.
+images (ddpm_core.api.estimate_gamma; the draw of image m at step τ comes from
+(seed, m, τ)) and read by sample@<v> and bpd@<v>.
 
 Writes gamma/<v>.json: {"T", "num_images", "seed", "gamma": [Γ_0, ..., Γ_{T-1}]}. A model with a
 learned σ² has its own variance: its file holds `"gamma": null` (no network call).
@@ -10,26 +11,12 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from ddpm_core.analytic import estimate_gamma
-from ddpm_core.data import load_images, to_model_tensor, to_unit
+from ddpm_core.api import estimate_gamma
+from ddpm_core.data import load_images
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
-from ddpm_core.inference import inference_model
 from pipeline.common import device, run_stage, variant_model, write_json
 from pipeline.params import Params, VariantConfig
-from pipeline.records import DATA_DIR, VariantPaths, read_json
-
-
-def read_gamma(paths: VariantPaths, T: int) -> torch.Tensor | None:
-    """Γ [T] float64 from gamma@<v>'s file (None for a learned σ²); one-line error if stale."""
-    d = read_json(paths.gamma)
-    if d["gamma"] is None:
-        return None
-    if d["T"] != T:
-        raise FileNotFoundError(f"{paths.gamma}: Γ for T={d['T']}, the model has T={T}; "
-                                "rerun gamma@" + paths.name)
-    return torch.tensor(d["gamma"], dtype=torch.float64)
+from pipeline.records import DATA_DIR, VariantPaths
 
 
 def main(params: Params, v: VariantConfig) -> None:
@@ -40,14 +27,11 @@ def main(params: Params, v: VariantConfig) -> None:
     out = {"T": T, "num_images": None, "seed": g.seed, "gamma": None}
     if m.diffusion.var_type not in LEARNED_VAR_TYPES:
         dev = device()
-        x = to_model_tensor(load_images(DATA_DIR / "train.npy"))
-        M = min(g.num_images, len(x))
-        x0 = to_unit(x[:M]).to(dev)
-        net = inference_model(m.net.to(dev), "fp32", compile=False)
-        gen = torch.Generator(dev).manual_seed(g.seed)
+        images = load_images(DATA_DIR / "train.npy")
+        M = min(g.num_images, len(images))
         t0 = time.perf_counter()
-        with torch.no_grad():
-            gamma = estimate_gamma(net, m.diffusion, x0, M, gen, g.batch_size)
+        gamma = estimate_gamma(m.net.to(dev), m.diffusion, images, M=M, seed=g.seed,
+                               batch_size=g.batch_size, device=dev)
         seconds = time.perf_counter() - t0
         out.update(num_images=M, gamma=[float(x) for x in gamma.cpu()])
         print(f"gamma[{v.name}]: Γ from {M} training images in {seconds:.1f} s "

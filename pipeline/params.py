@@ -137,6 +137,10 @@ class SampleConfig:
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
+    # rows of every network call (api.FixedRows): BLAS and cuDNN pick kernels by shape, so a
+    # fixed call size keeps each image's numbers independent of batch_size; a divisor of the
+    # rows of a batch (batch_size, x t_batch for the bound) wastes no padding
+    net_batch: Positive = modes.NET_BATCH
 
 
 @settings
@@ -162,6 +166,10 @@ class BpdConfig:
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
+    # rows of every network call (api.FixedRows): BLAS and cuDNN pick kernels by shape, so a
+    # fixed call size keeps each image's numbers independent of batch_size; a divisor of the
+    # rows of a batch (batch_size, x t_batch for the bound) wastes no padding
+    net_batch: Positive = modes.NET_BATCH
 
 
 Tolerance = Annotated[StrictFloat, check(

@@ -241,6 +241,20 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def read_gamma(paths: VariantPaths, T: int) -> Any:
+    """Γ [T] float64 tensor from gamma@<v>'s file (None for a learned σ²); one-line error if
+    stale."""
+    import torch
+
+    d = read_json(paths.gamma)
+    if d["gamma"] is None:
+        return None
+    if d["T"] != T:
+        raise FileNotFoundError(f"{paths.gamma}: Γ for T={d['T']}, the model has T={T}; "
+                                "rerun gamma@" + paths.name)
+    return torch.tensor(d["gamma"], dtype=torch.float64)
+
+
 @dataclass
 class VariantResults:
     """Everything the stages wrote about one variant."""

@@ -10,7 +10,8 @@ Samplers (pipeline.records.sampler_specs), for the variant's model file models/<
                        sample.variances holds analytic.
 Respaced (S < T) and DDIM chains cap σ of the step to x_{τ_1} at 2y/255·√(π/2), y =
 sample.last_sigma_cap_y (Bao et al.'s code); the full chains are uncapped.
-Every sampler starts from the same x_T (seeded per batch), so grids are comparable row by row.
+Image i of every sampler starts from the same x_T, drawn from (sample.seed, i) by the engine
+(ddpm_core.api.sample), so grids are comparable row by row.
 Writes samples/<v>/<sampler>.npy (uint8 [N, H, W, C]), samples/<v>/index.json (the specs, with
 last_sigma_cap_y and last_sigma_cap, plus num_samples, start_index, prior_kl_bpd),
 grids/<v>/<sampler>.png (image plots) and timings/sample/<v>.json.
@@ -23,13 +24,14 @@ import time
 import numpy as np
 import torch
 
-from ddpm_core.data import from_unit, save_grid, to_numpy_images
+from ddpm_core.api import calls_per_step, sample
+from ddpm_core.chains import timestep_spacing
+from ddpm_core.data import save_grid
 from ddpm_core.diffusion import LEARNED_VAR_TYPES
-from ddpm_core.distributed import cleanup, sample_in_batches
+from ddpm_core.distributed import cleanup
 from ddpm_core.inference import inference_model
-from ddpm_core.modelfile import LoadedModel
-from ddpm_core.progress import Progress, counting
-from ddpm_core.samplers import prior_kl_at, sample_ancestral, sample_ddim, timestep_spacing
+from ddpm_core.progress import Progress
+from ddpm_core.samplers import prior_kl_at
 from pipeline.common import (
     atomic_dir,
     check_sample_memory,
@@ -39,9 +41,8 @@ from pipeline.common import (
     variant_model,
     write_json,
 )
-from pipeline.gamma import read_gamma
 from pipeline.params import ConfigError, Params, VariantConfig
-from pipeline.records import SamplerSpec, VariantPaths, sampler_specs
+from pipeline.records import SamplerSpec, VariantPaths, read_gamma, sampler_specs
 
 
 def check(params: Params, v: VariantConfig) -> None:
@@ -62,35 +63,13 @@ def start_index(spec: SamplerSpec, T: int) -> int:
                                                                     spec.spacing)[-1]
 
 
-def draw(params: Params, m: LoadedModel, spec: SamplerSpec, net: torch.nn.Module,
-         dev: torch.device, gamma: torch.Tensor | None = None) -> np.ndarray:
-    """num_samples images uint8 [N, H, W, C] from one sampler (this rank's batches, gathered);
-    σ² analytic needs Γ [T] (gamma@<v>)."""
-    s, T = params.sample, m.diffusion.T
-    timesteps = None if spec.kind == "ancestral" else \
-        timestep_spacing(T, spec.steps, spec.spacing)
-    diff = m.diffusion
-    sigma2 = None
-    if spec.variance == "analytic":
-        sigma2 = "analytic"
-    elif spec.variance is not None and spec.variance != diff.var_type:
-        diff = diff.with_var_type(spec.variance)
-
-    def fn(n: int, gen: torch.Generator) -> torch.Tensor:
-        shape = (n, *m.spec.image_shape_chw)
-        if spec.kind == "ddim":
-            x = sample_ddim(diff, net, shape, timesteps, spec.eta or 0.0, gen, clip_x0=s.clip_x0,
-                            sigma2="analytic" if sigma2 else "eta",
-                            gamma=gamma if sigma2 else None,
-                            last_sigma_cap_y=spec.last_sigma_cap_y)
-        else:
-            x = sample_ancestral(diff, net, shape, gen, timesteps=timesteps, clip_x0=s.clip_x0,
-                                 sigma2=sigma2, gamma=gamma if sigma2 else None,
-                                 last_sigma_cap_y=spec.last_sigma_cap_y)
-        return from_unit(x).cpu()
-
-    x = sample_in_batches(fn, s.num_samples, s.batch_size, s.seed, device=dev)
-    return to_numpy_images(x)
+def engine_args(spec: SamplerSpec) -> dict:
+    """api.sample's sampler settings of one sample set."""
+    if spec.kind == "ddim":
+        return {"sampler": "ddim" if spec.variance is None else "ddim_analytic",
+                "steps": spec.steps, "spacing": spec.spacing, "eta": spec.eta or 0.0}
+    return {"sampler": "ancestral", "sigma2": spec.variance, "spacing": spec.spacing or "trailing",
+            "steps": None if spec.kind == "ancestral" else spec.steps}
 
 
 def main(params: Params, v: VariantConfig) -> None:
@@ -103,19 +82,22 @@ def main(params: Params, v: VariantConfig) -> None:
     specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type, tuple(LEARNED_VAR_TYPES))
     gamma = read_gamma(paths, m.diffusion.T) if any(
         sp.variance == "analytic" for sp in specs) else None
-    batches = -(-s.num_samples // s.batch_size)
-    share = -(-batches // info.world_size)  # this rank's batches (at most)
-    calls = share * sum(spec.steps for spec in specs)
+    calls = calls_per_step(s.num_samples, s.batch_size, net_batch=s.net_batch) * sum(
+        spec.steps for spec in specs)
     timings: dict = {"samplers": {}}
     index = {"variant": v.name, "source": m.source, "samplers": []}
     out_s = atomic_dir(paths.samples) if info.is_main else scratch_dir()
     out_g = atomic_dir(paths.grids) if info.is_main else scratch_dir()
     with out_s as tmp, out_g as tmp_grid, torch.inference_mode(), \
             Progress(calls, f"sample[{v.name}]", "calls", enabled=info.is_main) as bar:
-        net = counting(inference_model(m.net.to(dev), s.precision, compile=s.compile), bar)
+        net = inference_model(m.net.to(dev), s.precision, compile=s.compile)
         for spec in specs:
             t0 = time.perf_counter()
-            images = draw(params, m, spec, net, dev, gamma)
+            images = sample(net, m.diffusion, s.num_samples, seed=s.seed,
+                            batch_size=s.batch_size, clip_x0=s.clip_x0, gamma=gamma,
+                            last_sigma_cap_y=spec.last_sigma_cap_y, device=dev,
+                            image_shape=m.spec.image_shape_chw, net_batch=s.net_batch,
+                            progress=bar, **engine_args(spec))
             seconds = time.perf_counter() - t0
             np.save(tmp / f"{spec.name}.npy", images, allow_pickle=False)
             save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size,

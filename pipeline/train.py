@@ -159,9 +159,12 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
 
 
 def import_pretrained(params: Params, v: VariantConfig) -> None:
-    """models/<v>.pt from existing weights: one of our model files, a training checkpoint
-    (its network is params.model) or a diffusers DDPM folder."""
-    from ddpm_core.modelfile import ModelFileError, load_model_file
+    """models/<v>.pt from existing weights (one of our model files, a training checkpoint or a
+    diffusers DDPM folder) through the engine's door: api.load_model, then api.check_matches
+    against params.yaml (T, schedule, mean and variance type; exit 2 naming the key and the
+    weights' value), then the model file."""
+    from ddpm_core.api import ModelMismatch, check_matches, load_model, save_model_file
+    from ddpm_core.modelfile import ModelFileError
 
     paths = VariantPaths(v.name)
     path = Path(v.pretrained or "")
@@ -170,29 +173,21 @@ def import_pretrained(params: Params, v: VariantConfig) -> None:
         raise StageError(f"{key}: {path} not found; point it at one of our model files "
                          "(models/<variant>.pt), a checkpoint (checkpoints/.../ckpt_*.pt) or a "
                          "diffusers DDPM folder (format: diffusers)")
-    if v.format == "diffusers":
-        from ddpm_core.convert import load_diffusers_unet
-
-        try:  # a bad config.json or weight file: one line naming it (and this key)
-            net = load_diffusers_unet(path)
-        except (ValueError, FileNotFoundError) as e:
-            raise StageError(f"{key}: {e}") from None
-        spec = ModelSpec(net.cfg, params.schedule, params.diffusion.timesteps, v.mean_type,
-                         v.var_type)
-        sd = net.state_dict()
-        weights = {"model": sd, "ema": sd}
-    elif path.is_dir():
+    if v.format == "ours" and path.is_dir():
         raise StageError(f"{key}: {path} is a folder; format 'ours' wants a file "
                          "(models/<variant>.pt or ckpt_*.pt), format 'diffusers' a folder")
-    else:  # our model file or training checkpoint: it carries its own spec
-        try:
-            m, raw = load_model_file(path, "ema"), load_model_file(path, "model")
-        except ModelFileError as e:
-            raise StageError(f"{key}: {e}") from None
-        spec = m.spec
-        weights = {"model": raw.net.state_dict(), "ema": m.net.state_dict()}
-    save_model(paths.model, spec, weights, {"variant": v.name, "pretrained": str(path),
-                                            "format": v.format})
+    try:  # a bad file or folder: one line naming it (and this key)
+        net, diff = load_model(path, "ema")
+        raw = load_model(path, "model")[0] if v.format == "ours" else net
+    except (ValueError, FileNotFoundError, ModelFileError) as e:
+        raise StageError(f"{key}: {e}") from None
+    try:
+        check_matches(diff, schedule=params.schedule, timesteps=params.diffusion.timesteps,
+                      mean_type=v.mean_type, var_type=v.var_type, source=f"{key} {path}")
+    except ModelMismatch as e:
+        raise ConfigError(str(e)) from None
+    save_model_file(net, diff, paths.model, {"variant": v.name, "pretrained": str(path),
+                                             "format": v.format}, raw=raw)
     write_text(LOSS_HEADER + "\n", paths.loss_csv)
     write_json(variant_metrics(v.name, {}), paths.train_metrics)
     write_json({"seconds": 0.0, "pretrained": str(path)}, paths.timings("train"))

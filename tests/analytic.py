@@ -89,3 +89,38 @@ def gaussian_reverse_variance(ab: Tensor, ab_prev: Tensor, s: float) -> Tensor:
     # x_t = √(ᾱ/ᾱ_prev) x_prev + noise of variance 1 − ᾱ/ᾱ_prev
     cov = (ab / ab_prev).sqrt() * var_prev
     return var_prev - cov**2 / var_t
+
+
+class GenNoise:
+    """The samplers' noise source as one torch.Generator's draws in call order."""
+
+    def __init__(self, g: torch.Generator) -> None:
+        self.g = g
+
+    def randn(self, shape) -> Tensor:
+        return torch.randn(tuple(shape), generator=self.g, device=self.g.device)
+
+
+def ancestral(diff, model, shape, g, timesteps=None, *, x_T=None, **kw) -> Tensor:
+    """samplers.sample_ancestral from x_T (default: g's first draw), its noise g's next ones."""
+    from ddpm_core.samplers import sample_ancestral
+
+    x_T = torch.randn(tuple(shape), generator=g) if x_T is None else x_T
+    return sample_ancestral(diff, model, x_T, noise=GenNoise(g), timesteps=timesteps, **kw)
+
+
+def ddim(diff, model, shape, timesteps, eta, g, *, x_T=None, sigma2=None, gamma=None,
+         **kw) -> Tensor:
+    """samplers.sample_ddim the same way; sigma2="analytic" adds the σ̂² noise of gamma."""
+    from ddpm_core.samplers import sample_ddim
+
+    x_T = torch.randn(tuple(shape), generator=g) if x_T is None else x_T
+    return sample_ddim(diff, model, x_T, noise=GenNoise(g), timesteps=timesteps, eta=eta,
+                       gamma=gamma if sigma2 == "analytic" else None, **kw)
+
+
+def full_bound(diff, model, x0, **kw):
+    """likelihood.bits_per_dim_at_steps of the full chain alone: {σ²: BpdResult}."""
+    from ddpm_core.likelihood import bits_per_dim_at_steps
+
+    return bits_per_dim_at_steps(diff, model, x0, steps=[diff.T], **kw)[diff.T]

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from analytic import full_bound
 from tiny import OURS_TINY, make_diffusers_folder, random_net
 
 import ddpm_core
+import ddpm_core.api
 from ddpm_core.analytic import estimate_gamma
-from ddpm_core.api import ModelMismatch, bits_per_dim_per_image
+from ddpm_core.api import NET_BATCH, FixedRows, ModelMismatch, bits_per_dim_per_image
+from ddpm_core.chains import timestep_spacing
 from ddpm_core.data import DataError, from_unit, to_numpy_images, to_unit
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.distributed import batch_seed
-from ddpm_core.likelihood import bits_per_dim as bound
 from ddpm_core.likelihood import bits_per_dim_at_steps
-from ddpm_core.samplers import sample_ancestral, sample_ddim, timestep_spacing
+from ddpm_core.samplers import sample_ancestral, sample_ddim
+from ddpm_core.seeds import ImageNoise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,35 +31,34 @@ def model() -> tuple[torch.nn.Module, Diffusion]:
     return random_net(OURS_TINY), Diffusion.from_schedule("linear", 10)
 
 
-def _by_hand(n: int, batch: int, seed: int, draw) -> np.ndarray:
-    """The seeding contract: batch j uses a generator seeded batch_seed(seed, j)."""
-    out = []
-    for j, start in enumerate(range(0, n, batch)):
-        g = torch.Generator().manual_seed(batch_seed(seed, j))
-        out.append(from_unit(draw(min(batch, n - start), g)))
-    return to_numpy_images(torch.cat(out))
+def _by_hand(n: int, seed: int, draw) -> np.ndarray:
+    """The seeding contract: image i's stream (seed, i) draws x_T, then each step's noise; the
+    network sees calls of NET_BATCH rows (draw(x_T, noise, net))."""
+    noise = ImageNoise(seed, range(n))
+    return to_numpy_images(from_unit(draw(noise.randn((n, 1, 8, 8)), noise)))
 
 
 @pytest.mark.parametrize("kind", ["ancestral_beta", "respaced_beta_tilde", "ddim"])
-def test_sample_is_the_seeded_sampler_batch_by_batch(model, kind, one_thread) -> None:
+def test_sample_is_the_sampler_of_each_images_own_stream(model, kind, one_thread) -> None:
     net, diff = model
-    shape = (1, 8, 8)
+    fixed = FixedRows(net, NET_BATCH)
     if kind == "ancestral_beta":
         got = ddpm_core.sample(net, diff, n=5, sigma2="beta", seed=7, batch_size=2)
-        want = _by_hand(5, 2, 7, lambda b, g: sample_ancestral(diff, net, (b, *shape), g))
+        want = _by_hand(5, 7, lambda x, z: sample_ancestral(diff, fixed, x, noise=z))
     elif kind == "respaced_beta_tilde":
         got = ddpm_core.sample(net, diff, n=5, steps=4, sigma2="beta_tilde", spacing="leading",
                                seed=7, batch_size=2)
         small = diff.with_var_type("fixed_small")
         ts = timestep_spacing(10, 4, "leading")
-        want = _by_hand(5, 2, 7, lambda b, g: sample_ancestral(small, net, (b, *shape), g,
-                                                               timesteps=ts))
+        want = _by_hand(5, 7, lambda x, z: sample_ancestral(small, fixed, x, noise=z,
+                                                            timesteps=ts))
     else:
         got = ddpm_core.sample(net, diff, n=5, sampler="ddim", steps=4, eta=0.5, seed=7,
                                batch_size=2)  # default spacing: trailing, from T − 1
         ts = timestep_spacing(10, 4, "trailing")
         assert ts[-1] == 9
-        want = _by_hand(5, 2, 7, lambda b, g: sample_ddim(diff, net, (b, *shape), ts, 0.5, g))
+        want = _by_hand(5, 7, lambda x, z: sample_ddim(diff, fixed, x, noise=z, timesteps=ts,
+                                                       eta=0.5))
     assert got.dtype == np.uint8 and got.shape == (5, 8, 8, 1)
     assert np.array_equal(got, want)
     assert len({im.tobytes() for im in got}) == 5  # every image its own noise
@@ -75,7 +77,7 @@ def test_sample_choices_change_the_images(model, one_thread) -> None:
     (dict(sampler="euler"), "unknown sampler 'euler'"),
     (dict(sampler="ddim", sigma2="beta"), "DDIM's noise is set by eta"),
     (dict(sigma2="learned"), "needs a model with a learned variance"),
-    (dict(sigma2="sigma"), "unknown sigma2 'sigma'"),
+    (dict(sigma2="sigma"), "unknown σ² 'sigma'"),
     (dict(sigma2="analytic"), "needs gamma"),
     (dict(sampler="ddim", sigma2="analytic", gamma=torch.ones(10)), "needs eta > 0"),
     (dict(sampler="ddim_analytic"), "needs gamma"),
@@ -90,21 +92,50 @@ def test_sample_rejects_bad_arguments_by_name(model, kwargs, match) -> None:
         ddpm_core.sample(net, diff, **{"n": 2, **kwargs})
 
 
-def test_bits_per_dim_is_the_bound_of_each_batch_seeded_by_its_start(model, one_thread) -> None:
+def test_bits_per_dim_is_the_bound_with_each_images_own_noise(model, one_thread) -> None:
     net, diff = model
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
     per = bits_per_dim_per_image(net, diff, images, sigma2="beta_tilde", batch_size=2,
-                                 t_batch=3)
+                                 t_batch=3, seed=4)
     x = to_unit(torch.from_numpy(images).permute(0, 3, 1, 2))
     small = diff.with_var_type("fixed_small")
-    want = torch.cat([bound(small, net, x[s:s + 2], t_batch=3,
-                            generator=torch.Generator().manual_seed(s))["fixed_small"].total
-                      for s in range(0, 5, 2)])
-    np.testing.assert_allclose(per, want.numpy(), rtol=1e-12)
+    # all five images in one batch, the noise of image i at τ from (4, i, τ)
+    want = full_bound(small, FixedRows(net, NET_BATCH), x, t_batch=10, seed=4)["fixed_small"].total
+    np.testing.assert_array_equal(per, want.numpy())
     mean = ddpm_core.bits_per_dim(net, diff, images, sigma2="beta_tilde", batch_size=2,
-                                  t_batch=3)
+                                  t_batch=3, seed=4)
     assert mean == pytest.approx(float(want.mean()), rel=1e-12)
-    assert ddpm_core.bits_per_dim(net, diff, images, batch_size=2, t_batch=3) != mean  # σ² = β
+    assert ddpm_core.bits_per_dim(net, diff, images, batch_size=2, t_batch=3,
+                                  seed=4) != mean  # σ² = β
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(sigma2=["learned"]), "needs a model with a learned variance"),
+    (dict(sigma2=["sigma"]), "unknown σ² 'sigma'"),
+    (dict(sigma2=["beta", "analytic"]), "needs gamma"),
+    (dict(steps=[1]), "2 <= K"),
+    (dict(steps=[]), "steps is empty"),
+    (dict(t_batch=0), "t_batch must be >= 1"),
+])
+def test_bound_rejects_bad_arguments_by_name(model, kwargs, match) -> None:
+    net, diff = model
+    with pytest.raises(ValueError, match=match):
+        ddpm_core.api.bound(net, diff, np.zeros((2, 8, 8, 1), np.uint8), **kwargs)
+
+
+def test_bound_of_a_learned_variance_model_takes_its_own_sigma2_only(one_thread) -> None:
+    cfg = dataclasses.replace(OURS_TINY, out_channels=2)
+    net = random_net(cfg)
+    images = np.zeros((2, 8, 8, 1), np.uint8)
+    for var_type in ("learned", "learned_range"):
+        diff = Diffusion.from_schedule("linear", 10, var_type=var_type)
+        with pytest.raises(ValueError, match="learned its variance"):
+            ddpm_core.api.bound(net, diff, images, sigma2=["beta"])
+        own = ddpm_core.api.bound(net, diff, images, sigma2=["learned"])[10]
+        assert set(own) == {var_type}
+    with pytest.raises(ValueError, match="one-step variance"):
+        ddpm_core.api.bound(net, diff.with_var_type("learned"), images, steps=[4])
+    assert set(ddpm_core.api.bound(net, diff, images, steps=[4])) == {4}  # learned_range: K < T
 
 
 def test_analytic_sigma2_uses_gamma_from_training_images(model, one_thread) -> None:
@@ -114,13 +145,14 @@ def test_analytic_sigma2_uses_gamma_from_training_images(model, one_thread) -> N
     train = np.random.default_rng(1).integers(0, 256, (12, 8, 8, 1), dtype=np.uint8)
     gamma = ddpm_core.estimate_gamma(net, diff, train, M=8, seed=3, batch_size=16)
     x = to_unit(torch.from_numpy(train[:8]).permute(0, 3, 1, 2))
-    want = estimate_gamma(net, diff, x, 8, torch.Generator().manual_seed(3), 16)
+    want = estimate_gamma(diff, FixedRows(net, NET_BATCH), x, seed=3, batch_size=16)
     assert torch.equal(gamma, want) and gamma.shape == (10,) and bool(torch.isfinite(gamma).all())
     got = ddpm_core.sample(net, diff, n=3, steps=5, sigma2="analytic", gamma=gamma, seed=2,
                            batch_size=2)
     ts = timestep_spacing(10, 5, "trailing")
-    by_hand = _by_hand(3, 2, 2, lambda b, g: sample_ancestral(
-        diff, net, (b, 1, 8, 8), g, timesteps=ts, sigma2="analytic", gamma=gamma))
+    by_hand = _by_hand(3, 2, lambda x, z: sample_ancestral(
+        diff, FixedRows(net, NET_BATCH), x, noise=z, timesteps=ts, sigma2="analytic",
+        gamma=gamma))
     assert np.array_equal(got, by_hand)
     # this random net's images saturate: only the (uncapped) last noisy step tells σ² apart
     assert not np.array_equal(
@@ -130,9 +162,10 @@ def test_analytic_sigma2_uses_gamma_from_training_images(model, one_thread) -> N
     bpd = bits_per_dim_per_image(net, diff, images, sigma2="analytic", gamma=gamma, steps=4,
                                  batch_size=4, t_batch=2)
     x0 = to_unit(torch.from_numpy(images).permute(0, 3, 1, 2))
-    ref = bits_per_dim_at_steps(diff, net, x0, [4], ["analytic"], gamma, t_batch=2,
-                                generator=torch.Generator().manual_seed(0))[4]["analytic"]
-    np.testing.assert_allclose(bpd, ref.total.numpy(), rtol=1e-12)
+    ref = bits_per_dim_at_steps(diff, FixedRows(net, NET_BATCH), x0, steps=[4],
+                                var_types=["analytic"], gamma=gamma, t_batch=2,
+                                seed=0, indices=range(4))[4]["analytic"]
+    np.testing.assert_array_equal(bpd, ref.total.numpy())
 
 
 def test_bits_per_dim_takes_the_uint8_images_sample_returns(model, one_thread) -> None:
@@ -295,13 +328,12 @@ def test_sample_ddim_analytic_is_analytic_ddim_at_eta0_with_the_last_sigma_cap(m
     net, diff = model
     gamma = torch.full((10,), 0.5, dtype=torch.float64)
     ts = timestep_spacing(10, 4, "trailing")
-    shape = (1, 8, 8)
     for y in (1.0, None):
         kw = {} if y == 1.0 else {"last_sigma_cap_y": y}
         got = ddpm_core.sample(net, diff, n=3, sampler="ddim_analytic", steps=4, gamma=gamma,
                                seed=3, batch_size=2, **kw)
-        want = _by_hand(3, 2, 3, lambda b, g, y=y: sample_ddim(
-            diff, net, (b, *shape), ts, 0.0, g, sigma2="analytic", gamma=gamma,
+        want = _by_hand(3, 3, lambda x, z, y=y: sample_ddim(
+            diff, FixedRows(net, NET_BATCH), x, noise=z, timesteps=ts, eta=0.0, gamma=gamma,
             last_sigma_cap_y=y))
         assert np.array_equal(got, want), y
     plain = ddpm_core.sample(net, diff, n=3, sampler="ddim", steps=4, seed=3, batch_size=2)
@@ -319,13 +351,12 @@ def test_sample_last_sigma_cap_y_reaches_the_respaced_sampler(model, one_thread)
     is never capped."""
     net, diff = model
     ts = timestep_spacing(10, 4, "trailing")
-    shape = (1, 8, 8)
     images = {}
     for y in (1.0, 2.0, None):
         images[y] = ddpm_core.sample(net, diff, n=3, steps=4, sigma2="beta", seed=1,
                                      last_sigma_cap_y=y)
-        want = _by_hand(3, 256, 1, lambda b, g, y=y: sample_ancestral(
-            diff, net, (b, *shape), g, timesteps=ts, last_sigma_cap_y=y))
+        want = _by_hand(3, 1, lambda x, z, y=y: sample_ancestral(
+            diff, FixedRows(net, NET_BATCH), x, noise=z, timesteps=ts, last_sigma_cap_y=y))
         assert np.array_equal(images[y], want), y
     assert np.array_equal(images[1.0], ddpm_core.sample(net, diff, n=3, steps=4, sigma2="beta",
                                                         seed=1))  # default y = 1

@@ -206,11 +206,10 @@ def test_sample_analytic_needs_gamma_images_and_uses_them(diffusers_folder, tmp_
 
 
 def test_cli_spacing_names_are_the_samplers(capsys) -> None:
-    from ddpm_core import cli, samplers
+    from ddpm_core import chains, cli, last_sigma, modes
 
-    assert set(cli.SPACINGS) == set(samplers.SPACINGS)
-    assert cli.DEFAULT_SPACING == samplers.DEFAULT_SPACING
-    assert cli.DEFAULT_LAST_SIGMA_CAP_Y == samplers.DEFAULT_LAST_SIGMA_CAP_Y
+    assert cli.SPACINGS is modes.SPACINGS and cli.DEFAULT_SPACING is chains.DEFAULT_SPACING
+    assert cli.DEFAULT_LAST_SIGMA_CAP_Y == last_sigma.DEFAULT_LAST_SIGMA_CAP_Y
 
 
 def test_sample_ddim_analytic_and_the_last_sigma_cap_flag(diffusers_folder, tmp_path, capsys,

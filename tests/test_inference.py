@@ -4,11 +4,11 @@ import dataclasses
 
 import pytest
 import torch
+from analytic import ddim, full_bound
 
+from ddpm_core.chains import timestep_spacing
 from ddpm_core.diffusion import Diffusion
 from ddpm_core.inference import inference_model
-from ddpm_core.likelihood import bits_per_dim
-from ddpm_core.samplers import sample_ddim, timestep_spacing
 from ddpm_core.unet import PRESETS, UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,8 +42,8 @@ def test_bf16_bits_per_dim_differs_from_fp32_by_less_than_its_standard_error():
     # The metric's own noise is the spread of per-image bounds / sqrt(B); bf16 must stay inside.
     diff = Diffusion.from_schedule("linear", 100)
     net, x0 = _net(), _digits_like(64, 1)
-    ref = bits_per_dim(diff, inference_model(net, "fp32"), x0, t_batch=25)["fixed_large"]
-    low = bits_per_dim(diff, inference_model(net, "bf16"), x0, t_batch=25)["fixed_large"]
+    ref = full_bound(diff, inference_model(net, "fp32"), x0, t_batch=25)["fixed_large"]
+    low = full_bound(diff, inference_model(net, "bf16"), x0, t_batch=25)["fixed_large"]
     sem = float(ref.total.std() / len(x0) ** 0.5)
     shift = abs(float(low.total.mean() - ref.total.mean()))
     assert shift < sem, f"bf16 moved bits/dim by {shift:.4g}, its standard error is {sem:.4g}"
@@ -54,10 +54,8 @@ def test_bf16_ddim_samples_stay_close_to_fp32():
     diff = Diffusion.from_schedule("linear", 100)
     net, ts = _net(), timestep_spacing(100, 10, "leading")
     shape = (16, 1, 8, 8)
-    a = sample_ddim(diff, inference_model(net, "fp32"), shape, ts, 0.0,
-                    torch.Generator().manual_seed(3))
-    b = sample_ddim(diff, inference_model(net, "bf16"), shape, ts, 0.0,
-                    torch.Generator().manual_seed(3))
+    a, b = (ddim(diff, inference_model(net, p), shape, ts, 0.0, torch.Generator().manual_seed(3))
+            for p in ("fp32", "bf16"))
     # The same noise and a deterministic sampler: with this untrained (arbitrary) network bf16
     # moves pixels by about one grey level on average (measured 0.9); a wrong cast would not.
     err = float((a - b).abs().mean()) * 127.5

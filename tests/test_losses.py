@@ -9,13 +9,13 @@ from scipy import integrate, stats
 from torch import nn
 
 from ddpm_core.diffusion import Diffusion, p_mean_variance_from_output, q_posterior, q_sample
-from ddpm_core.losses import (
-    Loss,
+from ddpm_core.likelihood import (
     discretized_gaussian_log_likelihood,
     normal_kl,
     standard_normal_cdf,
-    vlb_terms_from_output,
+    vlb_terms,
 )
+from ddpm_core.losses import Loss
 from ddpm_core.resample import make_sampler
 
 F64 = torch.float64
@@ -65,7 +65,7 @@ def test_vlb_term_is_kl_for_t_gt_0_and_decoder_nll_at_t_0():
     t = torch.tensor([0, 1, 0, 19])
     x_t = q_sample(d, x0, t, torch.randn(x0.shape, generator=g, dtype=F64))
     out = torch.randn(x0.shape, generator=g, dtype=F64) * 0.1
-    got = vlb_terms_from_output(d, out, x0, x_t, t)
+    got = vlb_terms(d, out, x0, x_t, t)
     for i in range(4):
         sl = slice(i, i + 1)
         p = p_mean_variance_from_output(d, out[sl], x_t[sl], t[sl], clip_x0=False)
@@ -128,7 +128,7 @@ def test_L_vlb_is_T_times_the_term_for_fixed_variance():
     d, x0, noise, t, model = _setup("eps", "fixed_small")
     terms = Loss(d, "vlb").losses(model, x0, t, noise)
     x_t = q_sample(d, x0, t, noise)
-    term = vlb_terms_from_output(d, model.out.detach(), x0, x_t, t)
+    term = vlb_terms(d, model.out.detach(), x0, x_t, t)
     assert torch.allclose(terms["loss"], d.T * term, rtol=1e-6)
 
 

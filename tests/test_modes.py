@@ -15,19 +15,6 @@ from ddpm_core import modes
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Literals still written in the files of helpers working in parallel on issue 17 (engine,
-# config): the merge deletes each entry with its Literal; an entry whose Literal is gone fails.
-PENDING = {
-    ("ddpm_core/analytic.py",
-     'Literal["fixed_large", "fixed_small", "learned", "learned_range", "analytic"]'),
-    ("ddpm_core/api.py", 'Literal["ancestral", "ddim", "ddim_analytic"]'),
-    ("ddpm_core/api.py", 'Literal["beta", "beta_tilde", "learned", "analytic"]'),
-    ("ddpm_core/api.py", 'Literal["ema", "model"]'),
-    ("ddpm_core/api.py", 'Literal["exact", "hutchinson"]'),
-    ("ddpm_core/ode.py", 'Literal["exact", "hutchinson"]'),
-    ("ddpm_core/samplers.py", 'Literal["eta", "analytic"]'),
-}
-
 
 def literals_in(text: str) -> list[str]:
     """The source of every `Literal[...]` subscript of a module (by the syntax tree: docstrings
@@ -46,9 +33,7 @@ def literals_outside_modes() -> set[tuple[str, str]]:
 
 def test_every_literal_of_the_library_and_the_stages_is_defined_in_modes() -> None:
     found = literals_outside_modes()
-    assert not found - PENDING, ("define these in ddpm_core/modes.py and import them: "
-                                 f"{sorted(found - PENDING)}")
-    assert not PENDING - found, f"gone: delete from PENDING {sorted(PENDING - found)}"
+    assert not found, f"define these in ddpm_core/modes.py and import them: {sorted(found)}"
 
 
 def test_the_scan_sees_literals_in_annotations_and_not_in_docstrings() -> None:

@@ -10,13 +10,14 @@ from analytic import (
     discretize,
     discretized_gaussian_probs,
     entropy_bits,
+    full_bound,
     gaussian_gamma,
 )
 from torch import nn
 
+from ddpm_core.chains import timestep_spacing
 from ddpm_core.continuous import ContinuousSchedule, continuous_schedule
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.likelihood import bits_per_dim
 from ddpm_core.ode import (
     T_EPS,
     ode_bits_per_dim,
@@ -24,7 +25,7 @@ from ddpm_core.ode import (
     ode_encode,
     ode_log_likelihood,
 )
-from ddpm_core.samplers import sample_ddim, timestep_spacing
+from ddpm_core.samplers import sample_ddim
 from ddpm_core.unet import UNet, UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -231,8 +232,8 @@ def test_ddim_eta0_converges_to_the_probability_flow_ode_as_steps_grow():
     assert float(ode.x.abs().max()) < 1.0  # no clamp of DDIM's output is active
     dist = {}
     for S in (10, 50, 250, 1000):
-        x0 = sample_ddim(d, GaussianDenoiser(d, m, sd), x_T.shape, timestep_spacing(1000, S),
-                         eta=0.0, generator=torch.Generator(), clip_x0=False, x_T=x_T)
+        x0 = sample_ddim(d, GaussianDenoiser(d, m, sd), x_T, noise=None,
+                         timesteps=timestep_spacing(1000, S), eta=0.0, clip_x0=False)
         dist[S] = float((x0.double() - ode.x).abs().max())
     print(f"DDIM vs ODE (NFE {ode.nfe}): {dist}")
     assert dist[10] > dist[50] > dist[250] > dist[1000]
@@ -280,9 +281,9 @@ def test_ode_bits_per_dim_is_below_the_bound_and_above_the_data_entropy():
     print(f"entropy {H:.4f}; ODE {float(ode.bpd.mean()):.4f} (gap {ode_gap:.4f} ± {ode_se:.4f},"
           f" NFE {int(ode.nfe[0])})")
     assert ode_gap > -3 * ode_se
-    bounds = bits_per_dim(d, GaussianDenoiser(d, m, sd), x0.float(),
+    bounds = full_bound(d, GaussianDenoiser(d, m, sd), x0.float(),
                           var_types=["fixed_large", "fixed_small", "analytic"], t_batch=100,
-                          generator=torch.Generator().manual_seed(1), gamma=gaussian_gamma(d, sd))
+                          seed=1, gamma=gaussian_gamma(d, sd))
     for v, r in bounds.items():
         excess = r.total - ode.bpd
         mean, se = float(excess.mean()), float(excess.std()) / math.sqrt(n)

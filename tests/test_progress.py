@@ -86,7 +86,7 @@ def test_sample_progress_moves_with_every_network_call_not_every_batch(monkeypat
         ddpm_core.sample(net, diff, n=5, batch_size=2, seed=0, progress=True, **kwargs)
         assert len(made) == 1, kwargs
         bar = made[0]
-        assert bar.total == 3 * steps and bar.unit == "steps", (kwargs, bar.total)  # 3 batches
+        assert bar.total == 3 * steps and bar.unit == "calls", (kwargs, bar.total)  # 3 batches
         assert bar.n == bar.total and set(bar.updates) == {1}, kwargs
         assert seen == list(range(bar.total)), kwargs  # one update after each call, in step
 

@@ -72,8 +72,8 @@ def test_sample_config_last_sigma_cap_y_must_be_positive_or_null():
 
 
 def test_sample_stage_draws_each_spec_with_its_cap_and_analytic_ddim(tmp_path, one_thread):
-    """pipeline.sample.draw: a spec's last_sigma_cap_y and Analytic-DDIM reach the samplers,
-    batch by batch seeded as the API seeds them (so the stage and ddpm_core.sample agree)."""
+    """pipeline.sample.engine_args: each spec is the engine call it names (ddpm_core.sample,
+    which the stage calls), its last_sigma_cap_y and Analytic-DDIM included."""
     import numpy as np
     import torch
     from tiny import OURS_TINY, random_net
@@ -83,7 +83,7 @@ def test_sample_stage_draws_each_spec_with_its_cap_and_analytic_ddim(tmp_path, o
     from ddpm_core.diffusion import Diffusion
     from ddpm_core.modelfile import load_model_file
     from pipeline.params import params_from_dict
-    from pipeline.sample import draw
+    from pipeline.sample import engine_args
 
     diff = Diffusion.from_schedule("linear", 10)
     save_model_file(random_net(OURS_TINY), diff, tmp_path / "m.pt")
@@ -98,12 +98,15 @@ def test_sample_stage_draws_each_spec_with_its_cap_and_analytic_ddim(tmp_path, o
              "respaced_beta_S4": dict(steps=4, sigma2="beta"),
              "ddim_S4": dict(sampler="ddim", steps=4),
              "ancestral_beta": dict(sigma2="beta")}
+    def draw(spec):
+        return ddpm_core.sample(m.net, m.diffusion, 3, seed=5, batch_size=2, gamma=gamma,
+                                last_sigma_cap_y=spec.last_sigma_cap_y, **engine_args(spec))
+
     for name, kw in cases.items():
-        got = draw(p, m, specs[name], m.net, torch.device("cpu"), gamma)
         want = ddpm_core.sample(m.net, m.diffusion, 3, seed=5, batch_size=2, **kw)
-        assert np.array_equal(got, want), name
+        assert np.array_equal(draw(specs[name]), want), name
     uncapped = SamplerSpec(**{**specs["ddim_analytic_S4"].__dict__, "last_sigma_cap_y": None})
-    got = draw(p, m, uncapped, m.net, torch.device("cpu"), gamma)
+    got = draw(uncapped)
     want = ddpm_core.sample(m.net, m.diffusion, 3, seed=5, batch_size=2, sampler="ddim_analytic",
                             steps=4, gamma=gamma, last_sigma_cap_y=None)
     assert np.array_equal(got, want)

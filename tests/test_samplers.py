@@ -5,22 +5,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from analytic import GaussianDenoiser, discretize, gaussian_gamma
+from analytic import GaussianDenoiser, GenNoise, ancestral, ddim, discretize, gaussian_gamma
 
 from ddpm_core.analytic import analytic_sigma2, ddim_analytic_sigma2
+from ddpm_core.chains import respace, respaced_betas, timestep_spacing
 from ddpm_core.diffusion import Diffusion, p_mean_variance_from_output
-from ddpm_core.samplers import (
-    SPACINGS,
-    ddim_encode,
-    ddim_sigma,
-    ddim_step,
-    prior_kl_at,
-    respace,
-    respaced_betas,
-    sample_ancestral,
-    sample_ddim,
-    timestep_spacing,
-)
+from ddpm_core.modes import SPACINGS
+from ddpm_core.samplers import ddim_encode, ddim_sigma, ddim_step, prior_kl_at
 
 M, S = 0.1, 0.25  # data N(M, S²): |x| > 1 is > 3.6 standard deviations away
 
@@ -118,7 +109,7 @@ def test_respace_keeps_alpha_bar_exactly_when_one_minus_the_ratio_rounds_to_one(
     sub = respace(d, [0, 9])
     assert torch.equal(sub.alpha_bar, d.alpha_bar[[0, 9]])
     assert float(sub.alphas[1]) > 0 and bool(torch.isfinite(sub.sqrt_recipm1_alpha_bar).all())
-    x = sample_ancestral(d, lambda x, t: torch.zeros_like(x), (4, 1, 2, 2),
+    x = ancestral(d, lambda x, t: torch.zeros_like(x), (4, 1, 2, 2),
                          torch.Generator().manual_seed(0), timesteps=[0, 9], sigma2="fixed_small")
     assert bool(torch.isfinite(x).all())
 
@@ -146,7 +137,7 @@ def test_ancestral_sampling_ho2020_alg2_matches_gaussian_recursion(S_steps):
     d = Diffusion.from_schedule("linear", 200, var_type="fixed_small")
     steps = list(range(200)) if S_steps is None else timestep_spacing(200, S_steps)
     N = 16000
-    x = sample_ancestral(d, GaussianDenoiser(d, M, S), (N, 1, 2, 2),
+    x = ancestral(d, GaussianDenoiser(d, M, S), (N, 1, 2, 2),
                          torch.Generator().manual_seed(1),
                          timesteps=None if S_steps is None else steps,
                          last_sigma_cap_y=None).double()
@@ -164,7 +155,7 @@ def test_ancestral_sampling_ho2020_alg2_matches_gaussian_recursion(S_steps):
 def test_ancestral_sampling_with_exact_reverse_variance_reproduces_data():
     d = Diffusion.from_schedule("linear", 200, var_type="learned")
     N = 16000
-    x = sample_ancestral(d, GaussianDenoiser(d, M, S), (N, 1, 2, 2),
+    x = ancestral(d, GaussianDenoiser(d, M, S), (N, 1, 2, 2),
                          torch.Generator().manual_seed(2)).double()
     mean, var = _predicted_moments(d, list(range(200)), exact_var=True)
     # exact kernels: the output is E[x_0 | x_1] (no noise on the last step), of variance
@@ -186,7 +177,7 @@ def test_analytic_variance_sampling_bao2022_matches_the_exact_reverse_kernel(K):
     steps = timestep_spacing(200, K, "linspace")  # ends at 0: the output should be the data
     model = GaussianDenoiser(d, M, S)
     N = 16000
-    x = sample_ancestral(d, model, (N, 1, 2, 2), torch.Generator().manual_seed(3),
+    x = ancestral(d, model, (N, 1, 2, 2), torch.Generator().manual_seed(3),
                          timesteps=steps, sigma2="analytic", gamma=gaussian_gamma(d, S),
                          last_sigma_cap_y=None).double()
     mean, var = _predicted_moments(d, steps, exact_var=True)
@@ -198,13 +189,6 @@ def test_analytic_variance_sampling_bao2022_matches_the_exact_reverse_kernel(K):
     assert abs(float(x.var()) - var) < 5 * se_var
     assert small_var < 0.75 * var  # β̃ undershoots on a short chain; σ̂² does not
     assert abs(var - S**2) < 0.01 * S**2
-    with pytest.raises(ValueError, match="needs gamma"):
-        sample_ancestral(d, model, (2, 1, 2, 2), torch.Generator(), steps, sigma2="analytic")
-    with pytest.raises(ValueError, match="needs a model trained"):
-        sample_ancestral(d, model, (2, 1, 2, 2), torch.Generator(), steps, sigma2="learned")
-    with pytest.raises(ValueError, match="unknown sigma2"):
-        sample_ancestral(d, model, (2, 1, 2, 2), torch.Generator(), steps,
-                         sigma2="huge")  # type: ignore[arg-type]
 
 
 def _ddim_moments(d, steps, eta, noise_var):
@@ -250,7 +234,7 @@ def test_ddim_eta_half_with_analytic_variance_matches_recursion():
     model = GaussianDenoiser(d, M, S)
     gamma = gaussian_gamma(d, S)
     N = 16000
-    x = sample_ddim(d, model, (N, 1, 2, 2), steps, 0.5, torch.Generator().manual_seed(4),
+    x = ddim(d, model, (N, 1, 2, 2), steps, 0.5, torch.Generator().manual_seed(4),
                     sigma2="analytic", gamma=gamma, last_sigma_cap_y=None).double()
     noise_var = ddim_analytic_sigma2(d, gamma, steps, 0.5).tolist()
     mean, var = _ddim_moments(d, steps, 0.5, noise_var)
@@ -263,19 +247,16 @@ def test_ddim_eta_half_with_analytic_variance_matches_recursion():
     assert abs(float(x.mean()) - mean) < 5 * se_mean
     assert abs(float(x.var()) - var) < 5 * se_var
     assert abs(var - S**2) < 0.01 * S**2 < abs(plain - S**2)
-    with pytest.raises(ValueError, match="needs gamma"):
-        sample_ddim(d, model, (2, 1, 2, 2), steps, 0.5, torch.Generator(), sigma2="analytic")
 
 
 def test_ancestral_is_reproducible_and_calls_model_with_original_indices():
     d = Diffusion.from_schedule("linear", 100, var_type="fixed_large")
     steps = timestep_spacing(100, 7, "ddim_quadratic")
     model = GaussianDenoiser(d, M, S)
-    a = sample_ancestral(d, model, (4, 1, 2, 2), torch.Generator().manual_seed(0), steps,
-                         progress=True)
+    a = ancestral(d, model, (4, 1, 2, 2), torch.Generator().manual_seed(0), steps)
     assert [int(t[0]) for t in model.seen_t] == steps[::-1]
-    b = sample_ancestral(d, model, (4, 1, 2, 2), torch.Generator().manual_seed(0), steps)
-    c = sample_ancestral(d, model, (4, 1, 2, 2), torch.Generator().manual_seed(1), steps)
+    b = ancestral(d, model, (4, 1, 2, 2), torch.Generator().manual_seed(0), steps)
+    c = ancestral(d, model, (4, 1, 2, 2), torch.Generator().manual_seed(1), steps)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert float(a.abs().max()) <= 1.0
 
@@ -287,7 +268,7 @@ def test_respaced_mu_parameterization_equals_eps_parameterization():
     outs = []
     for mean_type in ("eps", "mu"):
         d = base.with_mean_type(mean_type)
-        outs.append(sample_ancestral(d, GaussianDenoiser(d, M, S), x_T.shape,
+        outs.append(ancestral(d, GaussianDenoiser(d, M, S), x_T.shape,
                                      torch.Generator().manual_seed(5), steps, x_T=x_T))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
@@ -311,7 +292,8 @@ def test_ddim_eta1_step_song_eq12_has_ancestral_mean_and_posterior_variance(tau,
     model = GaussianDenoiser(d, M, S)
     N = 40000
     x = torch.full((N, 1, 1, 1), 0.4)
-    out = ddim_step(d, model, x, tau, tau_prev, 1.0, torch.Generator().manual_seed(0)).double()
+    out = ddim_step(d, model, x, tau=tau, tau_prev=tau_prev, eta=1.0,
+                    noise=GenNoise(torch.Generator().manual_seed(0))).double()
     sub = respace(d, [tau_prev, tau])
     t1 = torch.ones(1, dtype=torch.long)
     p = p_mean_variance_from_output(sub, model(x[:1], torch.tensor([tau])), x[:1], t1)
@@ -320,8 +302,6 @@ def test_ddim_eta1_step_song_eq12_has_ancestral_mean_and_posterior_variance(tau,
                                         1.0) ** 2, rel_tol=1e-5)
     assert abs(float(out.mean()) - float(p["mean"])) < 5 * math.sqrt(var / N)
     assert abs(float(out.var()) - var) < 5 * var * math.sqrt(2 / N)
-    with pytest.raises(ValueError, match="eta"):
-        ddim_step(d, model, x, tau, tau_prev, 1.5, torch.Generator())
 
 
 def test_ddim_eta0_is_deterministic_and_eta1_is_not():
@@ -329,14 +309,11 @@ def test_ddim_eta0_is_deterministic_and_eta1_is_not():
     model = GaussianDenoiser(d, M, S)
     steps = timestep_spacing(100, 8, "ddim_quadratic")
     x_T = torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    a = sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(1), x_T=x_T)
-    b = sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(2), x_T=x_T,
-                    progress=True)
-    c = sample_ddim(d, model, x_T.shape, steps, 1.0, torch.Generator().manual_seed(1), x_T=x_T)
-    e = sample_ddim(d, model, x_T.shape, steps, 1.0, torch.Generator().manual_seed(2), x_T=x_T)
+    a = ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(1), x_T=x_T)
+    b = ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(2), x_T=x_T)
+    c = ddim(d, model, x_T.shape, steps, 1.0, torch.Generator().manual_seed(1), x_T=x_T)
+    e = ddim(d, model, x_T.shape, steps, 1.0, torch.Generator().manual_seed(2), x_T=x_T)
     assert torch.equal(a, b) and not torch.equal(c, e)
-    with pytest.raises(ValueError, match="eta"):
-        sample_ddim(d, model, x_T.shape, steps, -0.1, torch.Generator())
 
 
 @pytest.mark.parametrize("mean_type", ["eps", "x0"])
@@ -348,8 +325,8 @@ def test_ddim_encode_decode_round_trip_song_eq13(mean_type):
     errors = {}
     for n in (200, 1000):
         steps = timestep_spacing(1000, n, "leading")
-        x_T = ddim_encode(d, model, x0, steps, progress=(n == 200))
-        x_rec = sample_ddim(d, model, x0.shape, steps, 0.0, g, clip_x0=False, x_T=x_T)
+        x_T = ddim_encode(d, model, x0, timesteps=steps)
+        x_rec = ddim(d, model, x0.shape, steps, 0.0, g, clip_x0=False, x_T=x_T)
         errors[n] = float((x_rec - x0).abs().max())
     print(f"DDIM round trip max |error|: {errors}")  # measured 0.045 (S=200), 0.0081 (S=1000)
     assert errors[1000] < 0.02 and errors[1000] < errors[200] < 0.1
@@ -386,8 +363,8 @@ def test_ddim_song2021_eq7_q_sigma_composed_with_q_xt_given_x0_is_q_xprev_given_
     assert sigma2 <= 1 - ab_prev + 1e-15  # σ_τ(η)² ≤ 1 − ᾱ_prev for η ≤ 1: the step exists
     x_t = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(x0.shape, generator=g,
                                                                dtype=torch.float64)
-    out = ddim_step(d, _OracleEps(d, x0), x_t.float(), tau, tau_prev, eta, g,
-                    clip_x0=False).double()
+    out = ddim_step(d, _OracleEps(d, x0), x_t.float(), tau=tau, tau_prev=tau_prev, eta=eta,
+                    noise=GenNoise(g), clip_x0=False).double()
     var = 1 - ab_prev
     mean_err = (out.mean(0) - math.sqrt(ab_prev) * x0[0]).flatten()
     if var == 0:  # ᾱ_prev = 1: the step returns x_0 itself
@@ -447,7 +424,7 @@ def _ancestral_stds(d, steps, sigma2, gamma=None, **kw):
     rec = _Recorder(GaussianDenoiser(d, M, S))
     shape = (64, 1, 2, 2)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(9))
-    sample_ancestral(d, rec, shape, torch.Generator().manual_seed(5), timesteps=steps,
+    ancestral(d, rec, shape, torch.Generator().manual_seed(5), timesteps=steps,
                      x_T=x_T, sigma2=sigma2, gamma=gamma, clip_x0=False, **kw)
     full = steps is None
     sub = d if full else respace(d, steps)
@@ -509,7 +486,7 @@ def _ddim_stds(d, steps, eta, gamma=None, **kw):
     rec = _Recorder(GaussianDenoiser(d, M, S))
     shape = (64, 1, 2, 2)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(9))
-    sample_ddim(d, rec, shape, steps, eta, torch.Generator().manual_seed(5), clip_x0=False,
+    ddim(d, rec, shape, steps, eta, torch.Generator().manual_seed(5), clip_x0=False,
                 x_T=x_T, gamma=gamma, **kw)
     zs = _step_noise(torch.Generator().manual_seed(5), shape, len(steps) - 1)
     out = {}
@@ -556,8 +533,8 @@ def test_analytic_ddim_eta0_adds_sigma_hat_noise_capped_on_the_last_step():
     # plain DDIM η = 0: no noise, whatever the generator
     model = GaussianDenoiser(d, M, S)
     x_T = torch.randn(16, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    a, b = (sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(s),
+    a, b = (ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(s),
                         x_T=x_T) for s in (1, 2))
-    c, e = (sample_ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(s),
+    c, e = (ddim(d, model, x_T.shape, steps, 0.0, torch.Generator().manual_seed(s),
                         x_T=x_T, sigma2="analytic", gamma=gamma) for s in (1, 2))
     assert torch.equal(a, b) and not torch.equal(c, e)
