@@ -53,13 +53,14 @@ OOM_HINT = ("lower --batch-size (bpd: --batch-size or --t-batch; one network cal
 
 # ----------------------------------------------------------------------------- files
 
+IMAGE_SOURCES = "a folder of PNG/JPEG images, an .npz with uint8 `images` or an .npy"
+
 
 def read_images(path: str | Path) -> Any:
     """uint8 [N, H, W, C] from an image folder, an .npz (`images`) or an .npy."""
     path = Path(path)
     if not path.exists():  # before torch is imported (by ddpm_core.data)
-        raise FileNotFoundError(f"{path}: not found; give a folder of PNG/JPEG images, an .npz "
-                                "with uint8 `images` or an .npy")
+        raise FileNotFoundError(f"{path}: not found; give {IMAGE_SOURCES}")
     from ddpm_core.data import DataError, load_image_folder, load_images, load_npz
 
     if path.is_dir():
@@ -68,8 +69,7 @@ def read_images(path: str | Path) -> Any:
         return load_npz(path)[0]
     if path.suffix == ".npy":
         return load_images(path)
-    raise DataError(f"{path}: unknown image source; give a folder of PNG/JPEG images, an .npz "
-                    "with uint8 `images` or an .npy")
+    raise DataError(f"{path}: unknown image source; give {IMAGE_SOURCES}")
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -299,8 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--which", choices=WHICH, default="ema",
                        help="EMA (default) or raw weights of our files")
     images = argparse.ArgumentParser(add_help=False)  # bpd, nll: the images and a result file
-    images.add_argument("images",
-                        help="a folder of PNG/JPEG, an .npz with uint8 `images` or an .npy")
+    images.add_argument("images", help=IMAGE_SOURCES)
     images.add_argument("--json", default=None, help="also write the result to this JSON file")
     gamma = argparse.ArgumentParser(add_help=False)  # sample, bpd: Γ of σ² analytic
     gamma.add_argument("--gamma-images", default=None,
