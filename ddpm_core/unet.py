@@ -214,12 +214,10 @@ class UNet(nn.Module):
         self.mid = MidBlock(cin, emb_dim, p)
 
         self.up = nn.ModuleList()  # from the lowest resolution up, in execution order
-        for i in reversed(range(n)):
-            cout = widths[i]
-            blocks = []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResBlock(cin + skip_ch.pop(), cout, emb_dim, p))
-                cin = cout
+        for i, cout in reversed(list(enumerate(widths))):
+            blocks = [ResBlock((cin if j == 0 else cout) + skip_ch.pop(), cout, emb_dim, p)
+                      for j in range(cfg.num_res_blocks + 1)]  # each joins one skip tensor
+            cin = cout
             up = Upsample(cout) if i > 0 else None
             self.up.append(Level(blocks, cfg.resolutions[i] in cfg.attn_resolutions, up))
         assert not skip_ch
