@@ -107,9 +107,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 def find_resume(ckpt_dir: Path, fallback: bool = False) -> tuple[dict, Path] | None:
     """Newest valid checkpoint in ckpt_dir; a corrupt newest one raises unless fallback."""
-    candidates = list_checkpoints(ckpt_dir)
     errors = []
-    for path in reversed(candidates):
+    for path in reversed(list_checkpoints(ckpt_dir)):
         try:
             return load_checkpoint(path), path
         except CheckpointError as e:

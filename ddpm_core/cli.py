@@ -53,13 +53,14 @@ OOM_HINT = ("lower --batch-size (bpd: --batch-size or --t-batch; one network cal
 
 # ----------------------------------------------------------------------------- files
 
+IMAGE_SOURCES = "a folder of PNG/JPEG images, an .npz with uint8 `images` or an .npy"
+
 
 def read_images(path: str | Path) -> Any:
     """uint8 [N, H, W, C] from an image folder, an .npz (`images`) or an .npy."""
     path = Path(path)
     if not path.exists():  # before torch is imported (by ddpm_core.data)
-        raise FileNotFoundError(f"{path}: not found; give a folder of PNG/JPEG images, an .npz "
-                                "with uint8 `images` or an .npy")
+        raise FileNotFoundError(f"{path}: not found; give {IMAGE_SOURCES}")
     from ddpm_core.data import DataError, load_image_folder, load_images, load_npz
 
     if path.is_dir():
@@ -68,8 +69,7 @@ def read_images(path: str | Path) -> Any:
         return load_npz(path)[0]
     if path.suffix == ".npy":
         return load_images(path)
-    raise DataError(f"{path}: unknown image source; give a folder of PNG/JPEG images, an .npz "
-                    "with uint8 `images` or an .npy")
+    raise DataError(f"{path}: unknown image source; give {IMAGE_SOURCES}")
 
 
 # ----------------------------------------------------------------------------- subcommands
@@ -292,24 +292,29 @@ def _net_batch_arg(p: argparse.ArgumentParser) -> None:
                    "the numbers depend on it, not on --batch-size)")
 
 
-def _gamma_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gamma-images", default=None,
-                   help="training images (folder, .npz, .npy) for Γ of --sigma2 analytic")
-    p.add_argument("--gamma-m", type=int, default=100,
-                   help="images used for Γ (default 100; Bao et al.: 10 or 100 suffice)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpm", description="DDPM models: sample, bits/dim, convert, check results.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     model_help = ("our model file (models/<variant>.pt), a training checkpoint (ckpt_*.pt), a "
                   "diffusers folder (config.json, weights, scheduler_config.json) or a hub id "
                   "owner/name (a missing path that looks local is 'not found', never a hub id)")
+    model = argparse.ArgumentParser(add_help=False)  # sample, bpd, nll: the model, where it runs
+    model.add_argument("model", help=model_help)
+    model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    model.add_argument("--which", choices=WHICH, default="ema",
+                       help="EMA (default) or raw weights of our files")
+    images = argparse.ArgumentParser(add_help=False)  # bpd, nll: the images and a result file
+    images.add_argument("images", help=IMAGE_SOURCES)
+    images.add_argument("--json", default=None, help="also write the result to this JSON file")
+    gamma = argparse.ArgumentParser(add_help=False)  # sample, bpd: Γ of σ² analytic
+    gamma.add_argument("--gamma-images", default=None,
+                       help="training images (folder, .npz, .npy) for Γ of --sigma2 analytic")
+    gamma.add_argument("--gamma-m", type=int, default=100,
+                       help="images used for Γ (default 100; Bao et al.: 10 or 100 suffice)")
 
     s = sub.add_parser("sample", help="draw images: an .npz with uint8 `images` and a PNG grid",
                        description="Draw images from a model; writes OUT (.npz, uint8 `images` "
-                                   "[N, H, W, C]) and a PNG grid.")
-    s.add_argument("model", help=model_help)
+                                   "[N, H, W, C]) and a PNG grid.", parents=[model, gamma])
     s.add_argument("-n", "--num", dest="n", type=int, default=64, help="images (default 64)")
     s.add_argument("--sampler", choices=SAMPLER_KINDS,
                    default="ancestral", help="ancestral (DDPM), ddim (η = --eta) or "
@@ -327,20 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=256)
     _net_batch_arg(s)
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    s.add_argument("--which", choices=WHICH, default="ema",
-                   help="EMA (default) or raw weights of our files")
     s.add_argument("--no-clip", action="store_true", help="do not clip x̂_0 to [-1, 1]")
     s.add_argument("-o", "--out", default="samples.npz", help="output .npz (default samples.npz)")
     s.add_argument("--grid", default=None, help="PNG grid (default: OUT with .png)")
     s.add_argument("--grid-n", type=int, default=64, help="images in the grid (default 64)")
-    _gamma_args(s)
     s.set_defaults(func=cmd_sample)
 
     b = sub.add_parser("bpd", help="bits/dim (DDPM's full variational bound) of images",
-                       description="Negative log-likelihood bound in bits/dim of uint8 images.")
-    b.add_argument("model", help=model_help)
-    b.add_argument("images", help="a folder of PNG/JPEG, an .npz with uint8 `images` or an .npy")
+                       description="Negative log-likelihood bound in bits/dim of uint8 images.",
+                       parents=[model, images, gamma])
     b.add_argument("-n", "--num", dest="n", type=int, default=None, help="first N images only")
     b.add_argument("--sigma2", choices=SIGMA2, default=None,
                    help="reverse variance (default: the model's own)")
@@ -349,10 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=100)
     b.add_argument("--t-batch", type=int, default=10, help="timesteps per network call")
     _net_batch_arg(b)
-    b.add_argument("--device", default=None)
-    b.add_argument("--which", choices=WHICH, default="ema")
-    b.add_argument("--json", default=None, help="also write the result to this JSON file")
-    _gamma_args(b)
     b.set_defaults(func=cmd_bpd)
 
     e = sub.add_parser("nll", help="exact bits/dim by the probability-flow ODE",
@@ -360,9 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "et al. 2021: uniform dequantization, Hutchinson divergence, "
                                    "RK45). Image i's noise comes from (--seed, i); images of one "
                                    "batch share the solver's steps, so the number depends on "
-                                   "--batch-size within the tolerance.")
-    e.add_argument("model", help=model_help)
-    e.add_argument("images", help="a folder of PNG/JPEG, an .npz with uint8 `images` or an .npy")
+                                   "--batch-size within the tolerance.",
+                       parents=[model, images])
     e.add_argument("-n", "--num-images", dest="n", type=int, default=None,
                    help="first N images only")
     e.add_argument("--rtol", type=float, default=1e-5, help="RK45 rtol (default 1e-5)")
@@ -371,9 +366,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1,
                    help="images per solve (default 1: each image's number its own)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default=None)
-    e.add_argument("--which", choices=WHICH, default="ema")
-    e.add_argument("--json", default=None, help="also write the result to this JSON file")
     e.set_defaults(func=cmd_nll)
 
     c = sub.add_parser("convert", help="our model file <-> a diffusers folder",

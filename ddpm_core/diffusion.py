@@ -80,17 +80,13 @@ class Diffusion:
         self.mean_type: MeanType = mean_type
         self.var_type: VarType = var_type
         self.betas = betas
-        if alpha_bar is None:
-            self.alphas = 1.0 - betas
-            self.alpha_bar = torch.cumprod(self.alphas, dim=0)
-        else:
-            self.alpha_bar = torch.as_tensor(alpha_bar, dtype=torch.float64).cpu()
-            assert self.alpha_bar.shape == betas.shape, "alpha_bar and betas differ in length"
-            self.alphas = self.alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64),
-                                                      self.alpha_bar[:-1]])
-            assert torch.allclose(1.0 - self.alphas, betas, rtol=1e-9, atol=1e-12), \
-                "betas must equal 1 − ᾱ_t/ᾱ_{t−1}"
+        self.alpha_bar = (torch.cumprod(1.0 - betas, dim=0) if alpha_bar is None
+                          else torch.as_tensor(alpha_bar, dtype=torch.float64).cpu())
+        assert self.alpha_bar.shape == betas.shape, "alpha_bar and betas differ in length"
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.alphas = 1.0 - betas if alpha_bar is None else self.alpha_bar / self.alpha_bar_prev
+        assert torch.allclose(1.0 - self.alphas, betas, rtol=1e-9, atol=1e-12), \
+            "betas must equal 1 − ᾱ_t/ᾱ_{t−1}"
         self.sqrt_alpha_bar = self.alpha_bar.sqrt()
         self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
         self.log_one_minus_alpha_bar = torch.log1p(-self.alpha_bar)

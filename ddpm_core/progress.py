@@ -18,25 +18,21 @@ class Progress:
     def __init__(self, total: int, desc: str, unit: str = "it", every: float = 10.0,
                  enabled: bool = True, stream: TextIO | None = None) -> None:
         self.total, self.desc, self.unit, self.every = int(total), desc, unit, every
-        self.n, self.enabled = 0, enabled
+        self.n = 0
         self.stream = stream if stream is not None else sys.stderr
-        self._bar: Any = None
+        tty = self.stream.isatty()
+        self._plain = enabled and not tty  # periodic lines instead of the bar
         self._t0 = self._last = time.perf_counter()
-        if enabled and self.stream.isatty():
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, desc=desc, unit=unit, dynamic_ncols=True,
-                             leave=False, file=self.stream)
+        self._bar = tqdm(total=self.total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
+                         file=self.stream, disable=not (enabled and tty))
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.update(n)
-            return
+        self._bar.update(n)
         now = time.perf_counter()
-        if now - self._last >= self.every:
+        if self._plain and now - self._last >= self.every:
             self._last = now
             self._line(now)
 
@@ -48,12 +44,8 @@ class Progress:
               f"eta {eta:.0f} s", file=sys.stdout, flush=True)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elif self.n and time.perf_counter() - self._t0 >= self.every:
+        self._bar.close()
+        if self._plain and self.n and time.perf_counter() - self._t0 >= self.every:
             self._line(time.perf_counter())
 
     def __enter__(self) -> Progress:

@@ -8,6 +8,8 @@ improved-diffusion's resample.py: the loss (losses.py) does not know how t was d
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 from torch import Tensor
 
@@ -51,8 +53,8 @@ class ImportanceSampler:
     def __init__(self, T: int) -> None:
         assert T >= 1, f"T={T}"
         self.T = T
-        # plain Python lists: update() runs per example on every training step
-        self._history: list[list[float]] = [[] for _ in range(T)]
+        # plain Python deques: update() runs per example on every training step
+        self._history = [deque[float](maxlen=HISTORY_PER_T) for _ in range(T)]
 
     # Nichol & Dhariwal 2021, Sec. 3.3: p_t ∝ sqrt(E[L_t²])
     def probabilities(self) -> Tensor:
@@ -75,10 +77,7 @@ class ImportanceSampler:
         loss = losses.detach().to("cpu", torch.float64)
         assert loss.shape == t.shape, f"loss {tuple(loss.shape)} vs t {tuple(t.shape)}"
         for ti, li in zip(t.tolist(), loss.tolist(), strict=True):
-            h = self._history[ti]
-            h.append(li)
-            if len(h) > HISTORY_PER_T:
-                del h[0]
+            self._history[ti].append(li)
 
     def state_dict(self) -> dict[str, Tensor]:
         """The history: "history" [T, 10] float64 (oldest first), "count" [T]."""
@@ -94,7 +93,8 @@ class ImportanceSampler:
         if history.shape != (self.T, HISTORY_PER_T) or count.shape != (self.T,):
             raise ValueError(f"importance history {tuple(history.shape)} does not match "
                              f"T={self.T} × {HISTORY_PER_T}")
-        self._history = [history[ti, : int(c)].tolist() for ti, c in enumerate(count.tolist())]
+        self._history = [deque(history[ti, : int(c)].tolist(), maxlen=HISTORY_PER_T)
+                         for ti, c in enumerate(count.tolist())]
 
 
 TimestepSampler = UniformSampler | ImportanceSampler

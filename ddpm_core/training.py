@@ -117,8 +117,6 @@ class EpochSampler:
             b -= k
             if self.offset == self.n:
                 self.epoch, self.offset = self.epoch + 1, 0
-        if len(dev_parts) == 1:
-            return cpu_parts[0], dev_parts[0]
         return torch.cat(cpu_parts), torch.cat(dev_parts)
 
     def state_dict(self) -> dict[str, int]:
@@ -188,14 +186,13 @@ class TrainStep:
         self.forward: nn.Module | Callable = Autocast(net, dtype)
         if cfg.compile:
             self.forward = torch.compile(self.forward)
-        params = list(self.model.parameters())
+        self._params = list(self.model.parameters())
         fused = dev.type == "cuda"
-        self.opt = torch.optim.Adam(params, lr=cfg.lr, fused=fused or None,
+        self.opt = torch.optim.Adam(self._params, lr=cfg.lr, fused=fused or None,
                                     foreach=None if fused else True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_factor(cfg.warmup_steps))
         self.loss, self.t_sampler = loss, t_sampler
         self.cfg, self.world = cfg, info.world_size
-        self._params = params
         self._ema_params = list(self.ema.parameters())
         self._pairs_buf = list(zip(self.ema.buffers(), self.model.buffers(), strict=True))
 
@@ -240,12 +237,6 @@ class _StopOnSignal:
     def __exit__(self, *exc: object) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def _rng_state(dev: torch.device) -> dict[str, Tensor | None]:
-    """This rank's global torch RNG states (dropout draws from them)."""
-    cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
 def _cpu_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
@@ -322,7 +313,6 @@ def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: 
                 if on_log is not None and info.is_main:
                     on_log(step, metrics)
                 acc.zero_()
-            if do_log:
                 window_start, clock = step, (step, time.perf_counter())
             if do_ckpt:
                 t_save = time.perf_counter()
@@ -362,18 +352,18 @@ def _check_spec(spec: ModelSpec | None, model: nn.Module) -> dict | None:
 
 
 def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: TrainConfig, info: D.DistInfo,
-          ckpt_dir: Path, spec: dict | None = None,
-          window: tuple[int, Tensor] | None = None) -> Path:
+          ckpt_dir: Path, spec: dict | None, window: tuple[int, Tensor]) -> Path:
     """Write the full training state after `step` (rank 0 writes; all ranks give RNG states
     and their sums of the open log window, so a resumed run logs the same averages)."""
-    rng_all = D.all_gather_objects(_rng_state(info.device))
-    start, acc = window if window is not None else (step, torch.zeros(2))
+    dev = info.device  # this rank's global torch RNG states: dropout draws from them
+    cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+    rng_all = D.all_gather_objects({"cpu": torch.get_rng_state(), "cuda": cuda})
+    start, acc = window
     sums_all = D.all_gather_objects(acc.detach().cpu().clone())
     path = checkpoint_path(ckpt_dir, step)
     if info.is_main:
-        cfg_dict = dataclasses.asdict(cfg)
         state = {
-            "step": step, "world_size": info.world_size, "config": cfg_dict,
+            "step": step, "world_size": info.world_size, "config": dataclasses.asdict(cfg),
             "model": step_fn.model.state_dict(), "ema": step_fn.ema.state_dict(),
             "optimizer": step_fn.opt.state_dict(), "scheduler": step_fn.sched.state_dict(),
             "t_sampler": step_fn.t_sampler.state_dict(), "data": batcher.sampler.state_dict(),

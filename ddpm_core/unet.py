@@ -39,9 +39,8 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % 2 ** (len(self.channel_mult) - 1) != 0:
-            raise ValueError(
-                f"image_size={self.image_size} is not divisible by 2**(len(channel_mult)-1)"
-            )
+            raise ValueError(f"image_size={self.image_size} is not divisible by "
+                             "2**(len(channel_mult)-1)")
         if min(self.in_channels, self.out_channels, self.base_channels, self.num_res_blocks) < 1:
             raise ValueError("in/out/base channels and num_res_blocks must be >= 1")
         if not self.channel_mult or min(self.channel_mult) < 1:
@@ -162,14 +161,17 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution of the down or up path: res blocks, optional attention, resampling."""
 
-    def __init__(
-        self, blocks: list[ResBlock], attn: bool, resample: nn.Module | None
-    ) -> None:
+    def __init__(self, blocks: list[ResBlock], attn: bool, resample: nn.Module | None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         ch = [blk.conv2.out_channels for blk in blocks]
         self.attns = nn.ModuleList([AttnBlock(c) for c in ch] if attn else [])
         self.resample = resample
+
+    def block(self, j: int, h: torch.Tensor, emb_act: torch.Tensor) -> torch.Tensor:
+        """Res block j, then its attention if this level has any."""
+        h = self.blocks[j](h, emb_act)
+        return self.attns[j](h) if len(self.attns) > 0 else h
 
 
 class MidBlock(nn.Module):
@@ -194,34 +196,28 @@ class UNet(nn.Module):
         ch, emb_dim, p = cfg.base_channels, 4 * cfg.base_channels, cfg.dropout
         widths = [ch * m for m in cfg.channel_mult]
         n = len(widths)
-        self.time_mlp = nn.Sequential(
-            nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         skip_ch = [ch]  # channels of every tensor pushed on the skip stack
         self.down = nn.ModuleList()
         cin = ch
         for i, cout in enumerate(widths):
-            blocks = []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResBlock(cin, cout, emb_dim, p))
-                cin = cout
-                skip_ch.append(cout)
+            blocks = [ResBlock(cin if j == 0 else cout, cout, emb_dim, p)
+                      for j in range(cfg.num_res_blocks)]
+            cin = cout
             down = Downsample(cout) if i < n - 1 else None
-            if down is not None:
-                skip_ch.append(cout)
+            skip_ch += [cout] * (cfg.num_res_blocks + (down is not None))
             self.down.append(Level(blocks, cfg.resolutions[i] in cfg.attn_resolutions, down))
 
         self.mid = MidBlock(cin, emb_dim, p)
 
         self.up = nn.ModuleList()  # from the lowest resolution up, in execution order
-        for i in reversed(range(n)):
-            cout = widths[i]
-            blocks = []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResBlock(cin + skip_ch.pop(), cout, emb_dim, p))
-                cin = cout
+        for i, cout in reversed(list(enumerate(widths))):
+            blocks = [ResBlock((cin if j == 0 else cout) + skip_ch.pop(), cout, emb_dim, p)
+                      for j in range(cfg.num_res_blocks + 1)]  # each joins one skip tensor
+            cin = cout
             up = Upsample(cout) if i > 0 else None
             self.up.append(Level(blocks, cfg.resolutions[i] in cfg.attn_resolutions, up))
         assert not skip_ch
@@ -256,10 +252,8 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for level in self.down:
-            for j, block in enumerate(level.blocks):
-                h = block(h, emb_act)
-                if len(level.attns) > 0:
-                    h = level.attns[j](h)
+            for j in range(len(level.blocks)):
+                h = level.block(j, h, emb_act)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)
@@ -268,10 +262,8 @@ class UNet(nn.Module):
         h = self.mid(h, emb_act)
 
         for level in self.up:
-            for j, block in enumerate(level.blocks):
-                h = block(torch.cat([h, skips.pop()], dim=1), emb_act)
-                if len(level.attns) > 0:
-                    h = level.attns[j](h)
+            for j in range(len(level.blocks)):
+                h = level.block(j, torch.cat([h, skips.pop()], dim=1), emb_act)
             if level.resample is not None:
                 h = level.resample(h)
 
