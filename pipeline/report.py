@@ -45,6 +45,7 @@ from pipeline.records import (  # noqa: E402
     REPORTS_DIR,
     Results,
     SamplerSpec,
+    VariantResults,
     bpd_key,
     load_results,
     wall_seconds,
@@ -96,22 +97,22 @@ def sample_sets_table(res: Results) -> pd.DataFrame:
     kid_col = label.replace("FID", "KID x 10³", 1)
     inception = res.features.features == "inception"
     is_col = "IS (Inception-v3)" if inception else "IS"
+
+    def scores(d: dict, fid: float | None) -> dict[str, str]:
+        return {label: _fmt(fid), kid_col: _pm(d.get("kid_mean"), d.get("kid_std"), 1e3),
+                is_col: _pm(d.get("isc_mean"), d.get("isc_std")) if inception else "n/a"}
+
     rows = []
     for name, r in res.variants.items():
         for spec in r.samplers:
             d = r.fid_details.get(spec.name, {})
             rows.append({"model": name, "sampler": spec.label(),
                          "images": str(d.get("images", r.num_samples.get(spec.name, "–"))),
-                         label: _fmt(d.get("fid", r.fid_of(spec))),
-                         kid_col: _pm(d.get("kid_mean"), d.get("kid_std"), 1e3),
-                         is_col: _pm(d.get("isc_mean"), d.get("isc_std")) if inception
-                         else "n/a", CAP_COL: _cap(spec)})
+                         **scores(d, d.get("fid", r.fid_of(spec))), CAP_COL: _cap(spec)})
     floor = res.features.floor
     rows.append({"model": "floor", "sampler": "test split vs train split",
-                 "images": str(res.features.floor_images), label: _fmt(floor.get("fid")),
-                 kid_col: _pm(floor.get("kid_mean"), floor.get("kid_std"), 1e3),
-                 is_col: _pm(floor.get("isc_mean"), floor.get("isc_std")) if inception
-                 else "n/a", CAP_COL: "–"})
+                 "images": str(res.features.floor_images), **scores(floor, floor.get("fid")),
+                 CAP_COL: "–"})
     return pd.DataFrame(rows)
 
 
@@ -146,19 +147,38 @@ def steps_table(res: Results) -> pd.DataFrame:
     DDIM and one per ancestral σ² (respaced at S < T, the full chain at S = T)."""
     rows = []
     for name, r in res.variants.items():
-        variances = list(dict.fromkeys(s.variance for s in r.samplers if s.kind != "ddim"))
-        ddims = list(dict.fromkeys((s.variance, s.eta) for s in r.samplers if s.kind == "ddim"))
-        kinds = [("ddim", v, _ddim_title(v, eta)) for v, eta in ddims or [(None, 0.0)]] + [
-            ("ancestral", v, f"ancestral {_label(v)}") for v in variances]
-        for kind, variance, title in kinds:
-            row = {"model": name, "sampler": title}
-            for spec in r.samplers:
-                if (spec.kind == "ddim") == (kind == "ddim") and spec.variance == variance:
-                    row[f"S = {spec.steps}"] = r.fid_of(spec)
-            rows.append(row)
-    df = pd.DataFrame(rows).set_index(["model", "sampler"])
-    df = df[sorted(df.columns, key=lambda c: int(c.split("=")[1]))]
-    return df.map(_fmt)
+        ddim, ancestral = _fid_against_steps(r)
+        lines = {**(ddim or {_ddim_title(None, 0.0): {}}),
+                 **{f"ancestral {_label(v)}": fids for v, fids in ancestral.items()}}
+        rows += [{"model": name, "sampler": title, **_at_steps("S", fids)}
+                 for title, fids in lines.items()]
+    return _by_steps(rows, ["model", "sampler"], []).set_index(["model", "sampler"])
+
+
+def _fid_against_steps(r: VariantResults) -> tuple[dict, dict]:
+    """One variant's FID by number of steps S: {DDIM title: {S: FID}}, one per DDIM sampler
+    (plain or Analytic-DDIM, per η), and {σ²: {S: FID}}, one per ancestral σ² (respaced at
+    S < T, the full chain at S = T); in the order sampled."""
+    ddim: dict[str, dict[int, float | None]] = {}
+    ancestral: dict[str | None, dict[int, float | None]] = {}
+    for s in r.samplers:
+        if s.kind == "ddim":
+            ddim.setdefault(_ddim_title(s.variance, s.eta), {})[s.steps] = r.fid_of(s)
+        else:
+            ancestral.setdefault(s.variance, {})[s.steps] = r.fid_of(s)
+    return ddim, ancestral
+
+
+def _bpd_against_steps(r: VariantResults, var: str) -> dict[int, float]:
+    """One variant's bits/dim of the K-step chains with σ² `var`, by K (increasing)."""
+    stem = bpd_key(var) + "_K"  # type: ignore[arg-type]
+    return dict(sorted((int(k.removeprefix(stem)), v) for k, v in r.bpd.items()
+                       if k.startswith(stem)))
+
+
+def _at_steps(letter: str, values: dict[int, float | None], digits: int = 3) -> dict[str, str]:
+    """Numbers by number of steps as table cells: {"S = 10": "13.360", ...}."""
+    return {f"{letter} = {k}": _fmt(x, digits) for k, x in values.items()}
 
 
 def _ddim_title(variance: str | None, eta: float | None) -> str:
@@ -189,46 +209,36 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
     variant and σ² (FID: and per DDIM sampler, plain and Analytic-DDIM), then Analytic-DPM's
     published CIFAR-10 (LS) rows (FID: their DDIM and Analytic-DDIM rows too); columns are the
     number of steps (K for the bound, S for sampling) and each row says which spacing it used."""
-    label = res.features.label
     bpd_rows, fid_rows = [], []
     for name, r in res.variants.items():
-        Ks = sorted({int(k.rsplit("_K", 1)[1]) for k in r.bpd if "_K" in k})
+        measured = {"source": f"measured: {name}", "metric": res.features.label,
+                    "spacing": params.sample.spacing}
+        ddim, ancestral = _fid_against_steps(r)
         for var in SIGMA2_COMPARED:
-            head = {"source": f"measured: {name}", "σ²": _label(var)}
-            bpd = {f"K = {K}": _fmt(r.bpd[bpd_key(var, K)]) for K in Ks
-                   if bpd_key(var, K) in r.bpd}
-            if bpd:
-                bpd_rows.append({**head, **bpd, "spacing": "even"})
-            fid = {f"S = {spec.steps}": _fmt(r.fid_of(spec)) for spec in r.samplers
-                   if spec.variance == var and spec.kind in ("ancestral", "respaced")}
-            if fid:
-                fid_rows.append({**head, "metric": label, **fid,
-                                 "spacing": params.sample.spacing})
-        for variance, eta in dict.fromkeys((s.variance, s.eta) for s in r.samplers
-                                           if s.kind == "ddim"):
-            fid = {f"S = {spec.steps}": _fmt(r.fid_of(spec)) for spec in r.samplers
-                   if spec.kind == "ddim" and (spec.variance, spec.eta) == (variance, eta)}
-            fid_rows.append({"source": f"measured: {name}", "σ²": _ddim_title(variance, eta),
-                             "metric": label, **fid, "spacing": params.sample.spacing})
+            if bpd := _bpd_against_steps(r, var):
+                bpd_rows.append({"source": measured["source"], "σ²": _label(var),
+                                 **_at_steps("K", bpd), "spacing": "even"})
+            if var in ancestral:
+                fid_rows.append({**measured, "σ²": _label(var), **_at_steps("S", ancestral[var])})
+        fid_rows += [{**measured, "σ²": title, **_at_steps("S", fids)}
+                     for title, fids in ddim.items()]
+    pub = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "spacing": "even"}
+    pub_fid = {**pub, "metric": "FID (Inception-v3)"}
     for var in SIGMA2_COMPARED:
-        head = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "σ²": _label(var)}
-        bpd_rows.append({**head, **{f"K = {K}": _fmt(x, 2) for K, x in
-                                    published.ANALYTIC_DPM_BPD[var].items()}, "spacing": "even"})
-        fid_rows.append({**head, "metric": "FID (Inception-v3)",
-                         **{f"S = {S}": _fmt(x, 2) for S, x in
-                            published.ANALYTIC_DPM_FID[var].items()}, "spacing": "even"})
-    for kind, fids in published.ANALYTIC_DPM_DDIM_FID.items():
-        fid_rows.append({"source": "published: Analytic-DPM CIFAR-10 (LS)",
-                         "σ²": _ddim_title(None if kind == "ddim" else "analytic", 0.0),
-                         "metric": "FID (Inception-v3)",
-                         **{f"S = {S}": _fmt(x, 2) for S, x in fids.items()}, "spacing": "even"})
+        bpd_rows.append({**pub, "σ²": _label(var),
+                         **_at_steps("K", published.ANALYTIC_DPM_BPD[var], 2)})
+        fid_rows.append({**pub_fid, "σ²": _label(var),
+                         **_at_steps("S", published.ANALYTIC_DPM_FID[var], 2)})
+    fid_rows += [{**pub_fid, "σ²": _ddim_title(None if kind == "ddim" else "analytic", 0.0),
+                  **_at_steps("S", fids, 2)}
+                 for kind, fids in published.ANALYTIC_DPM_DDIM_FID.items()]
     return (_by_steps(bpd_rows, ["source", "σ²"], ["spacing"]),
             _by_steps(fid_rows, ["source", "σ²", "metric"], ["spacing"]))
 
 
 def ddim_table() -> pd.DataFrame:
     """DDIM Table 1 (CIFAR-10 FID): one row per sampler, one column per number of steps S."""
-    rows = [{"sampler": name, **{f"S = {S}": _fmt(x, 2) for S, x in fids.items()}}
+    rows = [{"sampler": name, **_at_steps("S", fids, 2)}
             for name, fids in published.DDIM_TABLE.items()]
     return pd.DataFrame(rows).set_index("sampler")
 
@@ -410,18 +420,14 @@ def sigma2_steps_figure(params: Params, res: Results, fig_dir: Path) -> str | No
     ks_all, ss_all = [], []
     for k, (name, r) in enumerate(res.variants.items()):
         line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
+        _, ancestral = _fid_against_steps(r)
         for var in SIGMA2_COMPARED:
             style = {"color": SIGMA2_COLOR[var], "ls": line, "marker": marker,
                      "label": f"{name}, {_label(var)}"}
-            ks = sorted(int(key.rsplit("_K", 1)[1]) for key in r.bpd
-                        if key.startswith(bpd_key(var) + "_K"))
-            if ks:
-                a1.plot(ks, [r.bpd[bpd_key(var, K)] for K in ks], **style)
-                ks_all += ks
-            pts = sorted((s.steps, r.fid_of(s)) for s in r.samplers
-                         if s.variance == var and s.kind in ("ancestral", "respaced")
-                         and r.fid_of(s) is not None)
-            if pts:
+            if bpd := _bpd_against_steps(r, var):
+                a1.plot(list(bpd), list(bpd.values()), **style)
+                ks_all += list(bpd)
+            if pts := sorted((S, f) for S, f in ancestral.get(var, {}).items() if f is not None):
                 a2.plot(*zip(*pts, strict=True), **style)
                 ss_all += [S for S, _ in pts]
     if not ks_all and not ss_all:
