@@ -325,10 +325,10 @@ def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
 
     def cell(name: str, spec: SamplerSpec) -> str:
         r = res.variants[name]
-        have = next((s for s in r.samplers if s.name == spec.name), None)
         src = f"figures/samples_{name}_{spec.name}.png"
-        return "–" if have is None else f"[![{name}: {spec.name}]({src})]({src}) {label} " \
-            f"{_fmt(r.fid_of(have))}"
+        if spec.name not in r.num_samples:  # this model has no such sample set
+            return "–"
+        return f"[![{name}: {spec.name}]({src})]({src}) {label} {_fmt(r.fid_of(spec))}"
 
     rows = [{"sampler": spec.label(), **{n: cell(n, spec) for n in res.variants}}
             for spec in specs]
@@ -475,7 +475,9 @@ def loss_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
     return fig_to_file(fig, fig_dir, "loss.png")
 
 
-def terms_figure(res: Results, fig_dir: Path) -> str | None:
+def terms_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
+    """The terms L_{t-1} of the bound against t, and their running sum (DDPM Fig. 5 style):
+    one line per model and σ²."""
     tables = {n: pd.read_csv(r.paths.bpd_terms) for n, r in res.variants.items()
               if r.paths.bpd_terms.is_file()}
     if not tables:
@@ -490,28 +492,28 @@ def terms_figure(res: Results, fig_dir: Path) -> str | None:
                      **({"color": SIGMA2_COLOR[var]} if var in SIGMA2_COLOR else {})}
             a1.plot(steps["t"], steps[col], **style)
             a2.plot(steps["t"], steps[col].cumsum(), **style)
-    a1.set(yscale="log", title="term $L_{t-1}$ of the bound at step t", ylabel="bits/dim")
-    a2.set(title="cumulative: $L_0 + \\ldots + L_{t-1}$", ylabel="bits/dim")
-    for a in (a1, a2):
-        a.set_xlabel("step t")
+    a1.set(yscale="log", title="term $L_{t-1}$ of the bound at step t", xlabel="step t",
+           ylabel="bits/dim")
+    a2.set(title="cumulative: $L_0 + \\ldots + L_{t-1}$", xlabel="step t", ylabel="bits/dim")
     _plain_ticks(a1)
     _legend_outside(fig)
     return fig_to_file(fig, fig_dir, "vlb_terms.png")
 
 
-def steps_figure(res: Results, fig_dir: Path) -> str | None:
+def steps_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
+    """FID against S (plots/fid_steps/<v>.csv): DDIM, Analytic-DDIM and respaced ancestral with
+    σ² = β, one line each per model, above the floor."""
     fig, (ax,) = _panels(1, 6.0, 3.6)
     drawn: list[int] = []
     for k, (name, r) in enumerate(res.variants.items()):
-        df = pd.read_csv(r.paths.fid_steps) if r.paths.fid_steps.is_file() else None
-        if df is None:
+        if not r.paths.fid_steps.is_file():
             continue
+        df = pd.read_csv(r.paths.fid_steps)
         line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
         for col, color, what in (("ddim", "C3", "DDIM η=0"),
                                  ("ddim_analytic", "C4", "Analytic-DDIM η=0"),
                                  ("respaced", SIGMA2_COLOR["fixed_large"], "ancestral σ²=β")):
-            pts = df[["steps", col]].dropna() if col in df else df.iloc[:0]
-            if len(pts):
+            if col in df and len(pts := df[["steps", col]].dropna()):
                 ax.plot(pts["steps"], pts[col], ls=line, marker=marker, color=color,
                         label=f"{name}: {what}")
                 drawn += [int(x) for x in pts["steps"]]
@@ -526,10 +528,11 @@ def steps_figure(res: Results, fig_dir: Path) -> str | None:
     return fig_to_file(fig, fig_dir, "fid_vs_steps.png")
 
 
-FIGURES = (("Loss curves", "loss"),
-           ("Per-timestep terms of the bound (DDPM Fig. 5 style)", "terms"),
-           ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps"),
-           ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic (measured)", "sigma2_steps"))
+FIGURES = (("Loss curves", "loss", loss_figure),  # in the report's order
+           ("Per-timestep terms of the bound (DDPM Fig. 5 style)", "terms", terms_figure),
+           ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps", steps_figure),
+           ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic (measured)", "sigma2_steps",
+            sigma2_steps_figure))
 TEMPLATES = jinja2.Environment(  # report.md.jinja (the text) and report.html.jinja (the page)
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), trim_blocks=True,
     lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
@@ -555,7 +558,7 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
     return TEMPLATES.get_template("report.md.jinja").render(
         p=params, feats=res.features, label=res.features.label, published=published, t=t,
         cap_note=last_sigma_cap_note(res), n_other=len(rest),
-        figures=[(title, key, figures[key]) for title, key in FIGURES if figures.get(key)])
+        figures=[(title, key, figures[key]) for title, key, _ in FIGURES if figures.get(key)])
 
 
 def provenance_table(prov: dict[str, str]) -> str:
@@ -566,12 +569,6 @@ def provenance_table(prov: dict[str, str]) -> str:
 
 _NUM = r"[-+]?\d[\d,]*(\.\d+)?"
 _NUMBER = re.compile(rf"{_NUM}( ± {_NUM})?|–|n/a")  # right-aligned table cells (not 3.11.7)
-
-
-def _inline(path: str, fig_dir: Path) -> str:
-    """A figure of fig_dir as a data: URL (the page loads nothing from elsewhere)."""
-    data = base64.b64encode((fig_dir / Path(path).name).read_bytes()).decode()
-    return f"data:image/png;base64,{data}"
 
 
 def _wrap_table(self, tokens: list, idx: int, options: dict, env: dict) -> str:
@@ -603,8 +600,9 @@ def markdown_to_html(md: str, fig_dir: Path, thumb: int = THUMB_WIDTH[1]) -> str
                 table.attrSet("class", "grids")
             elif tok.type == "td_open" and _NUMBER.fullmatch(tokens[i + 1].content):
                 tok.attrSet("class", "n")
-        for im in (c for c in tok.children or () if c.type == "image"):
-            im.attrSet("src", _inline(im.attrGet("src"), fig_dir))
+        for im in (c for c in tok.children or () if c.type == "image"):  # as a data: URL
+            png = (fig_dir / Path(im.attrGet("src")).name).read_bytes()
+            im.attrSet("src", f"data:image/png;base64,{base64.b64encode(png).decode()}")
     body = parser.renderer.render(tokens, parser.options, {})
     return TEMPLATES.get_template("report.html.jinja").render(body=body)
 
@@ -618,10 +616,7 @@ def main(params: Params) -> None:
                 (tmp_fig / f"samples_{name}_{spec.name}.png").write_bytes(src.read_bytes())
         save_grid(load_images(DATA_DIR / "train.npy"), tmp_fig / TRAIN_GRID,
                   params.sample.grid_size)  # drawn as sample@<v> draws its grids
-        figures = {"loss": loss_figure(params, res, tmp_fig),
-                   "terms": terms_figure(res, tmp_fig),
-                   "steps": steps_figure(res, tmp_fig),
-                   "sigma2_steps": sigma2_steps_figure(params, res, tmp_fig)}
+        figures = {key: draw(params, res, tmp_fig) for _, key, draw in FIGURES}
         md = build_markdown(params, res, figures, provenance(params))
         page = markdown_to_html(md, tmp_fig, thumb_width(res))
     write_text(md, REPORTS_DIR / "report.md")
