@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -160,11 +159,8 @@ def relaunch_under_torchrun(module: str, n: int) -> None:
 @contextmanager
 def scratch_dir() -> Iterator[Path]:
     """A throwaway folder: where non-zero ranks put what only rank 0 keeps."""
-    tmp = Path(tempfile.mkdtemp(prefix="ddpm-rank-"))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="ddpm-rank-", ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)
 
 
 def device() -> torch.device:
@@ -212,19 +208,6 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
                                    out_channels=out_channels, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
-
-
-def data_shape(split: str = "train") -> tuple[int, int, int]:
-    """[H, W, C] of a prepared split, read from the .npy header only."""
-    import numpy as np
-
-    from pipeline.records import DATA_DIR
-
-    path = DATA_DIR / f"{split}.npy"
-    if not path.is_file():
-        raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
-    arr = np.load(path, mmap_mode="r")
-    return tuple(arr.shape[1:])  # type: ignore[return-value]
 
 
 def variant_model(name: str, use_ema: bool) -> LoadedModel:

@@ -144,6 +144,7 @@ NLL_ODE_BPD_SE = "nll_ode_bpd_se"
 NLL_NFE_MEAN = "nll_nfe_mean"
 
 FINAL_LOSS = "final_loss"
+TIMED_STAGES = ("train", "sample", "bpd", "nll", "fid")  # the stages that write timings/<v>
 FLOOR_FID = "floor_fid"
 
 
@@ -284,14 +285,6 @@ def _unwrap(path: Path, name: str) -> dict:
     return read_json(path).get(name, {})
 
 
-def _timings(p: VariantPaths) -> dict:
-    out = {}
-    for stage in ("train", "sample", "bpd", "nll", "fid"):
-        if p.timings(stage).is_file():
-            out[stage] = read_json(p.timings(stage))
-    return out
-
-
 def load_variant(name: str) -> VariantResults:
     p = VariantPaths(name)
     index = read_json(p.sample_index)
@@ -302,7 +295,8 @@ def load_variant(name: str) -> VariantResults:
         train=_unwrap(p.train_metrics, name), bpd=_unwrap(p.bpd_metrics, name),
         nll=_unwrap(p.nll_metrics, name),
         fid=_unwrap(p.fid_metrics, name), fid_details=read_json(p.fid_details),
-        timings=_timings(p), paths=p)
+        timings={stage: read_json(p.timings(stage)) for stage in TIMED_STAGES
+                 if p.timings(stage).is_file()}, paths=p)
 
 
 def load_features() -> FeatureInfo:

@@ -43,6 +43,7 @@ from pipeline.records import (  # noqa: E402
     NLL_ODE_BPD,
     NLL_ODE_BPD_SE,
     REPORTS_DIR,
+    TIMED_STAGES,
     Results,
     SamplerSpec,
     VariantResults,
@@ -272,6 +273,9 @@ def likelihood_table(res: Results) -> pd.DataFrame:
 def timings_table(res: Results) -> pd.DataFrame:
     """Wall time of every timed stage (timings/), features first, then stage by stage."""
     def work(stage: str, t: dict) -> str:
+        if stage == "features":
+            return ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in t.items()
+                             if k.endswith("_seconds"))
         if t.get("pretrained"):
             return f"pretrained weights imported ({t['pretrained']})"
         if stage == "train":
@@ -291,15 +295,12 @@ def timings_table(res: Results) -> pd.DataFrame:
     rows, total = [], 0.0
     timed = [("features", "features", res.features.timings)] if res.features.timings else []
     timed += [(f"{stage}@{name}", stage, r.timings[stage])
-              for stage in ("train", "sample", "bpd", "nll", "fid")
+              for stage in TIMED_STAGES
               for name, r in res.variants.items() if stage in r.timings]
     for name, stage, t in timed:
         seconds = wall_seconds(t)
         total += seconds or 0.0
-        what = work(stage, t) if stage != "features" else ", ".join(
-            f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in t.items()
-            if k.endswith("_seconds"))
-        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1), "work": what})
+        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1), "work": work(stage, t)})
     rows.append({"stage": "total of the timed stages", "wall time (s)": _fmt(total, 1),
                  "work": "prepare, gamma and report are not timed"})
     return pd.DataFrame(rows).set_index("stage")
