@@ -91,8 +91,7 @@ class SamplerSpec:
     def label(self) -> str:
         """Human name, e.g. 'ancestral σ² = β, 100 steps'."""
         if self.kind == "ddim":
-            what = "DDIM" if self.variance is None else "Analytic-DDIM"
-            return f"{what} η = {self.eta or 0.0:g}, {self.steps} steps"
+            return f"{ddim_title(self.variance, self.eta)}, {self.steps} steps"
         what = "ancestral" if self.kind == "ancestral" else "respaced ancestral"
         return f"{what} {SIGMA2_MODES[self.variance].label}, {self.steps} steps"
 
@@ -103,6 +102,11 @@ class SamplerSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplerSpec:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def ddim_title(variance: Sigma2 | None, eta: float | None) -> str:
+    """'DDIM η = 0', or 'Analytic-DDIM η = 0' (DDIM with the analytic σ̂² noise)."""
+    return f"{'DDIM' if variance is None else 'Analytic-DDIM'} η = {eta or 0.0:g}"
 
 
 def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2,

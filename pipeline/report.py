@@ -48,6 +48,7 @@ from pipeline.records import (  # noqa: E402
     SamplerSpec,
     VariantResults,
     bpd_key,
+    ddim_title,
     load_results,
     wall_seconds,
 )
@@ -149,7 +150,7 @@ def steps_table(res: Results) -> pd.DataFrame:
     rows = []
     for name, r in res.variants.items():
         ddim, ancestral = _fid_against_steps(r)
-        lines = {**(ddim or {_ddim_title(None, 0.0): {}}),
+        lines = {**(ddim or {ddim_title(None, 0.0): {}}),
                  **{f"ancestral {_label(v)}": fids for v, fids in ancestral.items()}}
         rows += [{"model": name, "sampler": title, **_at_steps("S", fids)}
                  for title, fids in lines.items()]
@@ -164,7 +165,7 @@ def _fid_against_steps(r: VariantResults) -> tuple[dict, dict]:
     ancestral: dict[str | None, dict[int, float | None]] = {}
     for s in r.samplers:
         if s.kind == "ddim":
-            ddim.setdefault(_ddim_title(s.variance, s.eta), {})[s.steps] = r.fid_of(s)
+            ddim.setdefault(ddim_title(s.variance, s.eta), {})[s.steps] = r.fid_of(s)
         else:
             ancestral.setdefault(s.variance, {})[s.steps] = r.fid_of(s)
     return ddim, ancestral
@@ -180,11 +181,6 @@ def _bpd_against_steps(r: VariantResults, var: str) -> dict[int, float]:
 def _at_steps(letter: str, values: dict[int, float | None], digits: int = 3) -> dict[str, str]:
     """Numbers by number of steps as table cells: {"S = 10": "13.360", ...}."""
     return {f"{letter} = {k}": _fmt(x, digits) for k, x in values.items()}
-
-
-def _ddim_title(variance: str | None, eta: float | None) -> str:
-    """'DDIM η = 0' or 'Analytic-DDIM η = 0' (DDIM with the analytic σ̂² noise)."""
-    return f"{'DDIM' if variance is None else 'Analytic-DDIM'} η = {eta or 0.0:g}"
 
 
 def _label(var: str | None) -> str:
@@ -230,7 +226,7 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
                          **_at_steps("K", published.ANALYTIC_DPM_BPD[var], 2)})
         fid_rows.append({**pub_fid, "σ²": _label(var),
                          **_at_steps("S", published.ANALYTIC_DPM_FID[var], 2)})
-    fid_rows += [{**pub_fid, "σ²": _ddim_title(None if kind == "ddim" else "analytic", 0.0),
+    fid_rows += [{**pub_fid, "σ²": ddim_title(None if kind == "ddim" else "analytic", 0.0),
                   **_at_steps("S", fids, 2)}
                  for kind, fids in published.ANALYTIC_DPM_DDIM_FID.items()]
     return (_by_steps(bpd_rows, ["source", "σ²"], ["spacing"]),
