@@ -67,9 +67,7 @@ def describe_os_error(e: OSError) -> str:
 
     if e.filename is None:  # raised with a message of ours, not by the OS
         return str(e) or type(e).__name__
-    where = str(e.filename)
-    if e.filename2:
-        where = f"{where} -> {e.filename2}"
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
     reason = e.strerror or type(e).__name__
     fix = {errno.ENOSPC: "free disk space and run again",
            errno.EFBIG: "the file size limit was reached; raise it (ulimit -f) or free space",
@@ -79,7 +77,7 @@ def describe_os_error(e: OSError) -> str:
            errno.EROFS: "the file system is read-only; run from a writable checkout",
            errno.ENOENT: "run the stage that writes it first (dvc repro)"}.get(
         e.errno, "check that the disk has free space and the folder is writable")
-    return f"{where}: {reason}" + (f"; {fix}" if fix else "")
+    return f"{where}: {reason}; {fix}"
 
 
 def fail(msg: str, code: int) -> None:

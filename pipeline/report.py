@@ -334,11 +334,7 @@ def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
 
 def grid_specs(res: Results) -> tuple[list[SamplerSpec], list[SamplerSpec]]:
     """The featured samplers (shown open), then every other sampler (a closed <details>)."""
-    specs: dict[str, SamplerSpec] = {}
-    for r in res.variants.values():
-        for spec in r.samplers:
-            specs.setdefault(spec.name, spec)
-    every = list(specs.values())
+    every = list({s.name: s for r in res.variants.values() for s in r.samplers}.values())
     shown = featured_samplers(every) or every
     return shown, [s for s in every if s not in shown]
 
