@@ -39,6 +39,7 @@ from pipeline.params import Params  # noqa: E402
 from pipeline.provenance import provenance  # noqa: E402
 from pipeline.records import (  # noqa: E402
     DATA_DIR,
+    FINAL_LOSS,
     NLL_NFE_MEAN,
     NLL_ODE_BPD,
     NLL_ODE_BPD_SE,
@@ -70,7 +71,7 @@ def summary_table(res: Results) -> pd.DataFrame:
     label = res.features.label
     rows = []
     for name, r in res.variants.items():
-        row = {"model": name, "final training loss": _fmt(r.train.get("final_loss"), 4)}
+        row = {"model": name, "final training loss": _fmt(r.train.get(FINAL_LOSS), 4)}
         for var, mode in SIGMA2_MODES.items():
             if bpd_key(var) in r.bpd:
                 row[f"bits/dim {mode.label} (test)"] = _fmt(r.bpd[bpd_key(var)])
