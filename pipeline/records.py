@@ -155,69 +155,41 @@ FLOOR_FID = "floor_fid"
 # ----------------------------------------------------------------------------- paths
 
 
+class _VariantFile:
+    """A VariantPaths attribute: <folder>/<variant name><suffix>, one line per file of the layout
+    above."""
+
+    def __init__(self, folder: str, suffix: str = "") -> None:
+        self.folder = folder
+        self.suffix = suffix
+
+    def __get__(self, paths: VariantPaths, owner: type | None = None) -> Path:
+        return Path(self.folder) / f"{paths.name}{self.suffix}"
+
+
 @dataclass(frozen=True)
 class VariantPaths:
     """Every file of one variant's stages."""
 
     name: str
 
-    @property
-    def model(self) -> Path:
-        return Path("models") / f"{self.name}.pt"
-
-    @property
-    def loss_csv(self) -> Path:
-        return Path("plots/loss") / f"{self.name}.csv"
-
-    @property
-    def train_metrics(self) -> Path:
-        return Path("metrics/train") / f"{self.name}.json"
-
-    @property
-    def gamma(self) -> Path:
-        """Γ of the analytic variance (a per-variant `gamma` stage feeding sample and bpd)."""
-        return Path("gamma") / f"{self.name}.json"
-
-    @property
-    def samples(self) -> Path:
-        return Path("samples") / self.name
+    model = _VariantFile("models", ".pt")
+    loss_csv = _VariantFile("plots/loss", ".csv")
+    train_metrics = _VariantFile("metrics/train", ".json")
+    gamma = _VariantFile("gamma", ".json")  # Γ of the analytic σ² (gamma@<v>: for sample, bpd)
+    samples = _VariantFile("samples")
+    grids = _VariantFile("grids")
+    bpd_terms = _VariantFile("bpd", ".csv")
+    bpd_steps = _VariantFile("plots/bpd_steps", ".csv")  # K,sigma2_beta,...: a DVC plot
+    bpd_metrics = _VariantFile("metrics/bpd", ".json")
+    nll_metrics = _VariantFile("metrics/nll", ".json")
+    fid_details = _VariantFile("fid", ".json")
+    fid_metrics = _VariantFile("metrics/fid", ".json")
+    fid_steps = _VariantFile("plots/fid_steps", ".csv")
 
     @property
     def sample_index(self) -> Path:
         return self.samples / "index.json"
-
-    @property
-    def grids(self) -> Path:
-        return Path("grids") / self.name
-
-    @property
-    def bpd_terms(self) -> Path:
-        return Path("bpd") / f"{self.name}.csv"
-
-    @property
-    def bpd_steps(self) -> Path:
-        """K,sigma2_beta,...: bits/dim of the K-step chains (a DVC plot)."""
-        return Path("plots/bpd_steps") / f"{self.name}.csv"
-
-    @property
-    def bpd_metrics(self) -> Path:
-        return Path("metrics/bpd") / f"{self.name}.json"
-
-    @property
-    def nll_metrics(self) -> Path:
-        return Path("metrics/nll") / f"{self.name}.json"
-
-    @property
-    def fid_details(self) -> Path:
-        return Path("fid") / f"{self.name}.json"
-
-    @property
-    def fid_metrics(self) -> Path:
-        return Path("metrics/fid") / f"{self.name}.json"
-
-    @property
-    def fid_steps(self) -> Path:
-        return Path("plots/fid_steps") / f"{self.name}.csv"
 
     def timings(self, stage: str) -> Path:
         return Path("timings") / stage / f"{self.name}.json"
