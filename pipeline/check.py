@@ -110,12 +110,9 @@ def lookup(tree: Any, dotted: str) -> Any:
     """tree[a][b][c] for 'a.b.c' (integer parts index lists); _MISSING when absent."""
     node = tree
     for part in dotted.split("."):
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.lstrip("-").isdigit() and \
-                -len(node) <= int(part) < len(node):
-            node = node[int(part)]
-        else:
+        try:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        except (KeyError, IndexError, TypeError, ValueError):  # no such key, index or mapping
             return _MISSING
     return node
 
@@ -128,15 +125,11 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
-def matches(entry: Entry, params: dict) -> bool:
-    """Every `when` key of the entry holds in params."""
-    return all((v := lookup(params, k)) is not _MISSING and _equal(v, want)
-               for k, want in entry.when.items())
-
-
 def select_entry(entries: list[Entry], params: dict) -> Entry:
-    """The entry matching params (the most specific if several); ExpectedError if none."""
-    found = [e for e in entries if matches(e, params)]
+    """The entry whose every `when` key holds in params (the most specific if several);
+    LookupError if none."""
+    found = [e for e in entries if all((v := lookup(params, k)) is not _MISSING and _equal(v, want)
+                                       for k, want in e.when.items())]
     if not found:
         names = ", ".join(f"{e.name} ({', '.join(f'{k}={v}' for k, v in e.when.items())})"
                           for e in entries)
@@ -174,7 +167,7 @@ def evaluate(entry: Entry, params: dict, metrics_dir: str | Path) -> list[Row]:
                 cache[m.file] = json.loads(f.read_text()) if f.is_file() else _MISSING
             except json.JSONDecodeError:
                 cache[m.file] = _MISSING
-        value = _MISSING if cache[m.file] is _MISSING else lookup(cache[m.file], key)
+        value = lookup(cache[m.file], key)  # _MISSING from a missing file too
         measured = float(value) if isinstance(value, int | float) and not isinstance(
             value, bool) else None
         tol = m.tolerance()

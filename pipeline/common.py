@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -68,9 +67,7 @@ def describe_os_error(e: OSError) -> str:
 
     if e.filename is None:  # raised with a message of ours, not by the OS
         return str(e) or type(e).__name__
-    where = str(e.filename)
-    if e.filename2:
-        where = f"{where} -> {e.filename2}"
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
     reason = e.strerror or type(e).__name__
     fix = {errno.ENOSPC: "free disk space and run again",
            errno.EFBIG: "the file size limit was reached; raise it (ulimit -f) or free space",
@@ -80,7 +77,7 @@ def describe_os_error(e: OSError) -> str:
            errno.EROFS: "the file system is read-only; run from a writable checkout",
            errno.ENOENT: "run the stage that writes it first (dvc repro)"}.get(
         e.errno, "check that the disk has free space and the folder is writable")
-    return f"{where}: {reason}" + (f"; {fix}" if fix else "")
+    return f"{where}: {reason}; {fix}"
 
 
 def fail(msg: str, code: int) -> None:
@@ -160,11 +157,8 @@ def relaunch_under_torchrun(module: str, n: int) -> None:
 @contextmanager
 def scratch_dir() -> Iterator[Path]:
     """A throwaway folder: where non-zero ranks put what only rank 0 keeps."""
-    tmp = Path(tempfile.mkdtemp(prefix="ddpm-rank-"))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="ddpm-rank-", ignore_cleanup_errors=True) as tmp:
+        yield Path(tmp)
 
 
 def device() -> torch.device:
@@ -212,19 +206,6 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
                                    out_channels=out_channels, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
-
-
-def data_shape(split: str = "train") -> tuple[int, int, int]:
-    """[H, W, C] of a prepared split, read from the .npy header only."""
-    import numpy as np
-
-    from pipeline.records import DATA_DIR
-
-    path = DATA_DIR / f"{split}.npy"
-    if not path.is_file():
-        raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
-    arr = np.load(path, mmap_mode="r")
-    return tuple(arr.shape[1:])  # type: ignore[return-value]
 
 
 def variant_model(name: str, use_ema: bool) -> LoadedModel:

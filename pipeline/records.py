@@ -91,8 +91,7 @@ class SamplerSpec:
     def label(self) -> str:
         """Human name, e.g. 'ancestral σ² = β, 100 steps'."""
         if self.kind == "ddim":
-            what = "DDIM" if self.variance is None else "Analytic-DDIM"
-            return f"{what} η = {self.eta or 0.0:g}, {self.steps} steps"
+            return f"{ddim_title(self.variance, self.eta)}, {self.steps} steps"
         what = "ancestral" if self.kind == "ancestral" else "respaced ancestral"
         return f"{what} {SIGMA2_MODES[self.variance].label}, {self.steps} steps"
 
@@ -103,6 +102,11 @@ class SamplerSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SamplerSpec:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+
+
+def ddim_title(variance: Sigma2 | None, eta: float | None) -> str:
+    """'DDIM η = 0', or 'Analytic-DDIM η = 0' (DDIM with the analytic σ̂² noise)."""
+    return f"{'DDIM' if variance is None else 'Analytic-DDIM'} η = {eta or 0.0:g}"
 
 
 def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2,
@@ -144,10 +148,23 @@ NLL_ODE_BPD_SE = "nll_ode_bpd_se"
 NLL_NFE_MEAN = "nll_nfe_mean"
 
 FINAL_LOSS = "final_loss"
+TIMED_STAGES = ("train", "sample", "bpd", "nll", "fid")  # the stages that write timings/<v>
 FLOOR_FID = "floor_fid"
 
 
 # ----------------------------------------------------------------------------- paths
+
+
+class _VariantFile:
+    """A VariantPaths attribute: <folder>/<variant name><suffix>, one line per file of the layout
+    above."""
+
+    def __init__(self, folder: str, suffix: str = "") -> None:
+        self.folder = folder
+        self.suffix = suffix
+
+    def __get__(self, paths: VariantPaths, owner: type | None = None) -> Path:
+        return Path(self.folder) / f"{paths.name}{self.suffix}"
 
 
 @dataclass(frozen=True)
@@ -156,63 +173,23 @@ class VariantPaths:
 
     name: str
 
-    @property
-    def model(self) -> Path:
-        return Path("models") / f"{self.name}.pt"
-
-    @property
-    def loss_csv(self) -> Path:
-        return Path("plots/loss") / f"{self.name}.csv"
-
-    @property
-    def train_metrics(self) -> Path:
-        return Path("metrics/train") / f"{self.name}.json"
-
-    @property
-    def gamma(self) -> Path:
-        """Γ of the analytic variance (a per-variant `gamma` stage feeding sample and bpd)."""
-        return Path("gamma") / f"{self.name}.json"
-
-    @property
-    def samples(self) -> Path:
-        return Path("samples") / self.name
+    model = _VariantFile("models", ".pt")
+    loss_csv = _VariantFile("plots/loss", ".csv")
+    train_metrics = _VariantFile("metrics/train", ".json")
+    gamma = _VariantFile("gamma", ".json")  # Γ of the analytic σ² (gamma@<v>: for sample, bpd)
+    samples = _VariantFile("samples")
+    grids = _VariantFile("grids")
+    bpd_terms = _VariantFile("bpd", ".csv")
+    bpd_steps = _VariantFile("plots/bpd_steps", ".csv")  # K,sigma2_beta,...: a DVC plot
+    bpd_metrics = _VariantFile("metrics/bpd", ".json")
+    nll_metrics = _VariantFile("metrics/nll", ".json")
+    fid_details = _VariantFile("fid", ".json")
+    fid_metrics = _VariantFile("metrics/fid", ".json")
+    fid_steps = _VariantFile("plots/fid_steps", ".csv")
 
     @property
     def sample_index(self) -> Path:
         return self.samples / "index.json"
-
-    @property
-    def grids(self) -> Path:
-        return Path("grids") / self.name
-
-    @property
-    def bpd_terms(self) -> Path:
-        return Path("bpd") / f"{self.name}.csv"
-
-    @property
-    def bpd_steps(self) -> Path:
-        """K,sigma2_beta,...: bits/dim of the K-step chains (a DVC plot)."""
-        return Path("plots/bpd_steps") / f"{self.name}.csv"
-
-    @property
-    def bpd_metrics(self) -> Path:
-        return Path("metrics/bpd") / f"{self.name}.json"
-
-    @property
-    def nll_metrics(self) -> Path:
-        return Path("metrics/nll") / f"{self.name}.json"
-
-    @property
-    def fid_details(self) -> Path:
-        return Path("fid") / f"{self.name}.json"
-
-    @property
-    def fid_metrics(self) -> Path:
-        return Path("metrics/fid") / f"{self.name}.json"
-
-    @property
-    def fid_steps(self) -> Path:
-        return Path("plots/fid_steps") / f"{self.name}.csv"
 
     def timings(self, stage: str) -> Path:
         return Path("timings") / stage / f"{self.name}.json"
@@ -298,14 +275,6 @@ def _unwrap(path: Path, name: str) -> dict:
     return read_json(path).get(name, {})
 
 
-def _timings(p: VariantPaths) -> dict:
-    out = {}
-    for stage in ("train", "sample", "bpd", "nll", "fid"):
-        if p.timings(stage).is_file():
-            out[stage] = read_json(p.timings(stage))
-    return out
-
-
 def load_variant(name: str) -> VariantResults:
     p = VariantPaths(name)
     index = read_json(p.sample_index)
@@ -316,7 +285,8 @@ def load_variant(name: str) -> VariantResults:
         train=_unwrap(p.train_metrics, name), bpd=_unwrap(p.bpd_metrics, name),
         nll=_unwrap(p.nll_metrics, name),
         fid=_unwrap(p.fid_metrics, name), fid_details=read_json(p.fid_details),
-        timings=_timings(p), paths=p)
+        timings={stage: read_json(p.timings(stage)) for stage in TIMED_STAGES
+                 if p.timings(stage).is_file()}, paths=p)
 
 
 def load_features() -> FeatureInfo:

@@ -39,13 +39,17 @@ from pipeline.params import Params  # noqa: E402
 from pipeline.provenance import provenance  # noqa: E402
 from pipeline.records import (  # noqa: E402
     DATA_DIR,
+    FINAL_LOSS,
     NLL_NFE_MEAN,
     NLL_ODE_BPD,
     NLL_ODE_BPD_SE,
     REPORTS_DIR,
+    TIMED_STAGES,
     Results,
     SamplerSpec,
+    VariantResults,
     bpd_key,
+    ddim_title,
     load_results,
     wall_seconds,
 )
@@ -67,7 +71,7 @@ def summary_table(res: Results) -> pd.DataFrame:
     label = res.features.label
     rows = []
     for name, r in res.variants.items():
-        row = {"model": name, "final training loss": _fmt(r.train.get("final_loss"), 4)}
+        row = {"model": name, "final training loss": _fmt(r.train.get(FINAL_LOSS), 4)}
         for var, mode in SIGMA2_MODES.items():
             if bpd_key(var) in r.bpd:
                 row[f"bits/dim {mode.label} (test)"] = _fmt(r.bpd[bpd_key(var)])
@@ -96,22 +100,22 @@ def sample_sets_table(res: Results) -> pd.DataFrame:
     kid_col = label.replace("FID", "KID x 10³", 1)
     inception = res.features.features == "inception"
     is_col = "IS (Inception-v3)" if inception else "IS"
+
+    def scores(d: dict, fid: float | None) -> dict[str, str]:
+        return {label: _fmt(fid), kid_col: _pm(d.get("kid_mean"), d.get("kid_std"), 1e3),
+                is_col: _pm(d.get("isc_mean"), d.get("isc_std")) if inception else "n/a"}
+
     rows = []
     for name, r in res.variants.items():
         for spec in r.samplers:
             d = r.fid_details.get(spec.name, {})
             rows.append({"model": name, "sampler": spec.label(),
                          "images": str(d.get("images", r.num_samples.get(spec.name, "–"))),
-                         label: _fmt(d.get("fid", r.fid_of(spec))),
-                         kid_col: _pm(d.get("kid_mean"), d.get("kid_std"), 1e3),
-                         is_col: _pm(d.get("isc_mean"), d.get("isc_std")) if inception
-                         else "n/a", CAP_COL: _cap(spec)})
+                         **scores(d, d.get("fid", r.fid_of(spec))), CAP_COL: _cap(spec)})
     floor = res.features.floor
     rows.append({"model": "floor", "sampler": "test split vs train split",
-                 "images": str(res.features.floor_images), label: _fmt(floor.get("fid")),
-                 kid_col: _pm(floor.get("kid_mean"), floor.get("kid_std"), 1e3),
-                 is_col: _pm(floor.get("isc_mean"), floor.get("isc_std")) if inception
-                 else "n/a", CAP_COL: "–"})
+                 "images": str(res.features.floor_images), **scores(floor, floor.get("fid")),
+                 CAP_COL: "–"})
     return pd.DataFrame(rows)
 
 
@@ -146,24 +150,38 @@ def steps_table(res: Results) -> pd.DataFrame:
     DDIM and one per ancestral σ² (respaced at S < T, the full chain at S = T)."""
     rows = []
     for name, r in res.variants.items():
-        variances = list(dict.fromkeys(s.variance for s in r.samplers if s.kind != "ddim"))
-        ddims = list(dict.fromkeys((s.variance, s.eta) for s in r.samplers if s.kind == "ddim"))
-        kinds = [("ddim", v, _ddim_title(v, eta)) for v, eta in ddims or [(None, 0.0)]] + [
-            ("ancestral", v, f"ancestral {_label(v)}") for v in variances]
-        for kind, variance, title in kinds:
-            row = {"model": name, "sampler": title}
-            for spec in r.samplers:
-                if (spec.kind == "ddim") == (kind == "ddim") and spec.variance == variance:
-                    row[f"S = {spec.steps}"] = r.fid_of(spec)
-            rows.append(row)
-    df = pd.DataFrame(rows).set_index(["model", "sampler"])
-    df = df[sorted(df.columns, key=lambda c: int(c.split("=")[1]))]
-    return df.map(_fmt)
+        ddim, ancestral = _fid_against_steps(r)
+        lines = {**(ddim or {ddim_title(None, 0.0): {}}),
+                 **{f"ancestral {_label(v)}": fids for v, fids in ancestral.items()}}
+        rows += [{"model": name, "sampler": title, **_at_steps("S", fids)}
+                 for title, fids in lines.items()]
+    return _by_steps(rows, ["model", "sampler"], []).set_index(["model", "sampler"])
 
 
-def _ddim_title(variance: str | None, eta: float | None) -> str:
-    """'DDIM η = 0' or 'Analytic-DDIM η = 0' (DDIM with the analytic σ̂² noise)."""
-    return f"{'DDIM' if variance is None else 'Analytic-DDIM'} η = {eta or 0.0:g}"
+def _fid_against_steps(r: VariantResults) -> tuple[dict, dict]:
+    """One variant's FID by number of steps S: {DDIM title: {S: FID}}, one per DDIM sampler
+    (plain or Analytic-DDIM, per η), and {σ²: {S: FID}}, one per ancestral σ² (respaced at
+    S < T, the full chain at S = T); in the order sampled."""
+    ddim: dict[str, dict[int, float | None]] = {}
+    ancestral: dict[str | None, dict[int, float | None]] = {}
+    for s in r.samplers:
+        if s.kind == "ddim":
+            ddim.setdefault(ddim_title(s.variance, s.eta), {})[s.steps] = r.fid_of(s)
+        else:
+            ancestral.setdefault(s.variance, {})[s.steps] = r.fid_of(s)
+    return ddim, ancestral
+
+
+def _bpd_against_steps(r: VariantResults, var: str) -> dict[int, float]:
+    """One variant's bits/dim of the K-step chains with σ² `var`, by K (increasing)."""
+    stem = bpd_key(var) + "_K"  # type: ignore[arg-type]
+    return dict(sorted((int(k.removeprefix(stem)), v) for k, v in r.bpd.items()
+                       if k.startswith(stem)))
+
+
+def _at_steps(letter: str, values: dict[int, float | None], digits: int = 3) -> dict[str, str]:
+    """Numbers by number of steps as table cells: {"S = 10": "13.360", ...}."""
+    return {f"{letter} = {k}": _fmt(x, digits) for k, x in values.items()}
 
 
 def _label(var: str | None) -> str:
@@ -189,46 +207,36 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
     variant and σ² (FID: and per DDIM sampler, plain and Analytic-DDIM), then Analytic-DPM's
     published CIFAR-10 (LS) rows (FID: their DDIM and Analytic-DDIM rows too); columns are the
     number of steps (K for the bound, S for sampling) and each row says which spacing it used."""
-    label = res.features.label
     bpd_rows, fid_rows = [], []
     for name, r in res.variants.items():
-        Ks = sorted({int(k.rsplit("_K", 1)[1]) for k in r.bpd if "_K" in k})
+        measured = {"source": f"measured: {name}", "metric": res.features.label,
+                    "spacing": params.sample.spacing}
+        ddim, ancestral = _fid_against_steps(r)
         for var in SIGMA2_COMPARED:
-            head = {"source": f"measured: {name}", "σ²": _label(var)}
-            bpd = {f"K = {K}": _fmt(r.bpd[bpd_key(var, K)]) for K in Ks
-                   if bpd_key(var, K) in r.bpd}
-            if bpd:
-                bpd_rows.append({**head, **bpd, "spacing": "even"})
-            fid = {f"S = {spec.steps}": _fmt(r.fid_of(spec)) for spec in r.samplers
-                   if spec.variance == var and spec.kind in ("ancestral", "respaced")}
-            if fid:
-                fid_rows.append({**head, "metric": label, **fid,
-                                 "spacing": params.sample.spacing})
-        for variance, eta in dict.fromkeys((s.variance, s.eta) for s in r.samplers
-                                           if s.kind == "ddim"):
-            fid = {f"S = {spec.steps}": _fmt(r.fid_of(spec)) for spec in r.samplers
-                   if spec.kind == "ddim" and (spec.variance, spec.eta) == (variance, eta)}
-            fid_rows.append({"source": f"measured: {name}", "σ²": _ddim_title(variance, eta),
-                             "metric": label, **fid, "spacing": params.sample.spacing})
+            if bpd := _bpd_against_steps(r, var):
+                bpd_rows.append({"source": measured["source"], "σ²": _label(var),
+                                 **_at_steps("K", bpd), "spacing": "even"})
+            if var in ancestral:
+                fid_rows.append({**measured, "σ²": _label(var), **_at_steps("S", ancestral[var])})
+        fid_rows += [{**measured, "σ²": title, **_at_steps("S", fids)}
+                     for title, fids in ddim.items()]
+    pub = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "spacing": "even"}
+    pub_fid = {**pub, "metric": "FID (Inception-v3)"}
     for var in SIGMA2_COMPARED:
-        head = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "σ²": _label(var)}
-        bpd_rows.append({**head, **{f"K = {K}": _fmt(x, 2) for K, x in
-                                    published.ANALYTIC_DPM_BPD[var].items()}, "spacing": "even"})
-        fid_rows.append({**head, "metric": "FID (Inception-v3)",
-                         **{f"S = {S}": _fmt(x, 2) for S, x in
-                            published.ANALYTIC_DPM_FID[var].items()}, "spacing": "even"})
-    for kind, fids in published.ANALYTIC_DPM_DDIM_FID.items():
-        fid_rows.append({"source": "published: Analytic-DPM CIFAR-10 (LS)",
-                         "σ²": _ddim_title(None if kind == "ddim" else "analytic", 0.0),
-                         "metric": "FID (Inception-v3)",
-                         **{f"S = {S}": _fmt(x, 2) for S, x in fids.items()}, "spacing": "even"})
+        bpd_rows.append({**pub, "σ²": _label(var),
+                         **_at_steps("K", published.ANALYTIC_DPM_BPD[var], 2)})
+        fid_rows.append({**pub_fid, "σ²": _label(var),
+                         **_at_steps("S", published.ANALYTIC_DPM_FID[var], 2)})
+    fid_rows += [{**pub_fid, "σ²": ddim_title(None if kind == "ddim" else "analytic", 0.0),
+                  **_at_steps("S", fids, 2)}
+                 for kind, fids in published.ANALYTIC_DPM_DDIM_FID.items()]
     return (_by_steps(bpd_rows, ["source", "σ²"], ["spacing"]),
             _by_steps(fid_rows, ["source", "σ²", "metric"], ["spacing"]))
 
 
 def ddim_table() -> pd.DataFrame:
     """DDIM Table 1 (CIFAR-10 FID): one row per sampler, one column per number of steps S."""
-    rows = [{"sampler": name, **{f"S = {S}": _fmt(x, 2) for S, x in fids.items()}}
+    rows = [{"sampler": name, **_at_steps("S", fids, 2)}
             for name, fids in published.DDIM_TABLE.items()]
     return pd.DataFrame(rows).set_index("sampler")
 
@@ -262,6 +270,9 @@ def likelihood_table(res: Results) -> pd.DataFrame:
 def timings_table(res: Results) -> pd.DataFrame:
     """Wall time of every timed stage (timings/), features first, then stage by stage."""
     def work(stage: str, t: dict) -> str:
+        if stage == "features":
+            return ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in t.items()
+                             if k.endswith("_seconds"))
         if t.get("pretrained"):
             return f"pretrained weights imported ({t['pretrained']})"
         if stage == "train":
@@ -281,15 +292,12 @@ def timings_table(res: Results) -> pd.DataFrame:
     rows, total = [], 0.0
     timed = [("features", "features", res.features.timings)] if res.features.timings else []
     timed += [(f"{stage}@{name}", stage, r.timings[stage])
-              for stage in ("train", "sample", "bpd", "nll", "fid")
+              for stage in TIMED_STAGES
               for name, r in res.variants.items() if stage in r.timings]
     for name, stage, t in timed:
         seconds = wall_seconds(t)
         total += seconds or 0.0
-        what = work(stage, t) if stage != "features" else ", ".join(
-            f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in t.items()
-            if k.endswith("_seconds"))
-        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1), "work": what})
+        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1), "work": work(stage, t)})
     rows.append({"stage": "total of the timed stages", "wall time (s)": _fmt(total, 1),
                  "work": "prepare, gamma and report are not timed"})
     return pd.DataFrame(rows).set_index("stage")
@@ -315,10 +323,10 @@ def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
 
     def cell(name: str, spec: SamplerSpec) -> str:
         r = res.variants[name]
-        have = next((s for s in r.samplers if s.name == spec.name), None)
         src = f"figures/samples_{name}_{spec.name}.png"
-        return "–" if have is None else f"[![{name}: {spec.name}]({src})]({src}) {label} " \
-            f"{_fmt(r.fid_of(have))}"
+        if spec.name not in r.num_samples:  # this model has no such sample set
+            return "–"
+        return f"[![{name}: {spec.name}]({src})]({src}) {label} {_fmt(r.fid_of(spec))}"
 
     rows = [{"sampler": spec.label(), **{n: cell(n, spec) for n in res.variants}}
             for spec in specs]
@@ -327,11 +335,7 @@ def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
 
 def grid_specs(res: Results) -> tuple[list[SamplerSpec], list[SamplerSpec]]:
     """The featured samplers (shown open), then every other sampler (a closed <details>)."""
-    specs: dict[str, SamplerSpec] = {}
-    for r in res.variants.values():
-        for spec in r.samplers:
-            specs.setdefault(spec.name, spec)
-    every = list(specs.values())
+    every = list({s.name: s for r in res.variants.values() for s in r.samplers}.values())
     shown = featured_samplers(every) or every
     return shown, [s for s in every if s not in shown]
 
@@ -410,18 +414,14 @@ def sigma2_steps_figure(params: Params, res: Results, fig_dir: Path) -> str | No
     ks_all, ss_all = [], []
     for k, (name, r) in enumerate(res.variants.items()):
         line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
+        _, ancestral = _fid_against_steps(r)
         for var in SIGMA2_COMPARED:
             style = {"color": SIGMA2_COLOR[var], "ls": line, "marker": marker,
                      "label": f"{name}, {_label(var)}"}
-            ks = sorted(int(key.rsplit("_K", 1)[1]) for key in r.bpd
-                        if key.startswith(bpd_key(var) + "_K"))
-            if ks:
-                a1.plot(ks, [r.bpd[bpd_key(var, K)] for K in ks], **style)
-                ks_all += ks
-            pts = sorted((s.steps, r.fid_of(s)) for s in r.samplers
-                         if s.variance == var and s.kind in ("ancestral", "respaced")
-                         and r.fid_of(s) is not None)
-            if pts:
+            if bpd := _bpd_against_steps(r, var):
+                a1.plot(list(bpd), list(bpd.values()), **style)
+                ks_all += list(bpd)
+            if pts := sorted((S, f) for S, f in ancestral.get(var, {}).items() if f is not None):
                 a2.plot(*zip(*pts, strict=True), **style)
                 ss_all += [S for S, _ in pts]
     if not ks_all and not ss_all:
@@ -469,7 +469,9 @@ def loss_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
     return fig_to_file(fig, fig_dir, "loss.png")
 
 
-def terms_figure(res: Results, fig_dir: Path) -> str | None:
+def terms_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
+    """The terms L_{t-1} of the bound against t, and their running sum (DDPM Fig. 5 style):
+    one line per model and σ²."""
     tables = {n: pd.read_csv(r.paths.bpd_terms) for n, r in res.variants.items()
               if r.paths.bpd_terms.is_file()}
     if not tables:
@@ -484,28 +486,28 @@ def terms_figure(res: Results, fig_dir: Path) -> str | None:
                      **({"color": SIGMA2_COLOR[var]} if var in SIGMA2_COLOR else {})}
             a1.plot(steps["t"], steps[col], **style)
             a2.plot(steps["t"], steps[col].cumsum(), **style)
-    a1.set(yscale="log", title="term $L_{t-1}$ of the bound at step t", ylabel="bits/dim")
-    a2.set(title="cumulative: $L_0 + \\ldots + L_{t-1}$", ylabel="bits/dim")
-    for a in (a1, a2):
-        a.set_xlabel("step t")
+    a1.set(yscale="log", title="term $L_{t-1}$ of the bound at step t", xlabel="step t",
+           ylabel="bits/dim")
+    a2.set(title="cumulative: $L_0 + \\ldots + L_{t-1}$", xlabel="step t", ylabel="bits/dim")
     _plain_ticks(a1)
     _legend_outside(fig)
     return fig_to_file(fig, fig_dir, "vlb_terms.png")
 
 
-def steps_figure(res: Results, fig_dir: Path) -> str | None:
+def steps_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
+    """FID against S (plots/fid_steps/<v>.csv): DDIM, Analytic-DDIM and respaced ancestral with
+    σ² = β, one line each per model, above the floor."""
     fig, (ax,) = _panels(1, 6.0, 3.6)
     drawn: list[int] = []
     for k, (name, r) in enumerate(res.variants.items()):
-        df = pd.read_csv(r.paths.fid_steps) if r.paths.fid_steps.is_file() else None
-        if df is None:
+        if not r.paths.fid_steps.is_file():
             continue
+        df = pd.read_csv(r.paths.fid_steps)
         line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
         for col, color, what in (("ddim", "C3", "DDIM η=0"),
                                  ("ddim_analytic", "C4", "Analytic-DDIM η=0"),
                                  ("respaced", SIGMA2_COLOR["fixed_large"], "ancestral σ²=β")):
-            pts = df[["steps", col]].dropna() if col in df else df.iloc[:0]
-            if len(pts):
+            if col in df and len(pts := df[["steps", col]].dropna()):
                 ax.plot(pts["steps"], pts[col], ls=line, marker=marker, color=color,
                         label=f"{name}: {what}")
                 drawn += [int(x) for x in pts["steps"]]
@@ -520,10 +522,11 @@ def steps_figure(res: Results, fig_dir: Path) -> str | None:
     return fig_to_file(fig, fig_dir, "fid_vs_steps.png")
 
 
-FIGURES = (("Loss curves", "loss"),
-           ("Per-timestep terms of the bound (DDPM Fig. 5 style)", "terms"),
-           ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps"),
-           ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic (measured)", "sigma2_steps"))
+FIGURES = (("Loss curves", "loss", loss_figure),  # in the report's order
+           ("Per-timestep terms of the bound (DDPM Fig. 5 style)", "terms", terms_figure),
+           ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps", steps_figure),
+           ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic (measured)", "sigma2_steps",
+            sigma2_steps_figure))
 TEMPLATES = jinja2.Environment(  # report.md.jinja (the text) and report.html.jinja (the page)
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), trim_blocks=True,
     lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
@@ -549,7 +552,7 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
     return TEMPLATES.get_template("report.md.jinja").render(
         p=params, feats=res.features, label=res.features.label, published=published, t=t,
         cap_note=last_sigma_cap_note(res), n_other=len(rest),
-        figures=[(title, key, figures[key]) for title, key in FIGURES if figures.get(key)])
+        figures=[(title, key, figures[key]) for title, key, _ in FIGURES if figures.get(key)])
 
 
 def provenance_table(prov: dict[str, str]) -> str:
@@ -560,12 +563,6 @@ def provenance_table(prov: dict[str, str]) -> str:
 
 _NUM = r"[-+]?\d[\d,]*(\.\d+)?"
 _NUMBER = re.compile(rf"{_NUM}( ± {_NUM})?|–|n/a")  # right-aligned table cells (not 3.11.7)
-
-
-def _inline(path: str, fig_dir: Path) -> str:
-    """A figure of fig_dir as a data: URL (the page loads nothing from elsewhere)."""
-    data = base64.b64encode((fig_dir / Path(path).name).read_bytes()).decode()
-    return f"data:image/png;base64,{data}"
 
 
 def _wrap_table(self, tokens: list, idx: int, options: dict, env: dict) -> str:
@@ -597,8 +594,9 @@ def markdown_to_html(md: str, fig_dir: Path, thumb: int = THUMB_WIDTH[1]) -> str
                 table.attrSet("class", "grids")
             elif tok.type == "td_open" and _NUMBER.fullmatch(tokens[i + 1].content):
                 tok.attrSet("class", "n")
-        for im in (c for c in tok.children or () if c.type == "image"):
-            im.attrSet("src", _inline(im.attrGet("src"), fig_dir))
+        for im in (c for c in tok.children or () if c.type == "image"):  # as a data: URL
+            png = (fig_dir / Path(im.attrGet("src")).name).read_bytes()
+            im.attrSet("src", f"data:image/png;base64,{base64.b64encode(png).decode()}")
     body = parser.renderer.render(tokens, parser.options, {})
     return TEMPLATES.get_template("report.html.jinja").render(body=body)
 
@@ -612,10 +610,7 @@ def main(params: Params) -> None:
                 (tmp_fig / f"samples_{name}_{spec.name}.png").write_bytes(src.read_bytes())
         save_grid(load_images(DATA_DIR / "train.npy"), tmp_fig / TRAIN_GRID,
                   params.sample.grid_size)  # drawn as sample@<v> draws its grids
-        figures = {"loss": loss_figure(params, res, tmp_fig),
-                   "terms": terms_figure(res, tmp_fig),
-                   "steps": steps_figure(res, tmp_fig),
-                   "sigma2_steps": sigma2_steps_figure(params, res, tmp_fig)}
+        figures = {key: draw(params, res, tmp_fig) for _, key, draw in FIGURES}
         md = build_markdown(params, res, figures, provenance(params))
         page = markdown_to_html(md, tmp_fig, thumb_width(res))
     write_text(md, REPORTS_DIR / "report.md")

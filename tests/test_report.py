@@ -337,9 +337,8 @@ def _figures(tmp_path, monkeypatch, names=("simple", "vlb")):
         return save(plt.figure(), fig_dir, name)  # fig stays open for the checks
 
     monkeypatch.setattr(report, "fig_to_file", keep)
-    for make in (report.loss_figure, report.terms_figure, report.steps_figure):
-        make(params, res, tmp_path) if make is report.loss_figure else make(res, tmp_path)
-    report.sigma2_steps_figure(params, res, tmp_path)
+    for _, _, draw in report.FIGURES:
+        draw(params, res, tmp_path)
     return p, drawn
 
 
