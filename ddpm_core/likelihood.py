@@ -119,8 +119,7 @@ def prior_bpd(diff: Diffusion, x0: Tensor, t_index: int | None = None) -> Tensor
 
 def even_trajectory(T: int, K: int) -> list[int]:
     """Bao et al. 2022's even trajectory round(linspace(0, T−1, K)): keeps 0 and T−1."""
-    if not 2 <= K <= T and K != T:
-        raise ValueError(f"need 2 <= K <= T={T} steps (K = T is the full chain), got K={K}")
+    assert 2 <= K <= T or K == T, f"need 2 <= K <= T={T} steps, got K={K}"  # api.bound checks
     return list(range(T)) if K == T else timestep_spacing(T, K, "linspace")
 
 

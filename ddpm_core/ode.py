@@ -64,12 +64,10 @@ def model_eps(diff: Diffusion, sched: ContinuousSchedule, model: Model, x: Tenso
     out = model(x, label)[:, :C]  # learned-variance channels play no part in the ODE
     if diff.mean_type == "eps":
         return out
-    if diff.mean_type == "x0":
-        ab = float(sched.alpha_bar(t))
-        # [DDIM] eq. (9) solved for ε with ᾱ = ᾱ(t)
-        return (x - math.sqrt(ab) * out) / math.sqrt(1.0 - ab)
-    raise ValueError(f"error: mean_type: {diff.mean_type!r} (μ̃ of the discrete one-step chain) "
-                     "has no continuous-time ε; use an 'eps' or 'x0' model")
+    assert diff.mean_type == "x0", f"mean_type {diff.mean_type!r} has no continuous-time ε"
+    ab = float(sched.alpha_bar(t))
+    # [DDIM] eq. (9) solved for ε with ᾱ = ᾱ(t)
+    return (x - math.sqrt(ab) * out) / math.sqrt(1.0 - ab)
 
 
 # [SDE] eq. (13) for the VP SDE with the score −ε_θ/√(1−ᾱ(t))
@@ -159,8 +157,7 @@ def ode_decode(diff: Diffusion, model: Model, x1: Tensor, t_eps: float = T_EPS,
 
 def _solve(fun: Callable[[float, np.ndarray], np.ndarray], t0: float, t1: float,
            y0: np.ndarray, rtol: float, atol: float) -> Any:  # scipy's OdeResult
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"error: rtol/atol: must be > 0, got rtol={rtol}, atol={atol}")
+    assert rtol > 0 and atol > 0, f"rtol={rtol}, atol={atol} must be > 0"
     sol = solve_ivp(fun, (t0, t1), y0, method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"probability-flow ODE failed between t={t0} and {t1}: {sol.message}")
@@ -268,12 +265,9 @@ def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int
     """
     assert images.ndim == 4 and images.dtype == torch.uint8, \
         f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}"
-    if divergence not in get_args(Divergence):
-        raise ValueError(f"error: divergence: {divergence!r}; expected 'exact' or 'hutchinson'")
-    if repeats < 1 or (divergence == "exact" and repeats != 1):
-        raise ValueError(f"error: repeats: {repeats}; need >= 1 (exactly 1 for 'exact')")
-    if batch_size < 1:
-        raise ValueError(f"error: batch_size: {batch_size}; need >= 1")
+    assert divergence in get_args(Divergence), f"divergence {divergence!r}"
+    assert repeats >= 1 and (divergence != "exact" or repeats == 1), f"repeats={repeats}"
+    assert batch_size >= 1, f"batch_size={batch_size}"
     sched = continuous_schedule(diff)
     N, D = images.shape[0], images[0].numel()
     per = torch.zeros(N, repeats, dtype=torch.float64)

@@ -122,7 +122,7 @@ class SampleConfig:
         lambda s: all(k > 0 for k in s), "must be positive step counts")] = (10, 20, 50, 100)
     # trailing: every chain starts at step T (Lin et al. 2024); the DDIM paper's conventions
     # (leading, ddim_quadratic) start earlier and stay available for comparing with its table.
-    spacing: modes.Spacing = "trailing"
+    spacing: modes.Spacing = modes.DEFAULT_SPACING
     ddim_eta: Annotated[StrictFloat, check(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.0
     # σ of the step to x_{τ_1} (respaced chains of K < T steps and DDIM) at most 2y/255·√(π/2),
     # y pixel levels: Bao et al.'s code (clip_sigma_idx 1; y = 2 for CIFAR-10 LS, else 1). DDPM

@@ -317,17 +317,3 @@ def test_unet_takes_continuous_labels_and_gives_a_finite_ode_bpd():
           f"{float(h.se[0]):.4f}, NFE {int(exact.nfe[0])}")
     assert math.isfinite(float(exact.bpd[0])) and int(exact.nfe[0]) > 0
     assert abs(float(h.bpd[0] - exact.bpd[0])) < 4 * float(h.se[0]) + 1e-3
-
-
-def test_ode_argument_errors():
-    d = Diffusion.from_schedule("linear", 100)
-    model = ContinuousGaussianEps(continuous_schedule(d), MU, SIGMA)
-    images = torch.zeros(1, *SHAPE, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="repeats"):
-        ode_bits_per_dim(d, model, images, divergence="exact", repeats=2)
-    with pytest.raises(ValueError, match="divergence"):
-        ode_bits_per_dim(d, model, images, divergence="trace")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="mean_type"):
-        ode_bits_per_dim(d.with_mean_type("mu"), model, images)
-    with pytest.raises(ValueError, match="rtol"):
-        ode_bits_per_dim(d, model, images, rtol=0.0)
