@@ -18,11 +18,7 @@ the batch size or the number of processes (under torchrun, ranks take contiguous
 of ddpm_core.modes or their short names (beta = fixed_large, beta_tilde = fixed_small,
 learned: the network's own, analytic: Analytic-DPM's σ̂², Bao et al. 2022, which needs
 gamma = estimate_gamma(...) from training images; DDIM at eta = 0: ddim_analytic).
-Samplers: "ancestral", "ddim" (η = eta; deterministic at eta = 0) and "ddim_analytic" (Bao et
-al.'s Analytic-DDIM: DDIM with the analytic σ̂² noise, eta = 0 by default; needs gamma).
-On a chain of fewer than T steps (and on every DDIM chain) the step to x_{τ_1} adds noise of std
-at most 2y/255·√(π/2), y = last_sigma_cap_y (default 1, None: no cap), as Bao et al.'s code does;
-the full T-step ancestral chain is DDPM's Algorithm 2, uncapped.
+The samplers and the cap on σ of the last noisy step (Bao et al.'s code): see `sample`.
 Step lists come from chains.timestep_spacing: "trailing" (default, starts at T − 1),
 "linspace", "leading" (diffusers': S steps of stride T // S; the DDIM code's uniform when S
 divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
@@ -104,8 +100,8 @@ def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
                     meta: dict | None = None, raw: torch.nn.Module | None = None) -> None:
     """Our model file of (net, diff): net as the EMA weights, raw (default: net) as the raw
     ones (ddpm_core.modelfile)."""
-    from ddpm_core.convert import schedule_kind
     from ddpm_core.modelfile import ModelSpec, save_model
+    from ddpm_core.schedules import schedule_kind
 
     kind = schedule_kind(diff.betas)
     if kind is None:
@@ -347,7 +343,8 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     at η = `eta`, 0 by default). `steps` None means all T steps (DDIM then visits every step
     too). σ² analytic needs gamma = estimate_gamma(net, diffusion, training_images).
     last_sigma_cap_y: y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (K < T and DDIM;
-    None: no cap). image_shape (C, H, W): default that of the UNet inside net.
+    default 1, as Bao et al.'s code; None: no cap; the full T-step ancestral chain is DDPM's
+    Algorithm 2, uncapped). image_shape (C, H, W): default that of the UNet inside net.
     """
     from ddpm_core.data import from_unit, to_numpy_images
     from ddpm_core.last_sigma import last_sigma_cap

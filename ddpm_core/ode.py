@@ -226,12 +226,11 @@ def bpd_from_log_p(log_p: Tensor, D: int) -> Tensor:
 @dataclass(frozen=True)
 class OdeBpd:
     """Per image (CPU float64): bpd [N] (mean over repeats), its standard error [N] over the
-    repeats (0 for the exact divergence, NaN for a single probe), each repeat's bpd [N, R] and
-    the solver's evaluation count nfe [N] (that of the image's solve_ivp call)."""
+    repeats (0 for the exact divergence, NaN for a single probe) and the solver's evaluation
+    count nfe [N] (that of the image's solve_ivp call)."""
 
     bpd: Tensor
     se: Tensor
-    per_repeat: Tensor
     nfe: Tensor
 
 
@@ -294,4 +293,4 @@ def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int
         se = torch.full((N,), math.nan, dtype=torch.float64)
     else:
         se = per.std(dim=1) / math.sqrt(repeats)
-    return OdeBpd(per.mean(dim=1), se, per, nfe)
+    return OdeBpd(per.mean(dim=1), se, nfe)

@@ -32,11 +32,7 @@ from ddpm_core.diffusion import (
     predict_eps_from_x0,
     predict_x0_from_mu,
 )
-from ddpm_core.last_sigma import (  # noqa: F401  (re-exported: the samplers' option)
-    DEFAULT_LAST_SIGMA_CAP_Y,
-    last_sigma_cap,
-    last_sigma_cap_of,
-)
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y, last_sigma_cap_of
 from ddpm_core.modes import Sigma2
 
 

@@ -214,19 +214,6 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
         raise ConfigError(f"model: {e}") from None
 
 
-def data_shape(split: str = "train") -> tuple[int, int, int]:
-    """[H, W, C] of a prepared split, read from the .npy header only."""
-    import numpy as np
-
-    from pipeline.records import DATA_DIR
-
-    path = DATA_DIR / f"{split}.npy"
-    if not path.is_file():
-        raise StageError(f"{path}: not found; run the prepare stage first (dvc repro prepare)")
-    arr = np.load(path, mmap_mode="r")
-    return tuple(arr.shape[1:])  # type: ignore[return-value]
-
-
 def variant_model(name: str, use_ema: bool) -> LoadedModel:
     """The trained model of variant `name` (its EMA weights when use_ema), one-line error."""
     from pipeline.records import VariantPaths

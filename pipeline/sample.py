@@ -27,7 +27,6 @@ import torch
 from ddpm_core.api import calls_per_step, sample
 from ddpm_core.chains import timestep_spacing
 from ddpm_core.data import save_grid
-from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup
 from ddpm_core.inference import inference_model
 from ddpm_core.modes import DEFAULT_SPACING
@@ -78,7 +77,7 @@ def main(params: Params, v: VariantConfig) -> None:
     paths = VariantPaths(v.name)
     m = variant_model(v.name, s.use_ema)
     check_sample_memory(s.num_samples, m.spec.image_shape_chw)
-    specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type, tuple(LEARNED_VAR_TYPES))
+    specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type)
     gamma = read_gamma(paths, m.diffusion.T) if any(
         sp.variance == "analytic" for sp in specs) else None
     calls = calls_per_step(s.num_samples, s.batch_size, net_batch=s.net_batch) * sum(

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FakeLoss, FakeSampler, tiny_cfg, tiny_data, tiny_model
+from helpers import FakeLoss, FakeSampler, run_ranks, tiny_cfg, tiny_data, tiny_model
 
 from ddpm_core import distributed as D
 from ddpm_core.api import FixedRows
@@ -70,27 +68,9 @@ def test_map_shards_of_per_image_draws_concatenate_to_the_unsharded_images() -> 
     assert not torch.equal(full[0], full[1])  # every image its own noise
 
 
-def free_port() -> int:
-    """A port the OS just handed out on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+    run_ranks(lambda rank: [sys.executable, __file__, str(tmp_path)], timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     n = torch.get_num_threads()
