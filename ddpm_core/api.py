@@ -356,10 +356,9 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     analytic_ddim = check_sampler(sampler, sigma2, eta, gamma)
     if last_sigma_cap_y is not None:
         last_sigma_cap(last_sigma_cap_y)  # y > 0 or a one-line error
-    diff = diffusion
-    chosen = sigma2_of(diff, sigma2) if sampler == "ancestral" else None
-    timesteps = timesteps_for(diff, steps, spacing)
-    ts = timesteps if timesteps is not None else list(range(diff.T))
+    chosen = sigma2_of(diffusion, sigma2) if sampler == "ancestral" else None
+    timesteps = timesteps_for(diffusion, steps, spacing)
+    ts = timesteps if timesteps is not None else list(range(diffusion.T))
     dev = _device(device, net)
     chw = image_shape or _image_shape(net)
     if chw is None:
@@ -372,11 +371,11 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
             noise = ImageNoise(seed, range(s, min(s + batch_size, share.stop)), dev)
             x_T = noise.randn((len(noise.indices), *chw))
             if sampler == "ancestral":
-                x = sample_ancestral(diff, counted, x_T, noise=noise, timesteps=timesteps,
+                x = sample_ancestral(diffusion, counted, x_T, noise=noise, timesteps=timesteps,
                                      clip_x0=clip_x0, sigma2=chosen, gamma=gamma,
                                      last_sigma_cap_y=last_sigma_cap_y)
             else:
-                x = sample_ddim(diff, counted, x_T, noise=noise, timesteps=ts, eta=eta,
+                x = sample_ddim(diffusion, counted, x_T, noise=noise, timesteps=ts, eta=eta,
                                 clip_x0=clip_x0, gamma=gamma if analytic_ddim else None,
                                 last_sigma_cap_y=last_sigma_cap_y)
             out.append(from_unit(x).cpu())

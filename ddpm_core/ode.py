@@ -4,7 +4,7 @@
        through Stochastic Differential Equations" (ICLR 2021).
 [DDIM] Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", §4.3: DDIM with η = 0 is
        an Euler discretisation of the same ODE (in σ = √(1−ᾱ)/√ᾱ), so samplers.sample_ddim with
-       S steps converges to ode_decode as S grows.
+       S steps converges to ode_flow from t = 1 to ε as S grows.
 
 Time convention: continuous t ∈ [0, 1]; the discrete index i = 0..T−1 (the paper's step i+1)
 sits at t_i = (i + 1)/T, so t = 1 is the last step and ᾱ(0) = 1. The network is called with the
@@ -127,7 +127,9 @@ class FlowResult:
 def ode_flow(diff: Diffusion, model: Model, x: Tensor, t0: float, t1: float,
              rtol: float = RTOL, atol: float = ATOL,
              sched: ContinuousSchedule | None = None) -> FlowResult:
-    """x_{t1} [B,C,H,W] from x_{t0} by the probability-flow ODE (RK45, one solve for the batch)."""
+    """x_{t1} [B,C,H,W] from x_{t0} by the probability-flow ODE (RK45, one solve for the batch):
+    t0 = ε, t1 = 1 encodes data x_ε as its latent x_1 ([SDE] §4.3); t0 = 1, t1 = ε decodes a
+    latent (a deterministic sample)."""
     assert x.ndim == 4, f"x must be [B,C,H,W], got {tuple(x.shape)}"
     sched = sched or continuous_schedule(diff)
     dtype, device = _model_dtype_device(model)
@@ -141,18 +143,6 @@ def ode_flow(diff: Diffusion, model: Model, x: Tensor, t0: float, t1: float,
 
     sol = _solve(fun, t0, t1, x.double().cpu().reshape(-1).numpy(), rtol, atol)
     return FlowResult(torch.from_numpy(sol.y[:, -1]).reshape(shape), int(sol.nfev))
-
-
-def ode_encode(diff: Diffusion, model: Model, x: Tensor, t_eps: float = T_EPS,
-               rtol: float = RTOL, atol: float = ATOL) -> FlowResult:
-    """Latent x_1 [B,C,H,W] of data x_ε by the ODE from t = ε to 1 ([SDE] §4.3, encoding)."""
-    return ode_flow(diff, model, x, t_eps, 1.0, rtol, atol)
-
-
-def ode_decode(diff: Diffusion, model: Model, x1: Tensor, t_eps: float = T_EPS,
-               rtol: float = RTOL, atol: float = ATOL) -> FlowResult:
-    """Data x_ε [B,C,H,W] of a latent x_1 by the ODE from t = 1 to ε (a deterministic sample)."""
-    return ode_flow(diff, model, x1, 1.0, t_eps, rtol, atol)
 
 
 def _solve(fun: Callable[[float, np.ndarray], np.ndarray], t0: float, t1: float,
@@ -226,11 +216,12 @@ def bpd_from_log_p(log_p: Tensor, D: int) -> Tensor:
 @dataclass(frozen=True)
 class OdeBpd:
     """Per image (CPU float64): bpd [N] (mean over repeats), its standard error [N] over the
-    repeats (0 for the exact divergence, NaN for a single probe) and the solver's evaluation
-    count nfe [N] (that of the image's solve_ivp call)."""
+    repeats (0 for the exact divergence, NaN for a single probe), each repeat's bpd [N, R] and
+    the solver's evaluation count nfe [N] (that of the image's solve_ivp call)."""
 
     bpd: Tensor
     se: Tensor
+    per_repeat: Tensor
     nfe: Tensor
 
 
@@ -293,4 +284,4 @@ def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int
         se = torch.full((N,), math.nan, dtype=torch.float64)
     else:
         se = per.std(dim=1) / math.sqrt(repeats)
-    return OdeBpd(per.mean(dim=1), se, nfe)
+    return OdeBpd(per.mean(dim=1), se, per, nfe)

@@ -54,12 +54,6 @@ def check(params: Params, v: VariantConfig) -> None:
             raise ConfigError(f"sample.steps: {S} exceeds diffusion.timesteps={T}")
 
 
-def start_index(spec: SamplerSpec, T: int) -> int:
-    """The index t the sampler starts from with x_t ~ N(0, I) (T - 1 for the full chain)."""
-    return T - 1 if spec.kind == "ancestral" else timestep_spacing(T, spec.steps,
-                                                                    spec.spacing)[-1]
-
-
 def engine_args(spec: SamplerSpec) -> dict:
     """api.sample's sampler settings of one sample set."""
     if spec.kind == "ddim":
@@ -101,8 +95,11 @@ def main(params: Params, v: VariantConfig) -> None:
             save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size,
                       max(1, 64 // images.shape[1]))
             # the prior mismatch of starting at x_t ~ N(0, I): KL(q(x_t|x_0) ‖ N(0, I)) in
-            # bits/dim at the start index, worst case over x_0 ∈ [-1, 1] (samplers.prior_kl_at)
-            t_start = start_index(spec, m.diffusion.T)
+            # bits/dim at the start index t (T - 1 for the full chain), worst case over
+            # x_0 ∈ [-1, 1] (samplers.prior_kl_at)
+            T = m.diffusion.T
+            t_start = T - 1 if spec.kind == "ancestral" else timestep_spacing(
+                T, spec.steps, spec.spacing)[-1]
             index["samplers"].append({**spec.to_dict(), "num_samples": int(len(images)),
                                       "start_index": t_start,
                                       "prior_kl_bpd": prior_kl_at(m.diffusion, t_start)})
