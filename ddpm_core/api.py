@@ -285,12 +285,9 @@ def check_sampler(sampler: str, sigma2: str | None, eta: float,
     if not 0.0 <= eta <= 1.0:  # DDIM's η (Song et al. 2021, eq. 16)
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     analytic = sigma2 is not None and sigma2_mode(sigma2).name == "analytic"
-    if sampler == "ddim" and sigma2 is not None and not analytic:
-        raise ValueError("DDIM's noise is set by eta (sigma2 None) or sigma2='analytic'; "
-                         f"sigma2={sigma2!r} is for the ancestral sampler")
-    if sampler == "ddim_analytic" and sigma2 is not None and not analytic:
-        raise ValueError(f"sampler 'ddim_analytic' adds the analytic σ̂²; sigma2={sigma2!r} is "
-                         "for the ancestral sampler (leave sigma2 unset)")
+    if sampler != "ancestral" and sigma2 is not None and not analytic:
+        raise ValueError(f"sampler {sampler!r}: DDIM's noise is set by eta (sigma2 None) or is "
+                         f"the analytic σ̂²; sigma2={sigma2!r} is for the ancestral sampler")
     analytic_ddim = sampler == "ddim_analytic" or (sampler == "ddim" and analytic)
     check_gamma(analytic or analytic_ddim, gamma,
                 f"sampler={sampler!r}" if analytic_ddim else "sigma2")
@@ -449,10 +446,7 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
                                      for v in chosen], 1))
     every = _gather(torch.cat(rows), dev)
     out: dict[int, dict[Sigma2, BpdResult]] = {}
-    offset = 0
-    for K in Ks:
-        part = every[:, :, offset:offset + K + 1]
-        offset += K + 1
+    for K, part in zip(Ks, every.split([K + 1 for K in Ks], dim=2), strict=True):
         out[K] = {v: BpdResult(total=part[:, i, 0] + part[:, i, 1:].sum(dim=1),
                                prior=part[:, i, 0], terms=part[:, i, 1:],
                                timesteps=tuple(even_trajectory(diffusion.T, K)))

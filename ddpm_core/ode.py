@@ -51,6 +51,8 @@ from ddpm_core.seeds import image_seed
 
 T_EPS = 1e-5  # [SDE] App. D.2: start time of the likelihood integral
 RTOL = ATOL = 1e-5  # [SDE] App. D.2: RK45 tolerances of the likelihood
+
+
 def _model_dtype_device(model: Model) -> tuple[torch.dtype, torch.device]:
     p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     return (torch.float64, torch.device("cpu")) if p is None else (p.dtype, p.device)
