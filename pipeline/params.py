@@ -133,7 +133,7 @@ class SampleConfig:
     seed: NonNegative = 0
     grid_size: Positive = 64
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
-    # GPU), and N processes under torchrun, each taking its share of the batches.
+    # GPU), and N processes under torchrun, each taking its share of the images.
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
@@ -161,14 +161,10 @@ class BpdConfig:
     use_ema: StrictBool = True
     seed: NonNegative = 0  # seed of the bound's Monte Carlo draws: test image i's noise comes
     # from (seed, i, t)
-    # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
-    # GPU), and N processes under torchrun, each taking its share of the batches.
+    # the network call and its rows: as in SampleConfig
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
-    # rows of every network call (api.FixedRows): BLAS and cuDNN pick kernels by shape, so a
-    # fixed call size keeps each image's numbers independent of batch_size; a divisor of the
-    # rows of a batch (batch_size, x t_batch for the bound) wastes no padding
     net_batch: Positive = modes.NET_BATCH
 
 
