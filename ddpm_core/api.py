@@ -18,11 +18,7 @@ the batch size or the number of processes (under torchrun, ranks take contiguous
 of ddpm_core.modes or their short names (beta = fixed_large, beta_tilde = fixed_small,
 learned: the network's own, analytic: Analytic-DPM's σ̂², Bao et al. 2022, which needs
 gamma = estimate_gamma(...) from training images; DDIM at eta = 0: ddim_analytic).
-Samplers: "ancestral", "ddim" (η = eta; deterministic at eta = 0) and "ddim_analytic" (Bao et
-al.'s Analytic-DDIM: DDIM with the analytic σ̂² noise, eta = 0 by default; needs gamma).
-On a chain of fewer than T steps (and on every DDIM chain) the step to x_{τ_1} adds noise of std
-at most 2y/255·√(π/2), y = last_sigma_cap_y (default 1, None: no cap), as Bao et al.'s code does;
-the full T-step ancestral chain is DDPM's Algorithm 2, uncapped.
+The samplers and the cap on σ of the last noisy step (Bao et al.'s code): see `sample`.
 Step lists come from chains.timestep_spacing: "trailing" (default, starts at T − 1),
 "linspace", "leading" (diffusers': S steps of stride T // S; the DDIM code's uniform when S
 divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
@@ -35,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -91,26 +87,21 @@ def load_model(path: str | Path, which: Which = "ema",
                                     "scheduler_config.json")
         net, diff = load_diffusers(path)
     elif p.is_file():
-        net, diff = _load_ours(p, which)
+        from ddpm_core.modelfile import load_model_file
+
+        loaded = load_model_file(p, which=which)
+        net, diff = loaded.net, loaded.diffusion
     else:
         raise FileNotFoundError(f"{path}: no such file or folder (nor a hub id owner/name)")
     return net.to(device).eval().requires_grad_(False), diff
-
-
-def _load_ours(path: Path, which: Which) -> tuple[torch.nn.Module, Diffusion]:
-    """Our model file or training checkpoint (ddpm_core.modelfile)."""
-    from ddpm_core.modelfile import load_model_file
-
-    loaded = load_model_file(path, which=which)
-    return loaded.net, loaded.diffusion
 
 
 def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
                     meta: dict | None = None, raw: torch.nn.Module | None = None) -> None:
     """Our model file of (net, diff): net as the EMA weights, raw (default: net) as the raw
     ones (ddpm_core.modelfile)."""
-    from ddpm_core.convert import schedule_kind
     from ddpm_core.modelfile import ModelSpec, save_model
+    from ddpm_core.schedules import schedule_kind
 
     kind = schedule_kind(diff.betas)
     if kind is None:
@@ -160,13 +151,14 @@ def check_matches(diff: Diffusion, *, schedule: ScheduleKind | None = None,
 
 # ----------------------------------------------------------------------------- the engine's parts
 
-# rows of every network call (modes.NET_BATCH): one fixed shape, so an image's numbers do not
-# depend on the batch size or its companions (BLAS and cuDNN pick their kernels by shape: a
-# 13-image call and a 64-image call give the same image outputs that differ in the last bits)
-
 
 class FixedRows(torch.nn.Module):
-    """`net(x [B,C,H,W], t [B])` in calls of exactly `rows` rows (the last one zero-padded)."""
+    """`net(x [B,C,H,W], t [B])` in calls of exactly `rows` rows (the last one zero-padded).
+
+    One fixed shape (modes.NET_BATCH), so an image's numbers do not depend on the batch size or
+    its companions: BLAS and cuDNN pick their kernels by shape, so a 13-image call and a
+    64-image call give the same image outputs that differ in the last bits.
+    """
 
     def __init__(self, net: torch.nn.Module, rows: int) -> None:
         super().__init__()
@@ -208,14 +200,15 @@ def _device(device: str | torch.device | None, net: torch.nn.Module) -> torch.de
     return next(net.parameters()).device
 
 
-def _image_shape(net: torch.nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) of the ddpm_core UNet inside `net` (wrappers: inference, compile, counting)."""
+def _image_shape(net: torch.nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) of the ddpm_core UNet inside `net` (wrappers: inference, compile, counting);
+    None for any other network."""
     from ddpm_core.unet import UNet
 
     for m in net.modules():
         if isinstance(m, UNet):
             return m.cfg.in_channels, m.cfg.image_size, m.cfg.image_size
-    raise ValueError("net holds no ddpm_core UNet: pass image_shape=(C, H, W)")
+    return None
 
 
 def _shares(n: int) -> range:
@@ -260,12 +253,6 @@ def timesteps_for(diff: Diffusion, steps: int | None, spacing: Spacing) -> list[
     return timestep_spacing(diff.T, steps, spacing)
 
 
-def check_eta(eta: float) -> None:
-    """DDIM's η (Song et al. 2021, eq. 16) lies in [0, 1]."""
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1], got {eta}")
-
-
 def check_gamma(needed: bool, gamma: torch.Tensor | None, what: str) -> None:
     """Analytic σ̂² (Bao et al. 2022) needs Γ from estimate_gamma."""
     if needed and gamma is None:
@@ -295,14 +282,12 @@ def check_sampler(sampler: str, sigma2: str | None, eta: float,
     """The sampler/σ² combinations; True when the sampler adds Analytic-DDIM's σ̂² noise."""
     if sampler not in SAMPLER_KINDS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_KINDS}")
-    check_eta(eta)
+    if not 0.0 <= eta <= 1.0:  # DDIM's η (Song et al. 2021, eq. 16)
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
     analytic = sigma2 is not None and sigma2_mode(sigma2).name == "analytic"
-    if sampler == "ddim" and sigma2 is not None and not analytic:
-        raise ValueError("DDIM's noise is set by eta (sigma2 None) or sigma2='analytic'; "
-                         f"sigma2={sigma2!r} is for the ancestral sampler")
-    if sampler == "ddim_analytic" and sigma2 is not None and not analytic:
-        raise ValueError(f"sampler 'ddim_analytic' adds the analytic σ̂²; sigma2={sigma2!r} is "
-                         "for the ancestral sampler (leave sigma2 unset)")
+    if sampler != "ancestral" and sigma2 is not None and not analytic:
+        raise ValueError(f"sampler {sampler!r}: DDIM's noise is set by eta (sigma2 None) or is "
+                         f"the analytic σ̂²; sigma2={sigma2!r} is for the ancestral sampler")
     analytic_ddim = sampler == "ddim_analytic" or (sampler == "ddim" and analytic)
     check_gamma(analytic or analytic_ddim, gamma,
                 f"sampler={sampler!r}" if analytic_ddim else "sigma2")
@@ -355,7 +340,8 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     at η = `eta`, 0 by default). `steps` None means all T steps (DDIM then visits every step
     too). σ² analytic needs gamma = estimate_gamma(net, diffusion, training_images).
     last_sigma_cap_y: y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (K < T and DDIM;
-    None: no cap). image_shape (C, H, W): default that of the UNet inside net.
+    default 1, as Bao et al.'s code; None: no cap; the full T-step ancestral chain is DDPM's
+    Algorithm 2, uncapped). image_shape (C, H, W): default that of the UNet inside net.
     """
     from ddpm_core.data import from_unit, to_numpy_images
     from ddpm_core.last_sigma import last_sigma_cap
@@ -367,12 +353,13 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     analytic_ddim = check_sampler(sampler, sigma2, eta, gamma)
     if last_sigma_cap_y is not None:
         last_sigma_cap(last_sigma_cap_y)  # y > 0 or a one-line error
-    diff = diffusion
-    chosen = sigma2_of(diff, sigma2) if sampler == "ancestral" else None
-    timesteps = timesteps_for(diff, steps, spacing)
-    ts = timesteps if timesteps is not None else list(range(diff.T))
+    chosen = sigma2_of(diffusion, sigma2) if sampler == "ancestral" else None
+    timesteps = timesteps_for(diffusion, steps, spacing)
+    ts = timesteps if timesteps is not None else list(range(diffusion.T))
     dev = _device(device, net)
     chw = image_shape or _image_shape(net)
+    if chw is None:
+        raise ValueError("net holds no ddpm_core UNet: pass image_shape=(C, H, W)")
     share = _shares(n)
     total = calls_per_step(n, batch_size, 1, net_batch) * len(ts)
     out = [torch.zeros((0, *chw), dtype=torch.uint8)]
@@ -381,11 +368,11 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
             noise = ImageNoise(seed, range(s, min(s + batch_size, share.stop)), dev)
             x_T = noise.randn((len(noise.indices), *chw))
             if sampler == "ancestral":
-                x = sample_ancestral(diff, counted, x_T, noise=noise, timesteps=timesteps,
+                x = sample_ancestral(diffusion, counted, x_T, noise=noise, timesteps=timesteps,
                                      clip_x0=clip_x0, sigma2=chosen, gamma=gamma,
                                      last_sigma_cap_y=last_sigma_cap_y)
             else:
-                x = sample_ddim(diff, counted, x_T, noise=noise, timesteps=ts, eta=eta,
+                x = sample_ddim(diffusion, counted, x_T, noise=noise, timesteps=ts, eta=eta,
                                 clip_x0=clip_x0, gamma=gamma if analytic_ddim else None,
                                 last_sigma_cap_y=last_sigma_cap_y)
             out.append(from_unit(x).cpu())
@@ -407,13 +394,6 @@ def _check_images(images: np.ndarray, chw: Sequence[int] | None = None) -> None:
                         f"{(chw[1], chw[2], chw[0])}")
 
 
-def _image_shape_or_none(net: torch.nn.Module) -> tuple[int, int, int] | None:
-    try:
-        return _image_shape(net)
-    except ValueError:
-        return None
-
-
 @torch.no_grad()
 def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
           sigma2: Sequence[str] | None = None, steps: Sequence[int] | None = None,
@@ -433,7 +413,7 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     from ddpm_core.data import to_model_tensor, to_unit
     from ddpm_core.likelihood import bits_per_dim_at_steps, even_trajectory
 
-    _check_images(images, _image_shape_or_none(net))
+    _check_images(images, _image_shape(net))
     if batch_size < 1 or t_batch < 1:
         raise ValueError(f"batch_size and t_batch must be >= 1, got {batch_size}, {t_batch}")
     chosen = list(dict.fromkeys(sigma2_of(diffusion, s) for s in (sigma2 or [None])))
@@ -441,6 +421,9 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     Ks = sorted({diffusion.T} if steps is None else {int(K) for K in steps})
     if not Ks:
         raise ValueError("steps is empty: give the chain lengths K, e.g. [10, 100, T]")
+    if not all(2 <= K <= diffusion.T for K in Ks) and Ks != [diffusion.T]:
+        raise ValueError(f"need 2 <= K <= T={diffusion.T} steps (K = T is the full chain), "
+                         f"got {Ks}")
     if "learned" in chosen and Ks != [diffusion.T]:
         raise ValueError(f"σ² learned is a one-step variance: it has no K-step chain for "
                          f"K < T = {diffusion.T} (learned_range interpolates and has one)")
@@ -463,10 +446,7 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
                                      for v in chosen], 1))
     every = _gather(torch.cat(rows), dev)
     out: dict[int, dict[Sigma2, BpdResult]] = {}
-    offset = 0
-    for K in Ks:
-        part = every[:, :, offset:offset + K + 1]
-        offset += K + 1
+    for K, part in zip(Ks, every.split([K + 1 for K in Ks], dim=2), strict=True):
         out[K] = {v: BpdResult(total=part[:, i, 0] + part[:, i, 1:].sum(dim=1),
                                prior=part[:, i, 0], terms=part[:, i, 1:],
                                timesteps=tuple(even_trajectory(diffusion.T, K)))
@@ -476,28 +456,19 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
 
 def bits_per_dim_per_image(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
                            sigma2: str | None = None, steps: int | None = None,
-                           gamma: torch.Tensor | None = None, seed: int = 0,
-                           batch_size: int = 256, t_batch: int = 10,
-                           net_batch: int = NET_BATCH, device: str | torch.device | None = None,
-                           progress: bool | Progress = False) -> np.ndarray:
-    """The bound of one chain (`steps` None: all T) and one σ², bits/dim float64 [N]."""
+                           **options: Any) -> np.ndarray:
+    """The bound of one chain (`steps` None: all T) and one σ², bits/dim float64 [N]; options:
+    bound's keywords (gamma, seed, batch_size, t_batch, net_batch, device, progress)."""
     K = diffusion.T if steps is None else int(steps)
     res = bound(net, diffusion, images, sigma2=[sigma2] if sigma2 else None, steps=[K],
-                gamma=gamma, seed=seed, batch_size=batch_size, t_batch=t_batch,
-                net_batch=net_batch, device=device, progress=progress)[K]
+                **options)[K]
     return next(iter(res.values())).total.numpy()
 
 
 def bits_per_dim(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
-                 sigma2: str | None = None, steps: int | None = None,
-                 gamma: torch.Tensor | None = None, seed: int = 0, batch_size: int = 256,
-                 t_batch: int = 10, net_batch: int = NET_BATCH,
-                 device: str | torch.device | None = None,
-                 progress: bool | Progress = False) -> float:
+                 sigma2: str | None = None, steps: int | None = None, **options: Any) -> float:
     """Mean bound in bits/dim of uint8 images [N, H, W, C] (bits_per_dim_per_image's mean)."""
-    per = bits_per_dim_per_image(net, diffusion, images, sigma2=sigma2, steps=steps,
-                                 gamma=gamma, seed=seed, batch_size=batch_size, t_batch=t_batch,
-                                 net_batch=net_batch, device=device, progress=progress)
+    per = bits_per_dim_per_image(net, diffusion, images, sigma2=sigma2, steps=steps, **options)
     value = float(per.mean())
     assert math.isfinite(value), "bits/dim is not finite"
     return value
@@ -550,9 +521,18 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
     """
     from ddpm_core.ode import ode_bits_per_dim
 
-    _check_images(images, _image_shape_or_none(net))
+    _check_images(images, _image_shape(net))
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
+    if divergence not in get_args(Divergence):
+        raise ValueError(f"error: divergence: {divergence!r}; expected 'exact' or 'hutchinson'")
+    if repeats < 1 or (divergence == "exact" and repeats != 1):
+        raise ValueError(f"error: repeats: {repeats}; need >= 1 (exactly 1 for 'exact')")
+    if batch_size < 1:
+        raise ValueError(f"error: batch_size: {batch_size}; need >= 1")
+    if diffusion.mean_type not in ("eps", "x0"):
+        raise ValueError(f"error: mean_type: {diffusion.mean_type!r} (μ̃ of the discrete "
+                         "one-step chain) has no continuous-time ε; use an 'eps' or 'x0' model")
     dev = _device(device, net)
     net = net.to(dev).eval()
     x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

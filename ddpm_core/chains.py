@@ -38,8 +38,7 @@ def timestep_spacing(T: int, S: int, spacing: Spacing = DEFAULT_SPACING) -> list
     Only linspace (S ≥ 2) and trailing start at T − 1; see prior_kl_at for what an early start
     costs.
     """
-    if not 1 <= S <= T:
-        raise ValueError(f"need 1 <= S <= T, got S={S}, T={T}")
+    assert 1 <= S <= T, f"need 1 <= S <= T, got S={S}, T={T}"  # the api validates steps
     if spacing == "leading":
         # diffusers: (arange(0, S) * (T // S)).round()[::-1], reversed back to increasing
         return [k * (T // S) for k in range(S)]
@@ -51,7 +50,7 @@ def timestep_spacing(T: int, S: int, spacing: Spacing = DEFAULT_SPACING) -> list
     if spacing == "trailing":
         # arange's length is float-fragile (T=17, S=7 gives 8 values, the last one −1)
         return sorted(int(v) - 1 for v in np.round(np.arange(T, 0, -T / S)[:S]))
-    raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
+    raise AssertionError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
 
 
 def check_timesteps(diff: Diffusion, timesteps: Sequence[int]) -> list[int]:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ddpm_core.diffusion import Diffusion
-from ddpm_core.modes import SCHEDULE_KINDS, ContinuousKind
-from ddpm_core.schedules import COSINE_S, MAX_BETA, make_betas
+from ddpm_core.modes import ContinuousKind
+from ddpm_core.schedules import COSINE_S, MAX_BETA, schedule_kind
 
 
 @dataclass(frozen=True)
@@ -122,17 +122,9 @@ def interpolated_beta(t: np.ndarray, log_ab: np.ndarray) -> np.ndarray:
     return slopes[i]
 
 
-def schedule_kind_of(diff: Diffusion) -> str | None:
-    """The ScheduleKind whose make_betas(kind, T) equals diff's β (None for other chains)."""
-    for kind in SCHEDULE_KINDS:
-        if torch.allclose(make_betas(kind, diff.T), diff.betas, rtol=1e-12, atol=0):
-            return kind
-    return None
-
-
 def continuous_schedule(diff: Diffusion) -> ContinuousSchedule:
     """The continuous-time ᾱ(t), β(t) of diff's chain (kind read from its β, one source)."""
-    kind, T = schedule_kind_of(diff), diff.T
+    kind, T = schedule_kind(diff.betas), diff.T
     if kind == "linear" and T > 1:
         return ContinuousSchedule("vp_linear", T, beta_min=T * float(diff.betas[0]),
                                   beta_max=T * float(diff.betas[-1]))

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import torch
 
 from ddpm_core.diffusion import Diffusion, MeanType, VarType
 from ddpm_core.files import atomic_dir, write_json
 from ddpm_core.modelfile import MAX_TIMESTEPS, check_weights_fit
-from ddpm_core.schedules import BETA_END, BETA_START, MAX_BETA, ScheduleKind, make_betas
+from ddpm_core.schedules import BETA_END, BETA_START, MAX_BETA, make_betas, schedule_kind
 from ddpm_core.sources import check_model_source
 from ddpm_core.unet import PRESETS, UNet, UNetConfig
 
@@ -350,15 +350,6 @@ def diffusion_from_scheduler_config(conf: dict[str, Any]) -> Diffusion:
         raise ValueError(f"scheduler prediction_type={pred!r} unsupported (need epsilon or "
                          "sample)")
     return Diffusion(betas, _MEAN_FROM_DIFFUSERS[pred], _VAR_FROM_DIFFUSERS[var])
-
-
-def schedule_kind(betas: torch.Tensor) -> ScheduleKind | None:
-    """Which of our schedules (at T = len(betas)) these β are, None if none (float64 exact)."""
-    betas = torch.as_tensor(betas, dtype=torch.float64)
-    for kind in get_args(ScheduleKind):
-        if torch.allclose(make_betas(kind, len(betas)), betas, rtol=1e-12, atol=0):
-            return kind
-    return None
 
 
 _KIND_TO_DIFFUSERS = {"linear": "linear", "quadratic": "scaled_linear",

@@ -3,15 +3,14 @@
 Everything here is a no-op in a single process (WORLD_SIZE absent or 1), so library code calls
 these helpers unconditionally.
 
-Sharded work (`map_shards`): ranks take contiguous runs of image indices (`shard_range`) and
-the results are gathered in rank order; every image's noise comes from (seed, its index)
-(ddpm_core.seeds), so no result depends on the number of processes.
+Sharded work (api): ranks take contiguous runs of image indices (`shard_range`) and the
+results are gathered in rank order (`gather_shards`); every image's noise comes from
+(seed, its index) (ddpm_core.seeds), so no result depends on the number of processes.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -133,14 +132,6 @@ def gather_shards(part: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:k] for p, k in zip(parts, lengths, strict=True)])
-
-
-def map_shards(fn: Callable[[range], Tensor], n: int, rank: int | None = None,
-               world: int | None = None) -> Tensor:
-    """Run fn on this rank's contiguous share of range(n) and gather all shares in order."""
-    rank = dist.get_rank() if rank is None and is_initialized() else (rank or 0)
-    world = dist.get_world_size() if world is None and is_initialized() else (world or 1)
-    return gather_shards(fn(shard_range(n, rank, world)))
 
 
 def batch_seed(seed: int, j: int) -> int:

@@ -119,8 +119,7 @@ def prior_bpd(diff: Diffusion, x0: Tensor, t_index: int | None = None) -> Tensor
 
 def even_trajectory(T: int, K: int) -> list[int]:
     """Bao et al. 2022's even trajectory round(linspace(0, T−1, K)): keeps 0 and T−1."""
-    if not 2 <= K <= T and K != T:
-        raise ValueError(f"need 2 <= K <= T={T} steps (K = T is the full chain), got K={K}")
+    assert 2 <= K <= T or K == T, f"need 2 <= K <= T={T} steps, got K={K}"  # api.bound checks
     return list(range(T)) if K == T else timestep_spacing(T, K, "linspace")
 
 
@@ -178,14 +177,11 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
                           gamma: Tensor | None = None, clip_x0: bool = True, t_batch: int = 10,
                           seed: int = 0, indices: Sequence[int] | None = None
                           ) -> dict[int, dict[Sigma2, BpdResult]]:
-    """Variational bound of the K-step chains (even trajectory) for each K in steps, per σ².
-
-    x0 [B,C,H,W] on the 256-level grid. Chain K visits τ = round(linspace(0, T−1, K)) with
-    β'_k = 1 − ᾱ_{τ_k}/ᾱ_{τ_{k−1}}; K = T is the full chain. "analytic" needs gamma [T].
-    One network call per group of t_batch original indices of the union of the trajectories:
-    every K and every σ² reuse it, and x_τ is drawn once per index τ. The noise of image b at
-    τ comes from (seed, indices[b], τ) alone (seeds.keyed_randn; indices default 0..B−1), so
-    no number depends on B, t_batch or the set of K.
+    """Variational bound of the K-step chains (even trajectory) for each K in steps, per σ²,
+    of x0 [B,C,H,W] on the 256-level grid, in one pass (the module docstring); "analytic" needs
+    gamma [T]. x_τ is drawn once per index τ: the noise of image b at τ comes from
+    (seed, indices[b], τ) alone (seeds.keyed_randn; indices default 0..B−1), so no number
+    depends on B, t_batch or the set of K.
     """
     assert x0.ndim == 4, f"x0 must be [B,C,H,W], got {tuple(x0.shape)}"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
@@ -218,12 +214,9 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
             if not js:
                 continue
             ks = [chain.position[group[j]] for j in js]
-            if len(js) == n:
-                o, x0_c, x_t_c, t_orig = out, x0_rep, x_t, t
-            else:
-                rows = (torch.tensor(js, device=x0.device)[:, None] * B
-                        + torch.arange(B, device=x0.device)[None]).reshape(-1)
-                o, x0_c, x_t_c, t_orig = out[rows], x0_rep[rows], x_t[rows], t[rows]
+            rows = (torch.tensor(js, device=x0.device)[:, None] * B
+                    + torch.arange(B, device=x0.device)[None]).reshape(-1)
+            o, x0_c, x_t_c, t_orig = out[rows], x0_rep[rows], x_t[rows], t[rows]
             k = t_orig if chain.diff is diff else torch.tensor(
                 ks, device=x0.device).repeat_interleave(B)
             if chain.mu_as_x0:

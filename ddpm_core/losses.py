@@ -22,6 +22,8 @@ from ddpm_core.likelihood import mean_flat, vlb_terms
 from ddpm_core.modes import FIXED_VAR_TYPES, LEARNED_VAR_TYPES, LossType
 
 HYBRID_LAMBDA = 0.001  # Nichol & Dhariwal 2021, Sec. 3.1
+
+
 class Loss:
     """What the trainer minimises: per-example losses [B] for given t (drawn by resample.py)."""
 

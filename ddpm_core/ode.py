@@ -4,7 +4,7 @@
        through Stochastic Differential Equations" (ICLR 2021).
 [DDIM] Song, Meng, Ermon 2021, "Denoising Diffusion Implicit Models", §4.3: DDIM with η = 0 is
        an Euler discretisation of the same ODE (in σ = √(1−ᾱ)/√ᾱ), so samplers.sample_ddim with
-       S steps converges to ode_decode as S grows.
+       S steps converges to ode_flow from t = 1 to ε as S grows.
 
 Time convention: continuous t ∈ [0, 1]; the discrete index i = 0..T−1 (the paper's step i+1)
 sits at t_i = (i + 1)/T, so t = 1 is the last step and ᾱ(0) = 1. The network is called with the
@@ -51,6 +51,8 @@ from ddpm_core.seeds import image_seed
 
 T_EPS = 1e-5  # [SDE] App. D.2: start time of the likelihood integral
 RTOL = ATOL = 1e-5  # [SDE] App. D.2: RK45 tolerances of the likelihood
+
+
 def _model_dtype_device(model: Model) -> tuple[torch.dtype, torch.device]:
     p = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
     return (torch.float64, torch.device("cpu")) if p is None else (p.dtype, p.device)
@@ -64,12 +66,10 @@ def model_eps(diff: Diffusion, sched: ContinuousSchedule, model: Model, x: Tenso
     out = model(x, label)[:, :C]  # learned-variance channels play no part in the ODE
     if diff.mean_type == "eps":
         return out
-    if diff.mean_type == "x0":
-        ab = float(sched.alpha_bar(t))
-        # [DDIM] eq. (9) solved for ε with ᾱ = ᾱ(t)
-        return (x - math.sqrt(ab) * out) / math.sqrt(1.0 - ab)
-    raise ValueError(f"error: mean_type: {diff.mean_type!r} (μ̃ of the discrete one-step chain) "
-                     "has no continuous-time ε; use an 'eps' or 'x0' model")
+    assert diff.mean_type == "x0", f"mean_type {diff.mean_type!r} has no continuous-time ε"
+    ab = float(sched.alpha_bar(t))
+    # [DDIM] eq. (9) solved for ε with ᾱ = ᾱ(t)
+    return (x - math.sqrt(ab) * out) / math.sqrt(1.0 - ab)
 
 
 # [SDE] eq. (13) for the VP SDE with the score −ε_θ/√(1−ᾱ(t))
@@ -129,7 +129,9 @@ class FlowResult:
 def ode_flow(diff: Diffusion, model: Model, x: Tensor, t0: float, t1: float,
              rtol: float = RTOL, atol: float = ATOL,
              sched: ContinuousSchedule | None = None) -> FlowResult:
-    """x_{t1} [B,C,H,W] from x_{t0} by the probability-flow ODE (RK45, one solve for the batch)."""
+    """x_{t1} [B,C,H,W] from x_{t0} by the probability-flow ODE (RK45, one solve for the batch):
+    t0 = ε, t1 = 1 encodes data x_ε as its latent x_1 ([SDE] §4.3); t0 = 1, t1 = ε decodes a
+    latent (a deterministic sample)."""
     assert x.ndim == 4, f"x must be [B,C,H,W], got {tuple(x.shape)}"
     sched = sched or continuous_schedule(diff)
     dtype, device = _model_dtype_device(model)
@@ -145,22 +147,9 @@ def ode_flow(diff: Diffusion, model: Model, x: Tensor, t0: float, t1: float,
     return FlowResult(torch.from_numpy(sol.y[:, -1]).reshape(shape), int(sol.nfev))
 
 
-def ode_encode(diff: Diffusion, model: Model, x: Tensor, t_eps: float = T_EPS,
-               rtol: float = RTOL, atol: float = ATOL) -> FlowResult:
-    """Latent x_1 [B,C,H,W] of data x_ε by the ODE from t = ε to 1 ([SDE] §4.3, encoding)."""
-    return ode_flow(diff, model, x, t_eps, 1.0, rtol, atol)
-
-
-def ode_decode(diff: Diffusion, model: Model, x1: Tensor, t_eps: float = T_EPS,
-               rtol: float = RTOL, atol: float = ATOL) -> FlowResult:
-    """Data x_ε [B,C,H,W] of a latent x_1 by the ODE from t = 1 to ε (a deterministic sample)."""
-    return ode_flow(diff, model, x1, 1.0, t_eps, rtol, atol)
-
-
 def _solve(fun: Callable[[float, np.ndarray], np.ndarray], t0: float, t1: float,
            y0: np.ndarray, rtol: float, atol: float) -> Any:  # scipy's OdeResult
-    if not (rtol > 0 and atol > 0):
-        raise ValueError(f"error: rtol/atol: must be > 0, got rtol={rtol}, atol={atol}")
+    assert rtol > 0 and atol > 0, f"rtol={rtol}, atol={atol} must be > 0"
     sol = solve_ivp(fun, (t0, t1), y0, method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"probability-flow ODE failed between t={t0} and {t1}: {sol.message}")
@@ -268,12 +257,9 @@ def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int
     """
     assert images.ndim == 4 and images.dtype == torch.uint8, \
         f"images must be uint8 [N,C,H,W], got {images.dtype} {tuple(images.shape)}"
-    if divergence not in get_args(Divergence):
-        raise ValueError(f"error: divergence: {divergence!r}; expected 'exact' or 'hutchinson'")
-    if repeats < 1 or (divergence == "exact" and repeats != 1):
-        raise ValueError(f"error: repeats: {repeats}; need >= 1 (exactly 1 for 'exact')")
-    if batch_size < 1:
-        raise ValueError(f"error: batch_size: {batch_size}; need >= 1")
+    assert divergence in get_args(Divergence), f"divergence {divergence!r}"
+    assert repeats >= 1 and (divergence != "exact" or repeats == 1), f"repeats={repeats}"
+    assert batch_size >= 1, f"batch_size={batch_size}"
     sched = continuous_schedule(diff)
     N, D = images.shape[0], images[0].numel()
     per = torch.zeros(N, repeats, dtype=torch.float64)

@@ -32,11 +32,7 @@ from ddpm_core.diffusion import (
     predict_eps_from_x0,
     predict_x0_from_mu,
 )
-from ddpm_core.last_sigma import (  # noqa: F401  (re-exported: the samplers' option)
-    DEFAULT_LAST_SIGMA_CAP_Y,
-    last_sigma_cap,
-    last_sigma_cap_of,
-)
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y, last_sigma_cap_of
 from ddpm_core.modes import Sigma2
 
 
@@ -83,7 +79,6 @@ def sample_ancestral(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise
     noise of std at most last_sigma_cap(last_sigma_cap_y). The api validates the choices.
     """
     chosen: Sigma2 = diff.var_type if sigma2 is None else sigma2
-    assert chosen != "analytic" or gamma is not None, "sigma2 'analytic' needs gamma"
     steps = list(range(diff.T)) if timesteps is None else check_timesteps(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), False, last_sigma_cap_y)
     sub = diff if timesteps is None else respace(diff, steps)
@@ -92,7 +87,7 @@ def sample_ancestral(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise
         sub = sub.with_mean_type("x0")
     log_sigma2 = None
     if chosen == "analytic":
-        assert gamma is not None
+        assert gamma is not None, "sigma2 'analytic' needs gamma"
         log_sigma2 = torch.log(analytic_sigma2(diff, gamma, None if timesteps is None else steps))
     var_type: VarType = "fixed_small" if chosen == "analytic" else chosen
     x = x_T.float()

@@ -90,3 +90,12 @@ def make_betas(kind: ScheduleKind, T: int) -> torch.Tensor:
     assert betas.shape == (T,)
     assert bool((betas > 0).all()) and bool((betas < 1).all()), "β must lie in (0, 1)"
     return betas
+
+
+def schedule_kind(betas: torch.Tensor) -> ScheduleKind | None:
+    """Which of our schedules (at T = len(betas)) these β are, None if none (float64 exact)."""
+    betas = torch.as_tensor(betas, dtype=torch.float64)
+    for kind in get_args(ScheduleKind):
+        if torch.allclose(make_betas(kind, len(betas)), betas, rtol=1e-12, atol=0):
+            return kind
+    return None

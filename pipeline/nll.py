@@ -34,9 +34,7 @@ def main(params: Params, v: VariantConfig) -> None:
     c = params.nll
     paths = VariantPaths(v.name)
     m = variant_model(v.name, c.use_ema)
-    images = load_images(DATA_DIR / "test.npy")
-    if c.num_images is not None:
-        images = images[:c.num_images]
+    images = load_images(DATA_DIR / "test.npy")[:c.num_images]  # None: the whole split
     n = len(images)
     if m.diffusion.mean_type == "mu":
         print(f"nll[{v.name}]: skipped: a μ-predicting model has no continuous-time ε, so no "

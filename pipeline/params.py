@@ -122,7 +122,7 @@ class SampleConfig:
         lambda s: all(k > 0 for k in s), "must be positive step counts")] = (10, 20, 50, 100)
     # trailing: every chain starts at step T (Lin et al. 2024); the DDIM paper's conventions
     # (leading, ddim_quadratic) start earlier and stay available for comparing with its table.
-    spacing: modes.Spacing = "trailing"
+    spacing: modes.Spacing = modes.DEFAULT_SPACING
     ddim_eta: Annotated[StrictFloat, check(lambda v: 0 <= v <= 1, "must be in [0, 1]")] = 0.0
     # σ of the step to x_{τ_1} (respaced chains of K < T steps and DDIM) at most 2y/255·√(π/2),
     # y pixel levels: Bao et al.'s code (clip_sigma_idx 1; y = 2 for CIFAR-10 LS, else 1). DDPM
@@ -133,7 +133,7 @@ class SampleConfig:
     seed: NonNegative = 0
     grid_size: Positive = 64
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
-    # GPU), and N processes under torchrun, each taking its share of the batches.
+    # GPU), and N processes under torchrun, each taking its share of the images.
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
@@ -161,14 +161,10 @@ class BpdConfig:
     use_ema: StrictBool = True
     seed: NonNegative = 0  # seed of the bound's Monte Carlo draws: test image i's noise comes
     # from (seed, i, t)
-    # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
-    # GPU), and N processes under torchrun, each taking its share of the batches.
+    # the network call and its rows: as in SampleConfig
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
-    # rows of every network call (api.FixedRows): BLAS and cuDNN pick kernels by shape, so a
-    # fixed call size keeps each image's numbers independent of batch_size; a divisor of the
-    # rows of a batch (batch_size, x t_batch for the bound) wastes no padding
     net_batch: Positive = modes.NET_BATCH
 
 

@@ -109,14 +109,13 @@ def ddim_title(variance: Sigma2 | None, eta: float | None) -> str:
     return f"{'DDIM' if variance is None else 'Analytic-DDIM'} η = {eta or 0.0:g}"
 
 
-def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2,
-                  learned: tuple[str, ...] = LEARNED_VAR_TYPES) -> list[SamplerSpec]:
+def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2) -> list[SamplerSpec]:
     """What sample@<v> draws for a model whose own σ² is `var_type`: the full chain with each
     σ² of sample.variances (a learned σ² instead: its own), then at every S of sample.steps
     respaced ancestral with each of those σ², DDIM and, when σ² analytic is among them,
     Analytic-DDIM. Respaced chains of S < T steps and DDIM cap σ of the step to x_{τ_1} with
     y = sample.last_sigma_cap_y; the full chains (S = T too) are uncapped."""
-    variances = [var_type] if var_type in learned else list(s.variances)
+    variances = [var_type] if var_type in LEARNED_VAR_TYPES else list(s.variances)
     y = s.last_sigma_cap_y
     specs = [SamplerSpec("ancestral", T, v) for v in variances]
     for S in s.steps:

@@ -27,9 +27,9 @@ import torch
 from ddpm_core.api import calls_per_step, sample
 from ddpm_core.chains import timestep_spacing
 from ddpm_core.data import save_grid
-from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup
 from ddpm_core.inference import inference_model
+from ddpm_core.modes import DEFAULT_SPACING
 from ddpm_core.progress import Progress
 from ddpm_core.samplers import prior_kl_at
 from pipeline.common import (
@@ -46,21 +46,12 @@ from pipeline.records import SamplerSpec, VariantPaths, read_gamma, sampler_spec
 
 
 def check(params: Params, v: VariantConfig) -> None:
-    """Cross-field checks before any work: step counts must fit T and the spacing."""
+    """Cross-field checks before any work: step counts must fit T (params.py checks S >= 1 and
+    the spacing)."""
     T = params.diffusion.timesteps
     for S in params.sample.steps:
         if S > T:
             raise ConfigError(f"sample.steps: {S} exceeds diffusion.timesteps={T}")
-        try:
-            timestep_spacing(T, S, params.sample.spacing)
-        except ValueError as e:
-            raise ConfigError(f"sample.steps: {e}") from None
-
-
-def start_index(spec: SamplerSpec, T: int) -> int:
-    """The index t the sampler starts from with x_t ~ N(0, I) (T - 1 for the full chain)."""
-    return T - 1 if spec.kind == "ancestral" else timestep_spacing(T, spec.steps,
-                                                                    spec.spacing)[-1]
 
 
 def engine_args(spec: SamplerSpec) -> dict:
@@ -68,7 +59,8 @@ def engine_args(spec: SamplerSpec) -> dict:
     if spec.kind == "ddim":
         return {"sampler": "ddim" if spec.variance is None else "ddim_analytic",
                 "steps": spec.steps, "spacing": spec.spacing, "eta": spec.eta or 0.0}
-    return {"sampler": "ancestral", "sigma2": spec.variance, "spacing": spec.spacing or "trailing",
+    return {"sampler": "ancestral", "sigma2": spec.variance,
+            "spacing": spec.spacing or DEFAULT_SPACING,
             "steps": None if spec.kind == "ancestral" else spec.steps}
 
 
@@ -79,7 +71,7 @@ def main(params: Params, v: VariantConfig) -> None:
     paths = VariantPaths(v.name)
     m = variant_model(v.name, s.use_ema)
     check_sample_memory(s.num_samples, m.spec.image_shape_chw)
-    specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type, tuple(LEARNED_VAR_TYPES))
+    specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type)
     gamma = read_gamma(paths, m.diffusion.T) if any(
         sp.variance == "analytic" for sp in specs) else None
     calls = calls_per_step(s.num_samples, s.batch_size, net_batch=s.net_batch) * sum(
@@ -103,8 +95,11 @@ def main(params: Params, v: VariantConfig) -> None:
             save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size,
                       max(1, 64 // images.shape[1]))
             # the prior mismatch of starting at x_t ~ N(0, I): KL(q(x_t|x_0) ‖ N(0, I)) in
-            # bits/dim at the start index, worst case over x_0 ∈ [-1, 1] (samplers.prior_kl_at)
-            t_start = start_index(spec, m.diffusion.T)
+            # bits/dim at the start index t (T - 1 for the full chain), worst case over
+            # x_0 ∈ [-1, 1] (samplers.prior_kl_at)
+            T = m.diffusion.T
+            t_start = T - 1 if spec.kind == "ancestral" else timestep_spacing(
+                T, spec.steps, spec.spacing)[-1]
             index["samplers"].append({**spec.to_dict(), "num_samples": int(len(images)),
                                       "start_index": t_start,
                                       "prior_kl_bpd": prior_kl_at(m.diffusion, t_start)})

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_ranks(argv: Callable[[int], list[str]], timeout: float, world: int = 2) -> None:
+    """Run `world` processes argv(rank) with the env vars torchrun sets (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR/PORT on 127.0.0.1) from the repository root; each must exit 0."""
+    port, procs = free_port(), []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen(argv(rank), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err
 
 
 def start_mlflow_server(db: str, port: int, artifacts: Path) -> subprocess.Popen:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FakeLoss, FakeSampler, tiny_cfg, tiny_data, tiny_model
+from helpers import FakeLoss, FakeSampler, run_ranks, tiny_cfg, tiny_data, tiny_model
 
 from ddpm_core import distributed as D
 from ddpm_core.api import FixedRows
@@ -34,6 +33,15 @@ ATOL, RTOL = 1e-6, 1e-5
 def ddp_cfg():
     """Global batch 8 = 2 ranks x 4; hflip and importance-like weights on."""
     return tiny_cfg(steps=6, batch_size=8, checkpoint_every=3, log_every=3, nproc=2)
+
+
+def map_shards(fn: Callable[[range], torch.Tensor], n: int, rank: int | None = None,
+               world: int | None = None) -> torch.Tensor:
+    """fn on this rank's contiguous share of range(n), all shares gathered in order (the
+    engine's api._shares and api._gather)."""
+    rank = D.dist.get_rank() if rank is None and D.is_initialized() else (rank or 0)
+    world = D.dist.get_world_size() if world is None and D.is_initialized() else (world or 1)
+    return D.gather_shards(fn(D.shard_range(n, rank, world)))
 
 
 def draw(model: torch.nn.Module):
@@ -62,35 +70,17 @@ def test_shard_range_partitions_range_n_in_order_with_sizes_within_one(n: int,
 
 def test_map_shards_of_per_image_draws_concatenate_to_the_unsharded_images() -> None:
     fn = draw(tiny_model())
-    full = D.map_shards(fn, N_SAMPLES)
+    full = map_shards(fn, N_SAMPLES)
     assert full.shape == (N_SAMPLES, 3, 8, 8)
     for world in (2, 3, 8):  # without a process group each call returns its own shard
-        parts = [D.map_shards(fn, N_SAMPLES, r, world) for r in range(world)]
+        parts = [map_shards(fn, N_SAMPLES, r, world) for r in range(world)]
         assert torch.equal(torch.cat(parts), full)
     assert not torch.equal(full[0], full[1])  # every image its own noise
 
 
-def free_port() -> int:
-    """A port the OS just handed out on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path)], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+    run_ranks(lambda rank: [sys.executable, __file__, str(tmp_path)], timeout=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     n = torch.get_num_threads()
@@ -118,10 +108,10 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "ckpt_00000003.pt", "ckpt_00000006.pt"]
     # sharded sampling over two processes returns the unsharded images, on both ranks
-    unsharded = D.map_shards(draw(single.ema), N_SAMPLES)
+    unsharded = map_shards(draw(single.ema), N_SAMPLES)
     for r in ranks:
         torch.testing.assert_close(r["samples"], unsharded, atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(ranks[0]["samples_fixed"], D.map_shards(
+    torch.testing.assert_close(ranks[0]["samples_fixed"], map_shards(
         draw(tiny_model()), N_SAMPLES), atol=0, rtol=0)
 
 
@@ -132,8 +122,8 @@ def _worker(out: str) -> None:
     obj = FakeSampler()
     res = train(tiny_model(), FakeLoss(), obj, tiny_data(), ddp_cfg(), out_dir / "ckpt",
                 device="cpu")
-    samples = D.map_shards(draw(res.ema), N_SAMPLES)
-    fixed = D.map_shards(draw(tiny_model()), N_SAMPLES)
+    samples = map_shards(draw(res.ema), N_SAMPLES)
+    fixed = map_shards(draw(tiny_model()), N_SAMPLES)
     rank = int(os.environ["RANK"])
     torch.save({"model": res.model.state_dict(), "ema": res.ema.state_dict(),
                 "t_sampler": obj.state_dict(), "samples": samples, "samples_fixed": fixed},

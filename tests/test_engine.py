@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import free_port, run_stage, tiny_params
+from helpers import run_ranks, run_stage, tiny_params
 from tiny import OURS_TINY, make_model_file, random_net
 
 from ddpm_core import api
@@ -158,17 +158,7 @@ D.cleanup()
 
 @pytest.mark.slow
 def test_bits_per_dim_and_samples_of_two_gloo_processes_equal_one(tmp_path: Path) -> None:
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"{rank}")],
-                                      cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err
+    run_ranks(lambda rank: [sys.executable, "-c", WORKER, str(tmp_path / f"{rank}")], timeout=180)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     subprocess.run([sys.executable, "-c", WORKER, str(tmp_path / "one")], cwd=ROOT, env=env,

@@ -94,6 +94,13 @@ def test_nll_bad_input_is_one_line():
         nll(net, diff, tiny_images(2).astype(np.float32))
     with pytest.raises(ValueError, match="rtol and atol must be > 0"):
         nll(net, diff, tiny_images(2), rtol=0.0)
+    # validated once, in the engine (ode.py keeps asserts)
+    with pytest.raises(ValueError, match="error: repeats: 2"):
+        nll(net, diff, tiny_images(2), divergence="exact", repeats=2)
+    with pytest.raises(ValueError, match="error: divergence: 'trace'"):
+        nll(net, diff, tiny_images(2), divergence="trace")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="error: batch_size: 0"):
+        nll(net, diff, tiny_images(2), batch_size=0)
 
 
 # ----------------------------------------------------------------------------- stage and CLI

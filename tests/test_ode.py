@@ -21,8 +21,7 @@ from ddpm_core.diffusion import Diffusion
 from ddpm_core.ode import (
     T_EPS,
     ode_bits_per_dim,
-    ode_decode,
-    ode_encode,
+    ode_flow,
     ode_log_likelihood,
 )
 from ddpm_core.samplers import sample_ddim
@@ -221,9 +220,9 @@ def test_ddim_eta0_converges_to_the_probability_flow_ode_as_steps_grow():
     d = Diffusion.from_schedule("linear", 1000)
     s = continuous_schedule(d)
     x_T = torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(6))
-    ode = ode_decode(d, ContinuousGaussianEps(s, torch.full((4,), m, dtype=torch.float64),
-                                              sd**2 * torch.eye(4, dtype=torch.float64)),
-                     x_T.double())
+    ode = ode_flow(d, ContinuousGaussianEps(s, torch.full((4,), m, dtype=torch.float64),
+                                            sd**2 * torch.eye(4, dtype=torch.float64)),
+                   x_T.double(), 1.0, T_EPS)
     # the linear flow: x_ε = √ᾱ(ε) m + √(v(ε)/v(1)) (x_1 − √ᾱ(1) m), v = ᾱ sd² + 1 − ᾱ
     ab1, ab0 = float(s.alpha_bar(1.0)), float(s.alpha_bar(T_EPS))
     v1, v0 = ab1 * sd**2 + 1 - ab1, ab0 * sd**2 + 1 - ab0
@@ -249,8 +248,8 @@ def test_ode_encode_then_decode_returns_the_image():
     x = gaussian_data(4, 8)
     errors = {}
     for tol in (1e-5, 1e-7):
-        z = ode_encode(d, model, x, rtol=tol, atol=tol)
-        back = ode_decode(d, model, z.x, rtol=tol, atol=tol)
+        z = ode_flow(d, model, x, T_EPS, 1.0, rtol=tol, atol=tol)
+        back = ode_flow(d, model, z.x, 1.0, T_EPS, rtol=tol, atol=tol)
         errors[tol] = float((back.x - x).abs().max())
         print(f"round trip at tol {tol:.0e}: max error {errors[tol]:.1e}, "
               f"NFE {z.nfe} + {back.nfe}")
@@ -317,17 +316,3 @@ def test_unet_takes_continuous_labels_and_gives_a_finite_ode_bpd():
           f"{float(h.se[0]):.4f}, NFE {int(exact.nfe[0])}")
     assert math.isfinite(float(exact.bpd[0])) and int(exact.nfe[0]) > 0
     assert abs(float(h.bpd[0] - exact.bpd[0])) < 4 * float(h.se[0]) + 1e-3
-
-
-def test_ode_argument_errors():
-    d = Diffusion.from_schedule("linear", 100)
-    model = ContinuousGaussianEps(continuous_schedule(d), MU, SIGMA)
-    images = torch.zeros(1, *SHAPE, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="repeats"):
-        ode_bits_per_dim(d, model, images, divergence="exact", repeats=2)
-    with pytest.raises(ValueError, match="divergence"):
-        ode_bits_per_dim(d, model, images, divergence="trace")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="mean_type"):
-        ode_bits_per_dim(d.with_mean_type("mu"), model, images)
-    with pytest.raises(ValueError, match="rtol"):
-        ode_bits_per_dim(d, model, images, rtol=0.0)
