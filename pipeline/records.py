@@ -193,6 +193,11 @@ class VariantPaths:
     def timings(self, stage: str) -> Path:
         return Path("timings") / stage / f"{self.name}.json"
 
+    def outputs(self) -> list[Path]:
+        """Every path of the layout above (files and folders), in the order of the class."""
+        return [getattr(self, n) for n, a in vars(VariantPaths).items()
+                if isinstance(a, (_VariantFile, property))]
+
     def checkpoints(self) -> Path:
         return CKPT_DIR / self.name
 

@@ -149,8 +149,7 @@ def variant_files(paths: VariantPaths) -> list[Path]:
     """Every file the stages wrote for a variant, found through pipeline.records' VariantPaths
     (each path, a folder's files, timings/<stage>/<v>.json), less the model file (logged as
     model/<v>.pt) and the sample arrays (up to GBs each; the grids show them)."""
-    found = [getattr(paths, n) for n, a in vars(VariantPaths).items() if isinstance(a, property)]
-    found += sorted(Path("timings").glob(f"*/{paths.name}.json"))
+    found = paths.outputs() + sorted(Path("timings").glob(f"*/{paths.name}.json"))
     files: list[Path] = []
     for p in found:
         files += sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]

@@ -104,12 +104,12 @@ def test_mlflow_server_serves_the_runs_over_rest(tmp_path):
 
 def _variant_outputs(root: Path, name: str) -> list[Path]:
     """Every file the stages wrote for variant `name` under root, found through
-    pipeline.records' VariantPaths (each path property, a folder's files, and
+    pipeline.records' VariantPaths (each path of its layout, a folder's files, and
     timings/<stage>/<name>.json), relative to root."""
     from pipeline.records import VariantPaths
 
     vp = VariantPaths(name)
-    paths = [getattr(vp, n) for n, a in vars(VariantPaths).items() if isinstance(a, property)]
+    paths = vp.outputs()
     paths += [p.relative_to(root) for p in (root / "timings").glob(f"*/{name}.json")]
     files = []
     for p in paths:

@@ -250,13 +250,22 @@ def test_a_third_variant_runs_only_its_own_stages(repo):
 
 
 def test_pretrained_weights_are_evaluated_without_training(repo):
+    import torch
+
+    from ddpm_core.modelfile import load_model_file
+    from ddpm_core.schedules import make_betas
+
     root, env, _ = repo
-    ckpts = sorted((root / "checkpoints" / "simple").rglob("ckpt_*.pt"))
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    # a checkpoint of these params' schedule (an experiment of this module may have trained
+    # another one beside it: importing that one is refused, tests/test_engine.py)
+    want = make_betas(p["schedule"], p["diffusion"]["timesteps"])
+    ckpts = [c for c in sorted((root / "checkpoints" / "simple").rglob("ckpt_*.pt"))
+             if torch.equal(load_model_file(c).diffusion.betas, want)]
     assert ckpts, "the train stage left no checkpoint"
     made = root / "external" / "ours.pt"  # a checkpoint file the test makes (outside outputs)
     made.parent.mkdir()
     shutil.copy(ckpts[-1], made)
-    p = yaml.safe_load((root / "params.yaml").read_text())
     p["variants"] = {"mine": {"pretrained": str(made), "format": "ours"}}
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     out = sh([DVC, "repro"], root, env).stdout

@@ -54,7 +54,7 @@ KILL_AT = {
     "nll": ("rename:1", [], ["metrics/nll/simple.json"]),
     "features": ("rename:5", ["features/info.json"], ["metrics/features.json"]),
     "fid": ("rename:2", ["fid/simple.json"], ["metrics/fid/simple.json"]),
-    "report": ("rename:3", ["reports/figures", "reports/report.md"], ["reports/report.html"]),
+    "report": ("rename:4", ["reports/figures", "reports/report.md"], ["reports/report.html"]),
     # the parent and variant runs and the first sampler's run created, the rest not
     "track": ("pipeline.tracking.log_batch:3", [], []),
 }
