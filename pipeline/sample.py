@@ -88,8 +88,7 @@ def main(params: Params, v: VariantConfig) -> None:
             images = sample(net, m.diffusion, s.num_samples, seed=s.seed,
                             batch_size=s.batch_size, clip_x0=s.clip_x0, gamma=gamma,
                             last_sigma_cap_y=spec.last_sigma_cap_y, device=dev,
-                            image_shape=m.spec.image_shape_chw, net_batch=s.net_batch,
-                            progress=bar, **engine_args(spec))
+                            net_batch=s.net_batch, progress=bar, **engine_args(spec))
             seconds = time.perf_counter() - t0
             np.save(tmp / f"{spec.name}.npy", images, allow_pickle=False)
             save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size,
