@@ -8,7 +8,9 @@
 
 Time convention: continuous t ∈ [0, 1]; the discrete index i = 0..T−1 (the paper's step i+1)
 sits at t_i = (i + 1)/T, so t = 1 is the last step and ᾱ(0) = 1. The network is called with the
-continuous label t·(T − 1) (score_sde feeds 999·t to DDPM models): t = 1 is index T − 1.
+label of continuous.ContinuousSchedule.label: the fractional index whose discrete log-SNR is
+that of ᾱ(t), so a network trained at ᾱ_i is told the noise of the state (score_sde's 999·t,
+t·(T − 1), told it up to 2.3 times the SNR's worth more noise; tests/test_ode_gap.py).
 
 Notation (code name -> symbol):
 
@@ -60,7 +62,7 @@ def _model_dtype_device(model: Model) -> tuple[torch.dtype, torch.device]:
 
 def model_eps(diff: Diffusion, sched: ContinuousSchedule, model: Model, x: Tensor,
               t: float) -> Tensor:
-    """ε_θ(x, t) [B,C,H,W] from model(x, t·(T−1)) for ε- or x_0-predicting models."""
+    """ε_θ(x, t) [B,C,H,W] from model(x, label(t)) for ε- or x_0-predicting models."""
     B, C = x.shape[:2]
     label = torch.full((B,), sched.label(t), dtype=torch.float64, device=x.device)
     out = model(x, label)[:, :C]  # learned-variance channels play no part in the ODE

@@ -52,12 +52,12 @@ class DiscreteGaussianEps(torch.nn.Module):
                                          ("quadratic", 100)])
 def test_label_tells_the_network_the_noise_of_the_state(kind, T):
     """log-SNR of the chain at the label = log-SNR(t) of the continuous ᾱ(t), for all t ∈ (0, 1]
-    (machine precision). The label t·(T − 1) (score_sde's 999·t) told the network more noise
-    than the state has: up to 0.85 in log-SNR at linear T = 100 (t = 0.0062, where ᾱ(t) = ᾱ_0;
-    0.71 at T = 1000) and 2.4 near t = 1 for cosine."""
+    (measured ≤ 1e-10). The old label t·(T − 1) (score_sde's 999·t) told the network more
+    noise than the state has: on [t_first, 1] up to 0.85 in log-SNR at linear T = 100 (at
+    t_first = 0.0062, where ᾱ(t) = ᾱ_0; 0.71 at T = 1000), 2.4 near t = 1 for cosine."""
     d = Diffusion.from_schedule(kind, T)
     s = continuous_schedule(d)
-    t = np.concatenate([np.geomspace(1e-5, 0.05, 50), np.linspace(0.05, 1.0, 200)])
+    t = np.concatenate([np.geomspace(1e-5, 0.05, 50), np.linspace(0.05, 1.0, 200)[1:]])
     ab = s.alpha_bar(t)
     want = np.log(ab) - np.log1p(-ab)
     labels = np.array([s.label(float(ti)) for ti in t])
@@ -72,7 +72,7 @@ def test_label_tells_the_network_the_noise_of_the_state(kind, T):
 def test_ode_of_a_perfectly_trained_discrete_network_is_the_linear_flow_closed_form(T):
     """The exact ε of N(μ, Σ) data, known at the chain's noise levels only (as a trained network
     is), gives the closed-form log p_ε of the continuous flow within the solver tolerance.
-    Measured with the old label t·(T − 1): off by 0.49 nats/image at T = 100."""
+    Measured: 1e-6 nats; with the old label t·(T − 1): 0.036 at T = 100, 0.0086 at T = 1000."""
     d = Diffusion.from_schedule("linear", T)
     s = continuous_schedule(d)
     x = gaussian_data(8, seed=3)
