@@ -25,6 +25,23 @@ Notation (code name -> symbol):
     log_p            log p_ε(x_ε) = log N(x_1; 0, I) + ∫_ε^1 ∇·f(x_t, t) dt
                      (instantaneous change of variables, Chen et al. 2018, Thm. 1; [SDE] App. D.2)
 
+    vardeq           log P(x_0) ≥ E_{q(x_1|x_0)}[log p_θ(x_0|x_1) + log p_ε(x_1) − log q(x_1|x_0)],
+                     x_1 at index 0 (ᾱ_0), the flow from t_first (ᾱ(t_first) = ᾱ_0), p_θ(x_0|x_1)
+                     the chain's discretized decoder (Ho et al. 2020, eq. 13; [VDM], [ScoreFlow])
+
+[VDM]       Kingma, Salimans, Poole, Ho 2021, "Variational Diffusion Models" (the discrete data
+            term through the first step's Gaussian decoder).
+[ScoreFlow] Song, Durkan, Murray, Ermon 2021, "Maximum Likelihood Training of Score-Based
+            Diffusion Models": variational dequantization, a bound on the discrete likelihood
+            tighter than uniform dequantization's Jensen bound.
+
+Why two dequantizations (benchmarks/ode_gap.py): uniform dequantization scores the flow's
+density inside each 1/128-wide bin, but a network trained only at noise ≥ √(1 − ᾱ_0) (0.032 on
+[−1, 1], 4 bins, at linear T = 100) cannot resolve a bin, and below t_first its label is an
+extrapolation; on the 17-level digits the uniform ODE bits/dim lie ABOVE the variational bound
+of the same model, while the variational-dequantization ODE bound lies below it. Only the
+latter is on the footing of the DDPM bound (both bound −log2 P(x_0) of a 256-level decoder).
+
 Continuous ᾱ(t) per schedule: see ddpm_core/continuous.py.
 
 Batching: scipy's adaptive solver controls the error of the whole state, so images integrated
@@ -39,7 +56,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -47,12 +64,15 @@ from scipy.integrate import solve_ivp
 from torch import Tensor
 
 from ddpm_core.continuous import ContinuousSchedule, continuous_schedule
-from ddpm_core.diffusion import Diffusion, Model
+from ddpm_core.diffusion import Diffusion, Model, p_mean_variance_from_output, q_sample
+from ddpm_core.likelihood import discretized_gaussian_log_likelihood
 from ddpm_core.modes import Divergence
 from ddpm_core.seeds import image_seed
 
 T_EPS = 1e-5  # [SDE] App. D.2: start time of the likelihood integral
 RTOL = ATOL = 1e-5  # [SDE] App. D.2: RK45 tolerances of the likelihood
+# uniform: [SDE] Table 2's x = 2(k + u)/256 − 1; variational: through the chain's first step
+Dequantization = Literal["uniform", "variational"]
 
 
 def _model_dtype_device(model: Model) -> tuple[torch.dtype, torch.device]:
@@ -244,16 +264,54 @@ def image_noise(shape: tuple[int, ...], seed: int, index: int, repeats: int,
     return u, (2 * signs - 1).double()
 
 
+def first_step_noise(shape: tuple[int, ...], seed: int, index: int) -> Tensor:
+    """ε [C,H,W] of x_1 ~ q(x_1 | x_0) for image `index` (variational dequantization), from a
+    generator seeded by image_seed(seed, index, 1): independent of u and the probes."""
+    g = torch.Generator().manual_seed(image_seed(seed, index, 1))
+    return torch.randn(shape, generator=g, dtype=torch.float64)
+
+
+# [VDM], [ScoreFlow]: log P(x_0) ≥ E_q[log p_θ(x_0|x_1) + log p_ε(x_1) − log q(x_1|x_0)]
+@torch.no_grad()
+def first_step_log_likelihood_bound(diff: Diffusion, model: Model, x0: Tensor, eps: Tensor,
+                                    probes: Tensor | None = None, rtol: float = RTOL,
+                                    atol: float = ATOL,
+                                    sched: ContinuousSchedule | None = None) -> LogLikelihood:
+    """One-sample lower bound [B, R] (nats, CPU float64) on log P(x_0) of 256-level x0
+    [B,C,H,W] on [−1, 1]: x_1 = √ᾱ_0 x_0 + √(1−ᾱ_0) ε (eps [B,C,H,W]), the flow's log p at
+    t_first (where ᾱ(t) = ᾱ_0, label 0), the chain's decoder p_θ(x_0 | x_1) (discretized
+    Gaussian, x̂_0 clipped, the bound's variance at index 0) and log q(x_1 | x_0). NFE counts
+    the decoder's call."""
+    assert x0.shape == eps.shape and x0.ndim == 4, f"x0 {tuple(x0.shape)}, eps {tuple(eps.shape)}"
+    sched = sched or continuous_schedule(diff)
+    dtype, device = _model_dtype_device(model)
+    B, D = x0.shape[0], x0[0].numel()
+    x0, eps = x0.double().to(device), eps.double().to(device)
+    t = torch.zeros(B, dtype=torch.int64, device=device)
+    x1 = q_sample(diff, x0, t, eps)  # Ho et al. 2020, eq. (4) at index 0
+    flow = ode_log_likelihood(diff, model, x1, probes, sched.t_first(), rtol, atol, sched)
+    out = model(x1.to(dtype), t.double()).double()  # label 0 as the ODE's float labels
+    p = p_mean_variance_from_output(diff, out, x1, t)
+    decoder = discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])
+    one_minus = 1.0 - float(diff.alpha_bar[0])
+    log_q = -0.5 * (eps.reshape(B, D) ** 2).sum(1) - 0.5 * D * math.log(2 * math.pi * one_minus)
+    bound = (decoder.reshape(B, D).sum(1) - log_q).cpu()
+    return LogLikelihood(bound[:, None] + flow.log_p, flow.x1, flow.nfe + 1)
+
+
 def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int = 0,
                      start_index: int = 0, divergence: Divergence = "hutchinson",
                      repeats: int = 1, batch_size: int = 1, t_eps: float = T_EPS,
-                     rtol: float = RTOL, atol: float = ATOL, progress: bool = False) -> OdeBpd:
+                     rtol: float = RTOL, atol: float = ATOL, progress: bool = False,
+                     dequantization: Dequantization = "uniform") -> OdeBpd:
     """ODE bits/dim per image of uint8 images [N,C,H,W] (image j has index start_index + j).
 
-    Uniform dequantization x = 2(k + u)/256 − 1 maps the bin of level k, y = k + u ∈ [k, k+1),
+    "uniform": x = 2(k + u)/256 − 1 maps the bin of level k, y = k + u ∈ [k, k+1),
     onto [−1, 1) with Jacobian dx/dy = 2/256 = 1/128 per dimension, so p_y(y) = p_x(x)/128^D,
     and by Jensen log P(k) = log ∫ p_y(k + u) du ≥ E_u[log p_x(x)] − D log 128: hence
     −log2 P(k)/D ≤ E_u[−log p_x(x)]/(D ln 2) + log2 128, the +7 ([SDE] Table 2's convention).
+    "variational": −(first_step_log_likelihood_bound)/(D ln 2), the flow from t_first (t_eps
+    unused) and the chain's decoder, a bound on −log2 P(x_0)/D like the DDPM bound's.
     batch_size images share one solve_ivp call (see the module docstring: 1 makes every
     image's number independent of the others).
     """
@@ -262,6 +320,7 @@ def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int
     assert divergence in get_args(Divergence), f"divergence {divergence!r}"
     assert repeats >= 1 and (divergence != "exact" or repeats == 1), f"repeats={repeats}"
     assert batch_size >= 1, f"batch_size={batch_size}"
+    assert dequantization in get_args(Dequantization), f"dequantization {dequantization!r}"
     sched = continuous_schedule(diff)
     N, D = images.shape[0], images[0].numel()
     per = torch.zeros(N, repeats, dtype=torch.float64)
@@ -276,11 +335,18 @@ def ode_bits_per_dim(diff: Diffusion, model: Model, images: Tensor, *, seed: int
         noise = [image_noise(tuple(images.shape[1:]), seed, start_index + s + j, repeats,
                              divergence)
                  for j in range(len(chunk))]
-        x = dequantize(chunk, torch.stack([u for u, _ in noise]))
         probes = None if divergence == "exact" else torch.stack(
             [p for _, p in noise], dim=1)  # type: ignore[misc]
-        res = ode_log_likelihood(diff, model, x, probes, t_eps, rtol, atol, sched)
-        per[s:s + len(chunk)] = bpd_from_log_p(res.log_p, D)
+        if dequantization == "uniform":
+            x = dequantize(chunk, torch.stack([u for u, _ in noise]))
+            res = ode_log_likelihood(diff, model, x, probes, t_eps, rtol, atol, sched)
+            per[s:s + len(chunk)] = bpd_from_log_p(res.log_p, D)
+        else:
+            eps = torch.stack([first_step_noise(tuple(images.shape[1:]), seed,
+                                                start_index + s + j) for j in range(len(chunk))])
+            x0 = chunk.double() / 127.5 - 1.0  # the 256-level grid of the decoder (data.to_unit)
+            res = first_step_log_likelihood_bound(diff, model, x0, eps, probes, rtol, atol, sched)
+            per[s:s + len(chunk)] = -res.log_p / (D * math.log(2.0))
         nfe[s:s + len(chunk)] = res.nfe
     if divergence == "exact":
         se = torch.zeros(N, dtype=torch.float64)
