@@ -34,7 +34,7 @@ correction for an imperfect mean (NPR); the equation numbers are not transcribed
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -142,23 +142,28 @@ def head_loss(kind: str, h: Tensor, eps: Tensor, eps_hat: Tensor) -> Tensor:
     return mean_flat((head_target(kind, eps, eps_hat) - h) ** 2)
 
 
-def head_train_step(diff: Diffusion, backbone: Backbone, head: nn.Module, x0: Tensor, *,
-                    kind: str, optimizer: torch.optim.Optimizer, t: Tensor, eps: Tensor
-                    ) -> Tensor:
-    """One optimizer step of the head on x_t = q_sample(x0 [B,C,H,W], t, ε); loss [B] detached.
+def head_train_step(diff: Diffusion, backbone: Backbone, heads: Mapping[str, nn.Module],
+                    x0: Tensor, *, optimizer: torch.optim.Optimizer, t: Tensor, eps: Tensor
+                    ) -> dict[str, Tensor]:
+    """One optimizer step of the heads {kind: head} on x_t = q_sample(x0 [B,C,H,W], t, ε).
 
-    The backbone is frozen (its call carries no gradient): only the head's parameters learn.
+    One backbone call serves every head: it is frozen (no gradient), so SN and NPR heads train
+    together for the price of one, their losses summed (independent parameters: each gets its
+    own loss's gradient; with Adam one optimizer is the same as one per head). Returns each
+    head's loss [B], detached.
     """
     assert x0.ndim == 4 and eps.shape == x0.shape, f"x0 {tuple(x0.shape)}, ε {tuple(eps.shape)}"
+    assert heads, "no head to train"
     x_t = q_sample(diff, x0, t, eps)
     out, features = backbone(x_t.to(x0.dtype), t)
     eps_hat = _eps_from_output(diff, out.detach(), x_t, t)
-    h = head(features.detach())
-    loss = head_loss(kind, h.to(eps_hat.dtype), eps.to(eps_hat.dtype), eps_hat)
+    features = features.detach()
+    losses = {kind: head_loss(kind, head(features).to(eps_hat.dtype), eps.to(eps_hat.dtype),
+                              eps_hat) for kind, head in heads.items()}
     optimizer.zero_grad(set_to_none=True)
-    loss.mean().backward()
+    sum(loss.mean() for loss in losses.values()).backward()
     optimizer.step()
-    return loss.detach()
+    return {kind: loss.detach() for kind, loss in losses.items()}
 
 
 def _ratio(diff: Diffusion, t: Tensor, like: Tensor) -> Tensor:

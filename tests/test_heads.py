@@ -97,15 +97,17 @@ def test_head_train_step_learns_the_head_only():
     x0 = torch.rand(8, 1, 8, 8) * 2 - 1
     t = torch.randint(0, 1000, (8,))
     eps = torch.randn_like(x0)
-    for kind in ("sn", "npr"):
-        head = head_for(net)
-        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-        loss = head_train_step(d, backbone, head, x0, kind=kind, optimizer=opt, t=t, eps=eps)
-        x_t = q_sample(d, x0, t, eps)
-        eps_hat = net(x_t, t).double()
-        target = eps.double() ** 2 if kind == "sn" else (eps.double() - eps_hat) ** 2
-        assert torch.allclose(loss, (target**2).mean(dim=(1, 2, 3)), rtol=1e-5)
-        assert float(head.conv.weight.detach().abs().max()) > 0  # the head moved
+    heads = {"sn": head_for(net), "npr": head_for(net)}
+    opt = torch.optim.Adam([q for h in heads.values() for q in h.parameters()], lr=1e-2)
+    calls = []
+    loss = head_train_step(d, lambda x, t: calls.append(1) or backbone(x, t), heads, x0,
+                           optimizer=opt, t=t, eps=eps)
+    assert len(calls) == 1  # one backbone call for both heads
+    x_t = q_sample(d, x0, t, eps)
+    eps_hat = net(x_t, t).double()
+    for kind, target in (("sn", eps.double() ** 2), ("npr", (eps.double() - eps_hat) ** 2)):
+        assert torch.allclose(loss[kind], (target**2).mean(dim=(1, 2, 3)), rtol=1e-5)
+        assert float(heads[kind].conv.weight.detach().abs().max()) > 0  # the head moved
     assert all(p.grad is None for p in net.parameters())
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
@@ -160,7 +162,7 @@ def test_trained_head_converges_to_the_conditional_expectation(kind, bias):
     for i in range(n_steps):
         for g in opt.param_groups:
             g["lr"] = 0.05 * 0.01 ** (i / n_steps)
-        head_train_step(d, backbone, head, x0, kind=kind, optimizer=opt, t=t, eps=eps)
+        head_train_step(d, backbone, {kind: head}, x0, optimizer=opt, t=t, eps=eps)
     # the least-squares fit on the same samples: what the training should reach
     x_tr = q_sample(d, x0, t, eps)
     out_tr, f_tr = backbone(x_tr, t)
