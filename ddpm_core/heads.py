@@ -27,8 +27,13 @@ norm) to the image channels. The backbone is frozen: one forward pass of it per 
 gradients, and a backward pass through the head alone. Zero initialisation makes h = 0 before
 training: NPR then has Cov = 0 (σ² = β̃), and SN has Cov = −(1−ᾱ_t)/ᾱ_t ε̂², clamped to 0
 (σ² = β̃ as well; h = 1 would give their backbone-only heuristic (1−ᾱ_t)/ᾱ_t (1 − ε̂²)).
-Their paper cites these as the optimal diagonal covariance with an exact mean (SN) and its
-correction for an imperfect mean (NPR); the equation numbers are not transcribed here.
+The paper derives SN's Cov as the optimal diagonal covariance when the mean is exact and NPR's
+as its correction for an imperfect mean; the citations below name the method, not an equation
+number (not checked against the paper's text here).
+
+Training (their criterions, `pretrained` methods): t uniform, the loss per image the squared
+error summed over pixels (here its mean over pixels: a constant factor 1/d, immaterial for
+Adam); both heads can train from one backbone call (head_train_step).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ class VarianceHead(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, features: Tensor) -> Tensor:
+        features = features.to(self.conv.weight.dtype)  # bf16 features of an autocast backbone
         return self.conv(torch.nn.functional.silu(self.norm(features)))
 
 
@@ -96,23 +102,27 @@ def unet_backbone(net: nn.Module) -> Backbone:
 
     The feature map is the input of the UNet's `norm_out` (the output block is conv_out(SiLU(
     norm_out(h)))), caught by a forward pre-hook that lives for the one call only: unet.py is
-    unchanged and the output is bit-identical to net(x_t, t). The backbone must be in eval mode
-    (frozen: no dropout noise in ε̂).
+    unchanged and the output is bit-identical to net(x_t, t). A wrapper may call the UNet in
+    chunks, in order, padded at the end (api.FixedRows): the first B rows caught are the batch's.
+    Not through torch.compile (a compiled graph need not run the hook). The backbone must be
+    in eval mode (frozen: no dropout noise in ε̂).
     """
     unet = find_unet(net)
 
     def call(x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        if net.training or unet.training:
+        if unet.training:  # the wrappers' own flags do not matter
             raise ValueError("the backbone of a variance head must be frozen: call net.eval()")
         caught: list[Tensor] = []
-        hook = unet.norm_out.register_forward_pre_hook(lambda _m, args: caught.append(args[0]))
+        hook = unet.norm_out.register_forward_pre_hook(
+            lambda _m, args: caught.append(args[0].clone()))  # a copy: CUDA graphs reuse memory
         try:
             with torch.no_grad():
                 out = net(x_t, t)
         finally:
             hook.remove()
-        assert len(caught) == 1, f"norm_out ran {len(caught)} times in one call"
-        return out, caught[0]
+        B = x_t.shape[0]
+        assert sum(c.shape[0] for c in caught) >= B, "the UNet's norm_out did not see the batch"
+        return out, torch.cat(caught)[:B]
 
     return call
 

@@ -14,6 +14,7 @@ from analytic import GaussianDenoiser, gaussian_gamma, gaussian_reverse_variance
 from torch import nn
 
 from ddpm_core.analytic import analytic_sigma2, ddim_analytic_sigma2
+from ddpm_core.api import FixedRows
 from ddpm_core.chains import chain_of
 from ddpm_core.diffusion import Diffusion, q_sample
 from ddpm_core.heads import (
@@ -83,6 +84,10 @@ def test_head_is_zero_initialised_and_reads_the_unet_features():
     assert torch.allclose(net.conv_out(torch.nn.functional.silu(net.norm_out(features))), out)
     assert torch.equal(head(features), torch.zeros(6, 1, 8, 8))
     assert not net.norm_out._forward_pre_hooks  # no hook left behind
+    # through the engine's fixed-size calls (chunks of 4, the last one zero-padded)
+    out_c, features_c = unet_backbone(FixedRows(net, 4))(x, t)
+    assert torch.allclose(out_c, out, atol=1e-6) and torch.allclose(features_c, features,
+                                                                     atol=1e-6)
     with pytest.raises(ValueError, match="eval"):
         unet_backbone(net.train())(x, t)
 
