@@ -105,6 +105,9 @@ Which = Literal["ema", "model"]
 
 # Divergence of the probability-flow ODE (ode.py): exact (C·H·W backward passes) or Hutchinson.
 Divergence = Literal["exact", "hutchinson"]
+# Dequantization of the ODE likelihood: uniform is [SDE] Table 2's x = 2(k + u)/256 − 1;
+# variational goes through the chain's first step (the bound's footing; ode.py).
+Dequantization = Literal["uniform", "variational"]
 
 # Continuous-time schedules of the ODE (continuous.py).
 ContinuousKind = Literal["vp_linear", "cosine", "interpolated"]

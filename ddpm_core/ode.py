@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -68,13 +68,11 @@ from torch import Tensor
 from ddpm_core.continuous import ContinuousSchedule, continuous_schedule
 from ddpm_core.diffusion import Diffusion, Model, p_mean_variance_from_output, q_sample
 from ddpm_core.likelihood import discretized_gaussian_log_likelihood
-from ddpm_core.modes import Divergence
+from ddpm_core.modes import Dequantization, Divergence
 from ddpm_core.seeds import image_seed
 
 T_EPS = 1e-5  # [SDE] App. D.2: start time of the likelihood integral
 RTOL = ATOL = 1e-5  # [SDE] App. D.2: RK45 tolerances of the likelihood
-# uniform: [SDE] Table 2's x = 2(k + u)/256 − 1; variational: through the chain's first step
-Dequantization = Literal["uniform", "variational"]
 
 
 def _model_dtype_device(model: Model) -> tuple[torch.dtype, torch.device]:
