@@ -13,7 +13,6 @@ Which model arguments are hub ids: ddpm_core.sources.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -117,12 +116,10 @@ def _model_and_images(a: argparse.Namespace):
     """`bpd` and `nll`: the images (read before torch loads, so a bad path answers at once),
     the first --num-images of them, and the model."""
     check_model_source(a.model)
-    images = read_images(a.images)
+    images = read_images(a.images)[:a.n]  # None: all of them
     from ddpm_core.api import load_model
     from ddpm_core.inference import default_device
 
-    if a.n is not None:
-        images = images[:a.n]
     net, diff = load_model(a.model, which=a.which, device=a.device or default_device())
     return net, diff, images
 
@@ -130,8 +127,9 @@ def _model_and_images(a: argparse.Namespace):
 def _write_result(path: str | None, result: dict) -> None:
     """--json: the printed result as a JSON file."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        from ddpm_core.files import write_json
+
+        write_json(result, path, sort_keys=False)
 
 
 def cmd_bpd(a: argparse.Namespace) -> int:
@@ -286,12 +284,6 @@ def _cap_y(text: str) -> float | None:
     return y
 
 
-def _net_batch_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--net-batch", type=int, default=NET_BATCH,
-                   help=f"rows of every network call (default {NET_BATCH}, as params.yaml's; "
-                   "the numbers depend on it, not on --batch-size)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpm", description="DDPM models: sample, bits/dim, convert, check results.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -306,11 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     images = argparse.ArgumentParser(add_help=False)  # bpd, nll: the images and a result file
     images.add_argument("images", help=IMAGE_SOURCES)
     images.add_argument("--json", default=None, help="also write the result to this JSON file")
-    gamma = argparse.ArgumentParser(add_help=False)  # sample, bpd: Γ of σ² analytic
+    gamma = argparse.ArgumentParser(add_help=False)  # sample, bpd: Γ of σ² analytic, net batch
     gamma.add_argument("--gamma-images", default=None,
                        help="training images (folder, .npz, .npy) for Γ of --sigma2 analytic")
     gamma.add_argument("--gamma-m", type=int, default=100,
                        help="images used for Γ (default 100; Bao et al.: 10 or 100 suffice)")
+    gamma.add_argument("--net-batch", type=int, default=NET_BATCH,
+                       help=f"rows of every network call (default {NET_BATCH}, as params.yaml's; "
+                       "the numbers depend on it, not on --batch-size)")
 
     s = sub.add_parser("sample", help="draw images: an .npz with uint8 `images` and a PNG grid",
                        description="Draw images from a model; writes OUT (.npz, uint8 `images` "
@@ -331,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "CIFAR-10: 2; none: no cap)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=256)
-    _net_batch_arg(s)
     s.add_argument("--no-clip", action="store_true", help="do not clip x̂_0 to [-1, 1]")
     s.add_argument("-o", "--out", default="samples.npz", help="output .npz (default samples.npz)")
     s.add_argument("--grid", default=None, help="PNG grid (default: OUT with .png)")
@@ -348,7 +342,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K-step chain on the even trajectory (default: all T steps)")
     b.add_argument("--batch-size", type=int, default=100)
     b.add_argument("--t-batch", type=int, default=10, help="timesteps per network call")
-    _net_batch_arg(b)
     b.set_defaults(func=cmd_bpd)
 
     e = sub.add_parser("nll", help="exact bits/dim by the probability-flow ODE",

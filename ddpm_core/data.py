@@ -353,8 +353,6 @@ def save_grid(images: np.ndarray, path: str | Path, n: int = 64, scale: int | No
 def save_splits(splits: Splits, out_dir: str | Path) -> None:
     """Write train.npy, test.npy (+ *_labels.npy when known; stale label files removed)."""
     out_dir = Path(out_dir)
-    _check_nhwc(splits.train, "train")
-    _check_nhwc(splits.test, "test")
     save_npy(splits.train, out_dir / "train.npy")
     save_npy(splits.test, out_dir / "test.npy")
     for part, labels in (("train", splits.train_labels), ("test", splits.test_labels)):

@@ -108,7 +108,7 @@ def _register_digits_extractor() -> None:
 # ----------------------------------------------------------------------------- Inception weights
 
 
-def resolve_inception_weights(path: str | Path | None = None, download: bool = True) -> Path:
+def resolve_inception_weights(path: str | Path | None = None) -> Path:
     """A local Inception weights file: `path`, else torch hub's cache (downloaded when online)."""
     if path is not None:
         path = Path(path)
@@ -119,17 +119,13 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
         return cached
-    if download:
-        try:
-            download_file(INCEPTION_URL, cached, timeout=60.0)
-            return cached
-        except OSError as e:  # URLError, timeouts and DNS failures are OSErrors
-            reason = f"download failed ({e})"
-    else:
-        reason = "not found and downloading is off"
-    raise MetricsError(f"{cached}: Inception weights {reason}; offline, download "
-                       f"{INCEPTION_URL} elsewhere and put {INCEPTION_FILE} at {cached}, or set "
-                       "fid.inception_weights to its path")
+    try:
+        download_file(INCEPTION_URL, cached, timeout=60.0)
+    except OSError as e:  # URLError, timeouts and DNS failures are OSErrors
+        raise MetricsError(f"{cached}: Inception weights download failed ({e}); offline, download "
+                           f"{INCEPTION_URL} elsewhere and put {INCEPTION_FILE} at {cached}, or "
+                           "set fid.inception_weights to its path") from None
+    return cached
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -172,18 +168,15 @@ def feature_network(features: Features, *, classifier_path: str | Path | None = 
     if features == "digits_classifier":
         if classifier_path is None:
             raise MetricsError("digits classifier features need classifier_path")
-        _load_classifier(classifier_path)  # a clear error for a missing or corrupt file
         _register_digits_extractor()
         ex = create_feature_extractor(DIGITS_EXTRACTOR_NAME, ["features"], cuda=cuda,
                                       feature_extractor_weights_path=str(classifier_path),
                                       verbose=False)
         return FeatureNet(ex, features, False, "features", None, dev)
-    if features == "inception":
-        weights = str(resolve_inception_weights(inception_weights))
-        ex = create_feature_extractor(INCEPTION_NAME, ["2048", "logits_unbiased"], cuda=cuda,
-                                      feature_extractor_weights_path=weights, verbose=False)
-        return FeatureNet(ex, features, True, "2048", "logits_unbiased", dev)
-    raise MetricsError(f"features: {features!r} is not one of {get_args(Features)}")
+    weights = str(resolve_inception_weights(inception_weights))  # features == "inception"
+    ex = create_feature_extractor(INCEPTION_NAME, ["2048", "logits_unbiased"], cuda=cuda,
+                                  feature_extractor_weights_path=weights, verbose=False)
+    return FeatureNet(ex, features, True, "2048", "logits_unbiased", dev)
 
 
 @torch.no_grad()
