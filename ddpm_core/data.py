@@ -318,19 +318,14 @@ def split_images(images: np.ndarray, labels: np.ndarray | None, test_fraction: f
 def prepare_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
     """The data set named by `cfg` as train/test splits (seed overrides cfg.split_seed)."""
     seed = cfg.split_seed if seed is None else seed
-    if cfg.dataset == "digits":
-        images, labels = load_digits_images()
-        return split_images(images, labels, cfg.test_fraction, seed, "digits")
     if cfg.dataset == "cifar10":
         return _cifar10_from_config(cfg)  # the official train/test split
-    if cfg.path is None:
-        raise DataError(f"data.path: required for dataset={cfg.dataset}")
-    if cfg.dataset == "folder":
+    if cfg.dataset == "digits":
+        images, labels = load_digits_images()
+    elif cfg.dataset == "folder":
         images, labels = load_image_folder(cfg.path, cfg.image_size), None
-    elif cfg.dataset == "npz":
+    else:  # npz; the config checks the name and that folder and npz have a path
         images, labels = load_npz(cfg.path)
-    else:
-        raise DataError(f"data.dataset: unknown data set {cfg.dataset!r}")
     return split_images(images, labels, cfg.test_fraction, seed, cfg.dataset)
 
 

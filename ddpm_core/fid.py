@@ -24,8 +24,8 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ddpm_core.data import download_file, nhwc_problem, to_model_tensor
-from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_classifier
+from ddpm_core.data import download_file, to_model_tensor
+from ddpm_core.digits_classifier import ClassifierError, load_classifier
 from ddpm_core.files import save_npz
 from ddpm_core.inference import default_device
 from ddpm_core.modes import Features
@@ -71,7 +71,10 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         if feature_extractor_weights_path is None:
             raise MetricsError("digits classifier features need feature_extractor_weights_path "
                                "(the saved classifier)")
-        self.model = _load_classifier(feature_extractor_weights_path)
+        try:  # the stages print a MetricsError as one line
+            self.model = load_classifier(feature_extractor_weights_path)
+        except ClassifierError as e:
+            raise MetricsError(str(e)) from None
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -90,13 +93,6 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         assert x.dtype == torch.uint8 and x.dim() == 4, f"expected uint8 [B,C,H,W], got {x.shape}"
         return (self.model.features(x.float() / 255.0),)
-
-
-def _load_classifier(path: str | Path) -> DigitsClassifier:
-    try:
-        return load_classifier(path)
-    except ClassifierError as e:
-        raise MetricsError(str(e)) from None
 
 
 def _register_digits_extractor() -> None:
@@ -184,9 +180,7 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
                      on_batch: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """One pass of the feature network over uint8 [N, H, W, C]: {layer: float32 [N, D] (CPU)}.
     `on_batch(n)` is called after every batch of n images (progress)."""
-    if (problem := nhwc_problem(images)) is not None:
-        raise MetricsError(f"images: {problem}")
-    x = nchw(images, net.rgb)
+    x = nchw(images, net.rgb)  # DataError for anything but uint8 [N, H, W, C]
     out: dict[str, list[Tensor]] = {}
     for i in range(0, len(x), batch_size):
         # a fresh standard-strided batch as torch-fidelity's DataLoader makes (a grey [N, 1, H, W]
