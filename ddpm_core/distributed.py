@@ -95,8 +95,7 @@ def any_true(flag: bool) -> bool:
 def all_reduce_(x: Tensor, op: str = "sum") -> Tensor:
     """In-place all-reduce of a device tensor ("sum", "min" or "max"); identity in one process."""
     if is_initialized():
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        dist.all_reduce(x, op=ops[op])
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, op.upper()))
     return x
 
 
