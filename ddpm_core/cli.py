@@ -92,14 +92,24 @@ def _gamma(a: argparse.Namespace, net: Any, diff: Any) -> Any:
                           batch_size=a.batch_size, progress=True)
 
 
-def cmd_sample(a: argparse.Namespace) -> int:
-    check_model_source(a.model)  # a mistyped path: one line before torch is imported
-    from ddpm_core.api import load_model, sample
-    from ddpm_core.data import save_grid
-    from ddpm_core.files import save_npz
+def _load(a: argparse.Namespace, images: str | None = None) -> tuple[Any, Any, Any]:
+    """The model and the first -n of `images` (None: no images), both paths checked before torch
+    is imported, so that a mistyped one answers at once."""
+    check_model_source(a.model)
+    x = read_images(images)[:a.n] if images is not None else None  # a.n None: all of them
+    from ddpm_core.api import load_model
     from ddpm_core.inference import default_device
 
     net, diff = load_model(a.model, which=a.which, device=a.device or default_device())
+    return net, diff, x
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    net, diff, _ = _load(a)
+    from ddpm_core.api import sample
+    from ddpm_core.data import save_grid
+    from ddpm_core.files import save_npz
+
     images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
                     spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
                     clip_x0=not a.no_clip, gamma=_gamma(a, net, diff),
@@ -112,18 +122,6 @@ def cmd_sample(a: argparse.Namespace) -> int:
     return 0
 
 
-def _model_and_images(a: argparse.Namespace):
-    """`bpd` and `nll`: the images (read before torch loads, so a bad path answers at once),
-    the first --num-images of them, and the model."""
-    check_model_source(a.model)
-    images = read_images(a.images)[:a.n]  # None: all of them
-    from ddpm_core.api import load_model
-    from ddpm_core.inference import default_device
-
-    net, diff = load_model(a.model, which=a.which, device=a.device or default_device())
-    return net, diff, images
-
-
 def _write_result(path: str | None, result: dict) -> None:
     """--json: the printed result as a JSON file."""
     if path:
@@ -133,7 +131,7 @@ def _write_result(path: str | None, result: dict) -> None:
 
 
 def cmd_bpd(a: argparse.Namespace) -> int:
-    net, diff, images = _model_and_images(a)
+    net, diff, images = _load(a, a.images)
     from ddpm_core.api import bits_per_dim_per_image
 
     per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, steps=a.steps,
@@ -150,7 +148,7 @@ def cmd_bpd(a: argparse.Namespace) -> int:
 
 
 def cmd_nll(a: argparse.Namespace) -> int:
-    net, diff, images = _model_and_images(a)
+    net, diff, images = _load(a, a.images)
     from ddpm_core.api import nll
 
     res = nll(net, diff, images, rtol=a.rtol, atol=a.atol, repeats=a.repeats,
