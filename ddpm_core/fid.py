@@ -124,15 +124,6 @@ def resolve_inception_weights(path: str | Path | None = None) -> Path:
     return cached
 
 
-# ----------------------------------------------------------------------------- metrics
-
-
-def nchw(images: np.ndarray, rgb: bool) -> Tensor:
-    """uint8 [N, H, W, C] numpy -> uint8 [N, C', H, W] (rgb: grey -> three equal channels)."""
-    x = to_model_tensor(images)
-    return x.expand(-1, 3, -1, -1).contiguous() if rgb and x.shape[1] == 1 else x  # RGB
-
-
 # ----------------------------------------------------------------------------- reference statistics
 # The pipeline extracts the reference set's features ONCE (the `features` stage) and scores every
 # sample set against the stored statistics: the same numbers as torch-fidelity's
@@ -180,7 +171,9 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
                      on_batch: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """One pass of the feature network over uint8 [N, H, W, C]: {layer: float32 [N, D] (CPU)}.
     `on_batch(n)` is called after every batch of n images (progress)."""
-    x = nchw(images, net.rgb)  # DataError for anything but uint8 [N, H, W, C]
+    x = to_model_tensor(images)  # DataError for anything but uint8 [N, H, W, C]
+    if net.rgb and x.shape[1] == 1:  # grey -> three equal channels for Inception
+        x = x.expand(-1, 3, -1, -1).contiguous()
     out: dict[str, list[Tensor]] = {}
     for i in range(0, len(x), batch_size):
         # a fresh standard-strided batch as torch-fidelity's DataLoader makes (a grey [N, 1, H, W]
@@ -211,10 +204,6 @@ class ReferenceStats:
     mu: np.ndarray
     sigma: np.ndarray
     kid_features: Tensor  # float32 [N, D]
-
-    @property
-    def num_images(self) -> int:
-        return int(len(self.kid_features))
 
 
 def reference_statistics(net: FeatureNet, feats: dict[str, Tensor]) -> ReferenceStats:
@@ -256,7 +245,7 @@ def metrics_against(net: FeatureNet, sample_feats: dict[str, Tensor], ref: Refer
                                    {"mu": ref.mu, "sigma": ref.sigma}, verbose=False)
     out = {"fid": float(fid["frechet_inception_distance"])}
     if kid:
-        size = min(kid_subset_size, len(f), ref.num_images)
+        size = min(kid_subset_size, len(f), len(ref.kid_features))
         k = kid_features_to_metric(f, ref.kid_features, kid_subsets=kid_subsets,
                                    kid_subset_size=size, rng_seed=seed, verbose=False)
         out["kid_mean"] = float(k["kernel_inception_distance_mean"])
