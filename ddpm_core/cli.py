@@ -37,14 +37,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the input is wrong (exit 2); their messages are written for users.
-    Those of modules not yet imported cannot have been raised: none is imported here."""
-    return (UsageError, ValueError, FileNotFoundError,
-            *loaded("ddpm_core.data:DataError", "ddpm_core.checkpoint:CheckpointError",
-                    "ddpm_core.modelfile:ModelFileError", "yaml:YAMLError"))
-
-
 # Batch sizes to lower when a command runs out of memory (accelerator or CPU).
 OOM_HINT = ("lower --batch-size (bpd: --batch-size or --t-batch; one network call holds "
             "batch-size x t-batch images)")
@@ -403,7 +395,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_out_of_memory(e):
             print(f"error: {out_of_memory_line(e, OOM_HINT)}", file=sys.stderr)
             return 1
-        code = 2 if isinstance(e, _bad_input_errors()) else 1
+        # the input is wrong (exit 2; the messages are written for users); the classes of
+        # modules never imported cannot have been raised, so none is imported here
+        bad_input = (UsageError, ValueError, FileNotFoundError,
+                     *loaded("ddpm_core.data:DataError", "ddpm_core.checkpoint:CheckpointError",
+                             "ddpm_core.modelfile:ModelFileError", "yaml:YAMLError"))
+        code = 2 if isinstance(e, bad_input) else 1
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return code
