@@ -13,7 +13,6 @@ Which model arguments are hub ids: ddpm_core.sources.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,14 +35,6 @@ class UsageError(ValueError):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, not argparse's usage + error
         raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean the input is wrong (exit 2); their messages are written for users.
-    Those of modules not yet imported cannot have been raised: none is imported here."""
-    return (UsageError, ValueError, FileNotFoundError,
-            *loaded("ddpm_core.data:DataError", "ddpm_core.checkpoint:CheckpointError",
-                    "ddpm_core.modelfile:ModelFileError", "yaml:YAMLError"))
 
 
 # Batch sizes to lower when a command runs out of memory (accelerator or CPU).
@@ -93,14 +84,24 @@ def _gamma(a: argparse.Namespace, net: Any, diff: Any) -> Any:
                           batch_size=a.batch_size, progress=True)
 
 
-def cmd_sample(a: argparse.Namespace) -> int:
-    check_model_source(a.model)  # a mistyped path: one line before torch is imported
-    from ddpm_core.api import load_model, sample
-    from ddpm_core.data import save_grid
-    from ddpm_core.files import save_npz
+def _load(a: argparse.Namespace, images: str | None = None) -> tuple[Any, Any, Any]:
+    """The model and the first -n of `images` (None: no images), both paths checked before torch
+    is imported, so that a mistyped one answers at once."""
+    check_model_source(a.model)
+    x = read_images(images)[:a.n] if images is not None else None  # a.n None: all of them
+    from ddpm_core.api import load_model
     from ddpm_core.inference import default_device
 
     net, diff = load_model(a.model, which=a.which, device=a.device or default_device())
+    return net, diff, x
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    net, diff, _ = _load(a)
+    from ddpm_core.api import sample
+    from ddpm_core.data import save_grid
+    from ddpm_core.files import save_npz
+
     images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
                     spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
                     clip_x0=not a.no_clip, gamma=_gamma(a, net, diff),
@@ -113,29 +114,16 @@ def cmd_sample(a: argparse.Namespace) -> int:
     return 0
 
 
-def _model_and_images(a: argparse.Namespace):
-    """`bpd` and `nll`: the images (read before torch loads, so a bad path answers at once),
-    the first --num-images of them, and the model."""
-    check_model_source(a.model)
-    images = read_images(a.images)
-    from ddpm_core.api import load_model
-    from ddpm_core.inference import default_device
-
-    if a.n is not None:
-        images = images[:a.n]
-    net, diff = load_model(a.model, which=a.which, device=a.device or default_device())
-    return net, diff, images
-
-
 def _write_result(path: str | None, result: dict) -> None:
     """--json: the printed result as a JSON file."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        from ddpm_core.files import write_json
+
+        write_json(result, path, sort_keys=False)
 
 
 def cmd_bpd(a: argparse.Namespace) -> int:
-    net, diff, images = _model_and_images(a)
+    net, diff, images = _load(a, a.images)
     from ddpm_core.api import bits_per_dim_per_image
 
     per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, steps=a.steps,
@@ -152,7 +140,7 @@ def cmd_bpd(a: argparse.Namespace) -> int:
 
 
 def cmd_nll(a: argparse.Namespace) -> int:
-    net, diff, images = _model_and_images(a)
+    net, diff, images = _load(a, a.images)
     from ddpm_core.api import nll
 
     res = nll(net, diff, images, rtol=a.rtol, atol=a.atol, repeats=a.repeats,
@@ -286,12 +274,6 @@ def _cap_y(text: str) -> float | None:
     return y
 
 
-def _net_batch_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--net-batch", type=int, default=NET_BATCH,
-                   help=f"rows of every network call (default {NET_BATCH}, as params.yaml's; "
-                   "the numbers depend on it, not on --batch-size)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ddpm", description="DDPM models: sample, bits/dim, convert, check results.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -306,11 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
     images = argparse.ArgumentParser(add_help=False)  # bpd, nll: the images and a result file
     images.add_argument("images", help=IMAGE_SOURCES)
     images.add_argument("--json", default=None, help="also write the result to this JSON file")
-    gamma = argparse.ArgumentParser(add_help=False)  # sample, bpd: Γ of σ² analytic
+    gamma = argparse.ArgumentParser(add_help=False)  # sample, bpd: Γ of σ² analytic, net batch
     gamma.add_argument("--gamma-images", default=None,
                        help="training images (folder, .npz, .npy) for Γ of --sigma2 analytic")
     gamma.add_argument("--gamma-m", type=int, default=100,
                        help="images used for Γ (default 100; Bao et al.: 10 or 100 suffice)")
+    gamma.add_argument("--net-batch", type=int, default=NET_BATCH,
+                       help=f"rows of every network call (default {NET_BATCH}, as params.yaml's; "
+                       "the numbers depend on it, not on --batch-size)")
 
     s = sub.add_parser("sample", help="draw images: an .npz with uint8 `images` and a PNG grid",
                        description="Draw images from a model; writes OUT (.npz, uint8 `images` "
@@ -331,7 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "CIFAR-10: 2; none: no cap)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=256)
-    _net_batch_arg(s)
     s.add_argument("--no-clip", action="store_true", help="do not clip x̂_0 to [-1, 1]")
     s.add_argument("-o", "--out", default="samples.npz", help="output .npz (default samples.npz)")
     s.add_argument("--grid", default=None, help="PNG grid (default: OUT with .png)")
@@ -348,7 +332,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K-step chain on the even trajectory (default: all T steps)")
     b.add_argument("--batch-size", type=int, default=100)
     b.add_argument("--t-batch", type=int, default=10, help="timesteps per network call")
-    _net_batch_arg(b)
     b.set_defaults(func=cmd_bpd)
 
     e = sub.add_parser("nll", help="exact bits/dim by the probability-flow ODE",
@@ -412,7 +395,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if is_out_of_memory(e):
             print(f"error: {out_of_memory_line(e, OOM_HINT)}", file=sys.stderr)
             return 1
-        code = 2 if isinstance(e, _bad_input_errors()) else 1
+        # the input is wrong (exit 2; the messages are written for users); the classes of
+        # modules never imported cannot have been raised, so none is imported here
+        bad_input = (UsageError, ValueError, FileNotFoundError,
+                     *loaded("ddpm_core.data:DataError", "ddpm_core.checkpoint:CheckpointError",
+                             "ddpm_core.modelfile:ModelFileError", "yaml:YAMLError"))
+        code = 2 if isinstance(e, bad_input) else 1
         msg = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return code

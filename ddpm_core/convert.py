@@ -80,7 +80,7 @@ _REQUIRED: dict[str, tuple[Any, Any]] = {
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint whose keys or shapes do not match the U-Net."""
+    """A diffusers state dict whose parameter names do not map onto the U-Net."""
 
 
 class DiffusersFolderError(ValueError):
@@ -122,16 +122,6 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch
                 raise CheckpointMismatch(f"attention {head!r}: q/k/v {leaf} incomplete")
             out[f"{head}.qkv.{leaf}"] = torch.cat(parts, dim=0)
     return out
-
-
-def load_converted(model: UNet, sd: dict[str, torch.Tensor]) -> UNet:
-    """Load an already converted state dict; any missing/unexpected key or shape is an error."""
-    try:
-        check_weights_fit(model.cfg, sd, spec_name="the U-Net")
-    except ValueError as e:
-        raise CheckpointMismatch(f"checkpoint does not match the U-Net: {e}") from None
-    model.load_state_dict(sd, strict=True)
-    return model
 
 
 def config_from_diffusers(conf: dict[str, Any]) -> UNetConfig:
@@ -261,7 +251,7 @@ def _narrow_norms(net: UNet) -> list[int]:
                    if isinstance(m, torch.nn.GroupNorm) and m.num_groups != 32})
 
 
-def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet:
+def load_diffusers_unet(path: str | Path) -> UNet:
     """UNet with the weights of a diffusers UNet2DModel (directory, weight file or hub id)."""
     path = resolve_diffusers_path(path)
     if path.is_dir() and (path / "unet" / "config.json").is_file():
@@ -279,15 +269,14 @@ def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet
         sd = convert_diffusers_state_dict(_read_weights(weights))
     except CheckpointMismatch as e:
         raise DiffusersFolderError(f"{weights}: {e}") from None
-    spec_file = weights  # a bare weight file without config.json: the official CIFAR-10 model
-    if cfg is None:
-        cfg = PRESETS["cifar10"]
-        if conf_file.is_file():
-            spec_file, conf = conf_file, _read_json(conf_file, "UNet2DModel")
-            try:
-                cfg = config_from_diffusers(conf)
-            except ValueError as e:
-                raise DiffusersFolderError(f"{conf_file}: {e}") from None
+    # a bare weight file without config.json: the official CIFAR-10 model
+    spec_file, cfg = weights, PRESETS["cifar10"]
+    if conf_file.is_file():
+        spec_file, conf = conf_file, _read_json(conf_file, "UNet2DModel")
+        try:
+            cfg = config_from_diffusers(conf)
+        except ValueError as e:
+            raise DiffusersFolderError(f"{conf_file}: {e}") from None
     try:
         check_weights_fit(cfg, sd, spec_name=spec_file.name)
     except ValueError as e:
@@ -296,7 +285,8 @@ def load_diffusers_unet(path: str | Path, cfg: UNetConfig | None = None) -> UNet
     model = UNet(cfg)
     if odd := _narrow_norms(model):
         raise ValueError(f"our GroupNorm uses fewer than diffusers' 32 groups at widths {odd}")
-    return load_converted(model, sd)
+    model.load_state_dict(sd)  # names and shapes checked above
+    return model
 
 
 # ----------------------------------------------------------------------------- scheduler
@@ -447,9 +437,7 @@ def save_diffusers(net: UNet, diff: Diffusion, path: str | Path) -> None:
         raise ValueError(f"diffusers' UNet2DModel uses 32 GroupNorm groups in every layer; ours "
                          f"uses fewer at widths {odd} (only networks whose layers are all >= 128 "
                          "channels convert)")
-    if net.cfg.out_channels != diff.out_channels(cfg.in_channels):
-        raise ValueError(f"network outputs {cfg.out_channels} channels, {diff!r} needs "
-                         f"{diff.out_channels(cfg.in_channels)}")
+    assert cfg.out_channels == diff.out_channels(cfg.in_channels), "checked by the loaders"
     sched = scheduler_config(diff)
     with atomic_dir(path) as tmp:
         sd = {k: v.detach().cpu().float() for k, v in net.state_dict().items()}

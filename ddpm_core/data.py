@@ -318,19 +318,14 @@ def split_images(images: np.ndarray, labels: np.ndarray | None, test_fraction: f
 def prepare_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
     """The data set named by `cfg` as train/test splits (seed overrides cfg.split_seed)."""
     seed = cfg.split_seed if seed is None else seed
-    if cfg.dataset == "digits":
-        images, labels = load_digits_images()
-        return split_images(images, labels, cfg.test_fraction, seed, "digits")
     if cfg.dataset == "cifar10":
         return _cifar10_from_config(cfg)  # the official train/test split
-    if cfg.path is None:
-        raise DataError(f"data.path: required for dataset={cfg.dataset}")
-    if cfg.dataset == "folder":
+    if cfg.dataset == "digits":
+        images, labels = load_digits_images()
+    elif cfg.dataset == "folder":
         images, labels = load_image_folder(cfg.path, cfg.image_size), None
-    elif cfg.dataset == "npz":
+    else:  # npz; the config checks the name and that folder and npz have a path
         images, labels = load_npz(cfg.path)
-    else:
-        raise DataError(f"data.dataset: unknown data set {cfg.dataset!r}")
     return split_images(images, labels, cfg.test_fraction, seed, cfg.dataset)
 
 
@@ -353,8 +348,6 @@ def save_grid(images: np.ndarray, path: str | Path, n: int = 64, scale: int | No
 def save_splits(splits: Splits, out_dir: str | Path) -> None:
     """Write train.npy, test.npy (+ *_labels.npy when known; stale label files removed)."""
     out_dir = Path(out_dir)
-    _check_nhwc(splits.train, "train")
-    _check_nhwc(splits.test, "test")
     save_npy(splits.train, out_dir / "train.npy")
     save_npy(splits.test, out_dir / "test.npy")
     for part, labels in (("train", splits.train_labels), ("test", splits.test_labels)):

@@ -95,8 +95,7 @@ def any_true(flag: bool) -> bool:
 def all_reduce_(x: Tensor, op: str = "sum") -> Tensor:
     """In-place all-reduce of a device tensor ("sum", "min" or "max"); identity in one process."""
     if is_initialized():
-        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        dist.all_reduce(x, op=ops[op])
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, op.upper()))
     return x
 
 
@@ -119,19 +118,11 @@ def all_gather_objects(obj: object) -> list:
 
 
 def gather_shards(part: Tensor) -> Tensor:
-    """Concatenate per-rank tensors of possibly different lengths along dim 0, in rank order."""
+    """Concatenate per-rank tensors of possibly different lengths along dim 0, in rank order
+    (pickled through the host-side group: results, gathered once, not a training hot path)."""
     if not is_initialized():
         return part
-    world = dist.get_world_size()
-    n = torch.tensor([part.shape[0]], device=part.device, dtype=torch.int64)
-    sizes = [torch.empty_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    lengths = [int(s.item()) for s in sizes]
-    padded = part.new_zeros((max(lengths), *part.shape[1:]))
-    padded[: part.shape[0]] = part
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:k] for p, k in zip(parts, lengths, strict=True)])
+    return torch.cat([p.to(part.device) for p in all_gather_objects(part.cpu())])
 
 
 def batch_seed(seed: int, j: int) -> int:

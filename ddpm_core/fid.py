@@ -24,8 +24,8 @@ from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from ddpm_core.data import download_file, nhwc_problem, to_model_tensor
-from ddpm_core.digits_classifier import ClassifierError, DigitsClassifier, load_classifier
+from ddpm_core.data import download_file, to_model_tensor
+from ddpm_core.digits_classifier import ClassifierError, load_classifier
 from ddpm_core.files import save_npz
 from ddpm_core.inference import default_device
 from ddpm_core.modes import Features
@@ -71,7 +71,10 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         if feature_extractor_weights_path is None:
             raise MetricsError("digits classifier features need feature_extractor_weights_path "
                                "(the saved classifier)")
-        self.model = _load_classifier(feature_extractor_weights_path)
+        try:  # the stages print a MetricsError as one line
+            self.model = load_classifier(feature_extractor_weights_path)
+        except ClassifierError as e:
+            raise MetricsError(str(e)) from None
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -92,13 +95,6 @@ class DigitsFeatureExtractor(FeatureExtractorBase):
         return (self.model.features(x.float() / 255.0),)
 
 
-def _load_classifier(path: str | Path) -> DigitsClassifier:
-    try:
-        return load_classifier(path)
-    except ClassifierError as e:
-        raise MetricsError(str(e)) from None
-
-
 def _register_digits_extractor() -> None:
     # Registered once per process; the classifier file arrives as feature_extractor_weights_path.
     if DIGITS_EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
@@ -108,7 +104,7 @@ def _register_digits_extractor() -> None:
 # ----------------------------------------------------------------------------- Inception weights
 
 
-def resolve_inception_weights(path: str | Path | None = None, download: bool = True) -> Path:
+def resolve_inception_weights(path: str | Path | None = None) -> Path:
     """A local Inception weights file: `path`, else torch hub's cache (downloaded when online)."""
     if path is not None:
         path = Path(path)
@@ -119,26 +115,13 @@ def resolve_inception_weights(path: str | Path | None = None, download: bool = T
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
         return cached
-    if download:
-        try:
-            download_file(INCEPTION_URL, cached, timeout=60.0)
-            return cached
-        except OSError as e:  # URLError, timeouts and DNS failures are OSErrors
-            reason = f"download failed ({e})"
-    else:
-        reason = "not found and downloading is off"
-    raise MetricsError(f"{cached}: Inception weights {reason}; offline, download "
-                       f"{INCEPTION_URL} elsewhere and put {INCEPTION_FILE} at {cached}, or set "
-                       "fid.inception_weights to its path")
-
-
-# ----------------------------------------------------------------------------- metrics
-
-
-def nchw(images: np.ndarray, rgb: bool) -> Tensor:
-    """uint8 [N, H, W, C] numpy -> uint8 [N, C', H, W] (rgb: grey -> three equal channels)."""
-    x = to_model_tensor(images)
-    return x.expand(-1, 3, -1, -1).contiguous() if rgb and x.shape[1] == 1 else x  # RGB
+    try:
+        download_file(INCEPTION_URL, cached, timeout=60.0)
+    except OSError as e:  # URLError, timeouts and DNS failures are OSErrors
+        raise MetricsError(f"{cached}: Inception weights download failed ({e}); offline, download "
+                           f"{INCEPTION_URL} elsewhere and put {INCEPTION_FILE} at {cached}, or "
+                           "set fid.inception_weights to its path") from None
+    return cached
 
 
 # ----------------------------------------------------------------------------- reference statistics
@@ -172,18 +155,15 @@ def feature_network(features: Features, *, classifier_path: str | Path | None = 
     if features == "digits_classifier":
         if classifier_path is None:
             raise MetricsError("digits classifier features need classifier_path")
-        _load_classifier(classifier_path)  # a clear error for a missing or corrupt file
         _register_digits_extractor()
         ex = create_feature_extractor(DIGITS_EXTRACTOR_NAME, ["features"], cuda=cuda,
                                       feature_extractor_weights_path=str(classifier_path),
                                       verbose=False)
         return FeatureNet(ex, features, False, "features", None, dev)
-    if features == "inception":
-        weights = str(resolve_inception_weights(inception_weights))
-        ex = create_feature_extractor(INCEPTION_NAME, ["2048", "logits_unbiased"], cuda=cuda,
-                                      feature_extractor_weights_path=weights, verbose=False)
-        return FeatureNet(ex, features, True, "2048", "logits_unbiased", dev)
-    raise MetricsError(f"features: {features!r} is not one of {get_args(Features)}")
+    weights = str(resolve_inception_weights(inception_weights))  # features == "inception"
+    ex = create_feature_extractor(INCEPTION_NAME, ["2048", "logits_unbiased"], cuda=cuda,
+                                  feature_extractor_weights_path=weights, verbose=False)
+    return FeatureNet(ex, features, True, "2048", "logits_unbiased", dev)
 
 
 @torch.no_grad()
@@ -191,9 +171,9 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
                      on_batch: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """One pass of the feature network over uint8 [N, H, W, C]: {layer: float32 [N, D] (CPU)}.
     `on_batch(n)` is called after every batch of n images (progress)."""
-    if (problem := nhwc_problem(images)) is not None:
-        raise MetricsError(f"images: {problem}")
-    x = nchw(images, net.rgb)
+    x = to_model_tensor(images)  # DataError for anything but uint8 [N, H, W, C]
+    if net.rgb and x.shape[1] == 1:  # grey -> three equal channels for Inception
+        x = x.expand(-1, 3, -1, -1).contiguous()
     out: dict[str, list[Tensor]] = {}
     for i in range(0, len(x), batch_size):
         # a fresh standard-strided batch as torch-fidelity's DataLoader makes (a grey [N, 1, H, W]
@@ -224,10 +204,6 @@ class ReferenceStats:
     mu: np.ndarray
     sigma: np.ndarray
     kid_features: Tensor  # float32 [N, D]
-
-    @property
-    def num_images(self) -> int:
-        return int(len(self.kid_features))
 
 
 def reference_statistics(net: FeatureNet, feats: dict[str, Tensor]) -> ReferenceStats:
@@ -269,7 +245,7 @@ def metrics_against(net: FeatureNet, sample_feats: dict[str, Tensor], ref: Refer
                                    {"mu": ref.mu, "sigma": ref.sigma}, verbose=False)
     out = {"fid": float(fid["frechet_inception_distance"])}
     if kid:
-        size = min(kid_subset_size, len(f), ref.num_images)
+        size = min(kid_subset_size, len(f), len(ref.kid_features))
         k = kid_features_to_metric(f, ref.kid_features, kid_subsets=kid_subsets,
                                    kid_subset_size=size, rng_seed=seed, verbose=False)
         out["kid_mean"] = float(k["kernel_inception_distance_mean"])

@@ -39,8 +39,7 @@ class Autocast(nn.Module):
 def inference_model(model: nn.Module, precision: Precision = "fp32", channels_last: bool = False,
                     compile: bool = False) -> nn.Module:
     """The model in eval mode wrapped for fast repeated calls; same `(x_t, t) -> out` interface."""
-    if precision not in get_args(Precision):
-        raise ValueError(f"precision must be one of {get_args(Precision)}, got {precision!r}")
+    assert precision in get_args(Precision), f"precision {precision!r}"  # checked by the config
     model = model.eval().requires_grad_(False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

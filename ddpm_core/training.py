@@ -49,9 +49,6 @@ from ddpm_core.losses import Loss
 from ddpm_core.modelfile import ModelSpec
 from ddpm_core.resample import TimestepSampler
 
-__all__ = ["Batcher", "CheckpointError", "EpochSampler", "TrainResult", "TrainStep",
-           "TrainingDiverged", "TrainingInterrupted", "train"]
-
 _NO_BAD_STEP = 2**62
 
 

@@ -15,9 +15,9 @@ from ddpm_core.convert import (
     CheckpointMismatch,
     config_from_diffusers,
     convert_diffusers_state_dict,
-    load_converted,
     load_diffusers_unet,
 )
+from ddpm_core.modelfile import check_weights_fit
 from ddpm_core.unet import PRESETS, UNet
 
 diffusers = pytest.importorskip("diffusers")
@@ -58,7 +58,8 @@ def _assert_same_weights(model: UNet, sd: dict[str, torch.Tensor]) -> None:
 
 
 def test_converted_model_reproduces_diffusers_outputs(reference, converted) -> None:
-    model = load_converted(UNet(PRESETS["cifar10"]), converted).eval()
+    model = UNet(PRESETS["cifar10"]).eval()
+    model.load_state_dict(converted)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, 3, 32, 32, generator=g)
     t = torch.tensor([0, 999, int(torch.randint(1, 999, (1,), generator=g))])  # ends + random
@@ -102,8 +103,8 @@ def test_old_attention_key_names_convert_the_same(reference, converted) -> None:
 def test_missing_key_is_an_error_naming_it(converted) -> None:
     sd = dict(converted)
     del sd["mid.attn.qkv.bias"]
-    with pytest.raises(CheckpointMismatch, match=r"missing keys \['mid.attn.qkv.bias'\]"):
-        load_converted(UNet(PRESETS["cifar10"]), sd)
+    with pytest.raises(ValueError, match=r"missing keys \['mid.attn.qkv.bias'\]"):
+        check_weights_fit(PRESETS["cifar10"], sd, spec_name="the U-Net")
 
 
 def test_extra_key_is_an_error_naming_it(reference) -> None:
@@ -113,16 +114,16 @@ def test_extra_key_is_an_error_naming_it(reference) -> None:
         convert_diffusers_state_dict(sd)
     sd = dict(convert_diffusers_state_dict(reference.state_dict()))
     sd["conv_in.extra"] = torch.zeros(1)
-    with pytest.raises(CheckpointMismatch, match=r"unexpected keys \['conv_in.extra'\]"):
-        load_converted(UNet(PRESETS["cifar10"]), sd)
+    with pytest.raises(ValueError, match=r"unexpected keys \['conv_in.extra'\]"):
+        check_weights_fit(PRESETS["cifar10"], sd, spec_name="the U-Net")
 
 
 def test_shape_mismatch_is_an_error_naming_the_key(converted) -> None:
     sd = dict(converted)
     sd["conv_out.weight"] = torch.zeros(6, 128, 3, 3)  # a learned-variance head
     shapes = r"conv_out.weight: \(3, 128, 3, 3\) in the U-Net, \(6, 128, 3, 3\) stored"
-    with pytest.raises(CheckpointMismatch, match=shapes):
-        load_converted(UNet(PRESETS["cifar10"]), sd)
+    with pytest.raises(ValueError, match=shapes):
+        check_weights_fit(PRESETS["cifar10"], sd, spec_name="the U-Net")
 
 
 @pytest.mark.parametrize(

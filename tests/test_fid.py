@@ -16,7 +16,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from ddpm_core import digits_classifier as dc
 from ddpm_core import fid
 from ddpm_core.config import DataConfig
-from ddpm_core.data import prepare_splits
+from ddpm_core.data import DataError, prepare_splits
 from ddpm_core.fid import MetricsError
 
 
@@ -123,7 +123,7 @@ def test_kid_subset_size_is_capped_at_the_sample_count(clf):
     s, _, path = clf
     m = score(s.test[:12], s.train, classifier_path=path, kid_subset_size=100, kid_subsets=5)
     assert np.isfinite(m["kid_mean"]) and np.isfinite(m["kid_std"]) and m["kid_std"] > 0
-    with pytest.raises(MetricsError, match="expected uint8"):
+    with pytest.raises(DataError, match="images: expected uint8"):
         score(s.test.astype(np.float32), s.train, classifier_path=path)
 
 

@@ -9,13 +9,14 @@ import torch_fidelity
 
 from ddpm_core import digits_classifier as C
 from ddpm_core import fid as F
+from ddpm_core.data import to_model_tensor
 
 
 class _Images(torch.utils.data.Dataset):
     """uint8 [N, H, W, C] as torch-fidelity's input: items uint8 [C, H, W]."""
 
     def __init__(self, images: np.ndarray) -> None:
-        self.x = F.nchw(images, rgb=False)
+        self.x = to_model_tensor(images)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -56,7 +57,7 @@ def test_metrics_against_stored_statistics_equal_a_full_recomputation(tmp_path, 
     ref = F.reference_statistics(net, F.extract_features(net, reference))
     F.save_reference(ref, tmp_path / "ref.npz")
     stored = F.load_reference(tmp_path / "ref.npz")
-    assert stored.num_images == 120 and stored.sigma.shape == (64, 64)
+    assert len(stored.kid_features) == 120 and stored.sigma.shape == (64, 64)
     got = F.metrics_against(net, F.extract_features(net, samples), stored, kid_subset_size=20)
     assert got["fid"] > 0
     # the same features (bit for bit), the same estimators and seeds: the same numbers

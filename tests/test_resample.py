@@ -64,5 +64,5 @@ def test_importance_state_dict_round_trip_resumes_exactly():
 def test_make_sampler_follows_the_mode_name():
     assert type(make_sampler("uniform", 3)) is UniformSampler
     assert type(make_sampler("importance", 3)) is ImportanceSampler
-    with pytest.raises(ValueError, match="t_sampling"):
+    with pytest.raises(KeyError, match="stratified"):
         make_sampler("stratified", 10)  # type: ignore[arg-type]
