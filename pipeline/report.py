@@ -128,21 +128,10 @@ def _cap(spec: SamplerSpec) -> str:
     return "none" if cap is None else f"≤ {cap:.4f} (y = {spec.last_sigma_cap_y:g})"
 
 
-def last_sigma_cap_note(res: Results) -> str:
-    """One sentence: which sample sets cap σ of the step to x_τ1, at what (from their specs)."""
-    caps = sorted({(s.last_sigma_cap_y, _cap(s)) for r in res.variants.values()
-                   for s in r.samplers if s.last_sigma_cap_y is not None})
-    pub = published.ANALYTIC_DPM_LAST_SIGMA_CAP_Y
-    theirs = (f"Analytic-DPM's CIFAR-10 runs, the published rows below, use y = {pub} with "
-              "`clip_sigma_idx: 1`")
-    if not caps:
-        return (f"No sample set caps σ of its step to x_τ1 (`sample.last_sigma_cap_y: null`); "
-                f"{theirs}.")
-    what = ", ".join(c for _, c in caps)
-    return (f"The step to x_τ1 (the last step that adds noise) of every respaced (S < T) and "
-            f"DDIM sample set adds noise of std σ {what}: a mean |σ ε| of at most y pixel "
-            f"levels (y = `sample.last_sigma_cap_y`, the `clip_pixel` of Analytic-DPM's code; "
-            f"{theirs}). The full T-step chains are DDPM's Algorithm 2, uncapped.")
+def last_sigma_caps(res: Results) -> list[str]:
+    """The caps on σ of the step to x_τ1 of the sample sets (from their specs), by y."""
+    return [c for _, c in sorted({(s.last_sigma_cap_y, _cap(s)) for r in res.variants.values()
+                                  for s in r.samplers if s.last_sigma_cap_y is not None})]
 
 
 def steps_table(res: Results) -> pd.DataFrame:
@@ -232,13 +221,6 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
                  for kind, fids in published.ANALYTIC_DPM_DDIM_FID.items()]
     return (_by_steps(bpd_rows, ["source", "σ²"], ["spacing"]),
             _by_steps(fid_rows, ["source", "σ²", "metric"], ["spacing"]))
-
-
-def ddim_table() -> pd.DataFrame:
-    """DDIM Table 1 (CIFAR-10 FID): one row per sampler, one column per number of steps S."""
-    rows = [{"sampler": name, **_at_steps("S", fids, 2)}
-            for name, fids in published.DDIM_TABLE.items()]
-    return pd.DataFrame(rows).set_index("sampler")
 
 
 def likelihood_table(res: Results) -> pd.DataFrame:
@@ -544,14 +526,16 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
          "sigma2_bpd": _markdown(sigma2_bpd), "sigma2_fid": _markdown(sigma2_fid),
          "table1": pd.DataFrame(published.TABLE1).set_index("model").to_markdown(),
          "table2": pd.DataFrame(published.TABLE2).set_index("parameterisation").to_markdown(),
-         "ddim": _markdown(ddim_table(), index=True),
+         "ddim": _markdown(pd.DataFrame([{"sampler": name, **_at_steps("S", fids, 2)}
+                                         for name, fids in published.DDIM_TABLE.items()]
+                                        ).set_index("sampler"), index=True),
          "train_images": train_images_table(params), "grids": grid_table(res, shown),
          "other_grids": grid_table(res, rest) if rest else None,
          "timings": _markdown(timings_table(res), index=True),
          "provenance": None if prov is None else provenance_table(prov)}
     return TEMPLATES.get_template("report.md.jinja").render(
         p=params, feats=res.features, label=res.features.label, published=published, t=t,
-        cap_note=last_sigma_cap_note(res), n_other=len(rest),
+        caps=last_sigma_caps(res), n_other=len(rest),
         figures=[(title, key, figures[key]) for title, key, _ in FIGURES if figures.get(key)])
 
 
