@@ -1,14 +1,6 @@
 """Stage `report`: reports/report.md (+ reports/figures/*.png) and a self-contained
-reports/report.html (images inlined as base64, no script or style from the network).
-
-Contents: every model's bits/dim and FID beside the published CIFAR-10 numbers (labelled
-published vs measured, and on which data), FID, KID and IS of every sample set, the DDPM, DDIM
-and Analytic-DPM tables, the sample grids side by side below a grid of training images (one row
-per sampler, a thumbnail per model, linked to the full grid; three samplers open, the others in a
-collapsed <details> section), loss curves (one panel per loss kind, each with its unit), the
-per-timestep terms of the bound (DDPM Fig. 5 style), FID against the number of sampling steps
-(DDIM vs respaced ancestral), each stage's wall time and the provenance (commit, params hash,
-versions, device: pipeline/provenance.py).
+reports/report.html (images inlined as base64, no script or style from the network). This
+module builds the tables and figures; templates/report.md.jinja holds the text and the order.
 
 Byte for byte, the report is a function of its inputs, the checkout and the machine, with one
 exception: the wall times, read from timings/ (measurements, deliberately not dependencies of
