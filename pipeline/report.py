@@ -242,27 +242,9 @@ def likelihood_table(res: Results) -> pd.DataFrame:
 
 
 def timings_table(res: Results) -> pd.DataFrame:
-    """Wall time of every timed stage (timings/), features first, then stage by stage."""
-    def work(stage: str, t: dict) -> str:
-        if stage == "features":
-            return ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in t.items()
-                             if k.endswith("_seconds"))
-        if t.get("pretrained"):
-            return f"pretrained weights imported ({t['pretrained']})"
-        if stage == "train":
-            return f"{t.get('steps', '?')} steps" + (
-                f", {t['images_per_s']:.0f} images/s" if t.get("images_per_s") else "")
-        if stage == "sample":
-            return f"{len(t.get('samplers', {}))} sample sets"
-        if stage == "bpd":
-            return f"{t.get('images', '?')} test images"
-        if stage == "nll":
-            return t.get("skipped") or (f"{t.get('images', '?')} test images, mean NFE "
-                                        f"{t.get('nfe_mean', '?')}")
-        if stage == "fid" and isinstance(t.get("seconds"), dict):
-            return f"{len(t['seconds'])} sample sets scored"
-        return ""
-
+    """Wall time of every timed stage (timings/), features first, then stage by stage; the
+    work column is templates/timings_work.jinja's."""
+    work = TEMPLATES.get_template("timings_work.jinja")
     rows, total = [], 0.0
     timed = [("features", "features", res.features.timings)] if res.features.timings else []
     timed += [(f"{stage}@{name}", stage, r.timings[stage])
@@ -271,7 +253,8 @@ def timings_table(res: Results) -> pd.DataFrame:
     for name, stage, t in timed:
         seconds = wall_seconds(t)
         total += seconds or 0.0
-        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1), "work": work(stage, t)})
+        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1),
+                     "work": work.render(stage=stage, t=t)})
     rows.append({"stage": "total of the timed stages", "wall time (s)": _fmt(total, 1),
                  "work": "prepare, gamma and report are not timed"})
     return pd.DataFrame(rows).set_index("stage")
