@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -92,18 +92,13 @@ def run_stage(main: Callable[..., None], check: Callable[..., None] | None = Non
     A per-variant stage (`python -m pipeline.<stage> <variant>`, DVC's foreach) gets the
     variant's VariantConfig as a second argument."""
     path = Path(params_path or os.environ.get("DDPM_PARAMS", PARAMS_FILE))
-    args: tuple = ()
     try:
         params = load_params(path)
-        if per_variant:
-            args = (variant_from_argv(params),)
+        args = (variant_from_argv(params),) if per_variant else ()
         if check is not None:
             check(params, *args)
-    except ConfigError as e:
-        fail(str(e), 2)
-    try:
         main(params, *args)
-    except ConfigError as e:  # a cross-field problem found once the data are known
+    except ConfigError as e:  # also a cross-field problem found once the data are known
         fail(str(e), 2)
     except _runtime_errors() as e:
         fail(str(e), 1)
@@ -277,12 +272,10 @@ def physical_memory() -> int | None:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
-    try:
+    with suppress(OSError):  # no cgroup v2 limit file: the machine's
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit.isdigit():
             total = min(total, int(limit))
-    except OSError:
-        pass
     return total
 
 
