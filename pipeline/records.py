@@ -30,9 +30,6 @@ REPORTS_DIR = Path("reports")
 CKPT_DIR = Path("checkpoints")  # training state: NOT a DVC output (see README, Resuming)
 
 
-# ----------------------------------------------------------------------------- samplers
-
-
 @dataclass(frozen=True)
 class SamplerSpec:
     """One sample set: `ancestral` (all T steps of Algorithm 2), `respaced` (ancestral on S
@@ -110,9 +107,6 @@ def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2) -> list[SamplerSpec
     return specs
 
 
-# ----------------------------------------------------------------------------- metric keys
-
-
 def fid_key(spec: SamplerSpec) -> str:
     """Metric key of a sample set's FID: fid_<sampler>."""
     return f"fid_{spec.name}"
@@ -132,9 +126,6 @@ NLL_NFE_MEAN = "nll_nfe_mean"
 FINAL_LOSS = "final_loss"
 TIMED_STAGES = ("train", "sample", "bpd", "nll", "fid")  # the stages that write timings/<v>
 FLOOR_FID = "floor_fid"
-
-
-# ----------------------------------------------------------------------------- paths
 
 
 class _VariantFile:
@@ -187,9 +178,6 @@ class VariantPaths:
 def variant_metrics(name: str, values: dict[str, float | None]) -> dict:
     """The content of a variant's metrics file: {name: {key: value}}."""
     return {name: {k: v for k, v in values.items() if v is not None}}
-
-
-# ----------------------------------------------------------------------------- loader
 
 
 def read_json(path: Path) -> Any:
