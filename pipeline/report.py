@@ -260,19 +260,6 @@ def timings_table(res: Results) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("stage")
 
 
-def featured_samplers(specs: list[SamplerSpec]) -> list[SamplerSpec]:
-    """The grids shown open: the full chain with σ² = β (DDPM's Algorithm 2; else the first full
-    chain) and, at their fewest steps, respaced ancestral with σ² analytic and DDIM; in the order
-    of `specs`. The others differ little to the eye and sit in a collapsed section."""
-    full = [s for s in specs if s.kind == "ancestral"]
-    pick = [next((s for s in full if s.variance == "fixed_large"), full[0])] if full else []
-    for kind, variance in (("respaced", "analytic"), ("ddim", None)):
-        few = [s for s in specs if s.kind == kind and (variance is None or s.variance == variance)]
-        if few:
-            pick.append(min(few, key=lambda s: s.steps))
-    return [s for s in specs if s in pick]
-
-
 def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
     """Sample grids as a Markdown table: one row per sampler of `specs`, one column per model;
     each cell a linked image (figures/samples_<model>_<sampler>.png) and its FID."""
@@ -291,9 +278,18 @@ def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
 
 
 def grid_specs(res: Results) -> tuple[list[SamplerSpec], list[SamplerSpec]]:
-    """The featured samplers (shown open), then every other sampler (a closed <details>)."""
+    """The grids shown open, then every other sampler (a closed <details>: they differ little
+    to the eye). Open: the full chain with σ² = β (DDPM's Algorithm 2; else the first full
+    chain) and, at their fewest steps, respaced ancestral with σ² analytic and DDIM; in the
+    order sampled."""
     every = list({s.name: s for r in res.variants.values() for s in r.samplers}.values())
-    shown = featured_samplers(every) or every
+    full = [s for s in every if s.kind == "ancestral"]
+    pick = [next((s for s in full if s.variance == "fixed_large"), full[0])] if full else []
+    for kind, variance in (("respaced", "analytic"), ("ddim", None)):
+        few = [s for s in every if s.kind == kind and (variance is None or s.variance == variance)]
+        if few:
+            pick.append(min(few, key=lambda s: s.steps))
+    shown = [s for s in every if s in pick] or every
     return shown, [s for s in every if s not in shown]
 
 
