@@ -120,12 +120,6 @@ def _cap(spec: SamplerSpec) -> str:
     return "none" if cap is None else f"≤ {cap:.4f} (y = {spec.last_sigma_cap_y:g})"
 
 
-def last_sigma_caps(res: Results) -> list[str]:
-    """The caps on σ of the step to x_τ1 of the sample sets (from their specs), by y."""
-    return [c for _, c in sorted({(s.last_sigma_cap_y, _cap(s)) for r in res.variants.values()
-                                  for s in r.samplers if s.last_sigma_cap_y is not None})]
-
-
 def steps_table(res: Results) -> pd.DataFrame:
     """FID against the number of sampling steps: rows (model, sampler), columns S. One row for
     DDIM and one per ancestral σ² (respaced at S < T, the full chain at S = T)."""
@@ -489,6 +483,8 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
                    prov: dict[str, str] | None = None) -> str:
     """report.md: the tables of this module in the text of templates/report.md.jinja."""
     shown, rest = grid_specs(res)
+    caps = sorted({(s.last_sigma_cap_y, _cap(s)) for r in res.variants.values()
+                   for s in r.samplers if s.last_sigma_cap_y is not None})  # σ caps, by y
     sigma2_bpd, sigma2_fid = sigma2_steps_tables(params, res)
     t = {"summary": _markdown(summary_table(res), index=True),
          "likelihood": _markdown(likelihood_table(res)),
@@ -506,7 +502,7 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
          "provenance": None if prov is None else provenance_table(prov)}
     return TEMPLATES.get_template("report.md.jinja").render(
         p=params, feats=res.features, label=res.features.label, published=published, t=t,
-        caps=last_sigma_caps(res), n_other=len(rest),
+        caps=[c for _, c in caps], n_other=len(rest),
         figures=[(title, key, figures[key]) for title, key, _ in FIGURES if figures.get(key)])
 
 
