@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,6 @@ if TYPE_CHECKING:  # torch is imported where it is used: a bad params.yaml fails
 
     from ddpm_core.distributed import DistInfo
     from ddpm_core.modelfile import LoadedModel
-    from ddpm_core.modes import Which
     from ddpm_core.unet import UNetConfig
 
 PARAMS_FILE = Path("params.yaml")
@@ -50,7 +49,7 @@ class StageError(RuntimeError):
 def _runtime_errors() -> tuple[type[BaseException], ...]:
     """Library exceptions whose messages are written for users: those of the modules already
     loaded (ddpm_core.errors.loaded), so the error path imports nothing heavy.
-    FileNotFoundError includes records.MissingResult; tracking's errors are StageErrors."""
+    FileNotFoundError includes records.read_json's; tracking's errors are StageErrors."""
     return (StageError, FileNotFoundError,
             *loaded("ddpm_core.checkpoint:CheckpointError", "ddpm_core.data:DataError",
                     "ddpm_core.fid:MetricsError", "ddpm_core.training:TrainingDiverged"))
@@ -93,18 +92,13 @@ def run_stage(main: Callable[..., None], check: Callable[..., None] | None = Non
     A per-variant stage (`python -m pipeline.<stage> <variant>`, DVC's foreach) gets the
     variant's VariantConfig as a second argument."""
     path = Path(params_path or os.environ.get("DDPM_PARAMS", PARAMS_FILE))
-    args: tuple = ()
     try:
         params = load_params(path)
-        if per_variant:
-            args = (variant_from_argv(params),)
+        args = (variant_from_argv(params),) if per_variant else ()
         if check is not None:
             check(params, *args)
-    except ConfigError as e:
-        fail(str(e), 2)
-    try:
         main(params, *args)
-    except ConfigError as e:  # a cross-field problem found once the data are known
+    except ConfigError as e:  # also a cross-field problem found once the data are known
         fail(str(e), 2)
     except _runtime_errors() as e:
         fail(str(e), 1)
@@ -209,22 +203,16 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
 
 
 def variant_model(name: str, use_ema: bool) -> LoadedModel:
-    """The trained model of variant `name` (its EMA weights when use_ema), one-line error."""
+    """The trained model of variant `name` (its EMA weights when use_ema) as
+    ddpm_core.modelfile.LoadedModel; one-line error."""
+    from ddpm_core.modelfile import ModelFileError, load_model_file
     from pipeline.records import VariantPaths
 
-    return load_model_file(VariantPaths(name).model, "ema" if use_ema else "model")
-
-
-def load_model_file(path: Path, which: Which = "ema") -> LoadedModel:
-    """A model file (or training checkpoint) as ddpm_core.modelfile.LoadedModel; one-line error."""
-    from ddpm_core.modelfile import ModelFileError
-    from ddpm_core.modelfile import load_model_file as _load
-
-    path = Path(path)
+    path = VariantPaths(name).model
     if not path.is_file():
         raise StageError(f"{path}: not found; run the train stage first (dvc repro)")
     try:
-        return _load(path, which)
+        return load_model_file(path, "ema" if use_ema else "model")
     except ModelFileError as e:
         raise StageError(str(e)) from None
 
@@ -284,12 +272,10 @@ def physical_memory() -> int | None:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return None
-    try:
+    with suppress(OSError):  # no cgroup v2 limit file: the machine's
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit.isdigit():
             total = min(total, int(limit))
-    except OSError:
-        pass
     return total
 
 

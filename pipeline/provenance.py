@@ -80,18 +80,18 @@ def git_state(cwd: str | Path | None = None) -> GitState:
     return GitState(commit, bool(changed), changed)
 
 
+def _version(dists: tuple[str, ...]) -> str:
+    """The installed version of the first of `dists` found, else 'not installed'."""
+    for dist in dists:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            return importlib.metadata.version(dist)
+    return "not installed"
+
+
 def versions() -> dict[str, str]:
-    """{package: installed version} (the first distribution name found; else 'not installed')."""
-    out = {"python": platform.python_version()}
-    for name, dists in PACKAGES.items():
-        out[name] = "not installed"
-        for dist in dists:
-            try:
-                out[name] = importlib.metadata.version(dist)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return out
+    """{package: installed version}: python, then PACKAGES."""
+    return {"python": platform.python_version(),
+            **{name: _version(dists) for name, dists in PACKAGES.items()}}
 
 
 def cpu_model() -> str:
@@ -106,19 +106,14 @@ def cpu_model() -> str:
     return f"{name}, {os.cpu_count() or '?'} logical cores"
 
 
-def gpu_names() -> list[str]:
-    """The CUDA devices torch sees, one name per device (empty without CUDA)."""
+def device_description() -> str:
+    """'CPU: <model>, N logical cores; GPU: <name> x k' per CUDA device name (or 'GPU: none')."""
     try:
         import torch
 
-        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        gpus = Counter(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     except Exception:  # a broken driver must not stop the report  # noqa: BLE001
-        return []
-
-
-def device_description() -> str:
-    """'CPU: <model>, N logical cores; GPU: <name> x k' (or 'GPU: none')."""
-    gpus = Counter(gpu_names())
+        gpus = Counter()
     gpu = "; ".join(f"{n} x {k}" for n, k in gpus.items()) or "none (no CUDA device)"
     return f"CPU: {cpu_model()}; GPU: {gpu}"
 
@@ -126,10 +121,8 @@ def device_description() -> str:
 def provenance(params: Params, cwd: str | Path | None = None) -> dict[str, str]:
     """The rows of the report's provenance table, in order."""
     git = git_state(cwd)
-    rows = {"git commit": git.commit,
-            "uncommitted changes": git.dirty_text(),
+    return {"git commit": git.commit, "uncommitted changes": git.dirty_text(),
             # of the validated params (config.to_dict, as JSON with sorted keys)
-            "params hash (SHA-256)": stable_hash(to_dict(params), n=64)}
-    rows.update({f"version: {k}": v for k, v in versions().items()})
-    rows["device (of the machine that wrote the report)"] = device_description()
-    return rows
+            "params hash (SHA-256)": stable_hash(to_dict(params), n=64),
+            **{f"version: {k}": v for k, v in versions().items()},
+            "device (of the machine that wrote the report)": device_description()}

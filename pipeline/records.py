@@ -1,26 +1,9 @@
 """The contract between the stages: which files a variant's stages write, what a sampler is, how
 every metric is named, and the one loader that `report` and `track` read the results with.
 
-Layout (<v> is a variant name, the key in params.yaml's `variants`):
-
-    models/<v>.pt                       train@<v>   network + diffusion spec, raw and EMA weights
-    plots/loss/<v>.csv                  train@<v>   step,loss,grad_norm,lr (grows while training)
-    metrics/train/<v>.json              train@<v>   {<v>: {final_loss}}
-    samples/<v>/<sampler>.npy, index.json  sample@<v>  uint8 [N, H, W, C]; the SamplerSpecs
-    grids/<v>/<sampler>.png             sample@<v>  image plots (`dvc plots show/diff`)
-    gamma/<v>.json                      gamma@<v>   Γ of the analytic σ² (null: learned σ²)
-    bpd/<v>.csv                         bpd@<v>     per-term bits/dim, one column per σ²
-    plots/bpd_steps/<v>.csv             bpd@<v>     K,<sigma2>...: bits/dim against steps K
-    metrics/bpd/<v>.json                bpd@<v>     {<v>: {bpd_<sigma2>[_K<k>]}}
-    metrics/nll/<v>.json                nll@<v>     {<v>: {nll_ode_bpd[_se], nll_nfe_mean}}
-    features/                           features    reference statistics (+ digits classifier)
-    metrics/features.json               features    {floor_fid, classifier_test_accuracy}
-    fid/<v>.json                        fid@<v>     FID/KID/IS per sampler
-    metrics/fid/<v>.json                fid@<v>     {<v>: {fid_<sampler>}}
-    plots/fid_steps/<v>.csv             fid@<v>     steps,ddim,ddim_analytic,respaced... (FID vs S)
-    timings/<stage>/<v>.json            each        seconds, images/s (not metrics)
-
-Metric files nest their numbers under the variant name, so `dvc exp show` names a column
+The layout is VariantPaths' (one line per file, with the stage that writes it; <v> is a
+variant name, the key in params.yaml's `variants`) and the *_DIR / FEATURES_* paths. Metric
+files nest their numbers under the variant name, so `dvc exp show` names a column
 `simple.bpd_sigma2_beta` (unique, no file prefix).
 """
 
@@ -37,17 +20,14 @@ from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES, Sigma2, Spacing, Sp
 from pipeline.params import Params, SampleConfig
 
 DATA_DIR = Path("data/prepared")
-FEATURES_DIR = Path("features")
+FEATURES_DIR = Path("features")  # features: reference statistics (+ digits classifier)
 REFERENCE_FILE = FEATURES_DIR / "reference.npz"
 CLASSIFIER_FILE = FEATURES_DIR / "classifier.pt"
 FEATURES_INFO = FEATURES_DIR / "info.json"
-FEATURES_METRICS = Path("metrics/features.json")
+FEATURES_METRICS = Path("metrics/features.json")  # {floor_fid, classifier_test_accuracy}
 FEATURES_TIMINGS = Path("timings/features.json")
 REPORTS_DIR = Path("reports")
 CKPT_DIR = Path("checkpoints")  # training state: NOT a DVC output (see README, Resuming)
-
-
-# ----------------------------------------------------------------------------- samplers
 
 
 @dataclass(frozen=True)
@@ -127,9 +107,6 @@ def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2) -> list[SamplerSpec
     return specs
 
 
-# ----------------------------------------------------------------------------- metric keys
-
-
 def fid_key(spec: SamplerSpec) -> str:
     """Metric key of a sample set's FID: fid_<sampler>."""
     return f"fid_{spec.name}"
@@ -151,12 +128,8 @@ TIMED_STAGES = ("train", "sample", "bpd", "nll", "fid")  # the stages that write
 FLOOR_FID = "floor_fid"
 
 
-# ----------------------------------------------------------------------------- paths
-
-
 class _VariantFile:
-    """A VariantPaths attribute: <folder>/<variant name><suffix>, one line per file of the layout
-    above."""
+    """A VariantPaths attribute: <folder>/<variant name><suffix>."""
 
     def __init__(self, folder: str, suffix: str = "") -> None:
         self.folder = folder
@@ -168,29 +141,29 @@ class _VariantFile:
 
 @dataclass(frozen=True)
 class VariantPaths:
-    """Every file of one variant's stages."""
+    """Every file of one variant's stages, with the stage that writes it."""
 
     name: str
 
-    model = _VariantFile("models", ".pt")
-    loss_csv = _VariantFile("plots/loss", ".csv")
-    train_metrics = _VariantFile("metrics/train", ".json")
-    gamma = _VariantFile("gamma", ".json")  # Γ of the analytic σ² (gamma@<v>: for sample, bpd)
-    samples = _VariantFile("samples")
-    grids = _VariantFile("grids")
-    bpd_terms = _VariantFile("bpd", ".csv")
-    bpd_steps = _VariantFile("plots/bpd_steps", ".csv")  # K,sigma2_beta,...: a DVC plot
-    bpd_metrics = _VariantFile("metrics/bpd", ".json")
-    nll_metrics = _VariantFile("metrics/nll", ".json")
-    fid_details = _VariantFile("fid", ".json")
-    fid_metrics = _VariantFile("metrics/fid", ".json")
-    fid_steps = _VariantFile("plots/fid_steps", ".csv")
+    model = _VariantFile("models", ".pt")  # train: network + diffusion spec, raw and EMA weights
+    loss_csv = _VariantFile("plots/loss", ".csv")  # train: step,loss,grad_norm,lr (grows)
+    train_metrics = _VariantFile("metrics/train", ".json")  # train: {<v>: {final_loss}}
+    gamma = _VariantFile("gamma", ".json")  # gamma: Γ of the analytic σ² (null: learned σ²)
+    samples = _VariantFile("samples")  # sample: <sampler>.npy uint8 [N, H, W, C], index.json
+    grids = _VariantFile("grids")  # sample: <sampler>.png image plots (`dvc plots show/diff`)
+    bpd_terms = _VariantFile("bpd", ".csv")  # bpd: per-term bits/dim, one column per σ²
+    bpd_steps = _VariantFile("plots/bpd_steps", ".csv")  # bpd: K,<sigma2>...: bits/dim vs K
+    bpd_metrics = _VariantFile("metrics/bpd", ".json")  # bpd: {<v>: {bpd_<sigma2>[_K<k>]}}
+    nll_metrics = _VariantFile("metrics/nll", ".json")  # nll: {<v>: {nll_ode_bpd[_se], ...}}
+    fid_details = _VariantFile("fid", ".json")  # fid: FID/KID/IS per sampler
+    fid_metrics = _VariantFile("metrics/fid", ".json")  # fid: {<v>: {fid_<sampler>}}
+    fid_steps = _VariantFile("plots/fid_steps", ".csv")  # fid: steps,ddim,...: FID vs S
 
     @property
-    def sample_index(self) -> Path:
+    def sample_index(self) -> Path:  # sample: the SamplerSpecs of samples/<v>/
         return self.samples / "index.json"
 
-    def timings(self, stage: str) -> Path:
+    def timings(self, stage: str) -> Path:  # each stage: seconds, images/s (not metrics)
         return Path("timings") / stage / f"{self.name}.json"
 
     def outputs(self) -> list[Path]:
@@ -207,18 +180,11 @@ def variant_metrics(name: str, values: dict[str, float | None]) -> dict:
     return {name: {k: v for k, v in values.items() if v is not None}}
 
 
-# ----------------------------------------------------------------------------- loader
-
-
-class MissingResult(FileNotFoundError):
-    """A stage output the reader needs is missing (one-line error)."""
-
-
 def read_json(path: Path) -> Any:
     """A JSON file a stage wrote, with a one-line error naming the stage to run."""
     path = Path(path)
     if not path.is_file():
-        raise MissingResult(f"{path}: not found; run the stage that writes it (dvc repro)")
+        raise FileNotFoundError(f"{path}: not found; run the stage that writes it (dvc repro)")
     return json.loads(path.read_text())
 
 

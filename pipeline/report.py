@@ -1,14 +1,6 @@
 """Stage `report`: reports/report.md (+ reports/figures/*.png) and a self-contained
-reports/report.html (images inlined as base64, no script or style from the network).
-
-Contents: every model's bits/dim and FID beside the published CIFAR-10 numbers (labelled
-published vs measured, and on which data), FID, KID and IS of every sample set, the DDPM, DDIM
-and Analytic-DPM tables, the sample grids side by side below a grid of training images (one row
-per sampler, a thumbnail per model, linked to the full grid; three samplers open, the others in a
-collapsed <details> section), loss curves (one panel per loss kind, each with its unit), the
-per-timestep terms of the bound (DDPM Fig. 5 style), FID against the number of sampling steps
-(DDIM vs respaced ancestral), each stage's wall time and the provenance (commit, params hash,
-versions, device: pipeline/provenance.py).
+reports/report.html (images inlined as base64, no script or style from the network). This
+module builds the tables and figures; templates/report.md.jinja holds the text and the order.
 
 Byte for byte, the report is a function of its inputs, the checkout and the machine, with one
 exception: the wall times, read from timings/ (measurements, deliberately not dependencies of
@@ -128,23 +120,6 @@ def _cap(spec: SamplerSpec) -> str:
     return "none" if cap is None else f"≤ {cap:.4f} (y = {spec.last_sigma_cap_y:g})"
 
 
-def last_sigma_cap_note(res: Results) -> str:
-    """One sentence: which sample sets cap σ of the step to x_τ1, at what (from their specs)."""
-    caps = sorted({(s.last_sigma_cap_y, _cap(s)) for r in res.variants.values()
-                   for s in r.samplers if s.last_sigma_cap_y is not None})
-    pub = published.ANALYTIC_DPM_LAST_SIGMA_CAP_Y
-    theirs = (f"Analytic-DPM's CIFAR-10 runs, the published rows below, use y = {pub} with "
-              "`clip_sigma_idx: 1`")
-    if not caps:
-        return (f"No sample set caps σ of its step to x_τ1 (`sample.last_sigma_cap_y: null`); "
-                f"{theirs}.")
-    what = ", ".join(c for _, c in caps)
-    return (f"The step to x_τ1 (the last step that adds noise) of every respaced (S < T) and "
-            f"DDIM sample set adds noise of std σ {what}: a mean |σ ε| of at most y pixel "
-            f"levels (y = `sample.last_sigma_cap_y`, the `clip_pixel` of Analytic-DPM's code; "
-            f"{theirs}). The full T-step chains are DDPM's Algorithm 2, uncapped.")
-
-
 def steps_table(res: Results) -> pd.DataFrame:
     """FID against the number of sampling steps: rows (model, sampler), columns S. One row for
     DDIM and one per ancestral σ² (respaced at S < T, the full chain at S = T)."""
@@ -234,13 +209,6 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
             _by_steps(fid_rows, ["source", "σ²", "metric"], ["spacing"]))
 
 
-def ddim_table() -> pd.DataFrame:
-    """DDIM Table 1 (CIFAR-10 FID): one row per sampler, one column per number of steps S."""
-    rows = [{"sampler": name, **_at_steps("S", fids, 2)}
-            for name, fids in published.DDIM_TABLE.items()]
-    return pd.DataFrame(rows).set_index("sampler")
-
-
 def likelihood_table(res: Results) -> pd.DataFrame:
     """Per model the full-chain bound (DDPM eq. 5) for each σ² measured (β, β̃, analytic; a
     learned σ²) and the exact bits/dim by the probability-flow ODE (± standard error over the
@@ -268,27 +236,9 @@ def likelihood_table(res: Results) -> pd.DataFrame:
 
 
 def timings_table(res: Results) -> pd.DataFrame:
-    """Wall time of every timed stage (timings/), features first, then stage by stage."""
-    def work(stage: str, t: dict) -> str:
-        if stage == "features":
-            return ", ".join(f"{k.removesuffix('_seconds')} {v:.1f} s" for k, v in t.items()
-                             if k.endswith("_seconds"))
-        if t.get("pretrained"):
-            return f"pretrained weights imported ({t['pretrained']})"
-        if stage == "train":
-            return f"{t.get('steps', '?')} steps" + (
-                f", {t['images_per_s']:.0f} images/s" if t.get("images_per_s") else "")
-        if stage == "sample":
-            return f"{len(t.get('samplers', {}))} sample sets"
-        if stage == "bpd":
-            return f"{t.get('images', '?')} test images"
-        if stage == "nll":
-            return t.get("skipped") or (f"{t.get('images', '?')} test images, mean NFE "
-                                        f"{t.get('nfe_mean', '?')}")
-        if stage == "fid" and isinstance(t.get("seconds"), dict):
-            return f"{len(t['seconds'])} sample sets scored"
-        return ""
-
+    """Wall time of every timed stage (timings/), features first, then stage by stage; the
+    work column is templates/timings_work.jinja's."""
+    work = TEMPLATES.get_template("timings_work.jinja")
     rows, total = [], 0.0
     timed = [("features", "features", res.features.timings)] if res.features.timings else []
     timed += [(f"{stage}@{name}", stage, r.timings[stage])
@@ -297,23 +247,11 @@ def timings_table(res: Results) -> pd.DataFrame:
     for name, stage, t in timed:
         seconds = wall_seconds(t)
         total += seconds or 0.0
-        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1), "work": work(stage, t)})
+        rows.append({"stage": name, "wall time (s)": _fmt(seconds, 1),
+                     "work": work.render(stage=stage, t=t)})
     rows.append({"stage": "total of the timed stages", "wall time (s)": _fmt(total, 1),
                  "work": "prepare, gamma and report are not timed"})
     return pd.DataFrame(rows).set_index("stage")
-
-
-def featured_samplers(specs: list[SamplerSpec]) -> list[SamplerSpec]:
-    """The grids shown open: the full chain with σ² = β (DDPM's Algorithm 2; else the first full
-    chain) and, at their fewest steps, respaced ancestral with σ² analytic and DDIM; in the order
-    of `specs`. The others differ little to the eye and sit in a collapsed section."""
-    full = [s for s in specs if s.kind == "ancestral"]
-    pick = [next((s for s in full if s.variance == "fixed_large"), full[0])] if full else []
-    for kind, variance in (("respaced", "analytic"), ("ddim", None)):
-        few = [s for s in specs if s.kind == kind and (variance is None or s.variance == variance)]
-        if few:
-            pick.append(min(few, key=lambda s: s.steps))
-    return [s for s in specs if s in pick]
 
 
 def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
@@ -334,9 +272,18 @@ def grid_table(res: Results, specs: list[SamplerSpec]) -> str:
 
 
 def grid_specs(res: Results) -> tuple[list[SamplerSpec], list[SamplerSpec]]:
-    """The featured samplers (shown open), then every other sampler (a closed <details>)."""
+    """The grids shown open, then every other sampler (a closed <details>: they differ little
+    to the eye). Open: the full chain with σ² = β (DDPM's Algorithm 2; else the first full
+    chain) and, at their fewest steps, respaced ancestral with σ² analytic and DDIM; in the
+    order sampled."""
     every = list({s.name: s for r in res.variants.values() for s in r.samplers}.values())
-    shown = featured_samplers(every) or every
+    full = [s for s in every if s.kind == "ancestral"]
+    pick = [next((s for s in full if s.variance == "fixed_large"), full[0])] if full else []
+    for kind, variance in (("respaced", "analytic"), ("ddim", None)):
+        few = [s for s in every if s.kind == kind and (variance is None or s.variance == variance)]
+        if few:
+            pick.append(min(few, key=lambda s: s.steps))
+    shown = [s for s in every if s in pick] or every
     return shown, [s for s in every if s not in shown]
 
 
@@ -536,6 +483,8 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
                    prov: dict[str, str] | None = None) -> str:
     """report.md: the tables of this module in the text of templates/report.md.jinja."""
     shown, rest = grid_specs(res)
+    caps = sorted({(s.last_sigma_cap_y, _cap(s)) for r in res.variants.values()
+                   for s in r.samplers if s.last_sigma_cap_y is not None})  # σ caps, by y
     sigma2_bpd, sigma2_fid = sigma2_steps_tables(params, res)
     t = {"summary": _markdown(summary_table(res), index=True),
          "likelihood": _markdown(likelihood_table(res)),
@@ -544,14 +493,16 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
          "sigma2_bpd": _markdown(sigma2_bpd), "sigma2_fid": _markdown(sigma2_fid),
          "table1": pd.DataFrame(published.TABLE1).set_index("model").to_markdown(),
          "table2": pd.DataFrame(published.TABLE2).set_index("parameterisation").to_markdown(),
-         "ddim": _markdown(ddim_table(), index=True),
+         "ddim": _markdown(pd.DataFrame([{"sampler": name, **_at_steps("S", fids, 2)}
+                                         for name, fids in published.DDIM_TABLE.items()]
+                                        ).set_index("sampler"), index=True),
          "train_images": train_images_table(params), "grids": grid_table(res, shown),
          "other_grids": grid_table(res, rest) if rest else None,
          "timings": _markdown(timings_table(res), index=True),
          "provenance": None if prov is None else provenance_table(prov)}
     return TEMPLATES.get_template("report.md.jinja").render(
         p=params, feats=res.features, label=res.features.label, published=published, t=t,
-        cap_note=last_sigma_cap_note(res), n_other=len(rest),
+        caps=[c for _, c in caps], n_other=len(rest),
         figures=[(title, key, figures[key]) for title, key, _ in FIGURES if figures.get(key)])
 
 

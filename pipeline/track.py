@@ -100,13 +100,6 @@ def data_inputs(params: Params, digest: str, trained: bool) -> list:
     return inputs
 
 
-def headline_metrics(res: Results) -> dict[str, float]:
-    """Every variant's results for the parent run, named as `dvc exp show` names them:
-    <variant>.<metric key of pipeline.records> (simple.bpd_sigma2_beta, vlb.fid_ancestral_beta)."""
-    return {f"{name}.{k}": x for name, r in res.variants.items()
-            for k, x in {**r.train, **r.bpd, **r.nll, **r.fid}.items()}
-
-
 def variant_params(params: Params, name: str) -> dict[str, str]:
     """Every setting in effect for one variant: its own (loss, mean_type, ...), then the shared
     sections as params.yaml names them (train.* as training used them; none of train.* and
@@ -172,9 +165,14 @@ def log_everything(params: Params, client, exp_id: str, key: str,
     digest = data_digest(lock) if DATA_DIR.is_dir() else ""
     parent = create_run(client, exp_id, f"{tags['dvc.exp_name']} ({p.schedule}, "
                         f"{p.data.dataset}) {key[:8]}", key, "parent", tags=tags)
-    # params as training used them (e.g. train.hflip resolved for digits: see config.Params)
+    # r.bpd holds every σ² × K: bpd_<sigma2> (full chain) and bpd_<sigma2>_K<k>
+    results = {name: {**r.train, **r.bpd, **r.nll, **r.fid} for name, r in res.variants.items()}
+    # params as training used them (e.g. train.hflip resolved for digits: see config.Params);
+    # the parent's metrics named as `dvc exp show` names them: <variant>.<metric key of
+    # pipeline.records> (simple.bpd_sigma2_beta, vlb.fid_ancestral_beta)
     log_batch(client, parent, params=flatten(to_dict(params)),
-              metrics={"floor_fid": res.features.floor["fid"], **headline_metrics(res)})
+              metrics={"floor_fid": res.features.floor["fid"],
+                       **{f"{n}.{k}": x for n, m in results.items() for k, x in m.items()}})
     trained = any(v.pretrained is None for v in p.variants.values())
     if inputs := data_inputs(p, digest, trained):
         client.log_inputs(parent, datasets=inputs)
@@ -183,9 +181,7 @@ def log_everything(params: Params, client, exp_id: str, key: str,
             client.log_artifact(parent, str(f))
     for name, r in res.variants.items():
         t = r.timings
-        # r.bpd holds every σ² × K: bpd_<sigma2> (full chain) and bpd_<sigma2>_K<k>
-        metrics = {**r.train, **r.bpd, **r.nll, **r.fid,
-                   "train_steps": t.get("train", {}).get("steps"),
+        metrics = {**results[name], "train_steps": t.get("train", {}).get("steps"),
                    **{f"{s}_seconds": t.get(s, {}).get("seconds")
                       for s in ("train", "sample", "bpd", "nll")}}
         start, end = train_window(r) or (None, None)

@@ -29,13 +29,18 @@ in the store itself elsewhere (a tracking server shared by clones: see log_once)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.common import StageError
+from pipeline.common import StageError, stable_hash
 from pipeline.params import Params, check_tracking_uri, to_dict
 from pipeline.provenance import git_state
 
@@ -106,16 +111,12 @@ def first_line(e: BaseException, limit: int = 300) -> str:
 def reason(e: BaseException) -> str:
     """Why a request failed, in a few words: the last `[Errno N] ...` in its text (a refused
     or reset connection, deep inside requests' and MLflow's wrapping), else its first line."""
-    import re
-
     text = first_line(e, 100_000)
     return (re.findall(r"\[Errno -?\d+\] [^'\")(]+", text) or [text[:200]])[-1].strip()
 
 
 def _wait_for_server(uri: str, timeout: float) -> None:
     """Poll an http(s) tracking server's /health until it answers or `timeout` s have passed."""
-    import time
-
     import requests
 
     deadline = time.monotonic() + timeout
@@ -144,8 +145,6 @@ def artifact_root(uri: str) -> str | None:
 def _open(params: Params, uri: str) -> tuple[Any, str]:
     """(client, id of the experiment params.mlflow.experiment), created on first use with its
     artifact root and the UI's model-training view; one line for a deleted one."""
-    import logging
-
     logging.getLogger("alembic").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retries: our one line says it
     from mlflow.exceptions import MlflowException
@@ -316,9 +315,6 @@ def _claim(client: Any, exp_id: str, key: str) -> str | None:
     for $DDPM_MLFLOW_CLAIM_STALE s (its writer was killed elsewhere) or its writer's process on
     this machine is gone: it is marked KILLED and taken over.
     """
-    import socket
-    import time
-
     wait, stale = env_seconds(CLAIM_WAIT_ENV, 600.0), env_seconds(CLAIM_STALE_ENV, 60.0)
     deadline = time.monotonic() + wait
     seen: dict[str, tuple[str, float]] = {}  # claim run id -> (heartbeat, when it last moved)
@@ -365,8 +361,6 @@ def _claim(client: Any, exp_id: str, key: str) -> str | None:
 def _writer_gone(owner: str) -> bool:
     """True when a claim's writer (CLAIM_OWNER_TAG "host:pid (folder)") ran on this machine
     and its process is gone: no need to wait for its heartbeat to go stale."""
-    import socket
-
     import psutil  # a dependency of DVC's
 
     host, _, rest = owner.partition(":")
@@ -377,8 +371,6 @@ def _writer_gone(owner: str) -> bool:
 @contextmanager
 def _heartbeat(uri: str, run_id: str) -> Iterator[None]:
     """Raise the claim's heartbeat tag every few seconds (a thread) while the block runs."""
-    import threading
-
     from mlflow.tracking import MlflowClient
 
     stop = threading.Event()
@@ -430,25 +422,23 @@ def create_run(client: Any, exp_id: str, name: str, key: str, level: str,
                start_time: int | None = None) -> str:
     """A new run carrying its deterministic key (and its parent, when nested); `start_time`
     (ms since the epoch) places it when its work ran (default: now)."""
-    all_tags = {KEY_TAG: key, LEVEL_TAG: level, **(tags or {})}
-    if parent is not None:
-        all_tags[PARENT_TAG] = parent
-    return client.create_run(exp_id, run_name=name, tags=all_tags,
-                             start_time=start_time).info.run_id
+    tags = {KEY_TAG: key, LEVEL_TAG: level, **(tags or {}),
+            **({} if parent is None else {PARENT_TAG: parent})}
+    return client.create_run(exp_id, run_name=name, tags=tags, start_time=start_time).info.run_id
 
 
 def log_batch(client: Any, run_id: str, params: dict | None = None,
-              metrics: dict | None = None, steps: list[tuple[str, float, int]] | None = None,
-              tags: dict | None = None) -> None:
-    """Params, scalar metrics (None left out), per-step metric histories and tags in one
+              metrics: dict | None = None, steps: list[tuple[str, float, int]] | None = None
+              ) -> None:
+    """Params, scalar metrics (None left out) and per-step metric histories in one
     MlflowClient.log_batch (which splits them into MLflow's per-request limits)."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.utils.time import get_current_time_millis
 
     now = get_current_time_millis()
     m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None]
     m += [Metric(k, float(v), now, int(s)) for k, v, s in (steps or [])]
-    client.log_batch(run_id, metrics=m, tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    client.log_batch(run_id, metrics=m,
                      params=[Param(k, str(v)) for k, v in (params or {}).items()])
 
 
@@ -464,31 +454,23 @@ def run_tags(params: Params) -> dict[str, str]:
 
 def record_failure(params: Params, stage: str, variant: str, message: str,
                    history: list[dict]) -> None:
-    """A FAILED parent and variant run for a stage that stopped (e.g. a NaN loss)."""
+    """A FAILED parent and variant run for a stage that stopped (e.g. a NaN loss); a repeat of
+    the same failure replaces them."""
+    key = "failed-" + stable_hash({"params": to_dict(params), "stage": stage,
+                                   "variant": variant, "message": message})
+    tags = {**run_tags(params), "ddpm.error": message[:5000], "ddpm.failed_stage": stage}
     try:
         with store(params) as (client, exp_id):
-            parent = _record_failure(client, exp_id, params, stage, variant, message, history)
+            delete_parents(client, exp_id, key)
+            parent = create_run(client, exp_id, f"FAILED {stage} {variant}", key, "parent",
+                                tags=tags)
+            log_batch(client, parent, params=flatten(to_dict(params)))
+            child = create_run(client, exp_id, variant, f"{key}/{variant}", "variant", parent,
+                               tags={**tags, "variant": variant})
+            log_batch(client, child, steps=[(k, h[k], h["step"]) for h in history
+                                            for k in ("loss", "grad_norm") if k in h])
+            client.set_terminated(child, "FAILED")
+            client.set_terminated(parent, "FAILED")
         print(f"mlflow: run {parent} marked FAILED ({tracking_uri(params)})")
     except Exception as e:  # the stage's own error matters more than the bookkeeping
         print(f"mlflow: could not record the failure: {first_line(e)}")
-
-
-def _record_failure(client: Any, exp_id: str, params: Params, stage: str, variant: str,
-                    message: str, history: list[dict]) -> str:
-    """Write the failure's parent and variant runs (a repeat of the same failure replaces
-    them); returns the parent run id."""
-    from pipeline.common import stable_hash
-
-    key = "failed-" + stable_hash({"params": to_dict(params), "stage": stage,
-                                   "variant": variant, "message": message})
-    delete_parents(client, exp_id, key)
-    tags = {**run_tags(params), "ddpm.error": message[:5000], "ddpm.failed_stage": stage}
-    parent = create_run(client, exp_id, f"FAILED {stage} {variant}", key, "parent", tags=tags)
-    log_batch(client, parent, params=flatten(to_dict(params)))
-    child = create_run(client, exp_id, variant, f"{key}/{variant}", "variant", parent,
-                       tags={**tags, "variant": variant})
-    log_batch(client, child, steps=[(k, h[k], h["step"]) for h in history
-                                    for k in ("loss", "grad_norm") if k in h])
-    client.set_terminated(child, "FAILED")
-    client.set_terminated(parent, "FAILED")
-    return parent

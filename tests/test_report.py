@@ -485,10 +485,10 @@ def test_analytic_ddim_rows_and_the_last_sigma_cap_in_the_sampler_tables(tmp_pat
     cap = dict(zip(sets["sampler"], sets["σ cap, step to x_τ1"], strict=True))
     assert cap[extra[0].label()] == "≤ 0.0098 (y = 1)"
     assert cap[GRID_SPECS[0].label()] == "none"  # the full chain
-    note = report.last_sigma_cap_note(res)
-    assert "0.0098" in note and "y = 1" in note and "uncapped" in note
     md = report.build_markdown(load_params(tmp_path / "params.yaml"), res, {})
-    assert note in md
+    assert "every respaced (S < T) and DDIM sample set adds noise of std σ ≤ 0.0098 (y = 1): " in md
+    assert "use y = 2 with `clip_sigma_idx: 1`). The full T-step chains are DDPM's Algorithm 2, " \
+           "uncapped.\n\n" in md
 
 
 def test_the_bound_beside_the_ode_bits_per_dim_with_the_published_rows(tmp_path):
