@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -187,10 +187,8 @@ def _network(net: torch.nn.Module, net_batch: int, progress: bool | Progress, to
     """net in fixed-size calls, each advancing the caller's bar, a new one (True) or none."""
     from ddpm_core import progress as bars
 
-    if isinstance(progress, bars.Progress):
-        yield FixedRows(bars.counting(net, progress), net_batch)
-        return
-    with bars.Progress(total, desc, "calls", enabled=bool(progress)) as bar:
+    with (nullcontext(progress) if isinstance(progress, bars.Progress) else
+          bars.Progress(total, desc, "calls", enabled=bool(progress))) as bar:
         yield FixedRows(bars.counting(net, bar), net_batch)
 
 
@@ -227,13 +225,6 @@ def calls_per_step(n: int, batch_size: int, rows_per_image: int = 1,
     share = _shares(n)
     return sum(-(-min(batch_size, share.stop - s) * rows_per_image // net_batch)
                for s in range(share.start, share.stop, batch_size))
-
-
-def _gather(part: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """Every rank's share, in rank order (identity in one process), on the CPU."""
-    from ddpm_core.distributed import gather_shards
-
-    return gather_shards(part.to(dev)).cpu()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -344,6 +335,7 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     Algorithm 2, uncapped). image_shape (C, H, W): default that of the UNet inside net.
     """
     from ddpm_core.data import from_unit, to_numpy_images
+    from ddpm_core.distributed import gather_shards
     from ddpm_core.last_sigma import last_sigma_cap
     from ddpm_core.samplers import sample_ancestral, sample_ddim
     from ddpm_core.seeds import ImageNoise
@@ -376,7 +368,8 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
                                 clip_x0=clip_x0, gamma=gamma if analytic_ddim else None,
                                 last_sigma_cap_y=last_sigma_cap_y)
             out.append(from_unit(x).cpu())
-    return to_numpy_images(_gather(torch.cat(out), dev))
+    # every rank's share, in rank order (identity in one process)
+    return to_numpy_images(gather_shards(torch.cat(out).to(dev)).cpu())
 
 
 # ----------------------------------------------------------------------------- bits/dim
@@ -411,6 +404,7 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     t_batch, the set of K or σ², or the number of processes (ranks take contiguous shares).
     """
     from ddpm_core.data import to_model_tensor, to_unit
+    from ddpm_core.distributed import gather_shards
     from ddpm_core.likelihood import bits_per_dim_at_steps, even_trajectory
 
     _check_images(images, _image_shape(net))
@@ -444,7 +438,7 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
             rows.append(torch.stack([torch.cat([torch.cat([res[K][v].prior[:, None],
                                                            res[K][v].terms], 1) for K in Ks], 1)
                                      for v in chosen], 1))
-    every = _gather(torch.cat(rows), dev)
+    every = gather_shards(torch.cat(rows).to(dev)).cpu()
     out: dict[int, dict[Sigma2, BpdResult]] = {}
     for K, part in zip(Ks, every.split([K + 1 for K in Ks], dim=2), strict=True):
         out[K] = {v: BpdResult(total=part[:, i, 0] + part[:, i, 1:].sum(dim=1),

@@ -166,8 +166,7 @@ class _Chain:
         assert full or "learned" not in chosen, f"σ² learned has no K={K}-step chain"
         self.position = {tau: k for k, tau in enumerate(self.steps)}
         self.log_sigma2 = None
-        if "analytic" in chosen:
-            assert gamma is not None
+        if "analytic" in chosen:  # with gamma: bits_per_dim_at_steps asserts it
             self.log_sigma2 = torch.log(analytic_sigma2(diff, gamma, None if full else self.steps))
 
 
@@ -222,11 +221,10 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
             if chain.mu_as_x0:
                 o = torch.cat([predict_x0_from_mu(diff, x_t_c, t_orig, o[:, :C]), o[:, C:]], 1)
             for v in chosen:
-                if v == "analytic":
-                    vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0,
-                                   log_sigma2=chain.log_sigma2)
-                else:
-                    vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0, var_type=v)
+                analytic = v == "analytic"
+                vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0,
+                               var_type=None if analytic else v,
+                               log_sigma2=chain.log_sigma2 if analytic else None)
                 terms[K][v][:, ks] = vt.reshape(len(js), B).T
     results: dict[int, dict[Sigma2, BpdResult]] = {}
     for K, chain in chains.items():

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ddpm_core.analytic import analytic_sigma2, ddim_analytic_sigma2
-from ddpm_core.chains import check_timesteps, respace
+from ddpm_core.chains import chain_of, check_timesteps
 from ddpm_core.diffusion import (
     Diffusion,
     Model,
@@ -79,9 +79,8 @@ def sample_ancestral(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise
     noise of std at most last_sigma_cap(last_sigma_cap_y). The api validates the choices.
     """
     chosen: Sigma2 = diff.var_type if sigma2 is None else sigma2
-    steps = list(range(diff.T)) if timesteps is None else check_timesteps(diff, timesteps)
+    steps, sub = chain_of(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), False, last_sigma_cap_y)
-    sub = diff if timesteps is None else respace(diff, steps)
     if diff.mean_type == "mu" and timesteps is not None:
         # μ̃ outputs belong to the original one-step chain: read them as x̂_0 in the new chain
         sub = sub.with_mean_type("x0")
@@ -158,9 +157,8 @@ def sample_ddim(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise,
     gamma None: each step adds noise of variance σ_τ(η)² (none at η = 0: deterministic);
     gamma = Γ [T]: Bao et al.'s optimal variance for λ = σ_τ(η) instead (at η = 0 their
     Analytic-DDIM, which adds σ̂² noise). The step to x_{τ_1} adds noise of std at most
-    last_sigma_cap(last_sigma_cap_y); the last step adds none.
+    last_sigma_cap(last_sigma_cap_y); the last step adds none. ddim_step asserts η's range.
     """
-    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
     steps = check_timesteps(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), True, last_sigma_cap_y)
     noise_sigma2: list[float | None] = [None] * len(steps)

@@ -33,13 +33,7 @@ from pipeline.common import (
     write_text,
 )
 from pipeline.params import Params, VariantConfig
-from pipeline.records import (
-    DATA_DIR,
-    VariantPaths,
-    bpd_key,
-    read_gamma,
-    variant_metrics,
-)
+from pipeline.records import DATA_DIR, VariantPaths, bpd_key, read_gamma, variant_metrics
 
 
 def main(params: Params, v: VariantConfig) -> None:

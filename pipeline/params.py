@@ -23,6 +23,7 @@ from ddpm_core import modes
 from ddpm_core.config import (
     ConfigError,
     DataConfig,
+    Fraction,
     Invalid,
     NonNegative,
     Positive,
@@ -34,8 +35,6 @@ from ddpm_core.config import (
     validate,
 )
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
-
-Fraction = Annotated[StrictFloat, check(lambda v: 0 <= v < 1, "must be in [0, 1)")]
 
 # The σ² choices of the samplers and the bound over every variant: the fixed ones and
 # Analytic-DPM's (Γ from the gamma stage); a learned σ² is a learned variant's own.
@@ -247,10 +246,6 @@ class MlflowConfig:
         lambda u: u is None or is_tracking_uri(u), lambda u: f"{u!r} {_URI_FIX}")] = None
 
 
-def _default_variants() -> dict[str, VariantConfig]:
-    return {"simple": VariantConfig(loss="simple"), "vlb": VariantConfig(loss="vlb")}
-
-
 @settings
 class Params:
     """The whole params.yaml."""
@@ -260,7 +255,8 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     # name -> variant; each gets its own DVC stages (train@name, sample@name, bpd@name, fid@name)
-    variants: dict[str, VariantConfig] = field(default_factory=_default_variants)
+    variants: dict[str, VariantConfig] = field(default_factory=lambda: {
+        "simple": VariantConfig(loss="simple"), "vlb": VariantConfig(loss="vlb")})
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     bpd: BpdConfig = field(default_factory=BpdConfig)
