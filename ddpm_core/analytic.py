@@ -24,13 +24,7 @@ import torch
 from torch import Tensor
 
 from ddpm_core.chains import chain_of
-from ddpm_core.diffusion import (
-    Diffusion,
-    Model,
-    predict_eps_from_x0,
-    predict_x0_from_mu,
-    q_sample,
-)
+from ddpm_core.diffusion import Diffusion, Model, predict_eps_from_x0, predict_x0_from_mu, q_sample
 from ddpm_core.seeds import keyed_randn
 
 

@@ -193,9 +193,7 @@ def _network(net: torch.nn.Module, net_batch: int, progress: bool | Progress, to
 
 
 def _device(device: str | torch.device | None, net: torch.nn.Module) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return next(net.parameters()).device
+    return torch.device(device) if device is not None else next(net.parameters()).device
 
 
 def _image_shape(net: torch.nn.Module) -> tuple[int, int, int] | None:

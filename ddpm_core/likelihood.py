@@ -201,9 +201,8 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
     union = sorted(set().union(*(c.steps for c in chains.values())))
     for start in range(0, len(union), t_batch):
         group = union[start:start + t_batch]
-        n = len(group)
         t = torch.tensor(group, device=x0.device).repeat_interleave(B)
-        x0_rep = x0_64.repeat(n, 1, 1, 1)
+        x0_rep = x0_64.repeat(len(group), 1, 1, 1)
         noise = keyed_randn(seed, [(i, tau) for tau in group for i in idx], x0.shape[1:],
                             device=x0.device)
         x_t = q_sample(diff, x0_rep, t, noise)

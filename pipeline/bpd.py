@@ -49,7 +49,7 @@ def main(params: Params, v: VariantConfig) -> None:
     if too_long:
         raise StageError(f"bpd.steps: {too_long} exceed the model's T={T}; give K <= T")
     Ks = [T] if learned else sorted(set(b.steps) | {T})
-    gamma = None if learned or "analytic" not in var_types else read_gamma(paths, T)
+    gamma = read_gamma(paths, T) if "analytic" in var_types else None
     net = inference_model(m.net.to(info.device), b.precision, compile=b.compile)
     t0 = time.perf_counter()
     res = bound(net, m.diffusion, images, sigma2=var_types, steps=Ks, gamma=gamma, seed=b.seed,

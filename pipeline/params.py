@@ -116,7 +116,7 @@ class SampleConfig:
     # fixed_large | fixed_small | analytic (Analytic-DPM: Γ from the gamma stage; analytic also
     # adds Analytic-DDIM, DDIM with the σ̂² noise, at every S of steps).
     variances: Variances = ("fixed_large", "fixed_small")
-    # Respaced ancestral (sigma^2 = beta) and DDIM at these step counts, for FID vs steps.
+    # Respaced ancestral (each σ² above) and DDIM at these step counts, for FID vs steps.
     steps: Annotated[tuple[StrictInt, ...], check(
         lambda s: all(k > 0 for k in s), "must be positive step counts")] = (10, 20, 50, 100)
     # trailing: every chain starts at step T (Lin et al. 2024); the DDIM paper's conventions
