@@ -121,7 +121,6 @@ def ddim_analytic_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int
     of (√((1−ᾱ_k)/α'_k) − √(1−ᾱ_{k−1}−λ²))² and (√ᾱ_{k−1} − √(1−ᾱ_{k−1}−λ²) √(ᾱ_k/(1−ᾱ_k)))²]
     (data in [−1, 1]). η = 1 is analytic_sigma2; index 0 (the deterministic last step) is unused.
     """
-    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
     steps, c = chain_of(diff, timesteps)
     alpha_bar, alpha_bar_prev, alpha = c.alpha_bar, c.alpha_bar_prev, c.alphas
     lam2 = eta**2 * (1.0 - alpha_bar_prev) * (1.0 - alpha) / (1.0 - alpha_bar)

@@ -300,7 +300,6 @@ def estimate_gamma(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarra
     from ddpm_core.analytic import estimate_gamma as estimate
     from ddpm_core.data import to_model_tensor, to_unit
 
-    _check_images(images)
     if M < 1 or batch_size < 1:
         raise ValueError(f"M and batch_size must be >= 1, got M={M}, batch_size={batch_size}")
     dev = _device(device, net)
@@ -373,16 +372,16 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
 # ----------------------------------------------------------------------------- bits/dim
 
 
-def _check_images(images: np.ndarray, chw: Sequence[int] | None = None) -> None:
-    from ddpm_core.data import DataError
+def _model_images(images: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
+    """uint8 [N, C, H, W] of uint8 images [N, H, W, C] (data.to_model_tensor checks them) of the
+    shape the UNet inside net takes."""
+    from ddpm_core.data import DataError, to_model_tensor
 
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"images: expected uint8 numpy [N, H, W, C], got "
-                        f"{getattr(images, 'dtype', type(images).__name__)} "
-                        f"{getattr(images, 'shape', '')}")
-    if chw is not None and tuple(images.shape[1:]) != (chw[1], chw[2], chw[0]):
+    x, chw = to_model_tensor(images), _image_shape(net)
+    if chw is not None and tuple(x.shape[1:]) != chw:
         raise DataError(f"images are {tuple(images.shape[1:])} (H, W, C); the model takes "
                         f"{(chw[1], chw[2], chw[0])}")
+    return x
 
 
 @torch.no_grad()
@@ -401,11 +400,11 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     image i at original index τ comes from (seed, i, τ): no number depends on batch_size,
     t_batch, the set of K or σ², or the number of processes (ranks take contiguous shares).
     """
-    from ddpm_core.data import to_model_tensor, to_unit
+    from ddpm_core.data import to_unit
     from ddpm_core.distributed import gather_shards
     from ddpm_core.likelihood import bits_per_dim_at_steps, even_trajectory
 
-    _check_images(images, _image_shape(net))
+    x_all = _model_images(images, net)
     if batch_size < 1 or t_batch < 1:
         raise ValueError(f"batch_size and t_batch must be >= 1, got {batch_size}, {t_batch}")
     chosen = list(dict.fromkeys(sigma2_of(diffusion, s) for s in (sigma2 or [None])))
@@ -420,7 +419,6 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
         raise ValueError(f"σ² learned is a one-step variance: it has no K-step chain for "
                          f"K < T = {diffusion.T} (learned_range interpolates and has one)")
     dev = _device(device, net)
-    x_all = to_model_tensor(images)
     share = _shares(len(x_all))
     union = set().union(*(even_trajectory(diffusion.T, K) for K in Ks))
     width = sum(K + 1 for K in Ks)  # per K: the prior, then the K terms
@@ -513,7 +511,7 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
     """
     from ddpm_core.ode import ode_bits_per_dim
 
-    _check_images(images, _image_shape(net))
+    x = _model_images(images, net)
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
     if divergence not in get_args(Divergence):
@@ -527,7 +525,6 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
                          "one-step chain) has no continuous-time ε; use an 'eps' or 'x0' model")
     dev = _device(device, net)
     net = net.to(dev).eval()
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     res = ode_bits_per_dim(diffusion, net, x, seed=seed, start_index=start_index,
                            divergence=divergence, repeats=repeats, batch_size=batch_size,
                            rtol=rtol, atol=atol, progress=progress)

@@ -215,8 +215,7 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
             rows = (torch.tensor(js, device=x0.device)[:, None] * B
                     + torch.arange(B, device=x0.device)[None]).reshape(-1)
             o, x0_c, x_t_c, t_orig = out[rows], x0_rep[rows], x_t[rows], t[rows]
-            k = t_orig if chain.diff is diff else torch.tensor(
-                ks, device=x0.device).repeat_interleave(B)
+            k = torch.tensor(ks, device=x0.device).repeat_interleave(B)  # the chain's own index
             if chain.mu_as_x0:
                 o = torch.cat([predict_x0_from_mu(diff, x_t_c, t_orig, o[:, :C]), o[:, C:]], 1)
             for v in chosen:

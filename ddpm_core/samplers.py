@@ -86,7 +86,6 @@ def sample_ancestral(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise
         sub = sub.with_mean_type("x0")
     log_sigma2 = None
     if chosen == "analytic":
-        assert gamma is not None, "sigma2 'analytic' needs gamma"
         log_sigma2 = torch.log(analytic_sigma2(diff, gamma, None if timesteps is None else steps))
     var_type: VarType = "fixed_small" if chosen == "analytic" else chosen
     x = x_T.float()
@@ -135,7 +134,6 @@ def ddim_step(diff: Diffusion, model: Model, x: Tensor, *, tau: int, tau_prev: i
     The mean uses λ = σ_τ(η); the added noise has variance noise_sigma2 (default λ², e.g.
     Bao et al.'s optimal σ*² from analytic.ddim_analytic_sigma2).
     """
-    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
     ab = float(diff.alpha_bar[tau])
     ab_prev = 1.0 if tau_prev is None else float(diff.alpha_bar[tau_prev])
     x0, eps = _pred_x0_eps(diff, model, x, tau, clip_x0)
@@ -157,7 +155,7 @@ def sample_ddim(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise,
     gamma None: each step adds noise of variance σ_τ(η)² (none at η = 0: deterministic);
     gamma = Γ [T]: Bao et al.'s optimal variance for λ = σ_τ(η) instead (at η = 0 their
     Analytic-DDIM, which adds σ̂² noise). The step to x_{τ_1} adds noise of std at most
-    last_sigma_cap(last_sigma_cap_y); the last step adds none. ddim_step asserts η's range.
+    last_sigma_cap(last_sigma_cap_y); the last step adds none. The api validates η and Γ.
     """
     steps = check_timesteps(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), True, last_sigma_cap_y)

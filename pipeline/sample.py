@@ -93,9 +93,8 @@ def main(params: Params, v: VariantConfig) -> None:
             np.save(tmp / f"{spec.name}.npy", images, allow_pickle=False)
             save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size,
                       max(1, 64 // images.shape[1]))
-            # the prior mismatch of starting at x_t ~ N(0, I): KL(q(x_t|x_0) ‖ N(0, I)) in
-            # bits/dim at the start index t (T - 1 for the full chain), worst case over
-            # x_0 ∈ [-1, 1] (samplers.prior_kl_at)
+            # what starting at x_t ~ N(0, I) ignores, at the chain's first index t (T - 1 for
+            # the full chain): samplers.prior_kl_at, the worst case over x_0 ∈ [-1, 1]
             T = m.diffusion.T
             t_start = T - 1 if spec.kind == "ancestral" else timestep_spacing(
                 T, spec.steps, spec.spacing)[-1]
