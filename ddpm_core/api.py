@@ -19,9 +19,8 @@ of ddpm_core.modes or their short names (beta = fixed_large, beta_tilde = fixed_
 learned: the network's own, analytic: Analytic-DPM's σ̂², Bao et al. 2022, which needs
 gamma = estimate_gamma(...) from training images; DDIM at eta = 0: ddim_analytic).
 The samplers and the cap on σ of the last noisy step (Bao et al.'s code): see `sample`.
-Step lists come from chains.timestep_spacing: "trailing" (default, starts at T − 1),
-"linspace", "leading" (diffusers': S steps of stride T // S; the DDIM code's uniform when S
-divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
+Step lists come from chains.timestep_spacing (its docstring defines each; "trailing", the
+default, starts at T − 1).
 """
 
 from __future__ import annotations
@@ -110,12 +109,9 @@ def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
                          "hold them")
     spec = ModelSpec(unet=net.cfg, schedule=kind, timesteps=diff.T, mean_type=diff.mean_type,
                      var_type=diff.var_type)
-
-    def weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
-
-    save_model(Path(path), spec, weights={"ema": weights(net), "model": weights(raw or net)},
-               meta=meta)
+    # save_model takes the tensors to the CPU
+    save_model(Path(path), spec, weights={"ema": net.state_dict(),
+                                          "model": (raw or net).state_dict()}, meta=meta)
 
 
 def check_matches(diff: Diffusion, *, schedule: ScheduleKind | None = None,

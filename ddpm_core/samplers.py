@@ -3,14 +3,13 @@
 Plain functions: the model is called with the ORIGINAL indices τ_i (0..T−1); a respaced chain
 only recomputes β from ᾱ at the kept steps. The caller gives x_T and the noise source (one
 stream per image, ddpm_core.seeds), so image b depends only on its own seed and the settings.
-`timestep_spacing` makes the step lists (default `trailing`, which starts at T − 1);
-`prior_kl_at` says how much a chain that starts earlier loses.
+chains.timestep_spacing makes the step lists; `prior_kl_at` says how much a chain that starts
+before T − 1 loses.
 
 The last sampling step outputs the mean (no noise). On a chain that skips steps (K < T) and on
 every DDIM chain, the step before it (to x_{τ_1}, the first kept index) adds noise of std at most
-`last_sigma_cap(y)` = 2y/255·√(π/2), as Bao et al.'s code does in its CIFAR-10 runs
-(`clip_sigma_idx: 1`, `clip_pixel: y`; ddpm_core.last_sigma); `last_sigma_cap_y=None` turns it
-off. The full T-step ancestral chain is DDPM's Algorithm 2 and is never capped.
+`last_sigma_cap(y)` (ddpm_core.last_sigma: Bao et al.'s code; `last_sigma_cap_y=None`: no cap).
+The full T-step ancestral chain is DDPM's Algorithm 2 and is never capped.
 """
 
 from __future__ import annotations

@@ -291,6 +291,10 @@ class Params:
             raise Invalid(f"must be >= {need} (FID needs 2 images, KID subsets of "
                           f"fid.kid_subset_size={self.fid.kid_subset_size}); raise it or lower "
                           "fid.kid_subset_size", "sample.num_samples")
+        T = self.diffusion.timesteps  # the samplers and the bound take chains of its T steps
+        for key, steps in (("sample.steps", self.sample.steps), ("bpd.steps", self.bpd.steps)):
+            if too_long := [S for S in steps if S > T]:
+                raise Invalid(f"{too_long[0]} exceeds diffusion.timesteps={T}", key)
         for name, v in self.variants.items():
             object.__setattr__(v, "name", name)
         # The effective training settings, resolved once here (see TrainConfig.hflip).
