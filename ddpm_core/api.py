@@ -35,13 +35,14 @@ from typing import Any, get_args
 import numpy as np
 import torch
 
-from ddpm_core.chains import DEFAULT_SPACING
+from ddpm_core.chains import DEFAULT_SPACING, timestep_spacing
 from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion
-from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
-from ddpm_core.likelihood import BpdResult
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y, last_sigma_cap
+from ddpm_core.likelihood import BpdResult, bits_per_dim_at_steps, even_trajectory
 from ddpm_core.modes import (
     NET_BATCH,
     SAMPLER_KINDS,
+    SPACINGS,
     Divergence,
     SamplerKind,
     Sigma2,
@@ -50,7 +51,8 @@ from ddpm_core.modes import (
     sigma2_mode,
 )
 from ddpm_core.progress import Progress
-from ddpm_core.schedules import ScheduleKind, make_betas
+from ddpm_core.schedules import ScheduleKind, make_betas, schedule_kind
+from ddpm_core.seeds import ImageNoise
 
 
 class ModelMismatch(ValueError):
@@ -100,7 +102,6 @@ def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
     """Our model file of (net, diff): net as the EMA weights, raw (default: net) as the raw
     ones (ddpm_core.modelfile)."""
     from ddpm_core.modelfile import ModelSpec, save_model
-    from ddpm_core.schedules import schedule_kind
 
     kind = schedule_kind(diff.betas)
     if kind is None:
@@ -181,7 +182,7 @@ class FixedRows(torch.nn.Module):
 def _network(net: torch.nn.Module, net_batch: int, progress: bool | Progress, total: int,
              desc: str) -> Iterator[torch.nn.Module]:
     """net in fixed-size calls, each advancing the caller's bar, a new one (True) or none."""
-    from ddpm_core import progress as bars
+    from ddpm_core import progress as bars  # looked up at each call (tests replace the bar)
 
     with (nullcontext(progress) if isinstance(progress, bars.Progress) else
           bars.Progress(total, desc, "calls", enabled=bool(progress))) as bar:
@@ -226,9 +227,6 @@ def calls_per_step(n: int, batch_size: int, rows_per_image: int = 1,
 
 def timesteps_for(diff: Diffusion, steps: int | None, spacing: Spacing) -> list[int] | None:
     """The increasing steps a chain of `steps` visits (None: all T, the full chain)."""
-    from ddpm_core.chains import timestep_spacing
-    from ddpm_core.modes import SPACINGS
-
     if spacing not in SPACINGS:  # checked even for the full chain: a typo is never ignored
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if steps is None or steps == diff.T:
@@ -329,9 +327,7 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     """
     from ddpm_core.data import from_unit, to_numpy_images
     from ddpm_core.distributed import gather_shards
-    from ddpm_core.last_sigma import last_sigma_cap
     from ddpm_core.samplers import sample_ancestral, sample_ddim
-    from ddpm_core.seeds import ImageNoise
 
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
@@ -398,7 +394,6 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     """
     from ddpm_core.data import to_unit
     from ddpm_core.distributed import gather_shards
-    from ddpm_core.likelihood import bits_per_dim_at_steps, even_trajectory
 
     x_all = _model_images(images, net)
     if batch_size < 1 or t_batch < 1:
