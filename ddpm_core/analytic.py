@@ -49,7 +49,6 @@ def estimate_gamma(diff: Diffusion, model: Model, x0: Tensor, *, seed: int, batc
     (image, timestep) pairs, t-major (several timesteps per call when M < batch_size).
     """
     assert x0.ndim == 4, f"x0 must be [M,C,H,W], got {tuple(x0.shape)}"
-    assert batch_size >= 1, f"batch_size={batch_size} must be >= 1"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
     steps = chain_of(diff, timesteps)[0]
     M, device = x0.shape[0], x0.device

@@ -17,7 +17,6 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -90,7 +89,7 @@ class DataConfig:
 
 def _setting(default: Any, *, weights: bool) -> Any:
     """A TrainConfig field that says whether it changes the trained weights."""
-    return field(default=default, metadata={"weights": weights})
+    return dataclasses.field(default=default, metadata={"weights": weights})
 
 
 @settings

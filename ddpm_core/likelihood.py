@@ -162,7 +162,6 @@ class _Chain:
         if self.mu_as_x0:
             # μ̃ outputs belong to the one-step chain: read them as x̂_0 (as the sampler does)
             self.diff = self.diff.with_mean_type("x0")
-        # 'learned' is a one-step variance (the api refuses it on K < T)
         assert full or "learned" not in chosen, f"σ² learned has no K={K}-step chain"
         self.position = {tau: k for k, tau in enumerate(self.steps)}
         self.log_sigma2 = None
@@ -184,7 +183,6 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
     """
     assert x0.ndim == 4, f"x0 must be [B,C,H,W], got {tuple(x0.shape)}"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
-    assert t_batch >= 1, f"t_batch={t_batch} must be >= 1"
     chosen: list[Sigma2] = [diff.var_type] if var_types is None else list(
         dict.fromkeys(var_types))  # the api validates the names (api.sigma2_of)
     assert chosen and set(chosen) <= set(SIGMA2S), f"σ² choices {chosen}"
