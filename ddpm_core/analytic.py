@@ -24,13 +24,7 @@ import torch
 from torch import Tensor
 
 from ddpm_core.chains import chain_of
-from ddpm_core.diffusion import (
-    Diffusion,
-    Model,
-    predict_eps_from_x0,
-    predict_x0_from_mu,
-    q_sample,
-)
+from ddpm_core.diffusion import Diffusion, Model, predict_eps_from_x0, predict_x0_from_mu, q_sample
 from ddpm_core.seeds import keyed_randn
 
 
@@ -55,7 +49,6 @@ def estimate_gamma(diff: Diffusion, model: Model, x0: Tensor, *, seed: int, batc
     (image, timestep) pairs, t-major (several timesteps per call when M < batch_size).
     """
     assert x0.ndim == 4, f"x0 must be [M,C,H,W], got {tuple(x0.shape)}"
-    assert batch_size >= 1, f"batch_size={batch_size} must be >= 1"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
     steps = chain_of(diff, timesteps)[0]
     M, device = x0.shape[0], x0.device
@@ -127,7 +120,6 @@ def ddim_analytic_sigma2(diff: Diffusion, gamma: Tensor, timesteps: Sequence[int
     of (√((1−ᾱ_k)/α'_k) − √(1−ᾱ_{k−1}−λ²))² and (√ᾱ_{k−1} − √(1−ᾱ_{k−1}−λ²) √(ᾱ_k/(1−ᾱ_k)))²]
     (data in [−1, 1]). η = 1 is analytic_sigma2; index 0 (the deterministic last step) is unused.
     """
-    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
     steps, c = chain_of(diff, timesteps)
     alpha_bar, alpha_bar_prev, alpha = c.alpha_bar, c.alpha_bar_prev, c.alphas
     lam2 = eta**2 * (1.0 - alpha_bar_prev) * (1.0 - alpha) / (1.0 - alpha_bar)

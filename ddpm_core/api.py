@@ -19,16 +19,15 @@ of ddpm_core.modes or their short names (beta = fixed_large, beta_tilde = fixed_
 learned: the network's own, analytic: Analytic-DPM's σ̂², Bao et al. 2022, which needs
 gamma = estimate_gamma(...) from training images; DDIM at eta = 0: ddim_analytic).
 The samplers and the cap on σ of the last noisy step (Bao et al.'s code): see `sample`.
-Step lists come from chains.timestep_spacing: "trailing" (default, starts at T − 1),
-"linspace", "leading" (diffusers': S steps of stride T // S; the DDIM code's uniform when S
-divides T) or "ddim_quadratic" (DDIM's CIFAR-10 tables).
+Step lists come from chains.timestep_spacing (its docstring defines each; "trailing", the
+default, starts at T − 1).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -36,13 +35,14 @@ from typing import Any, get_args
 import numpy as np
 import torch
 
-from ddpm_core.chains import DEFAULT_SPACING
+from ddpm_core.chains import DEFAULT_SPACING, timestep_spacing
 from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion
-from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
-from ddpm_core.likelihood import BpdResult
+from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y, last_sigma_cap
+from ddpm_core.likelihood import BpdResult, bits_per_dim_at_steps, even_trajectory
 from ddpm_core.modes import (
     NET_BATCH,
     SAMPLER_KINDS,
+    SPACINGS,
     Divergence,
     SamplerKind,
     Sigma2,
@@ -51,7 +51,8 @@ from ddpm_core.modes import (
     sigma2_mode,
 )
 from ddpm_core.progress import Progress
-from ddpm_core.schedules import ScheduleKind, make_betas
+from ddpm_core.schedules import ScheduleKind, make_betas, schedule_kind
+from ddpm_core.seeds import ImageNoise
 
 
 class ModelMismatch(ValueError):
@@ -101,7 +102,6 @@ def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
     """Our model file of (net, diff): net as the EMA weights, raw (default: net) as the raw
     ones (ddpm_core.modelfile)."""
     from ddpm_core.modelfile import ModelSpec, save_model
-    from ddpm_core.schedules import schedule_kind
 
     kind = schedule_kind(diff.betas)
     if kind is None:
@@ -110,12 +110,9 @@ def save_model_file(net: torch.nn.Module, diff: Diffusion, path: str | Path,
                          "hold them")
     spec = ModelSpec(unet=net.cfg, schedule=kind, timesteps=diff.T, mean_type=diff.mean_type,
                      var_type=diff.var_type)
-
-    def weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
-
-    save_model(Path(path), spec, weights={"ema": weights(net), "model": weights(raw or net)},
-               meta=meta)
+    # save_model takes the tensors to the CPU
+    save_model(Path(path), spec, weights={"ema": net.state_dict(),
+                                          "model": (raw or net).state_dict()}, meta=meta)
 
 
 def check_matches(diff: Diffusion, *, schedule: ScheduleKind | None = None,
@@ -185,19 +182,15 @@ class FixedRows(torch.nn.Module):
 def _network(net: torch.nn.Module, net_batch: int, progress: bool | Progress, total: int,
              desc: str) -> Iterator[torch.nn.Module]:
     """net in fixed-size calls, each advancing the caller's bar, a new one (True) or none."""
-    from ddpm_core import progress as bars
+    from ddpm_core import progress as bars  # looked up at each call (tests replace the bar)
 
-    if isinstance(progress, bars.Progress):
-        yield FixedRows(bars.counting(net, progress), net_batch)
-        return
-    with bars.Progress(total, desc, "calls", enabled=bool(progress)) as bar:
+    with (nullcontext(progress) if isinstance(progress, bars.Progress) else
+          bars.Progress(total, desc, "calls", enabled=bool(progress))) as bar:
         yield FixedRows(bars.counting(net, bar), net_batch)
 
 
 def _device(device: str | torch.device | None, net: torch.nn.Module) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return next(net.parameters()).device
+    return torch.device(device) if device is not None else next(net.parameters()).device
 
 
 def _image_shape(net: torch.nn.Module) -> tuple[int, int, int] | None:
@@ -229,21 +222,11 @@ def calls_per_step(n: int, batch_size: int, rows_per_image: int = 1,
                for s in range(share.start, share.stop, batch_size))
 
 
-def _gather(part: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """Every rank's share, in rank order (identity in one process), on the CPU."""
-    from ddpm_core.distributed import gather_shards
-
-    return gather_shards(part.to(dev)).cpu()
-
-
 # ----------------------------------------------------------------------------- validation
 
 
 def timesteps_for(diff: Diffusion, steps: int | None, spacing: Spacing) -> list[int] | None:
     """The increasing steps a chain of `steps` visits (None: all T, the full chain)."""
-    from ddpm_core.chains import timestep_spacing
-    from ddpm_core.modes import SPACINGS
-
     if spacing not in SPACINGS:  # checked even for the full chain: a typo is never ignored
         raise ValueError(f"unknown spacing {spacing!r}; expected one of {SPACINGS}")
     if steps is None or steps == diff.T:
@@ -311,7 +294,6 @@ def estimate_gamma(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarra
     from ddpm_core.analytic import estimate_gamma as estimate
     from ddpm_core.data import to_model_tensor, to_unit
 
-    _check_images(images)
     if M < 1 or batch_size < 1:
         raise ValueError(f"M and batch_size must be >= 1, got M={M}, batch_size={batch_size}")
     dev = _device(device, net)
@@ -344,9 +326,8 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     Algorithm 2, uncapped). image_shape (C, H, W): default that of the UNet inside net.
     """
     from ddpm_core.data import from_unit, to_numpy_images
-    from ddpm_core.last_sigma import last_sigma_cap
+    from ddpm_core.distributed import gather_shards
     from ddpm_core.samplers import sample_ancestral, sample_ddim
-    from ddpm_core.seeds import ImageNoise
 
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
@@ -376,22 +357,23 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
                                 clip_x0=clip_x0, gamma=gamma if analytic_ddim else None,
                                 last_sigma_cap_y=last_sigma_cap_y)
             out.append(from_unit(x).cpu())
-    return to_numpy_images(_gather(torch.cat(out), dev))
+    # every rank's share, in rank order (identity in one process)
+    return to_numpy_images(gather_shards(torch.cat(out).to(dev)).cpu())
 
 
 # ----------------------------------------------------------------------------- bits/dim
 
 
-def _check_images(images: np.ndarray, chw: Sequence[int] | None = None) -> None:
-    from ddpm_core.data import DataError
+def _model_images(images: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
+    """uint8 [N, C, H, W] of uint8 images [N, H, W, C] (data.to_model_tensor checks them) of the
+    shape the UNet inside net takes."""
+    from ddpm_core.data import DataError, to_model_tensor
 
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"images: expected uint8 numpy [N, H, W, C], got "
-                        f"{getattr(images, 'dtype', type(images).__name__)} "
-                        f"{getattr(images, 'shape', '')}")
-    if chw is not None and tuple(images.shape[1:]) != (chw[1], chw[2], chw[0]):
+    x, chw = to_model_tensor(images), _image_shape(net)
+    if chw is not None and tuple(x.shape[1:]) != chw:
         raise DataError(f"images are {tuple(images.shape[1:])} (H, W, C); the model takes "
                         f"{(chw[1], chw[2], chw[0])}")
+    return x
 
 
 @torch.no_grad()
@@ -410,10 +392,10 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     image i at original index τ comes from (seed, i, τ): no number depends on batch_size,
     t_batch, the set of K or σ², or the number of processes (ranks take contiguous shares).
     """
-    from ddpm_core.data import to_model_tensor, to_unit
-    from ddpm_core.likelihood import bits_per_dim_at_steps, even_trajectory
+    from ddpm_core.data import to_unit
+    from ddpm_core.distributed import gather_shards
 
-    _check_images(images, _image_shape(net))
+    x_all = _model_images(images, net)
     if batch_size < 1 or t_batch < 1:
         raise ValueError(f"batch_size and t_batch must be >= 1, got {batch_size}, {t_batch}")
     chosen = list(dict.fromkeys(sigma2_of(diffusion, s) for s in (sigma2 or [None])))
@@ -428,7 +410,6 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
         raise ValueError(f"σ² learned is a one-step variance: it has no K-step chain for "
                          f"K < T = {diffusion.T} (learned_range interpolates and has one)")
     dev = _device(device, net)
-    x_all = to_model_tensor(images)
     share = _shares(len(x_all))
     union = set().union(*(even_trajectory(diffusion.T, K) for K in Ks))
     width = sum(K + 1 for K in Ks)  # per K: the prior, then the K terms
@@ -444,7 +425,7 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
             rows.append(torch.stack([torch.cat([torch.cat([res[K][v].prior[:, None],
                                                            res[K][v].terms], 1) for K in Ks], 1)
                                      for v in chosen], 1))
-    every = _gather(torch.cat(rows), dev)
+    every = gather_shards(torch.cat(rows).to(dev)).cpu()
     out: dict[int, dict[Sigma2, BpdResult]] = {}
     for K, part in zip(Ks, every.split([K + 1 for K in Ks], dim=2), strict=True):
         out[K] = {v: BpdResult(total=part[:, i, 0] + part[:, i, 1:].sum(dim=1),
@@ -521,7 +502,7 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
     """
     from ddpm_core.ode import ode_bits_per_dim
 
-    _check_images(images, _image_shape(net))
+    x = _model_images(images, net)
     if not (rtol > 0 and atol > 0):
         raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
     if divergence not in get_args(Divergence):
@@ -535,7 +516,6 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
                          "one-step chain) has no continuous-time ε; use an 'eps' or 'x0' model")
     dev = _device(device, net)
     net = net.to(dev).eval()
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
     res = ode_bits_per_dim(diffusion, net, x, seed=seed, start_index=start_index,
                            divergence=divergence, repeats=repeats, batch_size=batch_size,
                            rtol=rtol, atol=atol, progress=progress)

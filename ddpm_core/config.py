@@ -17,7 +17,6 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -60,6 +59,7 @@ def check(ok: Callable[[Any], bool], why: str | Callable[[Any], str]) -> Any:
 Positive = Annotated[StrictInt, check(lambda v: v > 0, "must be > 0")]
 NonNegative = Annotated[StrictInt, check(lambda v: v >= 0, "must be >= 0")]
 PositiveFloat = Annotated[StrictFloat, check(lambda v: v > 0, "must be > 0")]
+Fraction = Annotated[StrictFloat, check(lambda v: 0 <= v < 1, "must be in [0, 1)")]
 PositiveOrNull = Annotated[StrictInt | None, check(lambda v: v is None or v > 0,
                                                     "must be > 0 or null")]
 
@@ -89,7 +89,7 @@ class DataConfig:
 
 def _setting(default: Any, *, weights: bool) -> Any:
     """A TrainConfig field that says whether it changes the trained weights."""
-    return field(default=default, metadata={"weights": weights})
+    return dataclasses.field(default=default, metadata={"weights": weights})
 
 
 @settings
@@ -105,8 +105,7 @@ class TrainConfig:
     lr: PositiveFloat = _setting(2e-4, weights=True)
     warmup_steps: NonNegative = _setting(5000, weights=True)
     grad_clip: PositiveFloat = _setting(1.0, weights=True)
-    ema_decay: Annotated[StrictFloat, check(lambda v: 0 <= v < 1, "must be in [0, 1)")] = \
-        _setting(0.9999, weights=True)
+    ema_decay: Fraction = _setting(0.9999, weights=True)
     # Random horizontal flips. "auto" (params.yaml): on, except for digits (a flipped digit is
     # another glyph); Params resolves it to true/false when it is built, so every consumer
     # (training, MLflow) sees the value training used.
@@ -167,11 +166,6 @@ def _locate(root: type, loc: tuple) -> tuple[str, Any]:
     return key, _unwrap(tp)
 
 
-def _keys(cls: type) -> list[str]:
-    """The keys a section accepts (a field set from elsewhere, init=False, is none of them)."""
-    return sorted(f.name for f in dataclasses.fields(cls) if f.init)
-
-
 def _int_hint(value: Any) -> str:
     """What to write for a whole number YAML did not read as an integer (YAML 1.1 reads 1e9 as
     text and 1.0e+9 as a float)."""
@@ -208,7 +202,9 @@ def _message(root: type, error: dict, top: str) -> tuple[str, str]:
         return ".".join(k for k in (key, exc.key) if k), str(exc)
     if kind == "unexpected_keyword_argument":
         parent, cls = _locate(root, loc[:-1])
-        keys, prefix = _keys(cls), f"{parent}." if parent else ""
+        # the keys a section accepts (a field set from elsewhere, init=False, is none of them)
+        keys = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        prefix = f"{parent}." if parent else ""
         close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
         return key, "unknown key; " + (
             f"did you mean '{prefix}{close[0]}'?" if close else

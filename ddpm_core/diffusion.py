@@ -53,9 +53,7 @@ def extract(coef: Tensor, t: Tensor, shape: torch.Size | tuple[int, ...],
     """Gather coef[t] for a batch t [B] and reshape to [B, 1, ..., 1] broadcastable to shape."""
     assert t.ndim == 1 and t.shape[0] == shape[0], f"t {tuple(t.shape)} vs batch {tuple(shape)}"
     assert t.dtype in (torch.int64, torch.int32), f"t must be integer, got {t.dtype}"
-    out = coef.to(device=t.device)[t]
-    if dtype is not None:
-        out = out.to(dtype)
+    out = coef.to(device=t.device, dtype=dtype)[t]
     return out.reshape(shape[0], *([1] * (len(shape) - 1)))
 
 

@@ -162,12 +162,10 @@ class _Chain:
         if self.mu_as_x0:
             # μ̃ outputs belong to the one-step chain: read them as x̂_0 (as the sampler does)
             self.diff = self.diff.with_mean_type("x0")
-        # 'learned' is a one-step variance (the api refuses it on K < T)
         assert full or "learned" not in chosen, f"σ² learned has no K={K}-step chain"
         self.position = {tau: k for k, tau in enumerate(self.steps)}
         self.log_sigma2 = None
-        if "analytic" in chosen:
-            assert gamma is not None
+        if "analytic" in chosen:  # with gamma: bits_per_dim_at_steps asserts it
             self.log_sigma2 = torch.log(analytic_sigma2(diff, gamma, None if full else self.steps))
 
 
@@ -185,7 +183,6 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
     """
     assert x0.ndim == 4, f"x0 must be [B,C,H,W], got {tuple(x0.shape)}"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
-    assert t_batch >= 1, f"t_batch={t_batch} must be >= 1"
     chosen: list[Sigma2] = [diff.var_type] if var_types is None else list(
         dict.fromkeys(var_types))  # the api validates the names (api.sigma2_of)
     assert chosen and set(chosen) <= set(SIGMA2S), f"σ² choices {chosen}"
@@ -202,9 +199,8 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
     union = sorted(set().union(*(c.steps for c in chains.values())))
     for start in range(0, len(union), t_batch):
         group = union[start:start + t_batch]
-        n = len(group)
         t = torch.tensor(group, device=x0.device).repeat_interleave(B)
-        x0_rep = x0_64.repeat(n, 1, 1, 1)
+        x0_rep = x0_64.repeat(len(group), 1, 1, 1)
         noise = keyed_randn(seed, [(i, tau) for tau in group for i in idx], x0.shape[1:],
                             device=x0.device)
         x_t = q_sample(diff, x0_rep, t, noise)
@@ -217,16 +213,14 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
             rows = (torch.tensor(js, device=x0.device)[:, None] * B
                     + torch.arange(B, device=x0.device)[None]).reshape(-1)
             o, x0_c, x_t_c, t_orig = out[rows], x0_rep[rows], x_t[rows], t[rows]
-            k = t_orig if chain.diff is diff else torch.tensor(
-                ks, device=x0.device).repeat_interleave(B)
+            k = torch.tensor(ks, device=x0.device).repeat_interleave(B)  # the chain's own index
             if chain.mu_as_x0:
                 o = torch.cat([predict_x0_from_mu(diff, x_t_c, t_orig, o[:, :C]), o[:, C:]], 1)
             for v in chosen:
-                if v == "analytic":
-                    vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0,
-                                   log_sigma2=chain.log_sigma2)
-                else:
-                    vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0, var_type=v)
+                analytic = v == "analytic"
+                vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0,
+                               var_type=None if analytic else v,
+                               log_sigma2=chain.log_sigma2 if analytic else None)
                 terms[K][v][:, ks] = vt.reshape(len(js), B).T
     results: dict[int, dict[Sigma2, BpdResult]] = {}
     for K, chain in chains.items():

@@ -3,14 +3,13 @@
 Plain functions: the model is called with the ORIGINAL indices τ_i (0..T−1); a respaced chain
 only recomputes β from ᾱ at the kept steps. The caller gives x_T and the noise source (one
 stream per image, ddpm_core.seeds), so image b depends only on its own seed and the settings.
-`timestep_spacing` makes the step lists (default `trailing`, which starts at T − 1);
-`prior_kl_at` says how much a chain that starts earlier loses.
+chains.timestep_spacing makes the step lists; `prior_kl_at` says how much a chain that starts
+before T − 1 loses.
 
 The last sampling step outputs the mean (no noise). On a chain that skips steps (K < T) and on
 every DDIM chain, the step before it (to x_{τ_1}, the first kept index) adds noise of std at most
-`last_sigma_cap(y)` = 2y/255·√(π/2), as Bao et al.'s code does in its CIFAR-10 runs
-(`clip_sigma_idx: 1`, `clip_pixel: y`; ddpm_core.last_sigma); `last_sigma_cap_y=None` turns it
-off. The full T-step ancestral chain is DDPM's Algorithm 2 and is never capped.
+`last_sigma_cap(y)` (ddpm_core.last_sigma: Bao et al.'s code; `last_sigma_cap_y=None`: no cap).
+The full T-step ancestral chain is DDPM's Algorithm 2 and is never capped.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ddpm_core.analytic import analytic_sigma2, ddim_analytic_sigma2
-from ddpm_core.chains import check_timesteps, respace
+from ddpm_core.chains import chain_of, check_timesteps
 from ddpm_core.diffusion import (
     Diffusion,
     Model,
@@ -79,15 +78,13 @@ def sample_ancestral(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise
     noise of std at most last_sigma_cap(last_sigma_cap_y). The api validates the choices.
     """
     chosen: Sigma2 = diff.var_type if sigma2 is None else sigma2
-    steps = list(range(diff.T)) if timesteps is None else check_timesteps(diff, timesteps)
+    steps, sub = chain_of(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), False, last_sigma_cap_y)
-    sub = diff if timesteps is None else respace(diff, steps)
     if diff.mean_type == "mu" and timesteps is not None:
         # μ̃ outputs belong to the original one-step chain: read them as x̂_0 in the new chain
         sub = sub.with_mean_type("x0")
     log_sigma2 = None
     if chosen == "analytic":
-        assert gamma is not None, "sigma2 'analytic' needs gamma"
         log_sigma2 = torch.log(analytic_sigma2(diff, gamma, None if timesteps is None else steps))
     var_type: VarType = "fixed_small" if chosen == "analytic" else chosen
     x = x_T.float()
@@ -136,7 +133,6 @@ def ddim_step(diff: Diffusion, model: Model, x: Tensor, *, tau: int, tau_prev: i
     The mean uses λ = σ_τ(η); the added noise has variance noise_sigma2 (default λ², e.g.
     Bao et al.'s optimal σ*² from analytic.ddim_analytic_sigma2).
     """
-    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
     ab = float(diff.alpha_bar[tau])
     ab_prev = 1.0 if tau_prev is None else float(diff.alpha_bar[tau_prev])
     x0, eps = _pred_x0_eps(diff, model, x, tau, clip_x0)
@@ -158,9 +154,8 @@ def sample_ddim(diff: Diffusion, model: Model, x_T: Tensor, *, noise: Noise,
     gamma None: each step adds noise of variance σ_τ(η)² (none at η = 0: deterministic);
     gamma = Γ [T]: Bao et al.'s optimal variance for λ = σ_τ(η) instead (at η = 0 their
     Analytic-DDIM, which adds σ̂² noise). The step to x_{τ_1} adds noise of std at most
-    last_sigma_cap(last_sigma_cap_y); the last step adds none.
+    last_sigma_cap(last_sigma_cap_y); the last step adds none. The api validates η and Γ.
     """
-    assert 0.0 <= eta <= 1.0, f"eta must lie in [0, 1], got {eta}"
     steps = check_timesteps(diff, timesteps)
     cap = last_sigma_cap_of(diff.T, len(steps), True, last_sigma_cap_y)
     noise_sigma2: list[float | None] = [None] * len(steps)

@@ -43,13 +43,6 @@ COSINE_S = 0.008
 MAX_BETA = 0.999
 
 
-def _scaled_endpoints(T: int) -> tuple[float, float]:
-    # improved-diffusion (linear only there; here every schedule but cosine): scale = 1000 / T
-    # keeps ᾱ_T roughly fixed when T changes.
-    scale = 1000.0 / T
-    return scale * BETA_START, scale * BETA_END
-
-
 # Nichol & Dhariwal 2021, eq. (17)
 def cosine_alpha_bar(u: torch.Tensor, s: float = COSINE_S) -> torch.Tensor:
     """ᾱ(u) = f(u)/f(0), f(u) = cos²((u + s)/(1 + s) · π/2) for u = t/T in [0, 1]; any shape."""
@@ -67,7 +60,9 @@ def make_betas(kind: ScheduleKind, T: int) -> torch.Tensor:
         raise ValueError(f"unknown schedule {kind!r}; expected one of {get_args(ScheduleKind)}")
     if T < 1:
         raise ValueError(f"T must be >= 1, got {T}")
-    start, end = _scaled_endpoints(T)
+    # improved-diffusion (linear only there; here every schedule but cosine): scale = 1000 / T
+    # keeps ᾱ_T roughly fixed when T changes.
+    start, end = 1000.0 / T * BETA_START, 1000.0 / T * BETA_END
     if kind == "linear":
         # Ho et al. 2020, Sec. 4 (rescaled for T != 1000 as improved-diffusion)
         betas = torch.linspace(start, end, T, dtype=torch.float64)

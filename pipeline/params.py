@@ -23,6 +23,7 @@ from ddpm_core import modes
 from ddpm_core.config import (
     ConfigError,
     DataConfig,
+    Fraction,
     Invalid,
     NonNegative,
     Positive,
@@ -34,8 +35,6 @@ from ddpm_core.config import (
     validate,
 )
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
-
-Fraction = Annotated[StrictFloat, check(lambda v: 0 <= v < 1, "must be in [0, 1)")]
 
 # The σ² choices of the samplers and the bound over every variant: the fixed ones and
 # Analytic-DPM's (Γ from the gamma stage); a learned σ² is a learned variant's own.
@@ -117,7 +116,7 @@ class SampleConfig:
     # fixed_large | fixed_small | analytic (Analytic-DPM: Γ from the gamma stage; analytic also
     # adds Analytic-DDIM, DDIM with the σ̂² noise, at every S of steps).
     variances: Variances = ("fixed_large", "fixed_small")
-    # Respaced ancestral (sigma^2 = beta) and DDIM at these step counts, for FID vs steps.
+    # Respaced ancestral (each σ² above) and DDIM at these step counts, for FID vs steps.
     steps: Annotated[tuple[StrictInt, ...], check(
         lambda s: all(k > 0 for k in s), "must be positive step counts")] = (10, 20, 50, 100)
     # trailing: every chain starts at step T (Lin et al. 2024); the DDIM paper's conventions
@@ -247,10 +246,6 @@ class MlflowConfig:
         lambda u: u is None or is_tracking_uri(u), lambda u: f"{u!r} {_URI_FIX}")] = None
 
 
-def _default_variants() -> dict[str, VariantConfig]:
-    return {"simple": VariantConfig(loss="simple"), "vlb": VariantConfig(loss="vlb")}
-
-
 @settings
 class Params:
     """The whole params.yaml."""
@@ -260,7 +255,8 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     # name -> variant; each gets its own DVC stages (train@name, sample@name, bpd@name, fid@name)
-    variants: dict[str, VariantConfig] = field(default_factory=_default_variants)
+    variants: dict[str, VariantConfig] = field(default_factory=lambda: {
+        "simple": VariantConfig(loss="simple"), "vlb": VariantConfig(loss="vlb")})
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     bpd: BpdConfig = field(default_factory=BpdConfig)
@@ -295,6 +291,10 @@ class Params:
             raise Invalid(f"must be >= {need} (FID needs 2 images, KID subsets of "
                           f"fid.kid_subset_size={self.fid.kid_subset_size}); raise it or lower "
                           "fid.kid_subset_size", "sample.num_samples")
+        T = self.diffusion.timesteps  # the samplers and the bound take chains of its T steps
+        for key, steps in (("sample.steps", self.sample.steps), ("bpd.steps", self.bpd.steps)):
+            if too_long := [S for S in steps if S > T]:
+                raise Invalid(f"{too_long[0]} exceeds diffusion.timesteps={T}", key)
         for name, v in self.variants.items():
             object.__setattr__(v, "name", name)
         # The effective training settings, resolved once here (see TrainConfig.hflip).

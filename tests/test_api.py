@@ -170,7 +170,7 @@ def test_analytic_sigma2_uses_gamma_from_training_images(model, one_thread) -> N
 
 def test_bits_per_dim_takes_the_uint8_images_sample_returns(model, one_thread) -> None:
     net, diff = model
-    with pytest.raises(DataError, match=r"expected uint8 numpy \[N, H, W, C\]"):
+    with pytest.raises(DataError, match=r"images: expected uint8 numpy images, got float32"):
         ddpm_core.bits_per_dim(net, diff, np.zeros((2, 8, 8, 1), np.float32))
     with pytest.raises(DataError, match=r"\(8, 8, 3\) \(H, W, C\); the model takes \(8, 8, 1\)"):
         ddpm_core.bits_per_dim(net, diff, np.zeros((2, 8, 8, 3), np.uint8))

@@ -73,6 +73,11 @@ def test_tree_is_frozen():
         ({"variants": {"h": {"loss": "hybrid", "var_type": "fixed_large"}}},
          "variants.h.var_type: loss 'hybrid' trains a learned variance"),
         ({"bpd": {"steps": [1, 10]}}, "bpd.steps: K = 1"),
+        # chains of the T steps: checked once, when params.yaml loads (every stage refuses it)
+        ({"diffusion": {"timesteps": 20}, "sample": {"steps": [10, 30, 40]}},
+         "sample.steps: 30 exceeds diffusion.timesteps=20"),
+        ({"diffusion": {"timesteps": 20}, "sample": {"steps": [10]}, "bpd": {"steps": [25]}},
+         "bpd.steps: 25 exceeds diffusion.timesteps=20"),
         ({"sample": {"num_samples": "1e9"}}, "sample.num_samples: expected an integer, got '1e9' "
          "(YAML reads 1e9 as text: write 1000000000)"),
         ({"variants": {"a": {"name": "b"}}}, "variants.a.name: unknown key; delete it or use "

@@ -38,7 +38,7 @@ def ddp_cfg():
 def map_shards(fn: Callable[[range], torch.Tensor], n: int, rank: int | None = None,
                world: int | None = None) -> torch.Tensor:
     """fn on this rank's contiguous share of range(n), all shares gathered in order (the
-    engine's api._shares and api._gather)."""
+    engine's api._shares and distributed.gather_shards)."""
     rank = D.dist.get_rank() if rank is None and D.is_initialized() else (rank or 0)
     world = D.dist.get_world_size() if world is None and D.is_initialized() else (world or 1)
     return D.gather_shards(fn(D.shard_range(n, rank, world)))

@@ -65,7 +65,10 @@ def test_the_sigma2_table_is_the_one_vocabulary() -> None:
     from ddpm_core import cli
 
     table = modes.SIGMA2_MODES
-    assert tuple(table) == typing.get_args(modes.Sigma2)
+    assert tuple(table) == typing.get_args(modes.Sigma2) == modes.SIGMA2S
+    var_types = set(typing.get_args(modes.VarType))
+    assert var_types < set(modes.SIGMA2S)
+    assert set(modes.FIXED_VAR_TYPES) | set(modes.LEARNED_VAR_TYPES) == var_types
     for name, m in table.items():
         assert modes.sigma2_mode(name) is m and modes.sigma2_mode(m.short) is m
         assert m.key == f"sigma2_{m.short}"
