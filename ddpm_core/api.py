@@ -43,6 +43,7 @@ from ddpm_core.modes import (
     NET_BATCH,
     SAMPLER_KINDS,
     SPACINGS,
+    Dequantization,
     Divergence,
     SamplerKind,
     Sigma2,
@@ -488,9 +489,12 @@ class Nll:
 def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol: float = 1e-5,
         atol: float = 1e-5, repeats: int = 1, divergence: Divergence = "hutchinson",
         batch_size: int = 1, seed: int = 0, start_index: int = 0,
-        device: str | torch.device | None = None, progress: bool = False) -> Nll:
-    """Exact bits/dim by the probability-flow ODE (Song et al. 2021, uniform dequantization) of
-    uint8 images [N, H, W, C], per image (ddpm_core.ode.ode_bits_per_dim).
+        dequantization: Dequantization = "uniform", device: str | torch.device | None = None,
+        progress: bool = False) -> Nll:
+    """Exact bits/dim by the probability-flow ODE (Song et al. 2021) of uint8 images
+    [N, H, W, C], per image (ddpm_core.ode.ode_bits_per_dim): "uniform" dequantization is Song
+    et al.'s; "variational" starts the flow at the chain's first step and scores x_0 by the
+    chain's decoder, a bound on the discrete likelihood on the DDPM bound's footing.
 
     Image j has index start_index + j: its dequantization noise and Hutchinson probes come from
     (seed, index). Images of one batch share one adaptive solve and hence its steps, so with
@@ -511,6 +515,9 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
         raise ValueError(f"error: repeats: {repeats}; need >= 1 (exactly 1 for 'exact')")
     if batch_size < 1:
         raise ValueError(f"error: batch_size: {batch_size}; need >= 1")
+    if dequantization not in get_args(Dequantization):
+        raise ValueError(f"error: dequantization: {dequantization!r}; expected 'uniform' or "
+                         "'variational'")
     if diffusion.mean_type not in ("eps", "x0"):
         raise ValueError(f"error: mean_type: {diffusion.mean_type!r} (μ̃ of the discrete "
                          "one-step chain) has no continuous-time ε; use an 'eps' or 'x0' model")
@@ -518,7 +525,8 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
     net = net.to(dev).eval()
     res = ode_bits_per_dim(diffusion, net, x, seed=seed, start_index=start_index,
                            divergence=divergence, repeats=repeats, batch_size=batch_size,
-                           rtol=rtol, atol=atol, progress=progress)
+                           rtol=rtol, atol=atol, progress=progress,
+                           dequantization=dequantization)
     out = Nll(res.bpd.numpy(), res.se.numpy(), res.nfe.numpy())
     assert math.isfinite(out.mean), "ODE bits/dim is not finite"
     return out

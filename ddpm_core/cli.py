@@ -22,7 +22,15 @@ from typing import Any, NoReturn, get_args
 
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
-from ddpm_core.modes import DEFAULT_SPACING, NET_BATCH, SAMPLER_KINDS, SIGMA2_MODES, SPACINGS, Which
+from ddpm_core.modes import (
+    DEFAULT_SPACING,
+    NET_BATCH,
+    SAMPLER_KINDS,
+    SIGMA2_MODES,
+    SPACINGS,
+    Dequantization,
+    Which,
+)
 from ddpm_core.sources import check_model_source
 
 PRESETS_DIR = Path("presets")
@@ -144,12 +152,14 @@ def cmd_nll(a: argparse.Namespace) -> int:
     from ddpm_core.api import nll
 
     res = nll(net, diff, images, rtol=a.rtol, atol=a.atol, repeats=a.repeats,
-              batch_size=a.batch_size, seed=a.seed, progress=True)
+              batch_size=a.batch_size, seed=a.seed, dequantization=a.dequantization,
+              progress=True)
     result = {"nll_ode_bpd": res.mean, "standard_error": res.standard_error,
               "nfe_mean": res.nfe_mean, "images": int(len(res.bpd)), "T": diff.T,
               "rtol": a.rtol, "atol": a.atol, "repeats": a.repeats, "batch_size": a.batch_size,
-              "seed": a.seed}
-    print(f"ODE bits/dim {res.mean:.5f} ± {res.standard_error:.5f} (standard error) on "
+              "seed": a.seed, "dequantization": a.dequantization}
+    print(f"ODE bits/dim ({a.dequantization} dequantization) {res.mean:.5f} ± "
+          f"{res.standard_error:.5f} (standard error) on "
           f"{len(res.bpd)} images, mean NFE {res.nfe_mean:.1f}, T = {diff.T}, "
           f"rtol {a.rtol:g}, atol {a.atol:g}, batch size {a.batch_size}")
     _write_result(a.json, result)
@@ -349,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1,
                    help="images per solve (default 1: each image's number its own)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dequantization", choices=get_args(Dequantization), default="uniform",
+                   help="uniform (Song et al. 2021) or variational: through the chain's first "
+                        "step and its decoder, a bound on the discrete likelihood")
     e.set_defaults(func=cmd_nll)
 
     c = sub.add_parser("convert", help="our model file <-> a diffusers folder",

@@ -173,8 +173,8 @@ Tolerance = Annotated[StrictFloat, check(
 
 @settings
 class NllConfig:
-    """nll stage: the exact bits/dim by the probability-flow ODE (Song et al. 2021, uniform
-    dequantization, Hutchinson divergence) on the first num_images test images."""
+    """nll stage: the exact bits/dim by the probability-flow ODE (Song et al. 2021, Hutchinson
+    divergence) on the first num_images test images, for each dequantization."""
 
     num_images: PositiveOrNull = None  # None: the whole test split
     rtol: Tolerance = 1e-5  # RK45 tolerances (Song et al. 2021, App. D.2)
@@ -185,6 +185,11 @@ class NllConfig:
     batch_size: Positive = 1
     seed: NonNegative = 0  # dequantization noise and probes of image i come from (seed, i)
     use_ema: StrictBool = True
+    # uniform: Song et al.'s x = 2(k + u)/256 − 1; variational: through the chain's first step
+    # and its decoder, a bound on the discrete likelihood like the DDPM bound (ode.py)
+    dequantization: Annotated[tuple[modes.Dequantization, ...], check(
+        lambda ds: len(ds) > 0 and len(set(ds)) == len(ds),
+        "must name uniform and/or variational, each once")] = ("uniform", "variational")
 
 
 @settings

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from ddpm_core.last_sigma import last_sigma_cap, last_sigma_cap_of
-from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES, Sigma2, Spacing, SpecKind
+from ddpm_core.modes import (
+    LEARNED_VAR_TYPES,
+    SIGMA2_MODES,
+    Dequantization,
+    Sigma2,
+    Spacing,
+    SpecKind,
+)
 from pipeline.params import Params, SampleConfig
 
 DATA_DIR = Path("data/prepared")
@@ -118,10 +125,15 @@ def bpd_key(var_type: Sigma2, K: int | None = None) -> str:
 
 
 # nll@<v>: the probability-flow ODE's bits/dim (mean over the images), its standard error over
-# the images and the solver's mean evaluation count per image
+# the images and the solver's mean evaluation count per image, for each dequantization
 NLL_ODE_BPD = "nll_ode_bpd"
 NLL_ODE_BPD_SE = "nll_ode_bpd_se"
 NLL_NFE_MEAN = "nll_nfe_mean"
+NLL_ODE_VARDEQ_BPD = "nll_ode_vardeq_bpd"
+NLL_KEYS: dict[Dequantization, tuple[str, str, str]] = {
+    "uniform": (NLL_ODE_BPD, NLL_ODE_BPD_SE, NLL_NFE_MEAN),
+    "variational": (NLL_ODE_VARDEQ_BPD, "nll_ode_vardeq_bpd_se", "nll_vardeq_nfe_mean"),
+}
 
 FINAL_LOSS = "final_loss"
 TIMED_STAGES = ("train", "sample", "bpd", "nll", "fid")  # the stages that write timings/<v>

@@ -199,7 +199,9 @@ def make_outputs(root: Path, names: tuple[str, ...] = ("simple", "vlb")) -> dict
             f"{K},{bpd[f'bpd_sigma2_beta_K{K}']},{bpd[f'bpd_sigma2_beta_tilde_K{K}']},"
             f"{bpd[f'bpd_sigma2_analytic_K{K}']}\n" for K in (2, 5, T)))
         put(vp.nll_metrics, {name: {"nll_ode_bpd": 2.125 + k, "nll_ode_bpd_se": 0.0625,
-                                    "nll_nfe_mean": 150.0 + k}})
+                                    "nll_nfe_mean": 150.0 + k, "nll_ode_vardeq_bpd": 2.0 + k,
+                                    "nll_ode_vardeq_bpd_se": 0.125,
+                                    "nll_vardeq_nfe_mean": 100.0 + k}})
         put(vp.fid_metrics, {name: {f"fid_{s}": v + k for s, v in FID.items()}})
         put(vp.fid_details, {s: {"fid": v + k, "kid_mean": 0.01, "kid_std": 0.001}
                              for s, v in FID.items()})

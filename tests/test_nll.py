@@ -124,7 +124,8 @@ def test_stage_and_cli_print_the_same_number(trained, capsys, monkeypatch):
     r = run_stage("nll", root, p)
     assert r.returncode == 0, r.stderr
     m = json.loads((root / "metrics" / "nll" / "simple.json").read_text())["simple"]
-    assert set(m) == {"nll_ode_bpd", "nll_ode_bpd_se", "nll_nfe_mean"}
+    assert set(m) == {"nll_ode_bpd", "nll_ode_bpd_se", "nll_nfe_mean", "nll_ode_vardeq_bpd",
+                      "nll_ode_vardeq_bpd_se", "nll_vardeq_nfe_mean"}
     assert all(np.isfinite(list(m.values()))) and m["nll_nfe_mean"] > 0
     t = json.loads((root / "timings" / "nll" / "simple.json").read_text())
     assert t["images"] == 3 and t["seconds"] > 0
@@ -135,12 +136,22 @@ def test_stage_and_cli_print_the_same_number(trained, capsys, monkeypatch):
                      "--seed", "7", "--repeats", "1", "--device", "cpu", "--json", "r.json"])
     out = capsys.readouterr().out
     assert code == 0, out
-    printed = f"ODE bits/dim {m['nll_ode_bpd']:.5f} ± {m['nll_ode_bpd_se']:.5f}"
+    printed = (f"ODE bits/dim (uniform dequantization) {m['nll_ode_bpd']:.5f} ± "
+               f"{m['nll_ode_bpd_se']:.5f}")
     assert printed in out and f"mean NFE {m['nll_nfe_mean']:.1f}" in out
     assert printed in r.stdout  # the stage's own line
     got = json.loads((root / "r.json").read_text())
     assert round(got["nll_ode_bpd"], 5) == m["nll_ode_bpd"]
     assert round(got["standard_error"], 5) == m["nll_ode_bpd_se"]
+    # the variational dequantization: the same number from the CLI as from the stage
+    assert cli.main(["nll", "models/simple.pt", "data/prepared/test.npy", "-n", "3", "--rtol",
+                     str(c["rtol"]), "--atol", str(c["atol"]), "--batch-size", "2", "--seed", "7",
+                     "--dequantization", "variational", "--device", "cpu"]) == 0
+    printed_v = (f"ODE bits/dim (variational dequantization) {m['nll_ode_vardeq_bpd']:.5f} ± "
+                 f"{m['nll_ode_vardeq_bpd_se']:.5f}")
+    out = capsys.readouterr().out
+    assert printed_v in out and printed_v in r.stdout
+    assert m["nll_ode_vardeq_bpd"] != m["nll_ode_bpd"]
     # another seed is another number: the settings reach the engine
     cli.main(["nll", "models/simple.pt", "data/prepared/test.npy", "-n", "3", "--rtol",
               str(c["rtol"]), "--atol", str(c["atol"]), "--batch-size", "2", "--seed", "8",

@@ -141,7 +141,8 @@ def test_repro_writes_every_output(repo):
     # the exact likelihood (nll@<v>): on the variant run and, named <v>.<key>, on the parent
     for name in ("simple", "vlb"):
         nll = json.loads((root / "metrics" / "nll" / f"{name}.json").read_text())[name]
-        assert set(nll) == {"nll_ode_bpd", "nll_ode_bpd_se", "nll_nfe_mean"}
+        assert set(nll) == {"nll_ode_bpd", "nll_ode_bpd_se", "nll_nfe_mean",
+                            "nll_ode_vardeq_bpd", "nll_ode_vardeq_bpd_se", "nll_vardeq_nfe_mean"}
         assert np.isfinite(nll["nll_ode_bpd"]) and nll["nll_nfe_mean"] > 0
         assert variants[name].data.metrics["nll_ode_bpd"] == nll["nll_ode_bpd"]
         assert parents[0].data.metrics[f"{name}.nll_ode_bpd"] == nll["nll_ode_bpd"]

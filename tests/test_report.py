@@ -496,7 +496,7 @@ def test_the_bound_beside_the_ode_bits_per_dim_with_the_published_rows(tmp_path)
     p = make_outputs(tmp_path)
     (tmp_path / "timings" / "nll").mkdir(parents=True)
     (tmp_path / "timings" / "nll" / "simple.json").write_text(json.dumps(
-        {"seconds": 4.5, "images": 128, "nfe_mean": 222.0}))
+        {"seconds": 4.5, "images": 128, "nfe_mean": {"uniform": 222.0, "variational": 130.0}}))
     vlb = tmp_path / "metrics" / "nll" / "vlb.json"
     vlb.write_text(json.dumps({"vlb": {"nll_ode_bpd": 4.0, "nll_ode_bpd_se": 0.25,
                                        "nll_nfe_mean": 90.0}}))  # above its bound 3.25: "no"
@@ -505,15 +505,20 @@ def test_the_bound_beside_the_ode_bits_per_dim_with_the_published_rows(tmp_path)
     md = (tmp_path / "reports" / "report.md").read_text()
     table = table_after(md, "likelihood")
     assert table[0] == ["likelihood", "bound σ² = β", "bound σ² = β̃", "bound σ² analytic",
-                        "ODE bits/dim", "ODE NFE (mean)", "ODE < every bound"]
+                        "ODE bits/dim", "ODE bits/dim: NFE (mean)", "ODE, variational deq.",
+                        "ODE, variational deq.: NFE (mean)",
+                        "ODE < every bound (uniform / variational)"]
     rows = {row[0]: dict(zip(table[0], row, strict=True)) for row in table[1:]}
     simple = rows["measured: simple"]
     assert (simple["bound σ² = β"], simple["bound σ² = β̃"], simple["bound σ² analytic"]) == (
         "2.500", "3.500", "2.250")
-    assert simple["ODE bits/dim"] == "2.125 ± 0.062" and simple["ODE NFE (mean)"] == "150"
-    assert simple["ODE < every bound"] == "yes"
-    assert rows["measured: vlb"]["ODE bits/dim"] == "4.000 ± 0.250"
-    assert rows["measured: vlb"]["ODE < every bound"] == "no"
+    assert simple["ODE bits/dim"] == "2.125 ± 0.062" and simple["ODE bits/dim: NFE (mean)"] == "150"
+    assert simple["ODE, variational deq."] == "2.000 ± 0.125"
+    assert simple["ODE, variational deq.: NFE (mean)"] == "100"
+    assert simple["ODE < every bound (uniform / variational)"] == "yes / yes"
+    vlb_row = rows["measured: vlb"]  # the vlb file has no variational numbers: dashes
+    assert vlb_row["ODE bits/dim"] == "4.000 ± 0.250" and vlb_row["ODE, variational deq."] == "–"
+    assert vlb_row["ODE < every bound (uniform / variational)"] == "no / –"
     pub = {k.removeprefix("published (CIFAR-10): "): v for k, v in rows.items()
            if k.startswith("published")}
     assert pub["Ho et al. 2020: L_simple"]["bound σ² = β"] == "≤ 3.75"
@@ -522,7 +527,8 @@ def test_the_bound_beside_the_ode_bits_per_dim_with_the_published_rows(tmp_path)
     assert pub["Song et al. 2021: DDPM cont. (VP)"]["ODE bits/dim"] == "3.21"
     assert "uniform dequantization" in md and f"rtol {p['nll']['rtol']:g}" in md
     timing = next(ln for ln in md.splitlines() if ln.startswith("| nll@simple"))
-    assert "4.5" in timing and "128 test images, mean NFE 222.0" in timing
+    assert "4.5" in timing
+    assert "128 test images, mean NFE uniform 222.0, variational 130.0" in timing
 
 
 def test_a_mu_model_has_no_ode_row_numbers(tmp_path):
@@ -532,7 +538,9 @@ def test_a_mu_model_has_no_ode_row_numbers(tmp_path):
     assert r.returncode == 0, r.stderr
     table = table_after((tmp_path / "reports" / "report.md").read_text(), "likelihood")
     row = dict(zip(table[0], table[1], strict=True))
-    assert row["ODE bits/dim"] == "– (μ model: no ODE)" and row["ODE < every bound"] == "–"
+    assert row["ODE bits/dim"] == "– (μ model: no ODE)"
+    assert row["ODE, variational deq."] == "– (μ model: no ODE)"
+    assert row["ODE < every bound (uniform / variational)"] == "– / –"
 
 
 def test_report_needs_the_nll_metrics(tmp_path):
