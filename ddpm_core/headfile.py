@@ -67,6 +67,7 @@ def load_heads(path: str | Path) -> dict[HeadKind, VarianceHead]:
         for k in kinds:
             heads[k] = VarianceHead(int(blob["feature_channels"]), int(blob["out_channels"]))
             heads[k].load_state_dict(weights[k])
+            heads[k].eval().requires_grad_(False)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         msg = " ".join(str(e).split())[:200]
         raise HeadsFileError(f"{path}: bad heads file ({type(e).__name__}: {msg}); "
