@@ -33,7 +33,9 @@ number (not checked against the paper's text here).
 
 Training (their criterions, `pretrained` methods): t uniform, the loss per image the squared
 error summed over pixels (here its mean over pixels: a constant factor 1/d, immaterial for
-Adam); both heads can train from one backbone call (head_train_step).
+Adam); both heads can train from one backbone call (head_train_step), in fit_heads' loop
+(api.train_heads). In the engine, WithHeads appends the heads' h to the network's output, so
+the samplers and the bound read σ²(x_t) from their one network call per step (σ² npr, sn).
 """
 
 from __future__ import annotations
