@@ -97,6 +97,32 @@ def test_bound_of_npr_and_sn_is_head_vlb_terms_summed(model) -> None:
         assert torch.equal(plain[K]["fixed_large"].total, res[K]["fixed_large"].total)
 
 
+class _Calls(torch.nn.Module):
+    """net, counting its calls."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x, t)
+
+
+def test_heads_cost_no_network_call_of_their_own(model) -> None:
+    """npr and sn at every K come from the pass the other σ² make: as many network calls."""
+    net, diff = model
+    counted = _Calls(net)
+    kw = dict(steps=[3, 6, T], batch_size=2, t_batch=3)
+    api.bound(counted, diff, _images(5), sigma2=["beta"], **kw)
+    plain, counted.calls = counted.calls, 0
+    api.bound(counted, diff, _images(5), sigma2=["beta", "npr", "sn"], heads=_heads(net), **kw)
+    assert counted.calls == plain > 0
+    counted.calls = 0
+    api.sample(counted, diff, 3, steps=4, sigma2="npr", heads=_heads(net))
+    assert counted.calls == 4
+
+
 def test_zero_heads_bound_is_the_beta_tilde_bound(model) -> None:
     """h = 0: NPR's Cov = 0 and SN's Cov = −(1−ᾱ)/ᾱ ε̂² clamped to 0, so σ² = β̃ exactly
     (the decoder: the full chain's β̃ in both) at every K, K = T too."""
