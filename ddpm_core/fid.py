@@ -65,12 +65,9 @@ def metric_label(features: Features, metric: str = "FID") -> str:
 class DigitsFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity extractor: uint8 [B, C, H, W] -> ('features' [B, 64],) from the classifier."""
 
-    def __init__(self, name: str, features_list: list[str],
-                 feature_extractor_weights_path: str | None = None, **kwargs: object):
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str,
+                 **kwargs: object):
         super().__init__(name, features_list)
-        if feature_extractor_weights_path is None:
-            raise MetricsError("digits classifier features need feature_extractor_weights_path "
-                               "(the saved classifier)")
         try:  # the stages print a MetricsError as one line
             self.model = load_classifier(feature_extractor_weights_path)
         except ClassifierError as e:

@@ -85,19 +85,16 @@ def fail(msg: str, code: int) -> None:
     sys.exit(code)
 
 
-def run_stage(main: Callable[..., None], check: Callable[..., None] | None = None,
-              params_path: str | Path | None = None, per_variant: bool = False) -> None:
-    """Load params.yaml (exit 2 on any problem), run `check`, then `main`; errors are one line.
+def run_stage(main: Callable[..., None], params_path: str | Path | None = None,
+              per_variant: bool = False) -> None:
+    """Load params.yaml (exit 2 on any problem), then run `main`; errors are one line.
 
     A per-variant stage (`python -m pipeline.<stage> <variant>`, DVC's foreach) gets the
     variant's VariantConfig as a second argument."""
     path = Path(params_path or os.environ.get("DDPM_PARAMS", PARAMS_FILE))
     try:
         params = load_params(path)
-        args = (variant_from_argv(params),) if per_variant else ()
-        if check is not None:
-            check(params, *args)
-        main(params, *args)
+        main(params, *((variant_from_argv(params),) if per_variant else ()))
     except ConfigError as e:  # also a cross-field problem found once the data are known
         fail(str(e), 2)
     except _runtime_errors() as e:
