@@ -228,12 +228,9 @@ def resolve_diffusers_path(path: str | Path) -> Path:
     check_model_source(path)
     if Path(path).exists():
         return Path(path)
+    from huggingface_hub import snapshot_download
+
     repo_id = str(path)
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise FileNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not "
-                                "installed") from e
     files = ["config.json", SCHEDULER_FILE, *WEIGHT_FILES]
     patterns = [*files, *(f"unet/{f}" for f in files), f"scheduler/{SCHEDULER_FILE}"]
     try:
