@@ -184,16 +184,12 @@ def _read_blob(path: Path) -> tuple[dict, dict[str, Any]]:
         return state, {"step": int(state["step"])}
     try:  # torch.load does not check the zip's CRC-32s: a flipped weight bit would load
         bad = zipfile.ZipFile(io.BytesIO(raw)).testzip()
-    except Exception as e:  # not a zip at all (text, a bare pickle) or a cut-off one
+        blob = None if bad else torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # not a zip (text, a bare pickle), cut off, code in its pickle, ...
         raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}); "
                              f"{_FIX}") from None
     if bad is not None:
         raise ModelFileError(f"{path}: corrupt (CRC-32 of {bad} does not match); {_FIX}")
-    try:
-        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, a pickle with code in it, not torch at all
-        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}); "
-                             f"{_FIX}") from None
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt != FORMAT:
         found = f"format {fmt!r}" if fmt is not None else f"a {type(blob).__name__}"

@@ -52,7 +52,8 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     FileNotFoundError includes records.read_json's; tracking's errors are StageErrors."""
     return (StageError, FileNotFoundError,
             *loaded("ddpm_core.checkpoint:CheckpointError", "ddpm_core.data:DataError",
-                    "ddpm_core.fid:MetricsError", "ddpm_core.training:TrainingDiverged"))
+                    "ddpm_core.fid:MetricsError", "ddpm_core.modelfile:ModelFileError",
+                    "ddpm_core.training:TrainingDiverged"))
 
 
 # Batch params to lower when a stage runs out of memory (accelerator or CPU).
@@ -202,16 +203,13 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
 def variant_model(name: str, use_ema: bool) -> LoadedModel:
     """The trained model of variant `name` (its EMA weights when use_ema) as
     ddpm_core.modelfile.LoadedModel; one-line error."""
-    from ddpm_core.modelfile import ModelFileError, load_model_file
+    from ddpm_core.modelfile import load_model_file
     from pipeline.records import VariantPaths
 
     path = VariantPaths(name).model
     if not path.is_file():
         raise StageError(f"{path}: not found; run the train stage first (dvc repro)")
-    try:
-        return load_model_file(path, "ema" if use_ema else "model")
-    except ModelFileError as e:
-        raise StageError(str(e)) from None
+    return load_model_file(path, "ema" if use_ema else "model")  # ModelFileError: one line
 
 
 # ----------------------------------------------------------------------------- signals
