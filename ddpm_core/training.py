@@ -179,8 +179,7 @@ class TrainStep:
         net = (DistributedDataParallel(self.model, device_ids=[dev] if dev.type == "cuda"
                                        else None, gradient_as_bucket_view=True)
                if info.world_size > 1 else self.model)
-        dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-        self.forward: nn.Module | Callable = Autocast(net, dtype)
+        self.forward: nn.Module | Callable = Autocast(net, cfg.precision)
         if cfg.compile:
             self.forward = torch.compile(self.forward)
         self._params = list(self.model.parameters())
