@@ -302,8 +302,7 @@ def split_images(images: np.ndarray, labels: np.ndarray | None, test_fraction: f
     stratify = None
     if labels is not None:
         counts = np.unique(labels, return_counts=True)[1]
-        n_classes = len(counts)
-        if counts.min() >= 2 and n_classes <= n_test and n_classes <= len(images) - n_test:
+        if counts.min() >= 2 and len(counts) <= min(n_test, len(images) - n_test):
             stratify = labels
     from sklearn.model_selection import train_test_split  # here: importing it takes a second
 

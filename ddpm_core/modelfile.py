@@ -72,8 +72,7 @@ class ModelSpec:
         _check_mode(self.schedule, ScheduleKind, "schedule")
         _check_mode(self.mean_type, MeanType, "mean_type")
         _check_mode(self.var_type, VarType, "var_type")
-        if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) \
-                or not 1 <= self.timesteps <= MAX_TIMESTEPS:
+        if type(self.timesteps) is not int or not 1 <= self.timesteps <= MAX_TIMESTEPS:
             raise ValueError(f"timesteps: {self.timesteps!r} is not an integer in "
                              f"1..{MAX_TIMESTEPS:,}")
         want = self.unet.in_channels * (2 if self.var_type in LEARNED_VAR_TYPES else 1)

@@ -261,12 +261,11 @@ def stop_on_signals() -> None:
 SAMPLE_BYTES_PER_VALUE = 4 + 4 + 1 + 1
 
 
-def physical_memory() -> int | None:
+def physical_memory() -> int:
     """Bytes of RAM this process may use: the machine's, or a smaller cgroup limit."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
+    import psutil
+
+    total = psutil.virtual_memory().total
     with suppress(OSError):  # no cgroup v2 limit file: the machine's
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit.isdigit():
@@ -278,7 +277,7 @@ def check_sample_memory(num_samples: int, image_shape_chw: tuple[int, ...]) -> N
     """Refuse, before any sampling, a sample set that cannot fit in RAM (ConfigError)."""
     need = num_samples * math.prod(image_shape_chw) * SAMPLE_BYTES_PER_VALUE
     have = physical_memory()
-    if have is not None and need > have:
+    if need > have:
         shape = "x".join(map(str, image_shape_chw))
         raise ConfigError(f"sample.num_samples: {num_samples:,} images of {shape} need about "
                           f"{need / 1e9:,.1f} GB of RAM while sampling (num_samples x C x H x W "
