@@ -185,16 +185,14 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
     """The U-Net of params.model (a preset plus overrides) sized for the data's [H, W, C]."""
     from ddpm_core.unet import PRESETS
 
-    m = params.model
-    overrides = {k: getattr(m, k) for k in ("base_channels", "channel_mult", "num_res_blocks",
-                                            "attn_resolutions", "dropout")
-                 if getattr(m, k) is not None}
+    overrides = {k: v for k, v in dataclasses.asdict(params.model).items()
+                 if k != "preset" and v is not None}
     h, w, c = image_shape_hwc
     if h != w:
         raise ConfigError(f"data: images are {h}x{w}; the U-Net needs square images "
                           "(set data.image_size for a folder)")
     try:
-        return dataclasses.replace(PRESETS[m.preset], image_size=h, in_channels=c,
+        return dataclasses.replace(PRESETS[params.model.preset], image_size=h, in_channels=c,
                                    out_channels=out_channels, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None

@@ -83,8 +83,9 @@ def _repair_history(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def _loss_row(h: dict) -> str:
-    return f"{h['step']},{h['loss']:.6g},{h['grad_norm']:.6g},{h['lr']:.6g}"
+def _loss_rows(history: list[dict]) -> str:
+    return "".join(f"{h['step']},{h['loss']:.6g},{h['grad_norm']:.6g},{h['lr']:.6g}\n"
+                   for h in history)
 
 
 def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
@@ -107,8 +108,7 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
     spec = ModelSpec(ucfg, params.schedule, params.diffusion.timesteps, v.mean_type, v.var_type)
     if is_main:  # the loss curve so far (a resumed run), then one appended row per log step
         _repair_history(hist_file)
-        write_text("\n".join([LOSS_HEADER] + [_loss_row(h) for h in _read_history(hist_file)])
-                   + "\n", paths.loss_csv)
+        write_text(LOSS_HEADER + "\n" + _loss_rows(_read_history(hist_file)), paths.loss_csv)
 
     def on_log(step: int, metrics: dict) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
         with hist_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
         with paths.loss_csv.open("a") as f:
-            f.write(_loss_row(row) + "\n")
+            f.write(_loss_rows([row]))
         print(f"train[{v.name}] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "
               f"grad_norm {metrics['grad_norm']:.3f} {metrics['images_per_s']:.0f} img/s",
               flush=True)
@@ -144,8 +144,7 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
                {"variant": v.name, "step": result.step, "train": dataclasses.asdict(cfg),
                 "loss": v.loss, "t_sampling": v.t_sampling})
     # the curve once more, deduplicated (a resumed run re-logged steps after its checkpoint)
-    write_text("\n".join([LOSS_HEADER] + [_loss_row(h) for h in history]) + "\n",
-               paths.loss_csv)
+    write_text(LOSS_HEADER + "\n" + _loss_rows(history), paths.loss_csv)
     last = history[-1] if history else {}
     write_json(variant_metrics(v.name, {FINAL_LOSS: last.get("loss")}), paths.train_metrics)
     resumed = str(result.resumed_from) if result.resumed_from else None
