@@ -83,8 +83,7 @@ class ModelSpec:
     @property
     def image_shape_chw(self) -> tuple[int, int, int]:
         """[C, H, W] of the images the network takes."""
-        u = self.unet
-        return (u.in_channels, u.image_size, u.image_size)
+        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
 
     def diffusion(self) -> Diffusion:
         """The forward process and reverse-process parameterisation."""

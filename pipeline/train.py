@@ -32,7 +32,6 @@ from ddpm_core.training import TrainingDiverged, TrainingInterrupted, train
 from ddpm_core.unet import UNet
 from pipeline.common import (
     StageError,
-    device,
     relaunch_under_torchrun,
     run_stage,
     stable_hash,
@@ -123,8 +122,7 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
 
     t0 = time.perf_counter()
     try:
-        result = train(model, loss, t_sampler, data, cfg, ckpt_dir, device=device(),
-                       on_log=on_log, spec=spec)
+        result = train(model, loss, t_sampler, data, cfg, ckpt_dir, on_log=on_log, spec=spec)
     except TrainingDiverged as e:
         if is_main:
             from pipeline.tracking import record_failure
