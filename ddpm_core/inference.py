@@ -42,7 +42,6 @@ def inference_model(model: nn.Module, precision: Precision = "fp32", channels_la
         model = model.to(memory_format=torch.channels_last)
     wrapped: nn.Module = Autocast(model, precision)
     if compile:
-        on_cuda = next(model.parameters()).is_cuda
-        wrapped = torch.compile(wrapped, mode="reduce-overhead" if on_cuda else None,
-                                dynamic=False)
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+        wrapped = torch.compile(wrapped, mode=mode, dynamic=False)
     return wrapped
