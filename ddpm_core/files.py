@@ -68,13 +68,12 @@ def _named(path: Path) -> Iterator[None]:
 
 def _fsync_dir(d: str | Path) -> None:
     """Persist a rename: fsync the directory entry (POSIX; skipped where unsupported)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
     with contextlib.suppress(OSError):
-        os.fsync(fd)
-    os.close(fd)
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager

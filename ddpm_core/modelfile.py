@@ -175,7 +175,7 @@ def _read_blob(path: Path) -> tuple[dict, dict[str, Any]]:
             state = load_checkpoint(path)
         except CheckpointError as e:
             raise ModelFileError(f"{e}; use an older checkpoint or a model file") from None
-        if "spec" not in state:
+        if state.get("spec") is None:
             raise ModelFileError(f"{path}: training checkpoint without a model spec (written "
                                  "before checkpoints carried one); use models/<name>.pt "
                                  "or train again")

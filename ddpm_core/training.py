@@ -364,10 +364,8 @@ def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: TrainConfig, inf
             "optimizer": step_fn.opt.state_dict(), "scheduler": step_fn.sched.state_dict(),
             "t_sampler": step_fn.t_sampler.state_dict(), "data": batcher.sampler.state_dict(),
             "rng": {"generator": batcher.gen.get_state(), "ranks": rng_all},
-            "log_window": {"start": start, "sums": sums_all},
+            "log_window": {"start": start, "sums": sums_all}, "spec": spec,
         }
-        if spec is not None:
-            state["spec"] = spec
         save_checkpoint(state, path)
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     return path
