@@ -178,11 +178,9 @@ def load_cifar10(path: str | Path, *, expected_md5: str | None = CIFAR10_MD5,
             raise DataError(f"{path}: unreadable archive ({e}); download {CIFAR10_URL} "
                             "again") from None
     train = [_read_cifar_batch(raws[n], f"{path}:{n}") for n in CIFAR10_TRAIN]
+    train_x, train_y = (np.concatenate(parts) for parts in zip(*train, strict=True))
     test_x, test_y = _read_cifar_batch(raws[CIFAR10_TEST], f"{path}:{CIFAR10_TEST}")
-    return Splits(train=np.concatenate([x for x, _ in train]),
-                  test=test_x,
-                  train_labels=np.concatenate([y for _, y in train]),
-                  test_labels=test_y,
+    return Splits(train=train_x, test=test_x, train_labels=train_y, test_labels=test_y,
                   name="cifar10")
 
 
