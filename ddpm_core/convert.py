@@ -334,8 +334,7 @@ def diffusion_from_scheduler_config(conf: dict[str, Any]) -> Diffusion:
                          f"{sorted(_VAR_FROM_DIFFUSERS)})")
     pred = conf.get("prediction_type", "epsilon")
     if pred not in _MEAN_FROM_DIFFUSERS:
-        raise ValueError(f"scheduler prediction_type={pred!r} unsupported (need epsilon or "
-                         "sample)")
+        raise ValueError(f"scheduler prediction_type={pred!r} unsupported (need epsilon or sample)")
     return Diffusion(betas, _MEAN_FROM_DIFFUSERS[pred], _VAR_FROM_DIFFUSERS[var])
 
 

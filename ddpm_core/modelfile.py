@@ -87,8 +87,7 @@ class ModelSpec:
 
     def diffusion(self) -> Diffusion:
         """The forward process and reverse-process parameterisation."""
-        return Diffusion.from_schedule(self.schedule, self.timesteps, self.mean_type,
-                                       self.var_type)
+        return Diffusion.from_schedule(self.schedule, self.timesteps, self.mean_type, self.var_type)
 
     def build_net(self) -> UNet:
         """A freshly initialised network of this architecture."""
@@ -210,8 +209,7 @@ def load_model_file(path: str | Path, which: Which = "ema") -> LoadedModel:
     try:  # before building: a spec of a few bytes can ask for terabytes
         check_weights_fit(spec.unet, weights)
     except ValueError as e:
-        raise ModelFileError(f"{path}: weights do not fit the stored spec ({e}); "
-                             f"{_FIX}") from None
+        raise ModelFileError(f"{path}: weights do not fit the stored spec ({e}); {_FIX}") from None
     net = spec.build_net()
     net.load_state_dict(weights)  # names and shapes checked above: it cannot fail
     return LoadedModel(net=net.eval(), diffusion=spec.diffusion(), spec=spec, meta=meta,

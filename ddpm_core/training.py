@@ -243,8 +243,7 @@ def _cpu_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 
 
 def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: Tensor,
-          cfg: TrainConfig, ckpt_dir: Path,
-          device: str | torch.device | None = None,
+          cfg: TrainConfig, ckpt_dir: Path, device: str | torch.device | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
           spec: ModelSpec | None = None) -> TrainResult:
     """Train `model` (in place) on uint8 images [N,C,H,W]; resumes from ckpt_dir if it holds any.

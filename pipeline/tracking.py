@@ -405,8 +405,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 def tagged(client: Any, exp_id: str, tag: str, value: str) -> list[Any]:
     """The active runs whose tag `tag` is `value` (a key's runs, its claims, a run's children)."""
-    return client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'",
-                              max_results=1000)
+    return client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1000)
 
 
 def delete_tree(client: Any, exp_id: str, run_id: str) -> None:

@@ -51,8 +51,7 @@ def ckpt_dir_for(params: Params, v: VariantConfig, ucfg: object, cfg: TrainConfi
                if k not in ("pretrained", "format")}
     key = stable_hash({"schedule": params.schedule, "T": params.diffusion.timesteps,
                        "variant": variant, "unet": dataclasses.asdict(ucfg),
-                       "data": dataclasses.asdict(params.data),
-                       "train": weight_settings(cfg)})
+                       "data": dataclasses.asdict(params.data), "train": weight_settings(cfg)})
     d = VariantPaths(v.name).checkpoints() / key
     done = list_checkpoints(d)
     if done and step_of(done[-1]) > cfg.steps:
@@ -149,8 +148,7 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
     write_json({"seconds": round(seconds, 2), "steps": result.step,
                 "images_per_s": last.get("images_per_s"), "resumed_from": resumed,
                 "checkpoints": str(ckpt_dir),
-                "parameters": sum(p.numel() for p in model.parameters())},
-               paths.timings("train"))
+                "parameters": sum(p.numel() for p in model.parameters())}, paths.timings("train"))
     print(f"train[{v.name}]: {result.step} steps in {seconds:.1f} s"
           + (f" (resumed from {resumed})" if resumed else ""), flush=True)
 
