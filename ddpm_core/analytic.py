@@ -28,7 +28,7 @@ from ddpm_core.diffusion import Diffusion, Model, predict_eps_from_x0, predict_x
 from ddpm_core.seeds import keyed_randn
 
 
-def _eps_from_output(diff: Diffusion, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+def eps_from_output(diff: Diffusion, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     """ε̂ [B,C,H,W] from the mean channels of the network output, whatever the mean type."""
     C = x_t.shape[1]
     mean_out = out[:, :C].to(torch.float64)
@@ -61,7 +61,7 @@ def estimate_gamma(diff: Diffusion, model: Model, x0: Tensor, *, seed: int, batc
         x0_b = x0[[m for m, _ in chunk]].to(torch.float64)
         eps = keyed_randn(seed, chunk, x0.shape[1:], device=device)
         x_t = q_sample(diff, x0_b, t, eps)
-        eps_hat = _eps_from_output(diff, model(x_t.to(x0.dtype), t), x_t, t)
+        eps_hat = eps_from_output(diff, model(x_t.to(x0.dtype), t), x_t, t)
         sums.index_add_(0, t.cpu(), eps_hat.pow(2).mean(dim=(1, 2, 3)).cpu())
     gamma = torch.full((diff.T,), float("nan"), dtype=torch.float64)
     gamma[steps] = sums[steps] / M

@@ -17,7 +17,9 @@ the batch size or the number of processes (under torchrun, ranks take contiguous
 σ² names (the reverse-process variance of the ancestral sampler and of the bound): the names
 of ddpm_core.modes or their short names (beta = fixed_large, beta_tilde = fixed_small,
 learned: the network's own, analytic: Analytic-DPM's σ̂², Bao et al. 2022, which needs
-gamma = estimate_gamma(...) from training images; DDIM at eta = 0: ddim_analytic).
+gamma = estimate_gamma(...) from training images; DDIM at eta = 0: ddim_analytic; npr and sn:
+the per-pixel σ² of Bao et al. 2022b's variance heads on an ε-model of fixed variance, which
+need heads = train_heads(...) or load_heads(path), in the ancestral sampler, DDIM and the bound).
 The samplers and the cap on σ of the last noisy step (Bao et al.'s code): see `sample`.
 Step lists come from chains.timestep_spacing (its docstring defines each; "trailing", the
 default, starts at T − 1).
@@ -25,6 +27,7 @@ default, starts at T − 1).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -40,11 +43,14 @@ from ddpm_core.diffusion import LEARNED_VAR_TYPES, Diffusion
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y, last_sigma_cap
 from ddpm_core.likelihood import BpdResult, bits_per_dim_at_steps, even_trajectory
 from ddpm_core.modes import (
+    FIXED_VAR_TYPES,
+    HEAD_KINDS,
     NET_BATCH,
     SAMPLER_KINDS,
     SPACINGS,
     Dequantization,
     Divergence,
+    HeadKind,
     SamplerKind,
     Sigma2,
     Spacing,
@@ -181,10 +187,16 @@ class FixedRows(torch.nn.Module):
 
 @contextmanager
 def _network(net: torch.nn.Module, net_batch: int, progress: bool | Progress, total: int,
-             desc: str) -> Iterator[torch.nn.Module]:
-    """net in fixed-size calls, each advancing the caller's bar, a new one (True) or none."""
+             desc: str, heads: dict[HeadKind, torch.nn.Module] | None = None
+             ) -> Iterator[torch.nn.Module]:
+    """net in fixed-size calls, each advancing the caller's bar, a new one (True) or none;
+    with heads, each call appends their h (heads.WithHeads, in the order of `heads`)."""
     from ddpm_core import progress as bars  # looked up at each call (tests replace the bar)
 
+    if heads:
+        from ddpm_core.heads import WithHeads
+
+        net = WithHeads(net, heads)
     with (nullcontext(progress) if isinstance(progress, bars.Progress) else
           bars.Progress(total, desc, "calls", enabled=bool(progress))) as bar:
         yield FixedRows(bars.counting(net, bar), net_batch)
@@ -244,12 +256,42 @@ def check_gamma(needed: bool, gamma: torch.Tensor | None, what: str) -> None:
                          "diffusion, training_images)")
 
 
+def check_heads(kinds: Sequence[str], heads: dict | None, net: torch.nn.Module,
+                device: torch.device) -> dict[HeadKind, torch.nn.Module] | None:
+    """The heads of the σ² npr/sn among `kinds` (Bao et al. 2022b), on `device`; None: none."""
+    wanted = [k for k in HEAD_KINDS if k in kinds]
+    if not wanted:
+        return None
+    if heads is None or any(k not in heads for k in wanted):
+        have = "no heads" if heads is None else f"heads {tuple(heads)}"
+        raise ValueError(f"sigma2 {' and '.join(map(repr, wanted))} needs its head ({have}): "
+                         "pass heads=ddpm_core.api.train_heads(net, diffusion, training_images) "
+                         "or heads=ddpm_core.api.load_heads(path)")
+    from ddpm_core.heads import find_unet
+
+    want = (find_unet(net).norm_out.num_channels, find_unet(net).cfg.in_channels)
+    out = {}
+    for k in wanted:
+        conv = heads[k].conv
+        if (conv.in_channels, conv.out_channels) != want:
+            raise ValueError(f"the {k} head maps {conv.in_channels} feature channels to "
+                             f"{conv.out_channels}; this model's UNet has {want[0]} and "
+                             f"{want[1]}: use the heads trained on this model")
+        out[k] = copy.deepcopy(heads[k]).to(device)
+    return out
+
+
 def sigma2_of(diff: Diffusion, sigma2: str | None) -> Sigma2:
     """The canonical σ² of a name or short name (None: the model's own); a learned σ² needs
-    the model that learned it, and such a model takes only its own (or analytic)."""
+    the model that learned it, and such a model takes only its own (or analytic); the heads'
+    npr and sn are for ε-models of fixed variance."""
     if sigma2 is None:
         return diff.var_type
     name = sigma2_mode(sigma2).name
+    if name in HEAD_KINDS and (diff.mean_type != "eps" or diff.var_type not in FIXED_VAR_TYPES):
+        raise ValueError(f"sigma2={sigma2!r} (a variance head on the ε-network) needs an "
+                         f"ε-model of fixed variance; this one predicts {diff.mean_type!r} "
+                         f"with {diff.var_type!r}")
     if name in LEARNED_VAR_TYPES:
         if diff.var_type not in LEARNED_VAR_TYPES:
             raise ValueError(f"sigma2={sigma2!r} needs a model with a learned variance; this "
@@ -263,15 +305,19 @@ def sigma2_of(diff: Diffusion, sigma2: str | None) -> Sigma2:
 
 def check_sampler(sampler: str, sigma2: str | None, eta: float,
                   gamma: torch.Tensor | None) -> bool:
-    """The sampler/σ² combinations; True when the sampler adds Analytic-DDIM's σ̂² noise."""
+    """The sampler/σ² combinations; True when the sampler adds Analytic-DDIM's σ̂² noise.
+    DDIM takes a head's σ² (npr, sn) at any η: its noise even at η = 0 (Bao et al. 2022b)."""
     if sampler not in SAMPLER_KINDS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLER_KINDS}")
     if not 0.0 <= eta <= 1.0:  # DDIM's η (Song et al. 2021, eq. 16)
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
-    analytic = sigma2 is not None and sigma2_mode(sigma2).name == "analytic"
-    if sampler != "ancestral" and sigma2 is not None and not analytic:
+    name = None if sigma2 is None else sigma2_mode(sigma2).name
+    analytic = name == "analytic"
+    if sampler != "ancestral" and sigma2 is not None and not (
+            analytic or (sampler == "ddim" and name in HEAD_KINDS)):
         raise ValueError(f"sampler {sampler!r}: DDIM's noise is set by eta (sigma2 None) or is "
-                         f"the analytic σ̂²; sigma2={sigma2!r} is for the ancestral sampler")
+                         f"the analytic σ̂² or a head's (sampler 'ddim', sigma2 npr or sn); "
+                         f"sigma2={sigma2!r} is for the ancestral sampler")
     analytic_ddim = sampler == "ddim_analytic" or (sampler == "ddim" and analytic)
     check_gamma(analytic or analytic_ddim, gamma,
                 f"sampler={sampler!r}" if analytic_ddim else "sigma2")
@@ -310,6 +356,7 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
            sigma2: str | None = None, spacing: Spacing = DEFAULT_SPACING, eta: float = 0.0,
            seed: int = 0, batch_size: int = 256, device: str | torch.device | None = None,
            clip_x0: bool = True, gamma: torch.Tensor | None = None,
+           heads: dict[HeadKind, torch.nn.Module] | None = None,
            last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y,
            image_shape: tuple[int, int, int] | None = None, net_batch: int = NET_BATCH,
            progress: bool | Progress = False) -> np.ndarray:
@@ -321,10 +368,12 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     Sec. 4) with reverse variance `sigma2`, "ddim" (Song et al. 2021, η = `eta`; sigma2 None,
     or "analytic" with eta > 0) or "ddim_analytic" (Bao et al. 2022's Analytic-DDIM: σ̂² noise
     at η = `eta`, 0 by default). `steps` None means all T steps (DDIM then visits every step
-    too). σ² analytic needs gamma = estimate_gamma(net, diffusion, training_images).
-    last_sigma_cap_y: y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (K < T and DDIM;
-    default 1, as Bao et al.'s code; None: no cap; the full T-step ancestral chain is DDPM's
-    Algorithm 2, uncapped). image_shape (C, H, W): default that of the UNet inside net.
+    too). σ² analytic needs gamma = estimate_gamma(net, diffusion, training_images); npr and sn
+    (ancestral, or DDIM at any η: the head's noise even at η = 0, Bao et al. 2022b) need heads
+    = train_heads(...) or load_heads(path). last_sigma_cap_y: y of the cap 2y/255·√(π/2) on σ
+    of the step to x_{τ_1} (K < T and DDIM; default 1, as Bao et al.'s code; None: no cap; the
+    full T-step ancestral chain is DDPM's Algorithm 2, uncapped). image_shape (C, H, W):
+    default that of the UNet inside net.
     """
     from ddpm_core.data import from_unit, to_numpy_images
     from ddpm_core.distributed import gather_shards
@@ -336,16 +385,19 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     if last_sigma_cap_y is not None:
         last_sigma_cap(last_sigma_cap_y)  # y > 0 or a one-line error
     chosen = sigma2_of(diffusion, sigma2) if sampler == "ancestral" else None
+    head = sigma2_of(diffusion, sigma2) if sampler == "ddim" and sigma2 is not None and (
+        sigma2_mode(sigma2).name in HEAD_KINDS) else None
     timesteps = timesteps_for(diffusion, steps, spacing)
     ts = timesteps if timesteps is not None else list(range(diffusion.T))
     dev = _device(device, net)
+    used = check_heads([v for v in (chosen, head) if v], heads, net, dev)
     chw = image_shape or _image_shape(net)
     if chw is None:
         raise ValueError("net holds no ddpm_core UNet: pass image_shape=(C, H, W)")
     share = _shares(n)
     total = calls_per_step(n, batch_size, 1, net_batch) * len(ts)
     out = [torch.zeros((0, *chw), dtype=torch.uint8)]
-    with _network(net, net_batch, progress, total, f"sample {sampler}") as counted:
+    with _network(net, net_batch, progress, total, f"sample {sampler}", used) as counted:
         for s in range(share.start, share.stop, batch_size):
             noise = ImageNoise(seed, range(s, min(s + batch_size, share.stop)), dev)
             x_T = noise.randn((len(noise.indices), *chw))
@@ -356,7 +408,7 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
             else:
                 x = sample_ddim(diffusion, counted, x_T, noise=noise, timesteps=ts, eta=eta,
                                 clip_x0=clip_x0, gamma=gamma if analytic_ddim else None,
-                                last_sigma_cap_y=last_sigma_cap_y)
+                                head=head, last_sigma_cap_y=last_sigma_cap_y)
             out.append(from_unit(x).cpu())
     # every rank's share, in rank order (identity in one process)
     return to_numpy_images(gather_shards(torch.cat(out).to(dev)).cpu())
@@ -380,8 +432,9 @@ def _model_images(images: np.ndarray, net: torch.nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
           sigma2: Sequence[str] | None = None, steps: Sequence[int] | None = None,
-          gamma: torch.Tensor | None = None, seed: int = 0, batch_size: int = 256,
-          t_batch: int = 10, net_batch: int = NET_BATCH,
+          gamma: torch.Tensor | None = None,
+          heads: dict[HeadKind, torch.nn.Module] | None = None, seed: int = 0,
+          batch_size: int = 256, t_batch: int = 10, net_batch: int = NET_BATCH,
           device: str | torch.device | None = None,
           progress: bool | Progress = False) -> dict[int, dict[Sigma2, BpdResult]]:
     """Variational bound (DDPM eq. 5) of uint8 NHWC images, per K-step chain and σ², per image:
@@ -389,7 +442,8 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     network calls (likelihood.bits_per_dim_at_steps).
 
     sigma2: names or short names (None: the model's own); steps: chain lengths K (None: [T];
-    K < T is the even trajectory round(linspace(0, T−1, K)), Bao et al. 2022). The noise of
+    K < T is the even trajectory round(linspace(0, T−1, K)), Bao et al. 2022); σ² analytic
+    needs gamma, npr and sn the heads (their σ² from the same network calls). The noise of
     image i at original index τ comes from (seed, i, τ): no number depends on batch_size,
     t_batch, the set of K or σ², or the number of processes (ranks take contiguous shares).
     """
@@ -411,18 +465,20 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
         raise ValueError(f"σ² learned is a one-step variance: it has no K-step chain for "
                          f"K < T = {diffusion.T} (learned_range interpolates and has one)")
     dev = _device(device, net)
+    used = check_heads(chosen, heads, net, dev)
     share = _shares(len(x_all))
     union = set().union(*(even_trajectory(diffusion.T, K) for K in Ks))
     width = sum(K + 1 for K in Ks)  # per K: the prior, then the K terms
     total = sum(calls_per_step(len(x_all), batch_size, min(t_batch, len(union) - g), net_batch)
                 for g in range(0, len(union), t_batch))
     rows = [torch.zeros(0, len(chosen), width, dtype=torch.float64)]
-    with _network(net, net_batch, progress, total, "bpd") as counted:
+    with _network(net, net_batch, progress, total, "bpd", used) as counted:
         for s in range(share.start, share.stop, batch_size):
             ids = range(s, min(s + batch_size, share.stop))
             x0 = to_unit(x_all[ids.start:ids.stop]).to(dev)
             res = bits_per_dim_at_steps(diffusion, counted, x0, steps=Ks, var_types=chosen,
-                                        gamma=gamma, t_batch=t_batch, seed=seed, indices=ids)
+                                        gamma=gamma, t_batch=t_batch, seed=seed, indices=ids,
+                                        head_kinds=tuple(used or ()))
             rows.append(torch.stack([torch.cat([torch.cat([res[K][v].prior[:, None],
                                                            res[K][v].terms], 1) for K in Ks], 1)
                                      for v in chosen], 1))
@@ -454,6 +510,52 @@ def bits_per_dim(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray,
     value = float(per.mean())
     assert math.isfinite(value), "bits/dim is not finite"
     return value
+
+
+# ----------------------------------------------------------------------------- variance heads
+
+
+def train_heads(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, steps: int,
+                lr: float = 1e-4, batch_size: int = 128, seed: int = 0,
+                device: str | torch.device | None = None,
+                progress: bool | Progress = False) -> dict[HeadKind, torch.nn.Module]:
+    """Bao et al. 2022b's NPR and SN heads {kind: heads.VarianceHead}, trained together on the
+    frozen ε-network (eval mode, fixed variance) with uint8 training images [N, H, W, C]: Adam
+    at lr (1e-4, their code's), `steps` steps of batch_size images and uniform t, step s drawn
+    from (seed, s) alone (a rerun gives the same heads). The input of sigma2 npr and sn."""
+    from ddpm_core import progress as bars
+    from ddpm_core.data import to_unit
+    from ddpm_core.heads import fit_heads, head_for, unet_backbone
+
+    if steps < 0 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1 and lr > 0, got steps={steps}, "
+                         f"batch_size={batch_size}, lr={lr}")
+    for kind in HEAD_KINDS:
+        sigma2_of(diffusion, kind)  # an ε-model of fixed variance
+    dev = _device(device, net)
+    x0 = to_unit(_model_images(images, net)).to(dev)
+    heads = {kind: head_for(net).to(dev) for kind in HEAD_KINDS}
+    backbone = unet_backbone(net)
+    with (nullcontext(progress) if isinstance(progress, bars.Progress) else
+          bars.Progress(steps, "heads", "steps", enabled=bool(progress))) as bar:
+        fit_heads(diffusion, backbone, heads, x0, steps=steps, lr=lr, batch_size=batch_size,
+                  seed=seed, progress=lambda _losses: bar.update(1))
+    return {kind: head.eval().requires_grad_(False) for kind, head in heads.items()}
+
+
+def save_heads(heads: dict[HeadKind, torch.nn.Module], path: str | Path,
+               meta: dict | None = None) -> None:
+    """The heads file of train_heads' heads (ddpm_core.headfile; atomic write)."""
+    from ddpm_core.headfile import save_heads as save
+
+    save(heads, path, meta)
+
+
+def load_heads(path: str | Path) -> dict[HeadKind, torch.nn.Module]:
+    """{kind: head} of a heads file; a missing or bad one is a one-line HeadsFileError."""
+    from ddpm_core.headfile import load_heads as load
+
+    return load(path)
 
 
 # ----------------------------------------------------------------------------- exact likelihood

@@ -24,6 +24,7 @@ from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
 from ddpm_core.modes import (
     DEFAULT_SPACING,
+    HEAD_KINDS,
     NET_BATCH,
     SAMPLER_KINDS,
     SIGMA2_MODES,
@@ -92,6 +93,27 @@ def _gamma(a: argparse.Namespace, net: Any, diff: Any) -> Any:
                           batch_size=a.batch_size, progress=True)
 
 
+def _heads_file(a: argparse.Namespace) -> Path | None:
+    """--heads of --sigma2 npr or sn, checked before torch is imported (None: no heads)."""
+    if a.sigma2 not in HEAD_KINDS:
+        if a.heads is not None:
+            raise UsageError("--heads is only used with --sigma2 " + " or ".join(HEAD_KINDS))
+        return None
+    if a.heads is None:
+        raise UsageError(f"--sigma2 {a.sigma2} needs --heads (the heads file of this model, e.g. "
+                         "models/<variant>.heads.pt: ddpm_core.api.train_heads, then save_heads)")
+    if not Path(a.heads).is_file():
+        raise FileNotFoundError(f"{a.heads}: heads file not found; give the heads file of this "
+                                "model (ddpm_core.api.train_heads, then save_heads)")
+    return Path(a.heads)
+
+
+def _heads(path: Path | None) -> Any:
+    from ddpm_core.api import load_heads
+
+    return None if path is None else load_heads(path)
+
+
 def _load(a: argparse.Namespace, images: str | None = None) -> tuple[Any, Any, Any]:
     """The model and the first -n of `images` (None: no images), both paths checked before torch
     is imported, so that a mistyped one answers at once."""
@@ -105,6 +127,7 @@ def _load(a: argparse.Namespace, images: str | None = None) -> tuple[Any, Any, A
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
+    heads = _heads_file(a)
     net, diff, _ = _load(a)
     from ddpm_core.api import sample
     from ddpm_core.data import save_grid
@@ -112,7 +135,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
                     spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
-                    clip_x0=not a.no_clip, gamma=_gamma(a, net, diff),
+                    clip_x0=not a.no_clip, gamma=_gamma(a, net, diff), heads=_heads(heads),
                     last_sigma_cap_y=a.last_sigma_cap_y, net_batch=a.net_batch, progress=True)
     out = Path(a.out)
     save_npz(out, images=images)
@@ -131,11 +154,13 @@ def _write_result(path: str | None, result: dict) -> None:
 
 
 def cmd_bpd(a: argparse.Namespace) -> int:
+    heads = _heads_file(a)
     net, diff, images = _load(a, a.images)
     from ddpm_core.api import bits_per_dim_per_image
 
     per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, steps=a.steps,
-                                 gamma=_gamma(a, net, diff), batch_size=a.batch_size,
+                                 gamma=_gamma(a, net, diff), heads=_heads(heads),
+                                 batch_size=a.batch_size,
                                  t_batch=a.t_batch, net_batch=a.net_batch, progress=True)
     mean, se = float(per.mean()), float(per.std(ddof=1) / math.sqrt(len(per))) if len(
         per) > 1 else float("nan")
@@ -298,11 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     images = argparse.ArgumentParser(add_help=False)  # bpd, nll: the images and a result file
     images.add_argument("images", help=IMAGE_SOURCES)
     images.add_argument("--json", default=None, help="also write the result to this JSON file")
-    gamma = argparse.ArgumentParser(add_help=False)  # sample, bpd: Γ of σ² analytic, net batch
+    gamma = argparse.ArgumentParser(add_help=False)  # sample, bpd: Γ, heads, net batch
     gamma.add_argument("--gamma-images", default=None,
                        help="training images (folder, .npz, .npy) for Γ of --sigma2 analytic")
     gamma.add_argument("--gamma-m", type=int, default=100,
                        help="images used for Γ (default 100; Bao et al.: 10 or 100 suffice)")
+    gamma.add_argument("--heads", default=None,
+                       help="heads file of --sigma2 npr or sn (Bao et al. 2022b's variance heads "
+                       "of this model, e.g. models/<variant>.heads.pt)")
     gamma.add_argument("--net-batch", type=int, default=NET_BATCH,
                        help=f"rows of every network call (default {NET_BATCH}, as params.yaml's; "
                        "the numbers depend on it, not on --batch-size)")
@@ -316,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "ddim_analytic (Analytic-DDIM: DDIM with σ̂² noise; needs --gamma-images)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: all T)")
     s.add_argument("--sigma2", choices=SIGMA2, default=None,
-                   help="reverse variance (default: the model's own; DDIM: eta, or analytic)")
+                   help="reverse variance (default: the model's own; DDIM: eta, or analytic, "
+                   "or npr/sn: the head's noise even at eta 0; npr, sn need --heads)")
     s.add_argument("--spacing", choices=SPACINGS, default=DEFAULT_SPACING,
                    help=f"which steps a respaced chain visits (default {DEFAULT_SPACING})")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1]")
@@ -337,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[model, images, gamma])
     b.add_argument("-n", "--num", dest="n", type=int, default=None, help="first N images only")
     b.add_argument("--sigma2", choices=SIGMA2, default=None,
-                   help="reverse variance (default: the model's own)")
+                   help="reverse variance (default: the model's own; npr, sn need --heads)")
     b.add_argument("--steps", type=int, default=None,
                    help="K-step chain on the even trajectory (default: all T steps)")
     b.add_argument("--batch-size", type=int, default=100)

@@ -33,29 +33,25 @@ number (not checked against the paper's text here).
 
 Training (their criterions, `pretrained` methods): t uniform, the loss per image the squared
 error summed over pixels (here its mean over pixels: a constant factor 1/d, immaterial for
-Adam); both heads can train from one backbone call (head_train_step).
+Adam); both heads can train from one backbone call (head_train_step), in fit_heads' loop
+(api.train_heads). In the engine, WithHeads appends the heads' h to the network's output, so
+the samplers and the bound read σ²(x_t) from their one network call per step (σ² npr, sn).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ddpm_core.analytic import _eps_from_output
-from ddpm_core.diffusion import (
-    Diffusion,
-    extract,
-    p_mean_variance_from_output,
-    q_posterior,
-    q_sample,
-)
-from ddpm_core.likelihood import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from ddpm_core.analytic import eps_from_output
+from ddpm_core.diffusion import Diffusion, extract, q_sample
+from ddpm_core.likelihood import mean_flat, vlb_terms
+from ddpm_core.modes import HEAD_KINDS, HeadKind
+from ddpm_core.seeds import image_seed
 from ddpm_core.unet import UNet, group_norm
-
-HEAD_KINDS = ("sn", "npr")  # the lead moves these to modes.py as a Literal when wiring
 
 # (x_t [B,C,H,W], t [B]) -> (the network's output [B,C',H,W], its features [B,F,H,W])
 Backbone = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -84,6 +80,12 @@ class VarianceHead(nn.Module):
 
 def find_unet(net: nn.Module) -> UNet:
     """The one ddpm_core UNet inside `net` (wrappers: inference, counting; not compiled ones)."""
+    if "torch._dynamo" in sys.modules and any(  # nothing is compiled before dynamo is imported
+            isinstance(m, sys.modules["torch._dynamo"].eval_frame.OptimizedModule)
+            for m in net.modules()):
+        raise ValueError("the variance heads read the UNet's last feature map through a hook, "
+                         "which torch.compile does not run: use the network without compile "
+                         "(compile: false)")
     found = [m for m in net.modules() if isinstance(m, UNet)]
     if len(found) != 1:
         raise ValueError(f"the variance head needs one ddpm_core UNet inside the network, "
@@ -127,6 +129,58 @@ def unet_backbone(net: nn.Module) -> Backbone:
     return call
 
 
+class WithHeads(nn.Module):
+    """`net(x_t, t)` [B,C',H,W] with each head's h [B,C,H,W] appended, in the order of `heads`.
+
+    One network call gives the output and the features the heads read (unet_backbone), so the
+    samplers and the bound keep their one call per step through api.FixedRows and the progress
+    counter; split_heads takes the h off again. Without gradients (a frozen backbone).
+    """
+
+    def __init__(self, net: nn.Module, heads: Mapping[HeadKind, nn.Module]) -> None:
+        super().__init__()
+        for kind in heads:
+            _check_kind(kind)
+        self.net, self.heads = net, nn.ModuleDict(dict(heads))
+        self.backbone = unet_backbone(net)
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        out, features = self.backbone(x_t, t)
+        with torch.no_grad():
+            hs = [head(features).to(out.dtype) for head in self.heads.values()]
+        return torch.cat([out, *hs], dim=1)
+
+
+def split_heads(out: Tensor, C: int, kinds: Sequence[HeadKind]) -> tuple[Tensor, dict[str, Tensor]]:
+    """(the network's output, {kind: h [B,C,H,W]}) of a WithHeads output with heads `kinds`."""
+    if not kinds:
+        return out, {}
+    n = len(kinds) * C
+    assert out.shape[1] > n, f"output of {out.shape[1]} channels holds no {len(kinds)} heads"
+    return out[:, :-n], dict(zip(kinds, out[:, -n:].split(C, dim=1), strict=True))
+
+
+def fit_heads(diff: Diffusion, backbone: Backbone, heads: Mapping[HeadKind, nn.Module],
+              x0: Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
+              progress: Callable[[dict[str, Tensor]], None] | None = None) -> None:
+    """Train the heads {kind: head} on the images x0 [N,C,H,W] in [-1, 1] (their code: Adam,
+    t uniform): step s draws its images, t and ε from a generator seeded (seed, s) alone, so a
+    rerun is identical. progress(losses) after each step."""
+    assert x0.ndim == 4 and steps >= 0 and batch_size >= 1, "the api validates the settings"
+    params = [p for head in heads.values() for p in head.parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    N, dev = x0.shape[0], x0.device
+    for step in range(steps):
+        g = torch.Generator().manual_seed(image_seed(seed, step))
+        idx = torch.randint(N, (batch_size,), generator=g)
+        t = torch.randint(diff.T, (batch_size,), generator=g)
+        eps = torch.randn((batch_size, *x0.shape[1:]), generator=g, dtype=x0.dtype)
+        losses = head_train_step(diff, backbone, heads, x0[idx.to(dev)], optimizer=optimizer,
+                                 t=t.to(dev), eps=eps.to(dev))
+        if progress is not None:
+            progress(losses)
+
+
 # Bao et al. 2022b, SN-DPM: E[ε² | x_t] is the minimiser of E‖ε² − h(x_t)‖²
 def sn_target(eps: Tensor) -> Tensor:
     """Regression target ε² [B,C,H,W] of the SN head."""
@@ -166,7 +220,7 @@ def head_train_step(diff: Diffusion, backbone: Backbone, heads: Mapping[str, nn.
     assert heads, "no head to train"
     x_t = q_sample(diff, x0, t, eps)
     out, features = backbone(x_t.to(x0.dtype), t)
-    eps_hat = _eps_from_output(diff, out.detach(), x_t, t)
+    eps_hat = eps_from_output(diff, out.detach(), x_t, t)
     features = features.detach()
     losses = {kind: head_loss(kind, head(features).to(eps_hat.dtype), eps.to(eps_hat.dtype),
                               eps_hat) for kind, head in heads.items()}
@@ -249,17 +303,8 @@ def head_vlb_terms(chain: Diffusion, out: Tensor, x0: Tensor, x_t: Tensor, k: Te
                    sigma2: Tensor, clip_x0: bool) -> Tensor:
     """One bound term per example [B] in bits/dim with σ² [B,C,H,W]: decoder NLL where k == 0.
 
-    As likelihood.vlb_terms (the mean of the model's output, x̂_0 clipped if clip_x0) with a
+    likelihood.vlb_terms (the mean of the model's output, x̂_0 clipped if clip_x0) with a
     per-pixel variance instead of one per step.
     """
     assert sigma2.shape == x_t.shape, f"σ² {tuple(sigma2.shape)} vs x_t {tuple(x_t.shape)}"
-    true_mean, _, true_log_var = q_posterior(chain, x0, x_t, k)
-    mean = p_mean_variance_from_output(chain, out, x_t, k, clip_x0=clip_x0,
-                                       var_type="fixed_small")["mean"]
-    log_var = torch.log(sigma2.to(mean.dtype))
-    terms = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var))
-    first = k == 0
-    if bool(first.any()):
-        ll = discretized_gaussian_log_likelihood(x0[first], mean[first], 0.5 * log_var[first])
-        terms = terms.masked_scatter(first, -mean_flat(ll))
-    return terms / math.log(2.0)
+    return vlb_terms(chain, out, x0, x_t, k, clip_x0=clip_x0, log_sigma2=torch.log(sigma2))

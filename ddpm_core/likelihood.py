@@ -13,9 +13,12 @@ chain's β̃ at index 1 (Bao et al.'s ll/elbo.py; x at step 1 carries the full c
 the K-step chain's β̃' at index 1 (a wider decoder: every K < T bound 0.115 bits/dim lower at
 linear T = 1000, not comparable with their tables or with K = T). K = T is the full chain.
 
-All chains and σ² choices (β, β̃, learned, analytic) share one pass of network calls over the
-union of their original indices, t_batch indices × B images per call: ⌈T / t_batch⌉ calls when
-T is among the K. The mathematics runs in float64 whatever the model's precision.
+The heads' σ² (npr, sn: Bao et al. 2022b, heads.py) are per pixel, σ²(x_t) of each term from the
+head outputs of the same network call (heads.WithHeads), with the same decoder variance.
+
+All chains and σ² choices (β, β̃, learned, analytic, npr, sn) share one pass of network calls
+over the union of their original indices, t_batch indices × B images per call: ⌈T / t_batch⌉
+calls when T is among the K. The mathematics runs in float64 whatever the model's precision.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ddpm_core.analytic import analytic_sigma2
+from ddpm_core.analytic import analytic_sigma2, eps_from_output
 from ddpm_core.chains import respace, timestep_spacing
 from ddpm_core.diffusion import (
     Diffusion,
@@ -38,7 +41,7 @@ from ddpm_core.diffusion import (
     q_posterior,
     q_sample,
 )
-from ddpm_core.modes import SIGMA2S, Sigma2, VarType
+from ddpm_core.modes import HEAD_KINDS, SIGMA2S, HeadKind, Sigma2, VarType
 from ddpm_core.seeds import keyed_randn
 
 BIN_HALF_WIDTH = 1.0 / 255.0  # half a bin of the 256-level grid on [-1, 1]
@@ -130,14 +133,19 @@ def vlb_terms(diff: Diffusion, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, 
               log_sigma2: Tensor | None = None) -> Tensor:
     """One VLB term per example [B] in bits/dim: the decoder NLL where t == 0, else the KL.
 
-    The reverse variance is var_type's (default diff.var_type), or log σ² = log_sigma2[t] (of
-    [T]) with the model's mean when log_sigma2 is given.
+    The reverse variance is var_type's (default diff.var_type), or log σ² with the model's mean
+    when log_sigma2 is given: log_sigma2[t] of one per step [T], or per pixel [B,C,H,W].
     """
     true_mean, _, true_log_var = q_posterior(diff, x0, x_t, t)
     p = p_mean_variance_from_output(diff, out, x_t, t, clip_x0=clip_x0,
                                     var_type=var_type if log_sigma2 is None else "fixed_small")
-    log_var = p["log_variance"] if log_sigma2 is None else extract(
-        log_sigma2, t, x_t.shape, p["mean"].dtype).expand_as(x_t)
+    if log_sigma2 is None:
+        log_var = p["log_variance"]
+    elif log_sigma2.ndim == x_t.ndim:  # per pixel (the heads' σ²(x_t))
+        assert log_sigma2.shape == x_t.shape, f"log σ² {tuple(log_sigma2.shape)} vs x_t"
+        log_var = log_sigma2.to(p["mean"].dtype)
+    else:
+        log_var = extract(log_sigma2, t, x_t.shape, p["mean"].dtype).expand_as(x_t)
     terms = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], log_var))
     first = t == 0
     if bool(first.any()):  # the decoder only where it is needed: it is the costly part
@@ -145,6 +153,19 @@ def vlb_terms(diff: Diffusion, out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, 
                                                  0.5 * log_var[first])
         terms = terms.masked_scatter(first, -mean_flat(ll))
     return terms / math.log(2.0)
+
+
+# Bao et al. 2022b: σ²_{s|t}(x_t) = β̃_{s|t} + ᾱ_s β_{t|s}²/(1−ᾱ_t)² Cov[x_0|x_t] in the bound
+def head_terms(diff: Diffusion, chain: Diffusion, out: Tensor, h: Tensor, x0: Tensor,
+               x_t: Tensor, t: Tensor, k: Tensor, *, kind: HeadKind, clip_x0: bool) -> Tensor:
+    """vlb_terms [B] with the per-pixel σ² of an NPR or SN head's h [B,C,H,W] (heads.py): ε̂ of
+    the output at original index t, Cov clamped to [0, 1] when x̂_0 is clipped, the chain's
+    decoder variance at k == 0."""
+    from ddpm_core.heads import cov_x0, ddpm_sigma2  # heads.py imports this module
+
+    cov = cov_x0(chain, k, h, eps_from_output(diff, out, x_t, t), kind=kind, clip=clip_x0)
+    return vlb_terms(chain, out, x0, x_t, k, clip_x0=clip_x0,
+                     log_sigma2=torch.log(ddpm_sigma2(chain, k, cov)))
 
 
 class _Chain:
@@ -173,13 +194,16 @@ class _Chain:
 def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: Sequence[int],
                           var_types: Sequence[Sigma2] | None = None,
                           gamma: Tensor | None = None, clip_x0: bool = True, t_batch: int = 10,
-                          seed: int = 0, indices: Sequence[int] | None = None
+                          seed: int = 0, indices: Sequence[int] | None = None,
+                          head_kinds: Sequence[HeadKind] = ()
                           ) -> dict[int, dict[Sigma2, BpdResult]]:
     """Variational bound of the K-step chains (even trajectory) for each K in steps, per σ²,
     of x0 [B,C,H,W] on the 256-level grid, in one pass (the module docstring); "analytic" needs
-    gamma [T]. x_τ is drawn once per index τ: the noise of image b at τ comes from
-    (seed, indices[b], τ) alone (seeds.keyed_randn; indices default 0..B−1), so no number
-    depends on B, t_batch or the set of K.
+    gamma [T]; "npr" and "sn" a model that appends the h of the heads head_kinds, in that order
+    (heads.WithHeads; an ε-model of fixed variance, the api checks). x_τ is drawn once per
+    index τ: the noise of image b at τ comes from (seed, indices[b], τ) alone
+    (seeds.keyed_randn; indices default 0..B−1), so no number depends on B, t_batch or the set
+    of K.
     """
     assert x0.ndim == 4, f"x0 must be [B,C,H,W], got {tuple(x0.shape)}"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
@@ -187,6 +211,9 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
         dict.fromkeys(var_types))  # the api validates the names (api.sigma2_of)
     assert chosen and set(chosen) <= set(SIGMA2S), f"σ² choices {chosen}"
     assert "analytic" not in chosen or gamma is not None, "σ² analytic needs gamma"
+    assert {v for v in chosen if v in HEAD_KINDS} <= set(head_kinds), "σ² npr/sn need heads"
+    if head_kinds:
+        from ddpm_core.heads import split_heads  # heads.py imports this module
     Ks = sorted({int(K) for K in steps})
     assert Ks, "steps is empty: give the chain lengths K"
     chains = {K: _Chain(diff, K, chosen, gamma) for K in Ks}
@@ -205,6 +232,7 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
                             device=x0.device)
         x_t = q_sample(diff, x0_rep, t, noise)
         out = model(x_t.to(x0.dtype), t).to(torch.float64)
+        out, hs = split_heads(out, C, head_kinds) if head_kinds else (out, {})
         for K, chain in chains.items():
             js = [j for j, tau in enumerate(group) if tau in chain.position]
             if not js:
@@ -217,6 +245,11 @@ def bits_per_dim_at_steps(diff: Diffusion, model: Model, x0: Tensor, *, steps: S
             if chain.mu_as_x0:
                 o = torch.cat([predict_x0_from_mu(diff, x_t_c, t_orig, o[:, :C]), o[:, C:]], 1)
             for v in chosen:
+                if v in HEAD_KINDS:
+                    vt = head_terms(diff, chain.diff, o, hs[v][rows], x0_c, x_t_c, t_orig, k,
+                                    kind=v, clip_x0=clip_x0)
+                    terms[K][v][:, ks] = vt.reshape(len(js), B).T
+                    continue
                 analytic = v == "analytic"
                 vt = vlb_terms(chain.diff, o, x0_c, x_t_c, k, clip_x0=clip_x0,
                                var_type=None if analytic else v,

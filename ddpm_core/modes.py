@@ -24,12 +24,17 @@ VarType = Literal["fixed_large", "fixed_small", "learned", "learned_range"]
 FIXED_VAR_TYPES: tuple[VarType, ...] = ("fixed_large", "fixed_small")
 LEARNED_VAR_TYPES: tuple[VarType, ...] = ("learned", "learned_range")
 
+# The variance heads of Bao et al. 2022b (heads.py) on a frozen ε-network: NPR-DPM's
+# h ≈ E[(ε − ε̂)² | x_t] and SN-DPM's h ≈ E[ε² | x_t], each a per-pixel σ²(x_t).
+HeadKind = Literal["npr", "sn"]
+HEAD_KINDS: tuple[HeadKind, ...] = get_args(HeadKind)
+
 # The reverse-process variance of a sampler and of the bound: the four VarTypes, plus
-# Analytic-DPM's optimal σ̂² (analytic.py; Bao et al. 2022), which needs Γ. One table row each:
-# the name (params.yaml, the library and the API), the stem of metric keys and MLflow params
-# (bpd_<key>_K<k>), the label of tables and figures, and the short name in sampler names and
-# on the `ddpm` command line (--sigma2 beta).
-Sigma2 = Literal["fixed_large", "fixed_small", "learned", "learned_range", "analytic"]
+# Analytic-DPM's optimal σ̂² (analytic.py; Bao et al. 2022), which needs Γ, and the heads' NPR
+# and SN σ² (which need the heads). One table row each: the name (params.yaml, the library and
+# the API), the stem of metric keys and MLflow params (bpd_<key>_K<k>), the label of tables and
+# figures, and the short name in sampler names and on the `ddpm` command line (--sigma2 beta).
+Sigma2 = Literal["fixed_large", "fixed_small", "learned", "learned_range", "analytic", HeadKind]
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ SIGMA2_MODES: dict[Sigma2, Sigma2Mode] = {m.name: m for m in (
     Sigma2Mode("learned", "sigma2_learned", "σ² learned", "learned"),
     Sigma2Mode("learned_range", "sigma2_learned_range", "σ² learned (range)", "learned_range"),
     Sigma2Mode("analytic", "sigma2_analytic", "σ² analytic", "analytic"),
+    Sigma2Mode("npr", "sigma2_npr", "σ² NPR-DPM", "npr"),
+    Sigma2Mode("sn", "sigma2_sn", "σ² SN-DPM", "sn"),
 )}
 SIGMA2S: tuple[Sigma2, ...] = get_args(Sigma2)
 

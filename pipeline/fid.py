@@ -16,7 +16,7 @@ import pandas as pd
 from ddpm_core.fid import feature_network, features_pass, load_reference, metrics_against
 from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES
 from pipeline.common import run_stage, write_json, write_text
-from pipeline.params import Params, VariantConfig
+from pipeline.params import VARIANCES, Params, VariantConfig
 from pipeline.records import (
     CLASSIFIER_FILE,
     REFERENCE_FILE,
@@ -28,10 +28,11 @@ from pipeline.records import (
 )
 
 # plots/fid_steps/<v>.csv: one `respaced` column for σ² = β or a model's own learned σ², one
-# respaced_<short> per other σ² (dvc.yaml's plot names them: tests/test_modes.py compares)
+# respaced_<short> per other σ² the pipeline draws (params.VARIANCES; dvc.yaml's plot names them:
+# tests/test_modes.py compares)
 _RESPACED = ("fixed_large", *LEARNED_VAR_TYPES)
 STEPS_COLUMNS = ("ddim", f"ddim_{SIGMA2_MODES['analytic'].short}", "respaced",
-                 *(f"respaced_{m.short}" for v, m in SIGMA2_MODES.items() if v not in _RESPACED))
+                 *(f"respaced_{SIGMA2_MODES[v].short}" for v in VARIANCES if v not in _RESPACED))
 
 
 def steps_column(s: SamplerSpec) -> str:
