@@ -217,6 +217,27 @@ def variant_model(name: str, use_ema: bool) -> LoadedModel:
         raise StageError(str(e)) from None
 
 
+def variant_heads(name: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(heads, None) of variant `name` from nnhead@<name>'s folder, or (None, why) when that
+    stage trained none (a model without heads: learned variance, not an ε-model, or
+    nnhead.steps 0); one-line error when the folder is missing or the file bad."""
+    from ddpm_core.api import load_heads
+    from ddpm_core.headfile import HeadsFileError
+    from pipeline.records import VariantPaths, read_json
+
+    paths = VariantPaths(name)
+    if not paths.heads_info.is_file():
+        raise StageError(f"{paths.heads_info}: not found; σ² npr and sn need the heads of "
+                         f"nnhead@{name}: run it first (dvc repro)")
+    info = read_json(paths.heads_info)
+    if info.get("heads") is None:
+        return None, str(info.get("skipped") or "nnhead trained no heads")
+    try:
+        return load_heads(paths.heads), None
+    except HeadsFileError as e:
+        raise StageError(f"{e} (rerun nnhead@{name})") from None
+
+
 # ----------------------------------------------------------------------------- signals
 # Ctrl-C (SIGINT) and SIGTERM end a stage with one line and the shell's usual exit code. The
 # handlers are installed when a stage starts (pipeline/__init__.py, before torch loads), so a
