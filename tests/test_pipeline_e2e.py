@@ -19,7 +19,7 @@ from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
 pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
 
-VARIANT_STAGES = ("train", "gamma", "sample", "bpd", "nll", "fid")
+VARIANT_STAGES = ("train", "gamma", "nnhead", "sample", "bpd", "nll", "fid")
 def e2e_params() -> dict:
     p = tiny_params()
     assert list(p["variants"]) == ["simple", "vlb"]  # L_simple and L_vlb (fixed Σ)
