@@ -178,3 +178,17 @@ def test_sample_on_two_localhost_nodes_draws_the_images_of_one_process(
     assert (root / "samples/simple/index.json").read_text() == \
         (one / "simple/index.json").read_text()
     assert sum("sample[simple] ancestral_beta: 10 images" in out for out in outs) == 1
+
+
+@pytest.mark.slow
+def test_a_two_node_stage_without_an_endpoint_stops_with_one_line_and_exit_2(
+        trained: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    root, p = trained
+    monkeypatch.delenv("DDPM_RDZV_ENDPOINT", raising=False)
+    q = json.loads(json.dumps(p))
+    q["bpd"]["nnodes"] = 2
+    r = run_stage("bpd", root, q)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.startswith("error: bpd.nnodes: 2 machines meet at a rendezvous endpoint; "
+                               "export DDPM_RDZV_ENDPOINT="), r.stderr
+    assert r.stderr.count("\n") == 1 and "torchrun" not in r.stdout
