@@ -95,8 +95,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"checkpoint {path} holds {type(state).__name__}, not a dict")
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format_version "
-                              f"{state.get('format_version')!r}; this code reads "
-                              f"{FORMAT_VERSION}")
+                              f"{state.get('format_version')!r}; this code reads {FORMAT_VERSION}")
     if "objective" in state and "t_sampler" not in state:  # written before the loss/sampler split
         state["t_sampler"] = state.pop("objective")
     missing = [k for k in REQUIRED_KEYS if k not in state]

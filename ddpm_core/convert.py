@@ -228,12 +228,9 @@ def resolve_diffusers_path(path: str | Path) -> Path:
     check_model_source(path)
     if Path(path).exists():
         return Path(path)
+    from huggingface_hub import snapshot_download
+
     repo_id = str(path)
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:
-        raise FileNotFoundError(f"{repo_id!r} is not a local path and huggingface_hub is not "
-                                "installed") from e
     files = ["config.json", SCHEDULER_FILE, *WEIGHT_FILES]
     patterns = [*files, *(f"unet/{f}" for f in files), f"scheduler/{SCHEDULER_FILE}"]
     try:
@@ -337,8 +334,7 @@ def diffusion_from_scheduler_config(conf: dict[str, Any]) -> Diffusion:
                          f"{sorted(_VAR_FROM_DIFFUSERS)})")
     pred = conf.get("prediction_type", "epsilon")
     if pred not in _MEAN_FROM_DIFFUSERS:
-        raise ValueError(f"scheduler prediction_type={pred!r} unsupported (need epsilon or "
-                         "sample)")
+        raise ValueError(f"scheduler prediction_type={pred!r} unsupported (need epsilon or sample)")
     return Diffusion(betas, _MEAN_FROM_DIFFUSERS[pred], _VAR_FROM_DIFFUSERS[var])
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
 
 import numpy as np
 import torch
@@ -37,9 +36,8 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
                  "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DIGITS_EXTRACTOR_NAME = "ddpm-digits-classifier"
-_LABELS: dict[Features, str] = {"inception": "Inception-v3",
+_LABELS: dict[Features, str] = {"inception": "Inception-v3",  # one per modes.Features
                                 "digits_classifier": "digits classifier"}
-assert tuple(_LABELS) == get_args(Features)  # a label for every feature network
 
 
 class MetricsError(RuntimeError):
@@ -65,12 +63,9 @@ def metric_label(features: Features, metric: str = "FID") -> str:
 class DigitsFeatureExtractor(FeatureExtractorBase):
     """torch-fidelity extractor: uint8 [B, C, H, W] -> ('features' [B, 64],) from the classifier."""
 
-    def __init__(self, name: str, features_list: list[str],
-                 feature_extractor_weights_path: str | None = None, **kwargs: object):
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str,
+                 **kwargs: object):
         super().__init__(name, features_list)
-        if feature_extractor_weights_path is None:
-            raise MetricsError("digits classifier features need feature_extractor_weights_path "
-                               "(the saved classifier)")
         try:  # the stages print a MetricsError as one line
             self.model = load_classifier(feature_extractor_weights_path)
         except ClassifierError as e:

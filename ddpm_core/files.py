@@ -28,21 +28,15 @@ from typing import IO, Any
 TMP_PREFIX = ".tmp-"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """pid runs: it exists and is not a zombie (a killed writer whose parent died too may stay
     a zombie where PID 1 does not reap, e.g. a container's init)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except OSError:  # exists, owned by someone else
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:  # exited meanwhile; or no /proc (macOS): os.kill's answer stands
-        return not Path("/proc/self/stat").exists()
-    except (OSError, IndexError):
-        return True
 
 
 def _remove(p: Path) -> None:
@@ -58,7 +52,7 @@ def _tmp_name(path: Path) -> Path:
     writers, whose pid is gone, are removed first, so a rerun after a kill leaves none behind)."""
     for p in path.parent.glob(f"{TMP_PREFIX}{path.name}-*"):
         pid = p.name[len(TMP_PREFIX) + len(path.name) + 1:].split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             _remove(p)
     return path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(3)}")
 
@@ -74,13 +68,12 @@ def _named(path: Path) -> Iterator[None]:
 
 def _fsync_dir(d: str | Path) -> None:
     """Persist a rename: fsync the directory entry (POSIX; skipped where unsupported)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
     with contextlib.suppress(OSError):
-        os.fsync(fd)
-    os.close(fd)
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextmanager

@@ -9,8 +9,6 @@ On CUDA, `compile=True` uses mode "reduce-overhead", i.e. CUDA graphs for the fi
 
 from __future__ import annotations
 
-from typing import get_args
-
 import torch
 from torch import Tensor, nn
 
@@ -23,15 +21,15 @@ def default_device() -> torch.device:
 
 
 class Autocast(nn.Module):
-    """Runs `net(x [B,C,H,W], t [B])` under bf16 autocast (weights stay fp32); fp32 output."""
+    """Runs `net(x [B,C,H,W], t [B])` under bf16 autocast when precision is bf16 (weights stay
+    fp32); fp32 output."""
 
-    def __init__(self, net: nn.Module, dtype: torch.dtype | None) -> None:
+    def __init__(self, net: nn.Module, precision: Precision) -> None:
         super().__init__()
-        self.net, self.dtype = net, dtype
+        self.net, self.bf16 = net, precision == "bf16"
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, dtype=self.dtype or torch.bfloat16,
-                            enabled=self.dtype is not None):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.net(x, t)
         return out.float()
 
@@ -39,13 +37,11 @@ class Autocast(nn.Module):
 def inference_model(model: nn.Module, precision: Precision = "fp32", channels_last: bool = False,
                     compile: bool = False) -> nn.Module:
     """The model in eval mode wrapped for fast repeated calls; same `(x_t, t) -> out` interface."""
-    assert precision in get_args(Precision), f"precision {precision!r}"  # checked by the config
     model = model.eval().requires_grad_(False)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    wrapped: nn.Module = Autocast(model, torch.bfloat16 if precision == "bf16" else None)
+    wrapped: nn.Module = Autocast(model, precision)
     if compile:
-        on_cuda = next(model.parameters()).is_cuda
-        wrapped = torch.compile(wrapped, mode="reduce-overhead" if on_cuda else None,
-                                dynamic=False)
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+        wrapped = torch.compile(wrapped, mode=mode, dynamic=False)
     return wrapped

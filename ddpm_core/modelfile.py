@@ -72,8 +72,7 @@ class ModelSpec:
         _check_mode(self.schedule, ScheduleKind, "schedule")
         _check_mode(self.mean_type, MeanType, "mean_type")
         _check_mode(self.var_type, VarType, "var_type")
-        if isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int) \
-                or not 1 <= self.timesteps <= MAX_TIMESTEPS:
+        if type(self.timesteps) is not int or not 1 <= self.timesteps <= MAX_TIMESTEPS:
             raise ValueError(f"timesteps: {self.timesteps!r} is not an integer in "
                              f"1..{MAX_TIMESTEPS:,}")
         want = self.unet.in_channels * (2 if self.var_type in LEARNED_VAR_TYPES else 1)
@@ -84,13 +83,11 @@ class ModelSpec:
     @property
     def image_shape_chw(self) -> tuple[int, int, int]:
         """[C, H, W] of the images the network takes."""
-        u = self.unet
-        return (u.in_channels, u.image_size, u.image_size)
+        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
 
     def diffusion(self) -> Diffusion:
         """The forward process and reverse-process parameterisation."""
-        return Diffusion.from_schedule(self.schedule, self.timesteps, self.mean_type,
-                                       self.var_type)
+        return Diffusion.from_schedule(self.schedule, self.timesteps, self.mean_type, self.var_type)
 
     def build_net(self) -> UNet:
         """A freshly initialised network of this architecture."""
@@ -177,23 +174,19 @@ def _read_blob(path: Path) -> tuple[dict, dict[str, Any]]:
             state = load_checkpoint(path)
         except CheckpointError as e:
             raise ModelFileError(f"{e}; use an older checkpoint or a model file") from None
-        if "spec" not in state:
+        if state.get("spec") is None:
             raise ModelFileError(f"{path}: training checkpoint without a model spec (written "
                                  "before checkpoints carried one); use models/<name>.pt "
                                  "or train again")
         return state, {"step": int(state["step"])}
     try:  # torch.load does not check the zip's CRC-32s: a flipped weight bit would load
         bad = zipfile.ZipFile(io.BytesIO(raw)).testzip()
-    except Exception as e:  # not a zip at all (text, a bare pickle) or a cut-off one
+        blob = None if bad else torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # not a zip (text, a bare pickle), cut off, code in its pickle, ...
         raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}); "
                              f"{_FIX}") from None
     if bad is not None:
         raise ModelFileError(f"{path}: corrupt (CRC-32 of {bad} does not match); {_FIX}")
-    try:
-        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, a pickle with code in it, not torch at all
-        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}); "
-                             f"{_FIX}") from None
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt != FORMAT:
         found = f"format {fmt!r}" if fmt is not None else f"a {type(blob).__name__}"
@@ -216,8 +209,7 @@ def load_model_file(path: str | Path, which: Which = "ema") -> LoadedModel:
     try:  # before building: a spec of a few bytes can ask for terabytes
         check_weights_fit(spec.unet, weights)
     except ValueError as e:
-        raise ModelFileError(f"{path}: weights do not fit the stored spec ({e}); "
-                             f"{_FIX}") from None
+        raise ModelFileError(f"{path}: weights do not fit the stored spec ({e}); {_FIX}") from None
     net = spec.build_net()
     net.load_state_dict(weights)  # names and shapes checked above: it cannot fail
     return LoadedModel(net=net.eval(), diffusion=spec.diffusion(), spec=spec, meta=meta,

@@ -7,12 +7,13 @@ queued experiment, a log) a line `<desc>: n/total (p%), r <unit>/s, eta s` is pr
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Any, TextIO
 
 
-class Progress:
+class Progress(contextlib.AbstractContextManager):
     """A counter up to `total`; `update(n)` advances it. Use as a context manager."""
 
     def __init__(self, total: int, desc: str, unit: str = "it", every: float = 10.0,
@@ -47,9 +48,6 @@ class Progress:
         self._bar.close()
         if self._plain and self.n and time.perf_counter() - self._t0 >= self.every:
             self._line(time.perf_counter())
-
-    def __enter__(self) -> Progress:
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()

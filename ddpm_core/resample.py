@@ -23,7 +23,6 @@ class UniformSampler:
     """t ~ Uniform{0..T−1} with unit weights; learns nothing."""
 
     def __init__(self, T: int) -> None:
-        assert T >= 1, f"T={T}"
         self.T = T
 
     def probabilities(self) -> Tensor:
@@ -51,7 +50,6 @@ class ImportanceSampler:
     """p_t ∝ √E[L_t²] over the last HISTORY_PER_T losses of each t, mixed with the uniform."""
 
     def __init__(self, T: int) -> None:
-        assert T >= 1, f"T={T}"
         self.T = T
         # plain Python deques: update() runs per example on every training step
         self._history = [deque[float](maxlen=HISTORY_PER_T) for _ in range(T)]

@@ -34,7 +34,6 @@ def is_hub_id(path: str | Path) -> bool:
 
 def check_model_source(path: str | Path) -> None:
     """FileNotFoundError `<path>: not found` unless `path` exists here or is a hub id."""
-    if Path(path).exists() or is_hub_id(path):
-        return
-    raise FileNotFoundError(f"{path}: not found (no such file or folder; a Hugging Face hub id "
-                            "is owner/name)")
+    if not (Path(path).exists() or is_hub_id(path)):
+        raise FileNotFoundError(f"{path}: not found (no such file or folder; a Hugging Face hub "
+                                "id is owner/name)")

@@ -179,8 +179,7 @@ class TrainStep:
         net = (DistributedDataParallel(self.model, device_ids=[dev] if dev.type == "cuda"
                                        else None, gradient_as_bucket_view=True)
                if info.world_size > 1 else self.model)
-        dtype = torch.bfloat16 if cfg.precision == "bf16" else None
-        self.forward: nn.Module | Callable = Autocast(net, dtype)
+        self.forward: nn.Module | Callable = Autocast(net, cfg.precision)
         if cfg.compile:
             self.forward = torch.compile(self.forward)
         self._params = list(self.model.parameters())
@@ -244,8 +243,7 @@ def _cpu_copy(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
 
 
 def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: Tensor,
-          cfg: TrainConfig, ckpt_dir: Path,
-          device: str | torch.device | None = None,
+          cfg: TrainConfig, ckpt_dir: Path, device: str | torch.device | None = None,
           on_log: Callable[[int, dict[str, float]], None] | None = None,
           spec: ModelSpec | None = None) -> TrainResult:
     """Train `model` (in place) on uint8 images [N,C,H,W]; resumes from ckpt_dir if it holds any.
@@ -366,10 +364,8 @@ def _save(step: int, step_fn: TrainStep, batcher: Batcher, cfg: TrainConfig, inf
             "optimizer": step_fn.opt.state_dict(), "scheduler": step_fn.sched.state_dict(),
             "t_sampler": step_fn.t_sampler.state_dict(), "data": batcher.sampler.state_dict(),
             "rng": {"generator": batcher.gen.get_state(), "ranks": rng_all},
-            "log_window": {"start": start, "sums": sums_all},
+            "log_window": {"start": start, "sums": sums_all}, "spec": spec,
         }
-        if spec is not None:
-            state["spec"] = spec
         save_checkpoint(state, path)
         prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
     return path

@@ -195,7 +195,6 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, emb_dim, p = cfg.base_channels, 4 * cfg.base_channels, cfg.dropout
         widths = [ch * m for m in cfg.channel_mult]
-        n = len(widths)
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
@@ -207,7 +206,7 @@ class UNet(nn.Module):
             blocks = [ResBlock(cin if j == 0 else cout, cout, emb_dim, p)
                       for j in range(cfg.num_res_blocks)]
             cin = cout
-            down = Downsample(cout) if i < n - 1 else None
+            down = Downsample(cout) if i < len(widths) - 1 else None
             skip_ch += [cout] * (cfg.num_res_blocks + (down is not None))
             self.down.append(Level(blocks, cfg.resolutions[i] in cfg.attn_resolutions, down))
 

@@ -50,12 +50,6 @@ class MetricSpec:
         object.__setattr__(self, "name", self.name or self.key)
         return self
 
-    def tolerance(self) -> float | None:
-        """max(abs, rel·|expected|), None while the expected value is missing."""
-        if self.expected is None:
-            return None
-        return max(self.abs or 0.0, (self.rel or 0.0) * math.fabs(self.expected))
-
 
 @settings
 class Entry:
@@ -170,7 +164,8 @@ def evaluate(entry: Entry, params: dict, metrics_dir: str | Path) -> list[Row]:
         value = lookup(cache[m.file], key)  # _MISSING from a missing file too
         measured = float(value) if isinstance(value, int | float) and not isinstance(
             value, bool) else None
-        tol = m.tolerance()
+        # max(abs, rel·|expected|), none while the expected value is missing
+        tol = None if m.expected is None else max(m.abs or 0.0, (m.rel or 0.0) * abs(m.expected))
         if m.expected is None:
             status = "NO VALUE"
         elif measured is None or not math.isfinite(measured):

@@ -52,7 +52,8 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     FileNotFoundError includes records.read_json's; tracking's errors are StageErrors."""
     return (StageError, FileNotFoundError,
             *loaded("ddpm_core.checkpoint:CheckpointError", "ddpm_core.data:DataError",
-                    "ddpm_core.fid:MetricsError", "ddpm_core.training:TrainingDiverged"))
+                    "ddpm_core.fid:MetricsError", "ddpm_core.modelfile:ModelFileError",
+                    "ddpm_core.training:TrainingDiverged"))
 
 
 # Batch params to lower when a stage runs out of memory (accelerator or CPU).
@@ -85,19 +86,16 @@ def fail(msg: str, code: int) -> None:
     sys.exit(code)
 
 
-def run_stage(main: Callable[..., None], check: Callable[..., None] | None = None,
-              params_path: str | Path | None = None, per_variant: bool = False) -> None:
-    """Load params.yaml (exit 2 on any problem), run `check`, then `main`; errors are one line.
+def run_stage(main: Callable[..., None], params_path: str | Path | None = None,
+              per_variant: bool = False) -> None:
+    """Load params.yaml (exit 2 on any problem), then run `main`; errors are one line.
 
     A per-variant stage (`python -m pipeline.<stage> <variant>`, DVC's foreach) gets the
     variant's VariantConfig as a second argument."""
     path = Path(params_path or os.environ.get("DDPM_PARAMS", PARAMS_FILE))
     try:
         params = load_params(path)
-        args = (variant_from_argv(params),) if per_variant else ()
-        if check is not None:
-            check(params, *args)
-        main(params, *args)
+        main(params, *((variant_from_argv(params),) if per_variant else ()))
     except ConfigError as e:  # also a cross-field problem found once the data are known
         fail(str(e), 2)
     except _runtime_errors() as e:
@@ -198,16 +196,14 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
     """The U-Net of params.model (a preset plus overrides) sized for the data's [H, W, C]."""
     from ddpm_core.unet import PRESETS
 
-    m = params.model
-    overrides = {k: getattr(m, k) for k in ("base_channels", "channel_mult", "num_res_blocks",
-                                            "attn_resolutions", "dropout")
-                 if getattr(m, k) is not None}
+    overrides = {k: v for k, v in dataclasses.asdict(params.model).items()
+                 if k != "preset" and v is not None}
     h, w, c = image_shape_hwc
     if h != w:
         raise ConfigError(f"data: images are {h}x{w}; the U-Net needs square images "
                           "(set data.image_size for a folder)")
     try:
-        return dataclasses.replace(PRESETS[m.preset], image_size=h, in_channels=c,
+        return dataclasses.replace(PRESETS[params.model.preset], image_size=h, in_channels=c,
                                    out_channels=out_channels, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
@@ -216,16 +212,13 @@ def unet_config(params: Params, image_shape_hwc: tuple[int, ...],
 def variant_model(name: str, use_ema: bool) -> LoadedModel:
     """The trained model of variant `name` (its EMA weights when use_ema) as
     ddpm_core.modelfile.LoadedModel; one-line error."""
-    from ddpm_core.modelfile import ModelFileError, load_model_file
+    from ddpm_core.modelfile import load_model_file
     from pipeline.records import VariantPaths
 
     path = VariantPaths(name).model
     if not path.is_file():
         raise StageError(f"{path}: not found; run the train stage first (dvc repro)")
-    try:
-        return load_model_file(path, "ema" if use_ema else "model")
-    except ModelFileError as e:
-        raise StageError(str(e)) from None
+    return load_model_file(path, "ema" if use_ema else "model")  # ModelFileError: one line
 
 
 # ----------------------------------------------------------------------------- signals
@@ -277,12 +270,11 @@ def stop_on_signals() -> None:
 SAMPLE_BYTES_PER_VALUE = 4 + 4 + 1 + 1
 
 
-def physical_memory() -> int | None:
+def physical_memory() -> int:
     """Bytes of RAM this process may use: the machine's, or a smaller cgroup limit."""
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
+    import psutil
+
+    total = psutil.virtual_memory().total
     with suppress(OSError):  # no cgroup v2 limit file: the machine's
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         if limit.isdigit():
@@ -294,7 +286,7 @@ def check_sample_memory(num_samples: int, image_shape_chw: tuple[int, ...]) -> N
     """Refuse, before any sampling, a sample set that cannot fit in RAM (ConfigError)."""
     need = num_samples * math.prod(image_shape_chw) * SAMPLE_BYTES_PER_VALUE
     have = physical_memory()
-    if have is not None and need > have:
+    if need > have:
         shape = "x".join(map(str, image_shape_chw))
         raise ConfigError(f"sample.num_samples: {num_samples:,} images of {shape} need about "
                           f"{need / 1e9:,.1f} GB of RAM while sampling (num_samples x C x H x W "

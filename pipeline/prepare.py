@@ -36,6 +36,7 @@ def check(params: Params) -> None:
 
 
 def main(params: Params) -> None:
+    check(params)
     splits = prepare_splits(params.data, params.data.split_seed)
     with atomic_dir(DATA_DIR) as tmp:
         save_splits(splits, tmp)
@@ -47,4 +48,4 @@ def main(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main, check)
+    run_stage(main)

@@ -88,26 +88,16 @@ def _version(dists: tuple[str, ...]) -> str:
     return "not installed"
 
 
-def versions() -> dict[str, str]:
-    """{package: installed version}: python, then PACKAGES."""
-    return {"python": platform.python_version(),
-            **{name: _version(dists) for name, dists in PACKAGES.items()}}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux, else platform), with its logical cores."""
-    name = ""
+def device_description() -> str:
+    """'CPU: <model>, N logical cores; GPU: <name> x k' per CUDA device name (or 'GPU: none');
+    the CPU's model from /proc/cpuinfo on Linux, else platform."""
+    cpu = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.lower().startswith(("model name", "hardware", "cpu model")):
-                name = line.split(":", 1)[1].strip()
+                cpu = line.split(":", 1)[1].strip()
                 break
-    name = name or platform.processor() or platform.machine() or "unknown CPU"
-    return f"{name}, {os.cpu_count() or '?'} logical cores"
-
-
-def device_description() -> str:
-    """'CPU: <model>, N logical cores; GPU: <name> x k' per CUDA device name (or 'GPU: none')."""
+    cpu = cpu or platform.processor() or platform.machine() or "unknown CPU"
     try:
         import torch
 
@@ -115,7 +105,7 @@ def device_description() -> str:
     except Exception:  # a broken driver must not stop the report  # noqa: BLE001
         gpus = Counter()
     gpu = "; ".join(f"{n} x {k}" for n, k in gpus.items()) or "none (no CUDA device)"
-    return f"CPU: {cpu_model()}; GPU: {gpu}"
+    return f"CPU: {cpu}, {os.cpu_count() or '?'} logical cores; GPU: {gpu}"
 
 
 def provenance(params: Params, cwd: str | Path | None = None) -> dict[str, str]:
@@ -124,5 +114,6 @@ def provenance(params: Params, cwd: str | Path | None = None) -> dict[str, str]:
     return {"git commit": git.commit, "uncommitted changes": git.dirty_text(),
             # of the validated params (config.to_dict, as JSON with sorted keys)
             "params hash (SHA-256)": stable_hash(to_dict(params), n=64),
-            **{f"version: {k}": v for k, v in versions().items()},
+            "version: python": platform.python_version(),
+            **{f"version: {k}": _version(dists) for k, dists in PACKAGES.items()},
             "device (of the machine that wrote the report)": device_description()}

@@ -1,15 +1,8 @@
 """Stage `sample@<variant>`: N samples per sampler as uint8 arrays plus a PNG grid.
 
-Samplers (pipeline.records.sampler_specs), for the variant's model file models/<v>.pt:
-  ancestral_<σ²>       the full T-step chain of Algorithm 2 with each σ² in sample.variances
-                       (a learned-variance model uses its own σ² instead);
-  respaced_<σ²>_S<S>   ancestral with each of those σ² on S respaced steps (improved DDPM,
-                       Sec. 4);
-  ddim_S<S>            DDIM with η = sample.ddim_eta on the same S steps;
-  ddim_analytic_S<S>   Analytic-DDIM (Bao et al. 2022): DDIM with the σ̂² noise, when
-                       sample.variances holds analytic.
-Respaced (S < T) and DDIM chains cap σ of the step to x_{τ_1} at 2y/255·√(π/2), y =
-sample.last_sigma_cap_y (Bao et al.'s code); the full chains are uncapped.
+Samplers: pipeline.records.sampler_specs for the variant's model file models/<v>.pt (ancestral_<σ²>
+on all T steps, respaced_<σ²>_S<S> (improved DDPM, Sec. 4), ddim_S<S> and ddim_analytic_S<S>
+(Analytic-DDIM, Bao et al. 2022); which σ², which steps and which chains cap σ: its docstring).
 Image i of every sampler starts from the same x_T, drawn from (sample.seed, i) by the engine
 (ddpm_core.api.sample), so grids are comparable row by row.
 Writes samples/<v>/<sampler>.npy (uint8 [N, H, W, C]), samples/<v>/index.json (the specs, with
@@ -82,8 +75,7 @@ def main(params: Params, v: VariantConfig) -> None:
                             net_batch=s.net_batch, progress=bar, **engine_args(spec))
             seconds = time.perf_counter() - t0
             np.save(tmp / f"{spec.name}.npy", images, allow_pickle=False)
-            save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size,
-                      max(1, 64 // images.shape[1]))
+            save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size)
             # what starting at x_t ~ N(0, I) ignores, at the chain's first index t (T - 1 for
             # the full chain): samplers.prior_kl_at, the worst case over x_0 ∈ [-1, 1]
             T = m.diffusion.T

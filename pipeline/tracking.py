@@ -40,6 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ddpm_core.files import pid_alive
 from pipeline.common import StageError, stable_hash
 from pipeline.params import Params, check_tracking_uri, to_dict
 from pipeline.provenance import git_state
@@ -361,11 +362,9 @@ def _claim(client: Any, exp_id: str, key: str) -> str | None:
 def _writer_gone(owner: str) -> bool:
     """True when a claim's writer (CLAIM_OWNER_TAG "host:pid (folder)") ran on this machine
     and its process is gone: no need to wait for its heartbeat to go stale."""
-    import psutil  # a dependency of DVC's
-
     host, _, rest = owner.partition(":")
     pid = rest.split(" ", 1)[0]
-    return host == socket.gethostname() and pid.isdigit() and not psutil.pid_exists(int(pid))
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
 @contextmanager
@@ -406,8 +405,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 def tagged(client: Any, exp_id: str, tag: str, value: str) -> list[Any]:
     """The active runs whose tag `tag` is `value` (a key's runs, its claims, a run's children)."""
-    return client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'",
-                              max_results=1000)
+    return client.search_runs([exp_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1000)
 
 
 def delete_tree(client: Any, exp_id: str, run_id: str) -> None:

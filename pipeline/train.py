@@ -33,7 +33,6 @@ from ddpm_core.training import TrainingDiverged, TrainingInterrupted, train
 from ddpm_core.unet import UNet
 from pipeline.common import (
     StageError,
-    device,
     relaunch_under_torchrun,
     run_stage,
     stable_hash,
@@ -53,8 +52,7 @@ def ckpt_dir_for(params: Params, v: VariantConfig, ucfg: object, cfg: TrainConfi
                if k not in ("pretrained", "format")}
     key = stable_hash({"schedule": params.schedule, "T": params.diffusion.timesteps,
                        "variant": variant, "unet": dataclasses.asdict(ucfg),
-                       "data": dataclasses.asdict(params.data),
-                       "train": weight_settings(cfg)})
+                       "data": dataclasses.asdict(params.data), "train": weight_settings(cfg)})
     d = VariantPaths(v.name).checkpoints() / key
     done = list_checkpoints(d)
     if done and step_of(done[-1]) > cfg.steps:
@@ -84,8 +82,9 @@ def _repair_history(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def _loss_row(h: dict) -> str:
-    return f"{h['step']},{h['loss']:.6g},{h['grad_norm']:.6g},{h['lr']:.6g}"
+def _loss_rows(history: list[dict]) -> str:
+    return "".join(f"{h['step']},{h['loss']:.6g},{h['grad_norm']:.6g},{h['lr']:.6g}\n"
+                   for h in history)
 
 
 def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
@@ -108,8 +107,7 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
     spec = ModelSpec(ucfg, params.schedule, params.diffusion.timesteps, v.mean_type, v.var_type)
     if is_main:  # the loss curve so far (a resumed run), then one appended row per log step
         _repair_history(hist_file)
-        write_text("\n".join([LOSS_HEADER] + [_loss_row(h) for h in _read_history(hist_file)])
-                   + "\n", paths.loss_csv)
+        write_text(LOSS_HEADER + "\n" + _loss_rows(_read_history(hist_file)), paths.loss_csv)
 
     def on_log(step: int, metrics: dict) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -117,15 +115,14 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
         with hist_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
         with paths.loss_csv.open("a") as f:
-            f.write(_loss_row(row) + "\n")
+            f.write(_loss_rows([row]))
         print(f"train[{v.name}] step {step}/{cfg.steps} loss {metrics['loss']:.4f} "
               f"grad_norm {metrics['grad_norm']:.3f} {metrics['images_per_s']:.0f} img/s",
               flush=True)
 
     t0 = time.perf_counter()
     try:
-        result = train(model, loss, t_sampler, data, cfg, ckpt_dir, device=device(),
-                       on_log=on_log, spec=spec)
+        result = train(model, loss, t_sampler, data, cfg, ckpt_dir, on_log=on_log, spec=spec)
     except TrainingDiverged as e:
         if is_main:
             from pipeline.tracking import record_failure
@@ -145,16 +142,14 @@ def train_variant(params: Params, v: VariantConfig, is_main: bool) -> None:
                {"variant": v.name, "step": result.step, "train": dataclasses.asdict(cfg),
                 "loss": v.loss, "t_sampling": v.t_sampling})
     # the curve once more, deduplicated (a resumed run re-logged steps after its checkpoint)
-    write_text("\n".join([LOSS_HEADER] + [_loss_row(h) for h in history]) + "\n",
-               paths.loss_csv)
+    write_text(LOSS_HEADER + "\n" + _loss_rows(history), paths.loss_csv)
     last = history[-1] if history else {}
     write_json(variant_metrics(v.name, {FINAL_LOSS: last.get("loss")}), paths.train_metrics)
     resumed = str(result.resumed_from) if result.resumed_from else None
     write_json({"seconds": round(seconds, 2), "steps": result.step,
                 "images_per_s": last.get("images_per_s"), "resumed_from": resumed,
                 "checkpoints": str(ckpt_dir),
-                "parameters": sum(p.numel() for p in model.parameters())},
-               paths.timings("train"))
+                "parameters": sum(p.numel() for p in model.parameters())}, paths.timings("train"))
     print(f"train[{v.name}]: {result.step} steps in {seconds:.1f} s"
           + (f" (resumed from {resumed})" if resumed else ""), flush=True)
 

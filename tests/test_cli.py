@@ -365,12 +365,18 @@ def test_shipped_expected_file_is_valid_and_digits_entry_holds_the_default_runs_
     assert all(isinstance(v, float) for v in got.values()), got
     for key in got:
         variant, metric = key.split(".")
-        assert variant in params.variants and metric.startswith(("bpd_sigma2_", "fid_")), key
+        assert variant in params.variants, key
+        assert metric.startswith(("bpd_sigma2_", "fid_", "nll_ode_")), key
+        if metric.startswith("nll_ode_"):  # the nll stage writes the dequantizations named
+            deq = "variational" if metric.startswith("nll_ode_vardeq") else "uniform"
+            assert deq in params.nll.dequantization, key
         if "_K" in metric:
             assert int(metric.rsplit("_K", 1)[1]) in params.bpd.steps, key
         if metric.endswith("_S10"):
             assert 10 in params.sample.steps, key
     assert got["simple.bpd_sigma2_analytic_K10"] < got["simple.bpd_sigma2_beta_K10"]
+    # on the bound's footing the ODE lies below every bound (issue 19)
+    assert got["simple.nll_ode_vardeq_bpd"] < got["simple.bpd_sigma2_analytic"]
 
 
 # ----------------------------------------------------------------------------- preset -> check
