@@ -39,7 +39,7 @@ from pipeline.records import DATA_DIR, VariantPaths, bpd_key, read_gamma, varian
 
 def main(params: Params, v: VariantConfig) -> None:
     b = params.bpd
-    info = start_processes("pipeline.bpd", b.nproc)
+    info = start_processes("pipeline.bpd", b.nproc, b.nnodes)
     paths = VariantPaths(v.name)
     images = load_images(DATA_DIR / "test.npy")[:b.num_images]
     m = variant_model(v.name, b.use_ema)

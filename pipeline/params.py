@@ -154,10 +154,12 @@ class SampleConfig:
     seed: NonNegative = 0
     grid_size: Positive = 64
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
-    # GPU), and N processes under torchrun, each taking its share of the images.
+    # GPU), and nproc processes on each of nnodes machines under torchrun, each process taking
+    # its share of the images.
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
+    nnodes: Positive = 1  # > 1: a rendezvous endpoint (rendezvous below)
     # rows of every network call (api.FixedRows): BLAS and cuDNN pick kernels by shape, so a
     # fixed call size keeps each image's numbers independent of batch_size; a divisor of the
     # rows of a batch (batch_size, x t_batch for the bound) wastes no padding
@@ -192,6 +194,7 @@ class BpdConfig:
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
+    nnodes: Positive = 1
     net_batch: Positive = modes.NET_BATCH
 
     @model_validator(mode="after")
@@ -286,6 +289,40 @@ def check_tracking_uri(uri: str, key: str) -> None:
     """A ConfigError naming `key` unless `uri` is a tracking URI MLflow can open."""
     if not is_tracking_uri(uri):
         raise ConfigError(f"{key}: {uri!r} {_URI_FIX}")
+
+
+# A multi-node stage (train, sample or bpd with nnodes > 1) meets through torchrun's c10d
+# rendezvous. Its endpoint is the job's, not the experiment's (the first node of this
+# allocation), so it comes from the environment only, the way torchrun takes --rdzv-endpoint
+# and --rdzv-id: params.yaml stays the same on every cluster and job.
+RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "DDPM_RDZV_ENDPOINT", "DDPM_RDZV_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendezvous:
+    """Where the torchrun agents of a multi-node stage meet: host:port of one node, a job id."""
+
+    nnodes: int
+    endpoint: str
+    run_id: str
+
+
+def rendezvous(key: str, nnodes: int, environ: Mapping[str, str]) -> Rendezvous | None:
+    """None for one machine; else DDPM_RDZV_ENDPOINT (host:port) and the id DDPM_RDZV_ID, else
+    SLURM_JOB_ID, else 'ddpm'. A missing or malformed endpoint is a ConfigError naming `key`."""
+    if nnodes == 1:
+        return None
+    endpoint = environ.get(RDZV_ENDPOINT_ENV, "").strip()
+    if not endpoint:
+        raise ConfigError(f"{key}: {nnodes} machines meet at a rendezvous endpoint; export "
+                          f"{RDZV_ENDPOINT_ENV}=<first node's host>:<free port> on every node "
+                          "(README, Running on a cluster), or set it to 1")
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {RDZV_ENDPOINT_ENV}={endpoint!r} is not host:port; give the "
+                          "first node's host name and a free port, e.g. node001:29500")
+    run_id = environ.get(RDZV_ID_ENV) or environ.get("SLURM_JOB_ID") or "ddpm"
+    return Rendezvous(nnodes, endpoint, run_id)
 
 
 @settings

@@ -56,7 +56,7 @@ def engine_args(spec: SamplerSpec) -> dict:
 
 def main(params: Params, v: VariantConfig) -> None:
     s = params.sample
-    info = start_processes("pipeline.sample", s.nproc)
+    info = start_processes("pipeline.sample", s.nproc, s.nnodes)
     dev = info.device
     paths = VariantPaths(v.name)
     m = variant_model(v.name, s.use_ema)
