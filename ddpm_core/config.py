@@ -118,12 +118,14 @@ class TrainConfig:
     log_every: Positive = _setting(100, weights=False)
     resume_fallback: StrictBool = _setting(False, weights=False)
     nproc: Positive = _setting(1, weights=False)  # the global batch is the same on N processes
+    nnodes: Positive = _setting(1, weights=False)  # machines, nproc processes each (torchrun)
     seed: NonNegative = _setting(0, weights=True)
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:
-        if self.batch_size % self.nproc:
-            raise Invalid(f"must be divisible by nproc={self.nproc}", "batch_size")
+        if self.batch_size % (self.nproc * self.nnodes):
+            raise Invalid(f"must be divisible by nproc={self.nproc}" + (
+                f" x nnodes={self.nnodes}" if self.nnodes > 1 else ""), "batch_size")
         return self
 
 

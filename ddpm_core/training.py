@@ -254,9 +254,10 @@ def train(model: nn.Module, loss: Loss, t_sampler: TimestepSampler, data_uint8: 
     spec_dict = _check_spec(spec, model)
     info = D.init_distributed(device)
     dev, ckpt_dir = info.device, Path(ckpt_dir)
-    if info.world_size != cfg.nproc:
-        warnings.warn(f"cfg.nproc={cfg.nproc} but {info.world_size} process(es) are running; "
-                      "the global batch stays cfg.batch_size", stacklevel=2)
+    if info.world_size != cfg.nproc * cfg.nnodes:
+        warnings.warn(f"cfg.nproc={cfg.nproc} x cfg.nnodes={cfg.nnodes} but {info.world_size} "
+                      "process(es) are running; the global batch stays cfg.batch_size",
+                      stacklevel=2)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")  # TF32 matmuls, as in the peer measurements

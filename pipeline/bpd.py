@@ -1,7 +1,8 @@
 """Stage `bpd@<variant>`: the variational bound (bits/dim) on the test split, for the full chain
 and the K-step chains of bpd.steps (even trajectory, Analytic-DPM Table 1).
 
-For every σ² choice in bpd.variances (fixed_large, fixed_small, analytic with Γ from gamma@<v>)
+For every σ² choice in bpd.variances (fixed_large, fixed_small, analytic with Γ from gamma@<v>,
+npr and sn with the heads of nnhead@<v>; a model without heads leaves those out, one line)
 one pass of network calls serves every σ² and every K (the engine's ddpm_core.api.bound, which
 `ddpm bpd` calls too: the noise of test image i at step τ comes from (bpd.seed, i, τ), so both
 give the same numbers whatever the batch sizes or processes). A learned-variance model is
@@ -24,14 +25,21 @@ from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup
 from ddpm_core.inference import inference_model
 from ddpm_core.modes import SIGMA2_MODES
-from pipeline.common import run_stage, start_processes, variant_model, write_json, write_text
-from pipeline.params import Params, VariantConfig
+from pipeline.common import (
+    run_stage,
+    start_processes,
+    variant_heads,
+    variant_model,
+    write_json,
+    write_text,
+)
+from pipeline.params import Params, VariantConfig, head_kinds_in
 from pipeline.records import DATA_DIR, VariantPaths, bpd_key, read_gamma, variant_metrics
 
 
 def main(params: Params, v: VariantConfig) -> None:
     b = params.bpd
-    info = start_processes("pipeline.bpd", b.nproc)
+    info = start_processes("pipeline.bpd", b.nproc, b.nnodes)
     paths = VariantPaths(v.name)
     images = load_images(DATA_DIR / "test.npy")[:b.num_images]
     m = variant_model(v.name, b.use_ema)
@@ -40,9 +48,17 @@ def main(params: Params, v: VariantConfig) -> None:
     n, T = len(images), m.diffusion.T
     Ks = [T] if learned else sorted(set(b.steps) | {T})
     gamma = read_gamma(paths, T) if "analytic" in var_types else None
+    heads = None
+    if kinds := head_kinds_in(tuple(var_types)):
+        heads, why = variant_heads(v.name)
+        if why is not None:
+            if info.is_main:
+                print(f"bpd[{v.name}]: σ² {', '.join(kinds)} left out: {why}", flush=True)
+            var_types = [vt for vt in var_types if vt not in kinds]
     net = inference_model(m.net.to(info.device), b.precision, compile=b.compile)
     t0 = time.perf_counter()
-    res = bound(net, m.diffusion, images, sigma2=var_types, steps=Ks, gamma=gamma, seed=b.seed,
+    res = bound(net, m.diffusion, images, sigma2=var_types, steps=Ks, gamma=gamma, heads=heads,
+                seed=b.seed,
                 batch_size=b.batch_size, t_batch=b.t_batch, net_batch=b.net_batch,
                 device=info.device, progress=info.is_main)
     seconds = time.perf_counter() - t0

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.files import atomic_dir, atomic_write_text
 from ddpm_core.files import write_json as _write_json
-from pipeline.params import ConfigError, Params, VariantConfig, load_params
+from pipeline.params import ConfigError, Params, VariantConfig, load_params, rendezvous
 
 __all__ = ["atomic_dir", "write_text", "write_json"]
 
@@ -127,21 +127,32 @@ def stable_hash(obj: Any, n: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:n]
 
 
-def start_processes(module: str, n: int) -> DistInfo:
-    """This process's ddpm_core.distributed info, after relaunching `module` on n processes."""
+def start_processes(module: str, n: int, nnodes: int = 1) -> DistInfo:
+    """This process's ddpm_core.distributed info, after relaunching `module` on n processes on
+    each of nnodes machines."""
     from ddpm_core.distributed import init_distributed
 
-    relaunch_under_torchrun(module, n)
+    relaunch_under_torchrun(module, n, nnodes)
     return init_distributed(device())
 
 
-def relaunch_under_torchrun(module: str, n: int) -> None:
-    """Unless already under torchrun, re-run `python -m module <args>` on n processes and exit."""
-    if n <= 1 or "LOCAL_RANK" in os.environ:
+def relaunch_under_torchrun(module: str, n: int, nnodes: int = 1) -> None:
+    """Unless already under torchrun, re-run `python -m module <args>` on n processes and exit.
+
+    On nnodes > 1 machines every machine runs the same stage command and its torchrun agent
+    meets the others through torchrun's c10d rendezvous (params.rendezvous: the endpoint from
+    the environment); torchrun numbers the processes, and global rank 0 writes the outputs."""
+    rdzv = rendezvous(f"{module.removeprefix('pipeline.')}.nnodes", nnodes, os.environ)
+    if n * nnodes <= 1 or "LOCAL_RANK" in os.environ:
         return
     exe = Path(sys.executable).with_name("torchrun")
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", f"--nproc_per_node={n}", "-m", module, *sys.argv[1:]]
+    if rdzv is None:
+        cmd += ["--standalone", f"--nproc_per_node={n}"]
+    else:
+        cmd += [f"--nnodes={rdzv.nnodes}", f"--nproc_per_node={n}", "--rdzv_backend=c10d",
+                f"--rdzv_endpoint={rdzv.endpoint}", f"--rdzv_id={rdzv.run_id}"]
+    cmd += ["-m", module, *sys.argv[1:]]
     print(f"{module}: " + " ".join(cmd), flush=True)
     sys.exit(subprocess.call(cmd))
 
@@ -208,6 +219,27 @@ def variant_model(name: str, use_ema: bool) -> LoadedModel:
     if not path.is_file():
         raise StageError(f"{path}: not found; run the train stage first (dvc repro)")
     return load_model_file(path, "ema" if use_ema else "model")  # ModelFileError: one line
+
+
+def variant_heads(name: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(heads, None) of variant `name` from nnhead@<name>'s folder, or (None, why) when that
+    stage trained none (a model without heads: learned variance, not an ε-model, or
+    nnhead.steps 0); one-line error when the folder is missing or the file bad."""
+    from ddpm_core.api import load_heads
+    from ddpm_core.headfile import HeadsFileError
+    from pipeline.records import VariantPaths, read_json
+
+    paths = VariantPaths(name)
+    if not paths.heads_info.is_file():
+        raise StageError(f"{paths.heads_info}: not found; σ² npr and sn need the heads of "
+                         f"nnhead@{name}: run it first (dvc repro)")
+    info = read_json(paths.heads_info)
+    if info.get("heads") is None:
+        return None, str(info.get("skipped") or "nnhead trained no heads")
+    try:
+        return load_heads(paths.heads), None
+    except HeadsFileError as e:
+        raise StageError(f"{e} (rerun nnhead@{name})") from None
 
 
 # ----------------------------------------------------------------------------- signals

@@ -3,7 +3,8 @@ against the reference statistics of the `features` stage (never recomputed here)
 
 Writes metrics/fid/<v>.json (keys from pipeline.records.fid_key), fid/<v>.json (FID, KID, IS
 per sampler), plots/fid_steps/<v>.csv (FID against the number of sampling steps: DDIM,
-Analytic-DDIM and respaced ancestral per σ², the full chain at S = T) and timings/fid/<v>.json.
+Analytic-, NPR- and SN-DDIM and respaced ancestral per σ², the full chain at S = T) and
+timings/fid/<v>.json.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pipeline.common import run_stage, write_json, write_text
 from pipeline.params import VARIANCES, Params, VariantConfig
 from pipeline.records import (
     CLASSIFIER_FILE,
+    DDIM_NAMES,
     REFERENCE_FILE,
     SamplerSpec,
     VariantPaths,
@@ -27,11 +29,12 @@ from pipeline.records import (
     variant_metrics,
 )
 
-# plots/fid_steps/<v>.csv: one `respaced` column for σ² = β or a model's own learned σ², one
-# respaced_<short> per other σ² the pipeline draws (params.VARIANCES; dvc.yaml's plot names them:
-# tests/test_modes.py compares)
+# plots/fid_steps/<v>.csv: one `ddim` column and one ddim_<short> per DDIM with a σ²'s noise
+# (records.DDIM_NAMES: Analytic-, NPR-, SN-DDIM), one `respaced` column for σ² = β or a model's
+# own learned σ², one respaced_<short> per other σ² the pipeline draws (params.VARIANCES;
+# dvc.yaml's plot names them: tests/test_modes.py compares)
 _RESPACED = ("fixed_large", *LEARNED_VAR_TYPES)
-STEPS_COLUMNS = ("ddim", f"ddim_{SIGMA2_MODES['analytic'].short}", "respaced",
+STEPS_COLUMNS = ("ddim", *(f"ddim_{SIGMA2_MODES[v].short}" for v in DDIM_NAMES if v), "respaced",
                  *(f"respaced_{SIGMA2_MODES[v].short}" for v in VARIANCES if v not in _RESPACED))
 
 

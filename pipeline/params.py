@@ -36,13 +36,29 @@ from ddpm_core.config import (
 )
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
 
-# The σ² choices of the samplers and the bound over every variant: the fixed ones and
-# Analytic-DPM's (Γ from the gamma stage); a learned σ² is a learned variant's own.
-VARIANCES: tuple[modes.Sigma2, ...] = (*modes.FIXED_VAR_TYPES, "analytic")
+# The σ² choices of the samplers and the bound over every variant: the fixed ones,
+# Analytic-DPM's (Γ from the gamma stage) and Bao et al. 2022b's NPR and SN (the heads of the
+# nnhead stage); a learned σ² is a learned variant's own.
+VARIANCES: tuple[modes.Sigma2, ...] = (*modes.FIXED_VAR_TYPES, "analytic", *modes.HEAD_KINDS)
 Variances = Annotated[tuple[modes.Sigma2, ...], check(
     lambda vs: set(vs) <= set(VARIANCES),
     lambda vs: f"{next(v for v in vs if v not in VARIANCES)!r} is not a σ² choice; use "
                f"{', '.join(VARIANCES[:-1])} or {VARIANCES[-1]}")]
+
+
+def head_kinds_in(variances: tuple[str, ...]) -> list[str]:
+    """The σ² of `variances` that need the variance heads (npr, sn), in the order given."""
+    return [v for v in variances if v in modes.HEAD_KINDS]
+
+
+def _eager_for_heads(section: str, variances: tuple[str, ...], compile_: bool) -> None:
+    """The heads run on the U-Net's eager feature map (ddpm_core.heads refuses a compiled
+    network): compile and npr/sn do not go together."""
+    if compile_ and (kinds := head_kinds_in(variances)):
+        raise Invalid(f"{' and '.join(kinds)} in {section}.variances need the eager network (the "
+                      "variance heads read the U-Net's last feature map; a compiled one is "
+                      f"refused): set {section}.compile: false or drop {', '.join(kinds)}",
+                      "compile")
 
 
 @settings
@@ -129,17 +145,30 @@ class SampleConfig:
     last_sigma_cap_y: Annotated[StrictFloat | None, check(
         lambda v: v is None or v > 0, "must be > 0 (pixel levels) or null (no cap)")] = \
         DEFAULT_LAST_SIGMA_CAP_Y
+    # The heads' σ² (npr, sn in `variances`: Bao et al. 2022b): respaced ancestral and
+    # NPR-/SN-DDIM at these step counts only, no full chain (S = T is the full chain); null: like
+    # the other σ², the full chain and every S of `steps`.
+    head_steps: Annotated[tuple[StrictInt, ...] | None, check(
+        lambda s: s is None or all(k > 0 for k in s), "must be positive step counts or null")] \
+        = None
     seed: NonNegative = 0
     grid_size: Positive = 64
     # The network call (ddpm_core.inference): bf16 autocast, torch.compile (CUDA graphs on a
-    # GPU), and N processes under torchrun, each taking its share of the images.
+    # GPU), and nproc processes on each of nnodes machines under torchrun, each process taking
+    # its share of the images.
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
+    nnodes: Positive = 1  # > 1: a rendezvous endpoint (rendezvous below)
     # rows of every network call (api.FixedRows): BLAS and cuDNN pick kernels by shape, so a
     # fixed call size keeps each image's numbers independent of batch_size; a divisor of the
     # rows of a batch (batch_size, x t_batch for the bound) wastes no padding
     net_batch: Positive = modes.NET_BATCH
+
+    @model_validator(mode="after")
+    def _heads(self) -> SampleConfig:
+        _eager_for_heads("sample", self.variances, self.compile)
+        return self
 
 
 @settings
@@ -149,7 +178,8 @@ class BpdConfig:
     num_images: PositiveOrNull = None  # None: the whole test split
     batch_size: Positive = 64
     t_batch: Positive = 8  # timesteps evaluated per network call (x batch_size images)
-    # fixed_large | fixed_small | analytic (Analytic-DPM: needs the gamma stage's Γ)
+    # fixed_large | fixed_small | analytic (Analytic-DPM: needs the gamma stage's Γ) | npr | sn
+    # (Bao et al. 2022b: the heads of the nnhead stage)
     variances: Variances = ("fixed_large", "fixed_small")
     # K-step chains (even trajectory) besides the full chain T; K = T is always evaluated. The
     # even trajectory keeps steps 1 and T (likelihood.even_trajectory): a chain of one step has
@@ -164,7 +194,27 @@ class BpdConfig:
     precision: modes.Precision = "fp32"
     compile: StrictBool = False
     nproc: Positive = 1
+    nnodes: Positive = 1
     net_batch: Positive = modes.NET_BATCH
+
+    @model_validator(mode="after")
+    def _heads(self) -> BpdConfig:
+        _eager_for_heads("bpd", self.variances, self.compile)
+        return self
+
+
+@settings
+class NnheadConfig:
+    """nnhead stage: Bao et al. 2022b's NPR and SN variance heads (ddpm_core.api.train_heads),
+    trained together on the variant's frozen ε-network, for σ² npr and sn."""
+
+    # 0: no heads are trained (npr and sn then cannot be asked for). Bao et al.'s own count is
+    # not transcribed here (the paper could not be read); params.yaml sizes it for the digits.
+    steps: NonNegative = 0
+    lr: Annotated[StrictFloat, check(lambda v: v > 0, "must be > 0")] = 1e-4  # their code's
+    batch_size: Positive = 128
+    seed: NonNegative = 0  # training step s draws its images, t and noise from (seed, s)
+    use_ema: StrictBool = True  # the heads sit on the weights the evaluations use (EMA)
 
 
 Tolerance = Annotated[StrictFloat, check(
@@ -241,6 +291,40 @@ def check_tracking_uri(uri: str, key: str) -> None:
         raise ConfigError(f"{key}: {uri!r} {_URI_FIX}")
 
 
+# A multi-node stage (train, sample or bpd with nnodes > 1) meets through torchrun's c10d
+# rendezvous. Its endpoint is the job's, not the experiment's (the first node of this
+# allocation), so it comes from the environment only, the way torchrun takes --rdzv-endpoint
+# and --rdzv-id: params.yaml stays the same on every cluster and job.
+RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "DDPM_RDZV_ENDPOINT", "DDPM_RDZV_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendezvous:
+    """Where the torchrun agents of a multi-node stage meet: host:port of one node, a job id."""
+
+    nnodes: int
+    endpoint: str
+    run_id: str
+
+
+def rendezvous(key: str, nnodes: int, environ: Mapping[str, str]) -> Rendezvous | None:
+    """None for one machine; else DDPM_RDZV_ENDPOINT (host:port) and the id DDPM_RDZV_ID, else
+    SLURM_JOB_ID, else 'ddpm'. A missing or malformed endpoint is a ConfigError naming `key`."""
+    if nnodes == 1:
+        return None
+    endpoint = environ.get(RDZV_ENDPOINT_ENV, "").strip()
+    if not endpoint:
+        raise ConfigError(f"{key}: {nnodes} machines meet at a rendezvous endpoint; export "
+                          f"{RDZV_ENDPOINT_ENV}=<first node's host>:<free port> on every node "
+                          "(README, Running on a cluster), or set it to 1")
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: {RDZV_ENDPOINT_ENV}={endpoint!r} is not host:port; give the "
+                          "first node's host name and a free port, e.g. node001:29500")
+    run_id = environ.get(RDZV_ID_ENV) or environ.get("SLURM_JOB_ID") or "ddpm"
+    return Rendezvous(nnodes, endpoint, run_id)
+
+
 @settings
 class MlflowConfig:
     """Where runs go; MLFLOW_TRACKING_URI overrides `tracking_uri`."""
@@ -265,6 +349,7 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     bpd: BpdConfig = field(default_factory=BpdConfig)
+    nnhead: NnheadConfig = field(default_factory=NnheadConfig)
     nll: NllConfig = field(default_factory=NllConfig)
     gamma: GammaConfig = field(default_factory=GammaConfig)
     fid: FidConfig = field(default_factory=FidConfig)
@@ -300,6 +385,14 @@ class Params:
         for key, steps in (("sample.steps", self.sample.steps), ("bpd.steps", self.bpd.steps)):
             if too_long := [S for S in steps if S > T]:
                 raise Invalid(f"{too_long[0]} exceeds diffusion.timesteps={T}", key)
+        for key, variances in (("sample.variances", self.sample.variances),
+                               ("bpd.variances", self.bpd.variances)):
+            if self.nnhead.steps == 0 and (kinds := head_kinds_in(variances)):
+                raise Invalid(f"{' and '.join(kinds)} need the variance heads of the nnhead "
+                              "stage, but nnhead.steps is 0 (no heads are trained): set "
+                              f"nnhead.steps > 0 or drop {', '.join(kinds)}", key)
+        if too_long := [S for S in self.sample.head_steps or () if S > T]:
+            raise Invalid(f"{too_long[0]} exceeds diffusion.timesteps={T}", "sample.head_steps")
         for name, v in self.variants.items():
             object.__setattr__(v, "name", name)
         # The effective training settings, resolved once here (see TrainConfig.hflip).

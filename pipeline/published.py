@@ -56,6 +56,18 @@ ANALYTIC_DPM_DDIM_FID = {
     "ddim_analytic": {10: 14.00, 25: 5.81, 50: 4.04, 100: 3.55, 200: 3.39, 400: 3.50,
                       1000: 3.74},
 }
+# NPR-DPM and SN-DPM (Bao et al. 2022b: variance heads on the frozen ε-network), CIFAR-10 (LS),
+# their LS model, even trajectory of K steps, as issue 20 gives them: nobody here could read the
+# paper, so these are NOT yet checked against it (HEADS_SOURCE says so wherever they are shown).
+# The issue's Analytic-DDPM bits/dim row (5.47 / 4.79 / 4.38 / 4.07 / 3.84 / 3.59) is
+# ANALYTIC_DPM_BPD["analytic"] at the same K (tests/test_nnhead.py checks), kept there only.
+HEADS_SOURCE = ("Bao et al. 2022b (NPR-/SN-DPM), CIFAR-10 (LS), even trajectory of K steps, as "
+                "given in issue 20; not yet checked against Bao et al. 2022b")
+HEADS_LABEL = ("NPR-/SN-DPM CIFAR-10 (LS), as given in issue 20; not yet checked against "
+               "Bao et al. 2022b")
+HEADS_BPD = {"npr": {10: 5.40, 25: 4.64, 50: 4.25, 100: 3.98, 200: 3.79, 1000: 3.57}}
+HEADS_DDIM_FID = {"sn": {10: 12.19, 25: 4.28, 50: 3.39, 100: 3.23, 200: 3.22, 1000: 3.65}}
+
 # their CIFAR-10 sampling runs cap σ of the step to x_τ1 (clip_sigma_idx 1) with y = 2
 ANALYTIC_DPM_LAST_SIGMA_CAP_Y = 2
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from ddpm_core.last_sigma import last_sigma_cap, last_sigma_cap_of
 from ddpm_core.modes import (
+    HEAD_KINDS,
     LEARNED_VAR_TYPES,
     SIGMA2_MODES,
     Dequantization,
@@ -41,11 +42,12 @@ CKPT_DIR = Path("checkpoints")  # training state: NOT a DVC output (see README, 
 class SamplerSpec:
     """One sample set: `ancestral` (all T steps of Algorithm 2), `respaced` (ancestral on S
     respaced steps, improved DDPM Sec. 4) or `ddim` (η = eta on S steps; variance "analytic":
-    Bao et al.'s Analytic-DDIM, DDIM with the σ̂² noise)."""
+    Bao et al.'s Analytic-DDIM, DDIM with the σ̂² noise; "npr" / "sn": NPR- / SN-DDIM, DDIM with
+    the heads' noise, Bao et al. 2022b)."""
 
     kind: SpecKind
     steps: int
-    variance: Sigma2 | None = None  # σ² (ancestral, respaced); DDIM: None or "analytic"
+    variance: Sigma2 | None = None  # σ² (ancestral, respaced); DDIM: None, analytic, npr, sn
     spacing: Spacing | None = None  # timestep spacing of respaced / DDIM; None: all T steps
     eta: float | None = None  # DDIM only
     # y of the cap 2y/255·√(π/2) on σ of the step to x_{τ_1} (last_sigma.last_sigma_cap); None:
@@ -55,7 +57,7 @@ class SamplerSpec:
     @property
     def name(self) -> str:
         """File and metric name: ancestral_beta, respaced_beta_S10, ddim_S10,
-        ddim_analytic_S10."""
+        ddim_analytic_S10, ddim_npr_S10."""
         short = None if self.variance is None else SIGMA2_MODES[self.variance].short
         if self.kind == "ancestral":
             return f"ancestral_{short}"
@@ -91,27 +93,45 @@ class SamplerSpec:
         return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
 
+# the DDIM sampler of each σ² DDIM takes: plain DDIM (None), Analytic-DDIM (Bao et al. 2022)
+# and NPR- / SN-DDIM (Bao et al. 2022b), the last three with their σ² noise even at η = 0
+DDIM_NAMES: dict[Sigma2 | None, str] = {None: "DDIM", "analytic": "Analytic-DDIM",
+                                        "npr": "NPR-DDIM", "sn": "SN-DDIM"}
+
+
 def ddim_title(variance: Sigma2 | None, eta: float | None) -> str:
-    """'DDIM η = 0', or 'Analytic-DDIM η = 0' (DDIM with the analytic σ̂² noise)."""
-    return f"{'DDIM' if variance is None else 'Analytic-DDIM'} η = {eta or 0.0:g}"
+    """'DDIM η = 0', 'Analytic-DDIM η = 0', 'NPR-DDIM η = 0' or 'SN-DDIM η = 0'."""
+    return f"{DDIM_NAMES[variance]} η = {eta or 0.0:g}"
 
 
-def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2) -> list[SamplerSpec]:
+def sampler_specs(s: SampleConfig, T: int, var_type: Sigma2,
+                  heads: bool = True) -> list[SamplerSpec]:
     """What sample@<v> draws for a model whose own σ² is `var_type`: the full chain with each
     σ² of sample.variances (a learned σ² instead: its own), then at every S of sample.steps
     respaced ancestral with each of those σ², DDIM and, when σ² analytic is among them,
-    Analytic-DDIM. Respaced chains of S < T steps and DDIM cap σ of the step to x_{τ_1} with
+    Analytic-DDIM. The heads' σ² (npr, sn; left out when `heads` is False: a model without
+    heads) are drawn at every S of sample.head_steps only (None: as the others), respaced and
+    as NPR-/SN-DDIM. Respaced chains of S < T steps and DDIM cap σ of the step to x_{τ_1} with
     y = sample.last_sigma_cap_y; the full chains (S = T too) are uncapped."""
-    variances = [var_type] if var_type in LEARNED_VAR_TYPES else list(s.variances)
+    variances = [var_type] if var_type in LEARNED_VAR_TYPES else [
+        v for v in s.variances if heads or v not in HEAD_KINDS]
+    plain = [v for v in variances if v not in HEAD_KINDS]
+    kinds = [v for v in variances if v in HEAD_KINDS]
+    # (S, the σ² drawn at S, plain DDIM too)
+    by_steps = [(S, plain + (kinds if s.head_steps is None else []), True) for S in s.steps]
+    if s.head_steps is not None:
+        by_steps += [(S, kinds, False) for S in s.head_steps]
     y = s.last_sigma_cap_y
-    specs = [SamplerSpec("ancestral", T, v) for v in variances]
-    for S in s.steps:
+    specs = [SamplerSpec("ancestral", T, v) for v in
+             (variances if s.head_steps is None else plain)]
+    for S, vs, ddim in by_steps:
         y_anc = None if last_sigma_cap_of(T, S, False, y) is None else y  # S = T: the full chain
-        specs += [SamplerSpec("respaced", S, v, s.spacing, None, y_anc) for v in variances]
-        specs.append(SamplerSpec("ddim", S, None, s.spacing, s.ddim_eta, y))
-        if "analytic" in variances:
-            specs.append(SamplerSpec("ddim", S, "analytic", s.spacing, s.ddim_eta, y))
-    return specs
+        specs += [SamplerSpec("respaced", S, v, s.spacing, None, y_anc) for v in vs]
+        if ddim:
+            specs.append(SamplerSpec("ddim", S, None, s.spacing, s.ddim_eta, y))
+        specs += [SamplerSpec("ddim", S, v, s.spacing, s.ddim_eta, y) for v in vs
+                  if v in DDIM_NAMES]
+    return list({spec.name: spec for spec in specs}.values())
 
 
 def fid_key(spec: SamplerSpec) -> str:
@@ -136,7 +156,8 @@ NLL_KEYS: dict[Dequantization, tuple[str, str, str]] = {
 }
 
 FINAL_LOSS = "final_loss"
-TIMED_STAGES = ("train", "sample", "bpd", "nll", "fid")  # the stages that write timings/<v>
+# the stages that write timings/<stage>/<v>.json
+TIMED_STAGES = ("train", "nnhead", "sample", "bpd", "nll", "fid")
 FLOOR_FID = "floor_fid"
 
 
@@ -161,6 +182,7 @@ class VariantPaths:
     loss_csv = _VariantFile("plots/loss", ".csv")  # train: step,loss,grad_norm,lr (grows)
     train_metrics = _VariantFile("metrics/train", ".json")  # train: {<v>: {final_loss}}
     gamma = _VariantFile("gamma", ".json")  # gamma: Γ of the analytic σ² (null: learned σ²)
+    heads_dir = _VariantFile("heads")  # nnhead: heads.pt (the heads file) and info.json
     samples = _VariantFile("samples")  # sample: <sampler>.npy uint8 [N, H, W, C], index.json
     grids = _VariantFile("grids")  # sample: <sampler>.png image plots (`dvc plots show/diff`)
     bpd_terms = _VariantFile("bpd", ".csv")  # bpd: per-term bits/dim, one column per σ²
@@ -170,6 +192,14 @@ class VariantPaths:
     fid_details = _VariantFile("fid", ".json")  # fid: FID/KID/IS per sampler
     fid_metrics = _VariantFile("metrics/fid", ".json")  # fid: {<v>: {fid_<sampler>}}
     fid_steps = _VariantFile("plots/fid_steps", ".csv")  # fid: steps,ddim,...: FID vs S
+
+    @property
+    def heads(self) -> Path:  # nnhead: the NPR and SN heads (ddpm_core.headfile); absent: none
+        return self.heads_dir / "heads.pt"
+
+    @property
+    def heads_info(self) -> Path:  # nnhead: {heads: file name or null, skipped: why, settings}
+        return self.heads_dir / "info.json"
 
     @property
     def sample_index(self) -> Path:  # sample: the SamplerSpecs of samples/<v>/

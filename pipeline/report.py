@@ -24,7 +24,7 @@ from markdown_it import MarkdownIt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator  # noqa: E402
 
 from ddpm_core.data import load_images, save_grid  # noqa: E402
-from ddpm_core.modes import SIGMA2_MODES  # noqa: E402
+from ddpm_core.modes import HEAD_KINDS, SIGMA2_MODES  # noqa: E402
 from pipeline import published  # noqa: E402
 from pipeline.common import atomic_dir, run_stage, write_text  # noqa: E402
 from pipeline.params import Params  # noqa: E402
@@ -162,8 +162,9 @@ def _label(var: str | None) -> str:
     return SIGMA2_MODES[var].label  # type: ignore[index]
 
 
-# the σ² of Analytic-DPM's published tables, compared with ours: β, β̃, analytic
-SIGMA2_COMPARED = tuple(v for v in SIGMA2_MODES if v in published.ANALYTIC_DPM_BPD)
+# the σ² of the σ²-against-steps tables and figures: those of Analytic-DPM's published tables
+# (β, β̃, analytic), then Bao et al. 2022b's heads (NPR, SN)
+SIGMA2_COMPARED = (*(v for v in SIGMA2_MODES if v in published.ANALYTIC_DPM_BPD), *HEAD_KINDS)
 _VAR_OF = {m.key: var for var, m in SIGMA2_MODES.items()}  # bpd/<v>.csv column -> σ²
 
 
@@ -176,10 +177,12 @@ def _by_steps(rows: list[dict[str, str]], first: list[str], last: list[str]) -> 
 
 
 def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Bits/dim against K, and FID against S, for σ² = β, β̃, analytic: one row per measured
-    variant and σ² (FID: and per DDIM sampler, plain and Analytic-DDIM), then Analytic-DPM's
-    published CIFAR-10 (LS) rows (FID: their DDIM and Analytic-DDIM rows too); columns are the
-    number of steps (K for the bound, S for sampling) and each row says which spacing it used."""
+    """Bits/dim against K, and FID against S, for σ² = β, β̃, analytic, NPR, SN: one row per
+    measured variant and σ² (FID: and per DDIM sampler, plain, Analytic-, NPR- and SN-DDIM),
+    then Analytic-DPM's published CIFAR-10 (LS) rows (FID: their DDIM and Analytic-DDIM rows
+    too) and Bao et al. 2022b's NPR bits/dim and SN-DDIM FID as issue 20 gives them (labelled
+    unchecked); columns are the number of steps (K for the bound, S for sampling) and each row
+    says which spacing it used."""
     bpd_rows, fid_rows = [], []
     for name, r in res.variants.items():
         measured = {"source": f"measured: {name}", "metric": res.features.label,
@@ -195,7 +198,7 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
                      for title, fids in ddim.items()]
     pub = {"source": "published: Analytic-DPM CIFAR-10 (LS)", "spacing": "even"}
     pub_fid = {**pub, "metric": "FID (Inception-v3)"}
-    for var in SIGMA2_COMPARED:
+    for var in published.ANALYTIC_DPM_BPD:
         bpd_rows.append({**pub, "σ²": _label(var),
                          **_at_steps("K", published.ANALYTIC_DPM_BPD[var], 2)})
         fid_rows.append({**pub_fid, "σ²": _label(var),
@@ -203,8 +206,32 @@ def sigma2_steps_tables(params: Params, res: Results) -> tuple[pd.DataFrame, pd.
     fid_rows += [{**pub_fid, "σ²": ddim_title(None if kind == "ddim" else "analytic", 0.0),
                   **_at_steps("S", fids, 2)}
                  for kind, fids in published.ANALYTIC_DPM_DDIM_FID.items()]
+    # Bao et al. 2022b's rows as issue 20 gives them (HEADS_SOURCE: not checked against it)
+    heads = {"source": f"published: {published.HEADS_LABEL}", "spacing": "even"}
+    bpd_rows += [{**heads, "σ²": _label(var), **_at_steps("K", ks, 2)}
+                 for var, ks in published.HEADS_BPD.items()]
+    fid_rows += [{**heads, "metric": "FID (Inception-v3)", "σ²": ddim_title(var, 0.0),
+                  **_at_steps("S", ss, 2)} for var, ss in published.HEADS_DDIM_FID.items()]
     return (_by_steps(bpd_rows, ["source", "σ²"], ["spacing"]),
             _by_steps(fid_rows, ["source", "σ²", "metric"], ["spacing"]))
+
+
+def npr_against_analytic(res: Results) -> list[str]:
+    """Per model: whether the bound with σ² NPR lies below the analytic one at every K measured
+    (Bao et al. 2022b's claim), or at which K it does not."""
+    lines = []
+    for name, r in res.variants.items():
+        npr, ana = _bpd_against_steps(r, "npr"), _bpd_against_steps(r, "analytic")
+        both = [K for K in npr if K in ana]
+        if not both:
+            continue
+        above = [K for K in both if npr[K] >= ana[K]]
+        gaps = ", ".join(f"K = {K}: {npr[K] - ana[K]:+.3f}" for K in both)
+        lines.append(f"`{name}`: NPR {'beats' if not above else 'does not beat'} analytic "
+                     f"at every K" + ("" if not above else
+                                      f" (not at K = {', '.join(map(str, above))})")
+                     + f"; NPR − analytic bits/dim: {gaps}.")
+    return lines
 
 
 # the likelihood table's column of each dequantization (NLL_KEYS' order)
@@ -311,7 +338,8 @@ def thumb_width(res: Results) -> int:
     return max(lo, min(hi, 880 // max(1, len(res.variants))))
 
 
-SIGMA2_COLOR = dict(zip(SIGMA2_COMPARED, ("C0", "C1", "C2"), strict=True))  # in every figure
+# in every figure (C3, C4: the DDIM lines of fid_vs_steps)
+SIGMA2_COLOR = dict(zip(SIGMA2_COMPARED, ("C0", "C1", "C2", "C5", "C6"), strict=True))
 MODEL_STYLE = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))  # line, marker: model k (mod 4)
 LOSS_AXIS = {  # training loss kind -> (panel title, y label with the unit); {x}: the mean target
     "simple": ("L_simple (DDPM eq. 14)", "MSE of the {x} prediction\n(mean over dimensions)"),
@@ -447,8 +475,8 @@ def terms_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
 
 
 def steps_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
-    """FID against S (plots/fid_steps/<v>.csv): DDIM, Analytic-DDIM and respaced ancestral with
-    σ² = β, one line each per model, above the floor."""
+    """FID against S (plots/fid_steps/<v>.csv): DDIM, Analytic-, NPR- and SN-DDIM and respaced
+    ancestral with σ² = β, one line each per model, above the floor."""
     fig, (ax,) = _panels(1, 6.0, 3.6)
     drawn: list[int] = []
     for k, (name, r) in enumerate(res.variants.items()):
@@ -458,6 +486,8 @@ def steps_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
         line, marker = MODEL_STYLE[k % len(MODEL_STYLE)]
         for col, color, what in (("ddim", "C3", "DDIM η=0"),
                                  ("ddim_analytic", "C4", "Analytic-DDIM η=0"),
+                                 ("ddim_npr", SIGMA2_COLOR["npr"], "NPR-DDIM η=0"),
+                                 ("ddim_sn", SIGMA2_COLOR["sn"], "SN-DDIM η=0"),
                                  ("respaced", SIGMA2_COLOR["fixed_large"], "ancestral σ²=β")):
             if col in df and len(pts := df[["steps", col]].dropna()):
                 ax.plot(pts["steps"], pts[col], ls=line, marker=marker, color=color,
@@ -477,7 +507,8 @@ def steps_figure(params: Params, res: Results, fig_dir: Path) -> str | None:
 FIGURES = (("Loss curves", "loss", loss_figure),  # in the report's order
            ("Per-timestep terms of the bound (DDPM Fig. 5 style)", "terms", terms_figure),
            ("FID vs number of sampling steps: DDIM vs respaced ancestral", "steps", steps_figure),
-           ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic (measured)", "sigma2_steps",
+           ("Bits/dim vs K and FID vs S for σ² = β, β̃, analytic, NPR, SN (measured)",
+            "sigma2_steps",
             sigma2_steps_figure))
 TEMPLATES = jinja2.Environment(  # report.md.jinja (the text) and report.html.jinja (the page)
     loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), trim_blocks=True,
@@ -496,6 +527,7 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
          "sample_sets": _markdown(sample_sets_table(res)),
          "steps": _markdown(steps_table(res).reset_index()),
          "sigma2_bpd": _markdown(sigma2_bpd), "sigma2_fid": _markdown(sigma2_fid),
+         "npr_vs_analytic": npr_against_analytic(res),
          "table1": pd.DataFrame(published.TABLE1).set_index("model").to_markdown(),
          "table2": pd.DataFrame(published.TABLE2).set_index("parameterisation").to_markdown(),
          "ddim": _markdown(pd.DataFrame([{"sampler": name, **_at_steps("S", fids, 2)}

@@ -2,7 +2,9 @@
 
 Samplers: pipeline.records.sampler_specs for the variant's model file models/<v>.pt (ancestral_<σ²>
 on all T steps, respaced_<σ²>_S<S> (improved DDPM, Sec. 4), ddim_S<S> and ddim_analytic_S<S>
-(Analytic-DDIM, Bao et al. 2022); which σ², which steps and which chains cap σ: its docstring).
+(Analytic-DDIM, Bao et al. 2022), ddim_npr_S<S> and ddim_sn_S<S> (NPR-/SN-DDIM, Bao et al.
+2022b: the heads' noise even at η = 0, with the heads of nnhead@<v>, at sample.head_steps);
+which σ², which steps and which chains cap σ: its docstring).
 Image i of every sampler starts from the same x_T, drawn from (sample.seed, i) by the engine
 (ddpm_core.api.sample), so grids are comparable row by row.
 Writes samples/<v>/<sampler>.npy (uint8 [N, H, W, C]), samples/<v>/index.json (the specs, with
@@ -20,9 +22,10 @@ import torch
 from ddpm_core.api import calls_per_step, sample
 from ddpm_core.chains import timestep_spacing
 from ddpm_core.data import save_grid
+from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup
 from ddpm_core.inference import inference_model
-from ddpm_core.modes import DEFAULT_SPACING
+from ddpm_core.modes import DEFAULT_SPACING, HEAD_KINDS
 from ddpm_core.progress import Progress
 from ddpm_core.samplers import prior_kl_at
 from pipeline.common import (
@@ -31,18 +34,21 @@ from pipeline.common import (
     run_stage,
     scratch_dir,
     start_processes,
+    variant_heads,
     variant_model,
     write_json,
 )
-from pipeline.params import Params, VariantConfig
+from pipeline.params import Params, VariantConfig, head_kinds_in
 from pipeline.records import SamplerSpec, VariantPaths, read_gamma, sampler_specs
 
 
 def engine_args(spec: SamplerSpec) -> dict:
     """api.sample's sampler settings of one sample set."""
     if spec.kind == "ddim":
-        return {"sampler": "ddim" if spec.variance is None else "ddim_analytic",
-                "steps": spec.steps, "spacing": spec.spacing, "eta": spec.eta or 0.0}
+        heads = spec.variance in HEAD_KINDS  # NPR-/SN-DDIM: sampler ddim with the head's σ²
+        return {"sampler": "ddim" if spec.variance is None or heads else "ddim_analytic",
+                "steps": spec.steps, "spacing": spec.spacing, "eta": spec.eta or 0.0,
+                **({"sigma2": spec.variance} if heads else {})}
     return {"sampler": "ancestral", "sigma2": spec.variance,
             "spacing": spec.spacing or DEFAULT_SPACING,
             "steps": None if spec.kind == "ancestral" else spec.steps}
@@ -50,12 +56,17 @@ def engine_args(spec: SamplerSpec) -> dict:
 
 def main(params: Params, v: VariantConfig) -> None:
     s = params.sample
-    info = start_processes("pipeline.sample", s.nproc)
+    info = start_processes("pipeline.sample", s.nproc, s.nnodes)
     dev = info.device
     paths = VariantPaths(v.name)
     m = variant_model(v.name, s.use_ema)
     check_sample_memory(s.num_samples, m.spec.image_shape_chw)
-    specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type)
+    heads, why = variant_heads(v.name) if head_kinds_in(s.variances) and (
+        m.diffusion.var_type not in LEARNED_VAR_TYPES) else (None, None)
+    if why is not None and info.is_main:
+        print(f"sample[{v.name}]: σ² {', '.join(head_kinds_in(s.variances))} left out: {why}",
+              flush=True)
+    specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type, heads=heads is not None)
     gamma = read_gamma(paths, m.diffusion.T) if any(
         sp.variance == "analytic" for sp in specs) else None
     calls = calls_per_step(s.num_samples, s.batch_size, net_batch=s.net_batch) * sum(
@@ -70,7 +81,7 @@ def main(params: Params, v: VariantConfig) -> None:
         for spec in specs:
             t0 = time.perf_counter()
             images = sample(net, m.diffusion, s.num_samples, seed=s.seed,
-                            batch_size=s.batch_size, clip_x0=s.clip_x0, gamma=gamma,
+                            batch_size=s.batch_size, clip_x0=s.clip_x0, gamma=gamma, heads=heads,
                             last_sigma_cap_y=spec.last_sigma_cap_y, device=dev,
                             net_batch=s.net_batch, progress=bar, **engine_args(spec))
             seconds = time.perf_counter() - t0

@@ -183,7 +183,7 @@ def log_everything(params: Params, client, exp_id: str, key: str,
         t = r.timings
         metrics = {**results[name], "train_steps": t.get("train", {}).get("steps"),
                    **{f"{s}_seconds": t.get(s, {}).get("seconds")
-                      for s in ("train", "sample", "bpd", "nll")}}
+                      for s in ("train", "nnhead", "sample", "bpd", "nll")}}
         start, end = train_window(r) or (None, None)
         vrun = create_run(client, exp_id, name, f"{key}/{name}", "variant", parent,
                           tags={**tags, "variant": name}, start_time=start)

@@ -7,7 +7,8 @@ metrics/train/<v>.json (the final loss) and timings/train/<v>.json. The training
 checkpoints/<v>/<key>/, deliberately not a DVC output (a persist output would keep DVC's run
 cache from restoring this stage): `key` hashes every setting that changes the weights except
 train.steps, so an interrupted stage resumes where it stopped and raising train.steps continues
-training. With train.nproc > 1 the stage relaunches itself under torchrun (DDP).
+training. With train.nproc > 1 or train.nnodes > 1 the stage relaunches itself under torchrun
+(DDP; on several machines through its c10d rendezvous, pipeline.common).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def main(params: Params, v: VariantConfig) -> None:
     if v.pretrained is not None:
         import_pretrained(params, v)
         return
-    relaunch_under_torchrun("pipeline.train", params.train.nproc)
+    relaunch_under_torchrun("pipeline.train", params.train.nproc, params.train.nnodes)
     train_variant(params, v, int(os.environ.get("RANK", "0")) == 0)
 
 

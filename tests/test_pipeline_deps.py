@@ -64,7 +64,7 @@ def test_every_output_is_cached_and_nothing_persists():
 
 
 def test_per_variant_stages_read_only_their_own_variant():
-    for name in ("train", "gamma", "sample", "bpd", "nll", "fid"):
+    for name in ("train", "gamma", "nnhead", "sample", "bpd", "nll", "fid"):
         st = DVC["stages"][name]
         assert st["foreach"] == "${variants}", name
         params = st["do"].get("params", [])

@@ -19,7 +19,7 @@ from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 
 pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
 
-VARIANT_STAGES = ("train", "gamma", "sample", "bpd", "nll", "fid")
+VARIANT_STAGES = ("train", "gamma", "nnhead", "sample", "bpd", "nll", "fid")
 def e2e_params() -> dict:
     p = tiny_params()
     assert list(p["variants"]) == ["simple", "vlb"]  # L_simple and L_vlb (fixed Σ)
@@ -95,18 +95,23 @@ def test_repro_writes_every_output(repo):
         header, rows = lines[0].split(","), [ln.split(",") for ln in lines[1:]]
         assert header[:2] == ["term", "t"] and len(rows) == T + 1
         assert rows[0][0] == "L_T" and rows[-1][0] == "L_0"
-        assert header[2:] == ["sigma2_beta", "sigma2_beta_tilde", "sigma2_analytic"]
+        assert header[2:] == ["sigma2_beta", "sigma2_beta_tilde", "sigma2_analytic",
+                              "sigma2_npr", "sigma2_sn"]
         for col, key in ((2, "bpd_sigma2_beta"), (3, "bpd_sigma2_beta_tilde"),
-                         (4, "bpd_sigma2_analytic")):
+                         (4, "bpd_sigma2_analytic"), (5, "bpd_sigma2_npr"), (6, "bpd_sigma2_sn")):
             total = sum(float(r[col]) for r in rows)
             assert abs(total - bpd[key]) < 1e-3 * max(1.0, total)
         # K-step chains: every σ² at every K of bpd.steps and T; K = T is the full chain
         Ks = sorted(set(p["bpd"]["steps"]) | {T})
-        for key in ("bpd_sigma2_beta", "bpd_sigma2_beta_tilde", "bpd_sigma2_analytic"):
+        for key in ("bpd_sigma2_beta", "bpd_sigma2_beta_tilde", "bpd_sigma2_analytic",
+                    "bpd_sigma2_npr", "bpd_sigma2_sn"):
             assert bpd[f"{key}_K{T}"] == bpd[key]
             assert all(np.isfinite(bpd[f"{key}_K{K}"]) for K in Ks)
         steps_csv = (root / "plots" / "bpd_steps" / f"{name}.csv").read_text().splitlines()
-        assert steps_csv[0] == "K,sigma2_beta,sigma2_beta_tilde,sigma2_analytic"
+        assert steps_csv[0] == ("K,sigma2_beta,sigma2_beta_tilde,sigma2_analytic,sigma2_npr,"
+                                "sigma2_sn")
+        assert json.loads((root / "heads" / name / "info.json").read_text())["heads"] == \
+            "heads.pt"
         assert [int(ln.split(",")[0]) for ln in steps_csv[1:]] == Ks
         gamma = json.loads((root / "gamma" / f"{name}.json").read_text())
         assert gamma["T"] == T and len(gamma["gamma"]) == T

@@ -32,12 +32,12 @@ from helpers import DVC, pipeline_env, pipeline_repo, sh, tiny_params
 pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
 
 HOOK = Path(__file__).resolve().parent / "killpoint"
-RESULTS = ("data/prepared", "models", "gamma", "samples", "grids", "bpd", "features", "fid",
-           "metrics", "plots", "reports")  # timings/ are measurements, not results
-ORDER = ["prepare", "train", "gamma", "sample", "bpd", "nll", "features", "fid", "report",
-         "track"]  # DVC's order (dvc.repo.reproduce.plan_repro)
-DVC_NAME = {s: f"{s}@simple" if s in ("train", "gamma", "sample", "bpd", "nll", "fid") else s
-            for s in ORDER}
+RESULTS = ("data/prepared", "models", "gamma", "heads", "samples", "grids", "bpd", "features",
+           "fid", "metrics", "plots", "reports")  # timings/ are measurements, not results
+ORDER = ["prepare", "train", "gamma", "nnhead", "sample", "bpd", "nll", "features", "fid",
+         "report", "track"]  # DVC's order (dvc.repo.reproduce.plan_repro)
+DVC_NAME = {s: f"{s}@simple" if s in ("train", "gamma", "nnhead", "sample", "bpd", "nll",
+                                      "fid") else s for s in ORDER}
 # Where each stage is killed, and what is then in place (globs) and what is not yet written.
 KILL_AT = {
     # data/.tmp-prepared-*/ holds train.npy and test.npy, the labels not yet
@@ -46,6 +46,8 @@ KILL_AT = {
     "train": ("rename:3", ["checkpoints/simple/*/ckpt_00000002.pt"],
               ["checkpoints/simple/*/ckpt_00000004.pt", "models/simple.pt"]),
     "gamma": ("rename:1", [], ["gamma/simple.json"]),
+    # heads/.tmp-simple-*/ holds heads.pt and info.json, not yet renamed
+    "nnhead": ("rename:3", [], ["heads/simple"]),
     # samples/.tmp-simple-*/ and grids/.tmp-simple-*/ complete, neither renamed
     "sample": ("rename:2", [], ["samples/simple", "grids/simple"]),
     "bpd": ("rename:2", ["bpd/simple.csv"], ["plots/bpd_steps/simple.csv",

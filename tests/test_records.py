@@ -122,8 +122,8 @@ def test_fid_steps_csv_gives_analytic_ddim_its_own_column():
     fids = {s.name: float(i) for i, s in enumerate(specs)}
     lines = steps_csv(specs, fids).splitlines()
     head = lines[0].split(",")
-    assert head == ["steps", "ddim", "ddim_analytic", "respaced", "respaced_beta_tilde",
-                    "respaced_analytic"]
+    assert head == ["steps", "ddim", "ddim_analytic", "ddim_npr", "ddim_sn", "respaced",
+                    "respaced_beta_tilde", "respaced_analytic", "respaced_npr", "respaced_sn"]
     row = dict(zip(head, lines[1].split(","), strict=True))
     assert row["steps"] == "10"
     assert float(row["ddim"]) == fids["ddim_S10"]

@@ -20,7 +20,7 @@ def trained(tmp_path_factory):
     p["variants"] = {"simple": p["variants"]["simple"]}
     p["sample"].update(num_samples=10, batch_size=3)  # 4 batches, uneven last one
     p["bpd"].update(num_images=10, batch_size=3)
-    for stage in ("prepare", "train", "gamma"):
+    for stage in ("prepare", "train", "gamma", "nnhead"):
         r = run_stage(stage, root, p)
         assert r.returncode == 0, r.stderr
     return root, p

@@ -25,7 +25,7 @@ def test_weight_settings_follow_the_classification() -> None:
     assert ws["lr"] == cfg.lr
     # bookkeeping settings leave them alone, a learning rate does not
     quiet = dataclasses.replace(cfg, steps=7, checkpoint_every=3, keep_checkpoints=9,
-                                log_every=2, resume_fallback=True, nproc=2, compile=True,
+                                log_every=2, resume_fallback=True, nproc=2, nnodes=2, compile=True,
                                 batch_size=128)
     assert weight_settings(quiet) == ws
     assert weight_settings(dataclasses.replace(cfg, lr=1e-3)) != ws
