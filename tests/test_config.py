@@ -83,7 +83,8 @@ def test_tree_is_frozen():
         ({"variants": {"a": {"name": "b"}}}, "variants.a.name: unknown key; delete it or use "
          "one of variants.a's keys: format, loss, mean_type, pretrained, t_sampling, var_type"),
         ({"bogus": 1}, "bogus: unknown key; delete it or use one of params.yaml's keys: bpd, "
-         "data, diffusion, fid, gamma, mlflow, model, nll, sample, schedule, train, variants"),
+         "data, diffusion, fid, gamma, mlflow, model, nll, nnhead, sample, schedule, train, "
+         "variants"),
         ({"variants": {"a": {"var_type": "learned"}}}, "variants.a.loss: a learned"),
         ({"variants": {"a": {"t_sampling": "importance"}}}, "variants.a.t_sampling"),
         ({"variants": {"a": {"format": "onnx"}}}, "variants.a.format"),
