@@ -279,8 +279,8 @@ def test_pretrained_weights_are_evaluated_without_training(repo):
     bpd = json.loads((root / "metrics" / "bpd" / "mine.json").read_text())["mine"]
     T, Ks = p["diffusion"]["timesteps"], set(p["bpd"]["steps"]) | {p["diffusion"]["timesteps"]}
     assert set(bpd) == {f"bpd_{s}{k}" for s in ("sigma2_beta", "sigma2_beta_tilde",
-                                                 "sigma2_analytic")
-                        for k in ["", *(f"_K{K}" for K in Ks)]}, T
+                                                 "sigma2_analytic", "sigma2_npr", "sigma2_sn")
+                        for k in ["", *(f"_K{K}" for K in Ks)]}, T  # heads: nnhead@mine
     fid = json.loads((root / "metrics" / "fid" / "mine.json").read_text())["mine"]
     assert np.isfinite(fid["fid_ancestral_beta"])
     assert "mine" in (root / "reports" / "report.md").read_text()

@@ -274,7 +274,7 @@ def _error_lines(r: subprocess.CompletedProcess) -> list[str]:
 
 
 UNKNOWN = ("error: bogus: unknown key; delete it or use one of params.yaml's keys: bpd, data, "
-           "diffusion, fid, gamma, mlflow, model, nll, sample, schedule, train, variants")
+           "diffusion, fid, gamma, mlflow, model, nll, nnhead, sample, schedule, train, variants")
 
 
 def test_an_unknown_top_level_key_stops_a_new_repro_before_prepare_writes(baseline, tmp_path):
