@@ -40,32 +40,50 @@ def eps_from_output(diff: Diffusion, out: Tensor, x_t: Tensor, t: Tensor) -> Ten
 
 # Bao et al. 2022, Theorem 1: Γ_n = β̄_n E_q ‖∇log q_n‖² / d, written with ε̂ = −√β̄_n ∇log q_n
 @torch.no_grad()
-def estimate_gamma(diff: Diffusion, model: Model, x0: Tensor, *, seed: int, batch_size: int,
-                   timesteps: Sequence[int] | None = None) -> Tensor:
-    """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 by Monte Carlo over the M images x0 [M,C,H,W].
+def eps_norms(diff: Diffusion, model: Model, x0: Tensor, *, seed: int, batch_size: int,
+              timesteps: Sequence[int] | None = None, indices: Sequence[int] | None = None
+              ) -> Tensor:
+    """‖ε̂(x_t, t)‖²/d [M, T] float64 of each image m of x0 [M,C,H,W] at each step τ.
 
-    One noise draw per image m and timestep τ, from (seed, m, τ) alone (seeds.keyed_randn);
-    NaN at the indices not in `timesteps` (default all). Every network call holds `batch_size`
-    (image, timestep) pairs, t-major (several timesteps per call when M < batch_size).
+    One noise draw per image and timestep τ, from (seed, indices[m], τ) alone (indices default
+    0..M-1; seeds.keyed_randn); NaN at the steps not in `timesteps` (default all). Every network
+    call holds `batch_size` (image, timestep) pairs, t-major (several timesteps per call when
+    M < batch_size).
     """
     assert x0.ndim == 4, f"x0 must be [M,C,H,W], got {tuple(x0.shape)}"
     assert float(x0.min()) >= -1.0 and float(x0.max()) <= 1.0, "x0 must lie in [-1, 1]"
     steps = chain_of(diff, timesteps)[0]
     M, device = x0.shape[0], x0.device
+    keys = list(range(M)) if indices is None else [int(i) for i in indices]
     # (t, image) pairs, t-major: pair p is image p % M at step steps[p // M]
     pairs = [(m, tau) for tau in steps for m in range(M)]
-    sums = torch.zeros(diff.T, dtype=torch.float64)
+    norms = torch.full((M, diff.T), float("nan"), dtype=torch.float64)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         t = torch.tensor([tau for _, tau in chunk], device=device)
         x0_b = x0[[m for m, _ in chunk]].to(torch.float64)
-        eps = keyed_randn(seed, chunk, x0.shape[1:], device=device)
+        eps = keyed_randn(seed, [(keys[m], tau) for m, tau in chunk], x0.shape[1:],
+                          device=device)
         x_t = q_sample(diff, x0_b, t, eps)
         eps_hat = eps_from_output(diff, model(x_t.to(x0.dtype), t), x_t, t)
-        sums.index_add_(0, t.cpu(), eps_hat.pow(2).mean(dim=(1, 2, 3)).cpu())
-    gamma = torch.full((diff.T,), float("nan"), dtype=torch.float64)
-    gamma[steps] = sums[steps] / M
-    return gamma
+        norms[[m for m, _ in chunk], t.cpu()] = eps_hat.pow(2).mean(dim=(1, 2, 3)).cpu()
+    return norms
+
+
+def gamma_of(norms: Tensor) -> Tensor:
+    """Γ_t [T] float64: the mean over images of eps_norms' rows, added in image order."""
+    sums = torch.zeros(norms.shape[1], dtype=torch.float64)
+    for row in norms:
+        sums += row
+    return sums / len(norms)
+
+
+def estimate_gamma(diff: Diffusion, model: Model, x0: Tensor, *, seed: int, batch_size: int,
+                   timesteps: Sequence[int] | None = None) -> Tensor:
+    """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 by Monte Carlo over the M images x0 [M,C,H,W]
+    (eps_norms' draws; NaN at the indices not in `timesteps`)."""
+    return gamma_of(eps_norms(diff, model, x0, seed=seed, batch_size=batch_size,
+                              timesteps=timesteps))
 
 
 # Bao et al. 2022, Theorem 1 with λ² = β̃: σ*² = β̃ + β²/(α(1−ᾱ)) · (1 − Γ)

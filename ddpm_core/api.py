@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +60,7 @@ from ddpm_core.modes import (
 from ddpm_core.progress import Progress
 from ddpm_core.schedules import ScheduleKind, make_betas, schedule_kind
 from ddpm_core.seeds import ImageNoise
+from ddpm_core.units import Shard, UnitStore, owned, run_units
 
 
 class ModelMismatch(ValueError):
@@ -188,9 +189,10 @@ class FixedRows(torch.nn.Module):
 @contextmanager
 def _network(net: torch.nn.Module, net_batch: int, progress: bool | Progress, total: int,
              desc: str, heads: dict[HeadKind, torch.nn.Module] | None = None
-             ) -> Iterator[torch.nn.Module]:
-    """net in fixed-size calls, each advancing the caller's bar, a new one (True) or none;
-    with heads, each call appends their h (heads.WithHeads, in the order of `heads`)."""
+             ) -> Iterator[tuple[torch.nn.Module, Progress]]:
+    """net in fixed-size calls, each advancing the caller's bar, a new one (True) or none, and
+    that bar; with heads, each call appends their h (heads.WithHeads, in the order of
+    `heads`)."""
     from ddpm_core import progress as bars  # looked up at each call (tests replace the bar)
 
     if heads:
@@ -199,7 +201,7 @@ def _network(net: torch.nn.Module, net_batch: int, progress: bool | Progress, to
         net = WithHeads(net, heads)
     with (nullcontext(progress) if isinstance(progress, bars.Progress) else
           bars.Progress(total, desc, "calls", enabled=bool(progress))) as bar:
-        yield FixedRows(bars.counting(net, bar), net_batch)
+        yield FixedRows(bars.counting(net, bar), net_batch), bar
 
 
 def _device(device: str | torch.device | None, net: torch.nn.Module) -> torch.device:
@@ -217,22 +219,24 @@ def _image_shape(net: torch.nn.Module) -> tuple[int, int, int] | None:
     return None
 
 
-def _shares(n: int) -> range:
-    """This rank's contiguous share of images 0..n-1 (all of them in one process)."""
-    from ddpm_core import distributed as D
-
-    if not D.is_initialized():
-        return range(n)
-    return D.shard_range(n, D.dist.get_rank(), D.dist.get_world_size())
-
-
 def calls_per_step(n: int, batch_size: int, rows_per_image: int = 1,
-                   net_batch: int = NET_BATCH) -> int:
-    """Network calls of this rank per step of its share of n images in batches of batch_size
-    (rows_per_image rows each: t_batch for the bound)."""
-    share = _shares(n)
-    return sum(-(-min(batch_size, share.stop - s) * rows_per_image // net_batch)
-               for s in range(share.start, share.stop, batch_size))
+                   net_batch: int = NET_BATCH, shard: Shard | None = None) -> int:
+    """Network calls of this process per step of its units of n images in batches of
+    batch_size (rows_per_image rows each: t_batch for the bound)."""
+    return sum(_calls(ids, rows_per_image, net_batch) for ids in owned(n, batch_size, shard))
+
+
+def _calls(ids: range, rows_per_image: int, net_batch: int) -> int:
+    return -(-len(ids) * rows_per_image // net_batch)
+
+
+def _units_note(bar: Progress, cost: Callable[[range], int]
+                ) -> Callable[[str, range, bool], None]:
+    """run_units' note: "unit k/K" on the bar, whose total loses the calls of a unit read
+    back (cost(ids))."""
+    def note(text: str, ids: range, reused: bool) -> None:
+        bar.skip(cost(ids) if reused else 0, text)
+    return note
 
 
 # ----------------------------------------------------------------------------- validation
@@ -334,20 +338,29 @@ def check_sampler(sampler: str, sigma2: str | None, eta: float,
 def estimate_gamma(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
                    M: int = 100, seed: int = 0, batch_size: int = 256,
                    net_batch: int = NET_BATCH, device: str | torch.device | None = None,
-                   progress: bool | Progress = False) -> torch.Tensor:
+                   units: UnitStore | None = None, progress: bool | Progress = False
+                   ) -> torch.Tensor:
     """Γ_t = E‖ε̂(x_t, t)‖²/d [T] float64 on the first M uint8 training images [N, H, W, C]
     (Bao et al. 2022; M = 10 or 100 gave the same NLL there): the input of sigma2="analytic".
-    The draw of image m at step τ comes from (seed, m, τ)."""
-    from ddpm_core.analytic import estimate_gamma as estimate
+    The draw of image m at step τ comes from (seed, m, τ). Units (see `sample`) are blocks of
+    batch_size images; with a shard, Γ of the shard's images alone."""
+    from ddpm_core.analytic import eps_norms, gamma_of
     from ddpm_core.data import to_model_tensor, to_unit
 
     if M < 1 or batch_size < 1:
         raise ValueError(f"M and batch_size must be >= 1, got M={M}, batch_size={batch_size}")
     dev = _device(device, net)
     x0 = to_unit(to_model_tensor(images[:M])).to(dev)
-    total = -(-diffusion.T * len(x0) // batch_size) * -(-batch_size // net_batch)
-    with _network(net, net_batch, progress, total, "gamma") as counted:
-        return estimate(diffusion, counted, x0, seed=seed, batch_size=batch_size)
+    T = diffusion.T
+    cost = lambda ids: -(-T * len(ids) // batch_size) * -(-batch_size // net_batch)  # noqa: E731
+    total = sum(cost(ids) for ids in owned(len(x0), batch_size, units and units.shard))
+    settings = {"engine": "gamma", "net": net, "diffusion": diffusion, "seed": seed,
+                "images": x0, "net_batch": net_batch, "device": dev.type}
+    with _network(net, net_batch, progress, total, "gamma") as (counted, bar):
+        out = run_units(len(x0), batch_size, lambda ids: {"norms": eps_norms(
+            diffusion, counted, x0[ids.start:ids.stop], seed=seed, batch_size=batch_size,
+            indices=ids)}, store=units, settings=settings, note=_units_note(bar, cost))
+    return gamma_of(out["norms"])
 
 
 @torch.no_grad()
@@ -359,10 +372,13 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
            heads: dict[HeadKind, torch.nn.Module] | None = None,
            last_sigma_cap_y: float | None = DEFAULT_LAST_SIGMA_CAP_Y,
            image_shape: tuple[int, int, int] | None = None, net_batch: int = NET_BATCH,
-           progress: bool | Progress = False) -> np.ndarray:
+           units: UnitStore | None = None, progress: bool | Progress = False) -> np.ndarray:
     """n images uint8 [n, H, W, C] drawn from p_θ; image i depends only on (seed, i) and the
-    settings (its generator draws x_T, then each step's noise), whatever batch_size, net_batch
-    rows per network call or the number of processes (ranks take contiguous shares).
+    settings (its generator draws x_T, then each step's noise), whatever batch_size or the
+    number of processes (ranks take contiguous blocks of the batches); net_batch is the rows
+    of every network call.
+    units: a units.UnitStore keeping each finished batch, so a rerun after a kill computes
+    only the missing ones; with its shard, only the shard's images are computed and returned.
 
     sampler "ancestral" (DDPM Algorithm 2; `steps` < T respaces the chain, improved DDPM
     Sec. 4) with reverse variance `sigma2`, "ddim" (Song et al. 2021, η = `eta`; sigma2 None,
@@ -376,7 +392,6 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     default that of the UNet inside net.
     """
     from ddpm_core.data import from_unit, to_numpy_images
-    from ddpm_core.distributed import gather_shards
     from ddpm_core.samplers import sample_ancestral, sample_ddim
 
     if n < 1 or batch_size < 1:
@@ -394,13 +409,16 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
     chw = image_shape or _image_shape(net)
     if chw is None:
         raise ValueError("net holds no ddpm_core UNet: pass image_shape=(C, H, W)")
-    share = _shares(n)
-    total = calls_per_step(n, batch_size, 1, net_batch) * len(ts)
-    out = [torch.zeros((0, *chw), dtype=torch.uint8)]
-    with _network(net, net_batch, progress, total, f"sample {sampler}", used) as counted:
-        for s in range(share.start, share.stop, batch_size):
-            noise = ImageNoise(seed, range(s, min(s + batch_size, share.stop)), dev)
-            x_T = noise.randn((len(noise.indices), *chw))
+    total = calls_per_step(n, batch_size, 1, net_batch, units and units.shard) * len(ts)
+    settings = {"engine": "sample", "net": net, "heads": used, "diffusion": diffusion,
+                "sampler": sampler, "sigma2": chosen or head, "timesteps": ts, "eta": eta,
+                "seed": seed, "clip_x0": clip_x0, "gamma": gamma, "image_shape": chw,
+                "last_sigma_cap_y": last_sigma_cap_y, "net_batch": net_batch,
+                "device": dev.type}
+    with _network(net, net_batch, progress, total, f"sample {sampler}", used) as (counted, bar):
+        def unit(ids: range) -> dict[str, torch.Tensor]:
+            noise = ImageNoise(seed, ids, dev)
+            x_T = noise.randn((len(ids), *chw))
             if sampler == "ancestral":
                 x = sample_ancestral(diffusion, counted, x_T, noise=noise, timesteps=timesteps,
                                      clip_x0=clip_x0, sigma2=chosen, gamma=gamma,
@@ -409,9 +427,11 @@ def sample(net: torch.nn.Module, diffusion: Diffusion, n: int = 64, *,
                 x = sample_ddim(diffusion, counted, x_T, noise=noise, timesteps=ts, eta=eta,
                                 clip_x0=clip_x0, gamma=gamma if analytic_ddim else None,
                                 head=head, last_sigma_cap_y=last_sigma_cap_y)
-            out.append(from_unit(x).cpu())
-    # every rank's share, in rank order (identity in one process)
-    return to_numpy_images(gather_shards(torch.cat(out).to(dev)).cpu())
+            return {"images": from_unit(x)}
+
+        out = run_units(n, batch_size, unit, store=units, settings=settings, note=_units_note(
+            bar, lambda ids: _calls(ids, 1, net_batch) * len(ts)))
+    return to_numpy_images(out["images"])
 
 
 # ----------------------------------------------------------------------------- bits/dim
@@ -435,7 +455,7 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
           gamma: torch.Tensor | None = None,
           heads: dict[HeadKind, torch.nn.Module] | None = None, seed: int = 0,
           batch_size: int = 256, t_batch: int = 10, net_batch: int = NET_BATCH,
-          device: str | torch.device | None = None,
+          device: str | torch.device | None = None, units: UnitStore | None = None,
           progress: bool | Progress = False) -> dict[int, dict[Sigma2, BpdResult]]:
     """Variational bound (DDPM eq. 5) of uint8 NHWC images, per K-step chain and σ², per image:
     {K: {σ²: BpdResult (total [N], prior [N], terms [N, K], timesteps)}} from one pass of
@@ -445,10 +465,10 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
     K < T is the even trajectory round(linspace(0, T−1, K)), Bao et al. 2022); σ² analytic
     needs gamma, npr and sn the heads (their σ² from the same network calls). The noise of
     image i at original index τ comes from (seed, i, τ): no number depends on batch_size,
-    t_batch, the set of K or σ², or the number of processes (ranks take contiguous shares).
+    t_batch, the set of K or σ², or the number of processes (ranks take contiguous blocks of
+    the batches). units: see `sample` (with a shard, the shard's images alone).
     """
     from ddpm_core.data import to_unit
-    from ddpm_core.distributed import gather_shards
 
     x_all = _model_images(images, net)
     if batch_size < 1 or t_batch < 1:
@@ -466,23 +486,29 @@ def bound(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *,
                          f"K < T = {diffusion.T} (learned_range interpolates and has one)")
     dev = _device(device, net)
     used = check_heads(chosen, heads, net, dev)
-    share = _shares(len(x_all))
     union = set().union(*(even_trajectory(diffusion.T, K) for K in Ks))
-    width = sum(K + 1 for K in Ks)  # per K: the prior, then the K terms
-    total = sum(calls_per_step(len(x_all), batch_size, min(t_batch, len(union) - g), net_batch)
-                for g in range(0, len(union), t_batch))
-    rows = [torch.zeros(0, len(chosen), width, dtype=torch.float64)]
-    with _network(net, net_batch, progress, total, "bpd", used) as counted:
-        for s in range(share.start, share.stop, batch_size):
-            ids = range(s, min(s + batch_size, share.stop))
+
+    def cost(ids: range) -> int:
+        return sum(_calls(ids, min(t_batch, len(union) - g), net_batch)
+                   for g in range(0, len(union), t_batch))
+
+    total = sum(cost(ids) for ids in owned(len(x_all), batch_size, units and units.shard))
+    settings = {"engine": "bound", "net": net, "heads": used, "diffusion": diffusion,
+                "sigma2": chosen, "steps": Ks, "gamma": gamma, "seed": seed, "images": x_all,
+                "t_batch": t_batch, "net_batch": net_batch, "device": dev.type}
+    with _network(net, net_batch, progress, total, "bpd", used) as (counted, bar):
+        def unit(ids: range) -> dict[str, torch.Tensor]:
             x0 = to_unit(x_all[ids.start:ids.stop]).to(dev)
             res = bits_per_dim_at_steps(diffusion, counted, x0, steps=Ks, var_types=chosen,
                                         gamma=gamma, t_batch=t_batch, seed=seed, indices=ids,
                                         head_kinds=tuple(used or ()))
-            rows.append(torch.stack([torch.cat([torch.cat([res[K][v].prior[:, None],
-                                                           res[K][v].terms], 1) for K in Ks], 1)
-                                     for v in chosen], 1))
-    every = gather_shards(torch.cat(rows).to(dev)).cpu()
+            # [B, σ², per K: the prior, then the K terms]
+            return {"rows": torch.stack([torch.cat([torch.cat(
+                [res[K][v].prior[:, None], res[K][v].terms], 1) for K in Ks], 1)
+                for v in chosen], 1)}
+
+        every = run_units(len(x_all), batch_size, unit, store=units, settings=settings,
+                          note=_units_note(bar, cost))["rows"]
     out: dict[int, dict[Sigma2, BpdResult]] = {}
     for K, part in zip(Ks, every.split([K + 1 for K in Ks], dim=2), strict=True):
         out[K] = {v: BpdResult(total=part[:, i, 0] + part[:, i, 1:].sum(dim=1),
@@ -592,7 +618,7 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
         atol: float = 1e-5, repeats: int = 1, divergence: Divergence = "hutchinson",
         batch_size: int = 1, seed: int = 0, start_index: int = 0,
         dequantization: Dequantization = "uniform", device: str | torch.device | None = None,
-        progress: bool = False) -> Nll:
+        units: UnitStore | None = None, progress: bool = False) -> Nll:
     """Exact bits/dim by the probability-flow ODE (Song et al. 2021) of uint8 images
     [N, H, W, C], per image (ddpm_core.ode.ode_bits_per_dim): "uniform" dequantization is Song
     et al.'s; "variational" starts the flow at the chain's first step and scores x_0 by the
@@ -602,7 +628,7 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
     (seed, index). Images of one batch share one adaptive solve and hence its steps, so with
     batch_size > 1 a number depends on its batch companions within the tolerance (≤ ~1e-4
     bits/dim at rtol = atol = 1e-5 on the digits model); batch_size 1 makes each depend on
-    (seed, index) only.
+    (seed, index) only. Units (see `sample`) are the solves' batches.
     The ODE uses the mean's ε only (a learned variance plays no part; x_0-predicting models
     give the ε derived from x̂_0); a μ-predicting model is refused (ValueError).
     """
@@ -625,10 +651,22 @@ def nll(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, *, rtol:
                          "one-step chain) has no continuous-time ε; use an 'eps' or 'x0' model")
     dev = _device(device, net)
     net = net.to(dev).eval()
-    res = ode_bits_per_dim(diffusion, net, x, seed=seed, start_index=start_index,
-                           divergence=divergence, repeats=repeats, batch_size=batch_size,
-                           rtol=rtol, atol=atol, progress=progress,
-                           dequantization=dequantization)
-    out = Nll(res.bpd.numpy(), res.se.numpy(), res.nfe.numpy())
+    settings = {"engine": "nll", "net": net, "diffusion": diffusion, "images": x, "rtol": rtol,
+                "atol": atol, "repeats": repeats, "divergence": divergence, "seed": seed,
+                "start_index": start_index, "dequantization": dequantization,
+                "device": dev.type}
+
+    def unit(ids: range) -> dict[str, torch.Tensor]:
+        res = ode_bits_per_dim(diffusion, net, x[ids.start:ids.stop], seed=seed,
+                               start_index=start_index + ids.start, divergence=divergence,
+                               repeats=repeats, batch_size=batch_size, rtol=rtol, atol=atol,
+                               dequantization=dequantization)
+        return {"bpd": res.bpd, "se": res.se, "nfe": res.nfe}
+
+    todo = len(owned(len(x), batch_size, units and units.shard))
+    with Progress(todo, "nll", "units", enabled=progress) as bar:
+        res = run_units(len(x), batch_size, unit, store=units, settings=settings,
+                        note=lambda text, ids, reused: bar.update(1))
+    out = Nll(res["bpd"].numpy(), res["se"].numpy(), res["nfe"].numpy())
     assert math.isfinite(out.mean), "ODE bits/dim is not finite"
     return out

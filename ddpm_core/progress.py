@@ -19,7 +19,7 @@ class Progress(contextlib.AbstractContextManager):
     def __init__(self, total: int, desc: str, unit: str = "it", every: float = 10.0,
                  enabled: bool = True, stream: TextIO | None = None) -> None:
         self.total, self.desc, self.unit, self.every = int(total), desc, unit, every
-        self.n = 0
+        self.n, self.note = 0, ""
         self.stream = stream if stream is not None else sys.stderr
         tty = self.stream.isatty()
         self._plain = enabled and not tty  # periodic lines instead of the bar
@@ -37,12 +37,24 @@ class Progress(contextlib.AbstractContextManager):
             self._last = now
             self._line(now)
 
+    def skip(self, n: int, note: str = "") -> None:
+        """Take n from the total (work found done: a unit read back) and show `note`."""
+        self.total -= n
+        self._bar.total = self.total
+        self.set_note(note)
+
+    def set_note(self, note: str) -> None:
+        """A short text after the counts (e.g. "unit 3/8"), on the bar and in the lines."""
+        self.note = note
+        self._bar.set_postfix_str(note, refresh=True)
+
     def _line(self, now: float) -> None:
         rate = self.n / max(now - self._t0, 1e-9)
         eta = (self.total - self.n) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.n / max(self.total, 1)
         print(f"{self.desc}: {self.n}/{self.total} ({pct:.0f}%), {rate:.3g} {self.unit}/s, "
-              f"eta {eta:.0f} s", file=sys.stdout, flush=True)
+              f"eta {eta:.0f} s" + (f", {self.note}" if self.note else ""), file=sys.stdout,
+              flush=True)
 
     def close(self) -> None:
         self._bar.close()

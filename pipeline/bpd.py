@@ -11,6 +11,7 @@ no K < T version of it). Writes metrics/bpd/<v>.json (bpd_<sigma2> for K = T,
 bpd_<sigma2>_K<k> for every K including T; keys from pipeline.records.bpd_key), bpd/<v>.csv
 (the full chain's mean per-term breakdown, one row per term L_T, L_{T-1}, ..., L_0, one column
 per σ²), plots/bpd_steps/<v>.csv (K, one column per σ²) and timings/bpd/<v>.json.
+Units, kills and `--shard i/N`: as in pipeline/sample.py.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from ddpm_core.diffusion import LEARNED_VAR_TYPES
 from ddpm_core.distributed import cleanup
 from ddpm_core.inference import inference_model
 from ddpm_core.modes import SIGMA2_MODES
+from ddpm_core.units import Shard
 from pipeline.common import (
+    finish_units,
     run_stage,
     start_processes,
+    unit_store,
     variant_heads,
     variant_model,
     write_json,
@@ -37,7 +41,7 @@ from pipeline.params import Params, VariantConfig, head_kinds_in
 from pipeline.records import DATA_DIR, VariantPaths, bpd_key, read_gamma, variant_metrics
 
 
-def main(params: Params, v: VariantConfig) -> None:
+def main(params: Params, v: VariantConfig, shard: Shard | None = None) -> None:
     b = params.bpd
     info = start_processes("pipeline.bpd", b.nproc, b.nnodes)
     paths = VariantPaths(v.name)
@@ -57,12 +61,12 @@ def main(params: Params, v: VariantConfig) -> None:
             var_types = [vt for vt in var_types if vt not in kinds]
     net = inference_model(m.net.to(info.device), b.precision, compile=b.compile)
     t0 = time.perf_counter()
+    units = unit_store(shard)
     res = bound(net, m.diffusion, images, sigma2=var_types, steps=Ks, gamma=gamma, heads=heads,
-                seed=b.seed,
-                batch_size=b.batch_size, t_batch=b.t_batch, net_batch=b.net_batch,
-                device=info.device, progress=info.is_main)
+                seed=b.seed, batch_size=b.batch_size, t_batch=b.t_batch, net_batch=b.net_batch,
+                device=info.device, units=units, progress=info.is_main)
     seconds = time.perf_counter() - t0
-    if info.is_main:
+    if info.is_main and shard is None:  # a shard leaves its units and writes no output
         # the mean over images of the per-image bounds, as `ddpm bpd` prints it
         totals = {K: {vt: round(float(res[K][vt].total.numpy().mean()), 5) for vt in var_types}
                   for K in Ks}
@@ -83,8 +87,9 @@ def main(params: Params, v: VariantConfig) -> None:
                     "images_per_s": round(n / seconds, 3)}, paths.timings("bpd"))
         print(f"bpd[{v.name}]: " + ", ".join(f"{k} {x:.4f}" for k, x in metrics.items())
               + f" on {n} test images in {seconds:.1f} s", flush=True)
+    finish_units(units, info.is_main, f"bpd[{v.name}]")
     cleanup()
 
 
 if __name__ == "__main__":
-    run_stage(main, per_variant=True)
+    run_stage(main, per_variant=True, shards=True)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.files import atomic_dir, atomic_write_text
 from ddpm_core.files import write_json as _write_json
-from pipeline.params import ConfigError, Params, VariantConfig, load_params, rendezvous
+from pipeline.params import ConfigError, Params, load_params, rendezvous
 
 __all__ = ["atomic_dir", "write_text", "write_json"]
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: a bad params.yaml fails
     from ddpm_core.distributed import DistInfo
     from ddpm_core.modelfile import LoadedModel
     from ddpm_core.unet import UNetConfig
+    from ddpm_core.units import Shard, UnitStore
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -87,15 +88,17 @@ def fail(msg: str, code: int) -> None:
 
 
 def run_stage(main: Callable[..., None], params_path: str | Path | None = None,
-              per_variant: bool = False) -> None:
+              per_variant: bool = False, shards: bool = False) -> None:
     """Load params.yaml (exit 2 on any problem), then run `main`; errors are one line.
 
     A per-variant stage (`python -m pipeline.<stage> <variant>`, DVC's foreach) gets the
-    variant's VariantConfig as a second argument."""
+    variant's VariantConfig as a second argument; a stage working in units (shards) also takes
+    `--shard i/N` after it and gets the Shard (or None) as a third."""
     path = Path(params_path or os.environ.get("DDPM_PARAMS", PARAMS_FILE))
     try:
         params = load_params(path)
-        main(params, *((variant_from_argv(params),) if per_variant else ()))
+        args = stage_args(params, shards) if per_variant else ()
+        main(params, *args)
     except ConfigError as e:  # also a cross-field problem found once the data are known
         fail(str(e), 2)
     except _runtime_errors() as e:
@@ -108,17 +111,52 @@ def run_stage(main: Callable[..., None], params_path: str | Path | None = None,
         fail(out_of_memory_line(e, OOM_HINT), 1)
 
 
-def variant_from_argv(params: Params) -> VariantConfig:
-    """The variant named on the command line (sys.argv[1]), checked against params.yaml."""
+def stage_args(params: Params, shards: bool = False) -> tuple:
+    """(VariantConfig,) of the variant named on the command line (sys.argv[1]), checked
+    against params.yaml; with shards, (VariantConfig, Shard | None) of `<variant> [--shard i/N]`."""
+    from ddpm_core.units import Shard
+
     stage = Path(sys.argv[0]).stem if sys.argv[0] not in ("-m", "-c") else "stage"
-    if len(sys.argv) != 2:
-        raise ConfigError(f"usage: python -m pipeline.{stage} <variant>; one of "
+    args = sys.argv[1:]
+    shard = None
+    if shards and len(args) == 3 and args[1] == "--shard":
+        try:
+            shard = Shard.parse(args.pop())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        args.pop()
+    if len(args) != 1:
+        raise ConfigError(f"usage: python -m pipeline.{stage} <variant>"
+                          + (" [--shard i/N]" if shards else "") + f"; one of "
                           f"{sorted(params.variants)}")
-    name = sys.argv[1]
+    name = args[0]
     if name not in params.variants:
         raise ConfigError(f"variants.{name}: no such variant in params.yaml; one of "
                           f"{sorted(params.variants)}")
-    return params.variants[name]
+    return (params.variants[name], shard) if shards else (params.variants[name],)
+
+
+def unit_store(shard: Shard | None) -> UnitStore:
+    """The scratch area of the stages' units (ddpm_core.units): $DDPM_SCRATCH (a folder every
+    machine of a cluster job sees), else .scratch/ in the repository (git and DVC ignore it)."""
+    from ddpm_core.units import UnitStore
+
+    return UnitStore(Path(os.environ.get("DDPM_SCRATCH") or ".scratch") / "units", shard)
+
+
+def finish_units(store: UnitStore, is_main: bool, what: str) -> None:
+    """After a stage's outputs are written: a shard's units stay (the stage run without
+    --shard assembles them); else rank 0 removes them. One line of what was reused."""
+    reused = sum(u.reused for u in store.opened)
+    computed = sum(u.computed for u in store.opened)
+    corrupt = sum(u.corrupt for u in store.opened)
+    if is_main and (reused or corrupt or store.shard is not None):
+        print(f"{what}: units {computed} computed, {reused} reused"
+              + (f", {corrupt} corrupt computed again" if corrupt else "")
+              + (f" (shard {store.shard}: kept in {store.root} for the stage run without "
+                 "--shard to assemble)" if store.shard is not None else ""), flush=True)
+    if is_main and store.shard is None:
+        store.remove()
 
 
 def stable_hash(obj: Any, n: int = 12) -> str:

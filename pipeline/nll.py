@@ -11,6 +11,7 @@ The ODE uses the mean's ε only: learned-variance models work, x_0-predicting on
 derived; a μ-predicting model has no continuous-time ε, so its file holds no numbers (one line
 says so). Writes metrics/nll/<v>.json ({<v>: {nll_ode_bpd, nll_ode_bpd_se, nll_nfe_mean, and the
 variational ones}}, keys from pipeline.records.NLL_KEYS) and timings/nll/<v>.json.
+Units (the solves' batches), kills and `--shard i/N`: as in pipeline/sample.py.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import time
 
 from ddpm_core.api import nll
 from ddpm_core.data import load_images
-from pipeline.common import device, run_stage, variant_model, write_json
+from ddpm_core.units import Shard
+from pipeline.common import device, finish_units, run_stage, unit_store, variant_model, write_json
 from pipeline.params import Params, VariantConfig
 from pipeline.records import DATA_DIR, NLL_KEYS, VariantPaths, variant_metrics
 
 
-def main(params: Params, v: VariantConfig) -> None:
+def main(params: Params, v: VariantConfig, shard: Shard | None = None) -> None:
     c = params.nll
     paths = VariantPaths(v.name)
     m = variant_model(v.name, c.use_ema)
@@ -40,10 +42,13 @@ def main(params: Params, v: VariantConfig) -> None:
         return
     t0 = time.perf_counter()
     metrics, nfe = {}, {}
+    units = unit_store(shard)
     for deq in c.dequantization:
         res = nll(m.net, m.diffusion, images, rtol=c.rtol, atol=c.atol, repeats=c.repeats,
                   batch_size=c.batch_size, seed=c.seed, dequantization=deq, device=device(),
-                  progress=True)
+                  units=units, progress=True)
+        if shard is not None:
+            continue
         se = res.standard_error  # NaN for one image: left out (JSON has no NaN)
         bpd_key, se_key, nfe_key = NLL_KEYS[deq]
         metrics |= {bpd_key: round(res.mean, 5),
@@ -53,10 +58,13 @@ def main(params: Params, v: VariantConfig) -> None:
         print(f"nll[{v.name}]: ODE bits/dim ({deq} dequantization) {res.mean:.5f} ± {se:.5f} "
               f"(standard error), mean NFE {res.nfe_mean:.1f}, on {n} test images", flush=True)
     seconds = time.perf_counter() - t0
-    write_json(variant_metrics(v.name, metrics), paths.nll_metrics)
-    write_json({"seconds": round(seconds, 2), "images": n, "images_per_s": round(n / seconds, 3),
-                "nfe_mean": nfe}, paths.timings("nll"))
+    if shard is None:  # a shard leaves its units in the scratch area and writes no output
+        write_json(variant_metrics(v.name, metrics), paths.nll_metrics)
+        write_json({"seconds": round(seconds, 2), "images": n,
+                    "images_per_s": round(n / seconds, 3), "nfe_mean": nfe},
+                   paths.timings("nll"))
+    finish_units(units, True, f"nll[{v.name}]")
 
 
 if __name__ == "__main__":
-    run_stage(main, per_variant=True)
+    run_stage(main, per_variant=True, shards=True)

@@ -10,6 +10,11 @@ Image i of every sampler starts from the same x_T, drawn from (sample.seed, i) b
 Writes samples/<v>/<sampler>.npy (uint8 [N, H, W, C]), samples/<v>/index.json (the specs, with
 last_sigma_cap_y and last_sigma_cap, plus num_samples, start_index, prior_kl_bpd),
 grids/<v>/<sampler>.png (image plots) and timings/sample/<v>.json.
+
+The engine works in units (ddpm_core.units: one batch each) kept in the scratch area
+(common.unit_store) until the outputs are written: a rerun after a kill computes only the
+missing units. `python -m pipeline.sample <v> --shard i/N` computes only shard i's units and
+writes no output; the stage run afterwards (dvc repro) assembles them.
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from ddpm_core.inference import inference_model
 from ddpm_core.modes import DEFAULT_SPACING, HEAD_KINDS
 from ddpm_core.progress import Progress
 from ddpm_core.samplers import prior_kl_at
+from ddpm_core.units import Shard
 from pipeline.common import (
     atomic_dir,
     check_sample_memory,
+    finish_units,
     run_stage,
     scratch_dir,
     start_processes,
+    unit_store,
     variant_heads,
     variant_model,
     write_json,
@@ -54,7 +62,7 @@ def engine_args(spec: SamplerSpec) -> dict:
             "steps": None if spec.kind == "ancestral" else spec.steps}
 
 
-def main(params: Params, v: VariantConfig) -> None:
+def main(params: Params, v: VariantConfig, shard: Shard | None = None) -> None:
     s = params.sample
     info = start_processes("pipeline.sample", s.nproc, s.nnodes)
     dev = info.device
@@ -69,12 +77,15 @@ def main(params: Params, v: VariantConfig) -> None:
     specs = sampler_specs(s, m.diffusion.T, m.diffusion.var_type, heads=heads is not None)
     gamma = read_gamma(paths, m.diffusion.T) if any(
         sp.variance == "analytic" for sp in specs) else None
-    calls = calls_per_step(s.num_samples, s.batch_size, net_batch=s.net_batch) * sum(
-        spec.steps for spec in specs)
+    calls = calls_per_step(s.num_samples, s.batch_size, net_batch=s.net_batch,
+                           shard=shard) * sum(spec.steps for spec in specs)
+    units = unit_store(shard)
     timings: dict = {"samplers": {}}
     index = {"variant": v.name, "source": m.source, "samplers": []}
-    out_s = atomic_dir(paths.samples) if info.is_main else scratch_dir()
-    out_g = atomic_dir(paths.grids) if info.is_main else scratch_dir()
+    # a shard leaves its units in the scratch area and writes no output
+    writes = info.is_main and shard is None
+    out_s = atomic_dir(paths.samples) if writes else scratch_dir()
+    out_g = atomic_dir(paths.grids) if writes else scratch_dir()
     with out_s as tmp, out_g as tmp_grid, torch.inference_mode(), \
             Progress(calls, f"sample[{v.name}]", "calls", enabled=info.is_main) as bar:
         net = inference_model(m.net.to(dev), s.precision, compile=s.compile)
@@ -83,7 +94,8 @@ def main(params: Params, v: VariantConfig) -> None:
             images = sample(net, m.diffusion, s.num_samples, seed=s.seed,
                             batch_size=s.batch_size, clip_x0=s.clip_x0, gamma=gamma, heads=heads,
                             last_sigma_cap_y=spec.last_sigma_cap_y, device=dev,
-                            net_batch=s.net_batch, progress=bar, **engine_args(spec))
+                            net_batch=s.net_batch, units=units, progress=bar,
+                            **engine_args(spec))
             seconds = time.perf_counter() - t0
             np.save(tmp / f"{spec.name}.npy", images, allow_pickle=False)
             save_grid(images, tmp_grid / f"{spec.name}.png", s.grid_size)
@@ -98,14 +110,15 @@ def main(params: Params, v: VariantConfig) -> None:
             timings["samplers"][spec.name] = {
                 "seconds": round(seconds, 2), "images_per_s": round(len(images) / seconds, 2)}
             if info.is_main:
-                print(f"sample[{v.name}] {spec.name}: {len(images)} images in {seconds:.1f} s",
-                      flush=True)
+                print(f"sample[{v.name}] {spec.name}: {len(images)} images in {seconds:.1f} s"
+                      + (f" (shard {shard})" if shard else ""), flush=True)
         write_json(index, tmp / "index.json")
-    if info.is_main:
+    if writes:
         timings["seconds"] = round(sum(t["seconds"] for t in timings["samplers"].values()), 2)
         write_json(timings, paths.timings("sample"))
+    finish_units(units, info.is_main, f"sample[{v.name}]")
     cleanup()
 
 
 if __name__ == "__main__":
-    run_stage(main, per_variant=True)
+    run_stage(main, per_variant=True, shards=True)
