@@ -1,22 +1,20 @@
 """The heads file: the variance heads (heads.py) of one model, beside it (models/<v>.heads.pt).
 
-A torch zip of plain tensors and builtins (loaded with weights_only): its format tag, the head
-kinds, their shape (the UNet's feature channels and the image channels) and each head's weights,
-plus the caller's meta. Written through files.save_torch (atomic); every way a file can be
-wrong is one HeadsFileError line naming the path and the fix.
+A torch zip of plain tensors and builtins (read by modelfile.read_torch_file, CRC-32s checked):
+its format tag, the head kinds, their shape (the UNet's feature channels and the image
+channels) and each head's weights, plus the caller's meta. Written through files.save_torch
+(atomic); every way a file can be wrong is one HeadsFileError line naming the path and the fix.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ddpm_core.files import save_torch
 from ddpm_core.heads import VarianceHead
+from ddpm_core.modelfile import read_torch_file
 from ddpm_core.modes import HEAD_KINDS, HeadKind
 
 FORMAT = "ddpm-variance-heads-v1"
@@ -45,17 +43,8 @@ def save_heads(heads: Mapping[HeadKind, VarianceHead], path: str | Path,
 def load_heads(path: str | Path) -> dict[HeadKind, VarianceHead]:
     """{kind: head} (CPU) from a heads file, or a one-line HeadsFileError."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise HeadsFileError(f"{path}: heads file not found; {_FIX}") from None
-    except OSError as e:
-        raise HeadsFileError(f"{path}: cannot be read ({e.strerror}); {_FIX}") from None
-    try:
-        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, a pickle with code in it, not torch at all
-        raise HeadsFileError(f"{path}: not a readable heads file ({type(e).__name__}); "
-                             f"{_FIX}") from None
+    blob = read_torch_file(path, HeadsFileError, "heads file", _FIX,
+                           missing="heads file not found")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise HeadsFileError(f"{path}: holds {found!r}, not {FORMAT!r}; {_FIX}")

@@ -161,15 +161,33 @@ class LoadedModel:
     source: str
 
 
-def _read_blob(path: Path) -> tuple[dict, dict[str, Any]]:
-    """(state holding "spec" and the weights, meta) from a model file or a training checkpoint."""
+def read_torch_file(path: Path, error: type[Exception], what: str, fix: str, *,
+                    missing: str = "not found", other: bytes | None = None) -> Any:
+    """The object in the torch zip at `path`, read with weights_only after its CRC-32s are
+    checked (torch.load does not check them), or one `error` line naming `path` and `fix`.
+    A file whose bytes start with `other` is returned as those bytes, for its own loader."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ModelFileError(f"{path}: not found; {_FIX}") from None
+        raise error(f"{path}: {missing}; {fix}") from None
     except OSError as e:
-        raise ModelFileError(f"{path}: cannot be read ({e.strerror}); {_FIX}") from None
-    if raw.startswith(MAGIC):
+        raise error(f"{path}: cannot be read ({e.strerror}); {fix}") from None
+    if other is not None and raw.startswith(other):
+        return raw
+    try:
+        bad = zipfile.ZipFile(io.BytesIO(raw)).testzip()
+        blob = None if bad else torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # not a zip (text, a bare pickle), cut off, code in its pickle, ...
+        raise error(f"{path}: not a readable {what} ({type(e).__name__}); {fix}") from None
+    if bad is not None:
+        raise error(f"{path}: corrupt (CRC-32 of {bad} does not match); {fix}")
+    return blob
+
+
+def _read_blob(path: Path) -> tuple[dict, dict[str, Any]]:
+    """(state holding "spec" and the weights, meta) from a model file or a training checkpoint."""
+    blob = read_torch_file(path, ModelFileError, "model file", _FIX, other=MAGIC)
+    if isinstance(blob, bytes):
         try:
             state = load_checkpoint(path)
         except CheckpointError as e:
@@ -179,14 +197,6 @@ def _read_blob(path: Path) -> tuple[dict, dict[str, Any]]:
                                  "before checkpoints carried one); use models/<name>.pt "
                                  "or train again")
         return state, {"step": int(state["step"])}
-    try:  # torch.load does not check the zip's CRC-32s: a flipped weight bit would load
-        bad = zipfile.ZipFile(io.BytesIO(raw)).testzip()
-        blob = None if bad else torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:  # not a zip (text, a bare pickle), cut off, code in its pickle, ...
-        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}); "
-                             f"{_FIX}") from None
-    if bad is not None:
-        raise ModelFileError(f"{path}: corrupt (CRC-32 of {bad} does not match); {_FIX}")
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt != FORMAT:
         found = f"format {fmt!r}" if fmt is not None else f"a {type(blob).__name__}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,15 +145,26 @@ def bpd_key(var_type: Sigma2, K: int | None = None) -> str:
     return f"bpd_{SIGMA2_MODES[var_type].key}" + ("" if K is None else f"_K{K}")
 
 
-# nll@<v>: the probability-flow ODE's bits/dim (mean over the images), its standard error over
-# the images and the solver's mean evaluation count per image, for each dequantization
-NLL_ODE_BPD = "nll_ode_bpd"
-NLL_ODE_BPD_SE = "nll_ode_bpd_se"
-NLL_NFE_MEAN = "nll_nfe_mean"
-NLL_ODE_VARDEQ_BPD = "nll_ode_vardeq_bpd"
-NLL_KEYS: dict[Dequantization, tuple[str, str, str]] = {
-    "uniform": (NLL_ODE_BPD, NLL_ODE_BPD_SE, NLL_NFE_MEAN),
-    "variational": (NLL_ODE_VARDEQ_BPD, "nll_ode_vardeq_bpd_se", "nll_vardeq_nfe_mean"),
+@dataclass(frozen=True)
+class NllKeys:
+    """nll@<v>'s metric keys for one dequantization: the probability-flow ODE's bits/dim (mean
+    over the images), its standard error over the images and the solver's mean evaluation
+    count per image; and the report's likelihood-table column of that bits/dim."""
+
+    bpd: str
+    se: str
+    nfe: str
+    column: str
+
+    def __iter__(self) -> Iterator[str]:
+        """The three metric keys, so that `bpd, se, nfe = NLL_KEYS[deq]`."""
+        return iter((self.bpd, self.se, self.nfe))
+
+
+NLL_KEYS: dict[Dequantization, NllKeys] = {
+    "uniform": NllKeys("nll_ode_bpd", "nll_ode_bpd_se", "nll_nfe_mean", "ODE bits/dim"),
+    "variational": NllKeys("nll_ode_vardeq_bpd", "nll_ode_vardeq_bpd_se", "nll_vardeq_nfe_mean",
+                           "ODE, variational deq."),
 }
 
 FINAL_LOSS = "final_loss"

@@ -234,10 +234,6 @@ def npr_against_analytic(res: Results) -> list[str]:
     return lines
 
 
-# the likelihood table's column of each dequantization (NLL_KEYS' order)
-ODE_COLUMNS = {"uniform": "ODE bits/dim", "variational": "ODE, variational deq."}
-
-
 def likelihood_table(res: Results) -> pd.DataFrame:
     """Per model the full-chain bound (DDPM eq. 5) for each σ² measured (β, β̃, analytic; a
     learned σ²) and the exact bits/dim by the probability-flow ODE (± standard error over the
@@ -249,11 +245,11 @@ def likelihood_table(res: Results) -> pd.DataFrame:
         for var, b in bounds.items():
             row[f"bound {_label(var)}"] = _fmt(b)
         below = []
-        for deq, (bpd, se, nfe) in NLL_KEYS.items():
-            ode = r.nll.get(bpd)
-            row[ODE_COLUMNS[deq]] = (("– (μ model: no ODE)" if not r.nll else "–") if ode is None
-                                     else f"{ode:.3f} ± {_fmt(r.nll.get(se))}")
-            row[f"{ODE_COLUMNS[deq]}: NFE (mean)"] = _fmt(r.nll.get(nfe), 0)
+        for k in NLL_KEYS.values():
+            ode = r.nll.get(k.bpd)
+            row[k.column] = (("– (μ model: no ODE)" if not r.nll else "–") if ode is None
+                             else f"{ode:.3f} ± {_fmt(r.nll.get(k.se))}")
+            row[f"{k.column}: NFE (mean)"] = _fmt(r.nll.get(k.nfe), 0)
             below.append("–" if ode is None or not bounds else
                          "yes" if ode < min(bounds.values()) else "no")
         row["ODE < every bound (" + " / ".join(NLL_KEYS) + ")"] = " / ".join(below)
@@ -261,7 +257,7 @@ def likelihood_table(res: Results) -> pd.DataFrame:
     for pub in published.NLL_TABLE:
         rows.append({"likelihood": f"published (CIFAR-10): {pub['model']}",
                      f"bound {_label('fixed_large')}": pub["bound σ² = β"] or "–",
-                     ODE_COLUMNS["uniform"]: _fmt(pub["ODE"], 2)})
+                     NLL_KEYS["uniform"].column: _fmt(pub["ODE"], 2)})
     df = pd.DataFrame(rows)
     first = ["likelihood"] + [c for c in df.columns if c.startswith("bound ")]
     return df[first + [c for c in df.columns if c not in first]].fillna("–")
@@ -539,7 +535,7 @@ def build_markdown(params: Params, res: Results, figures: dict[str, str | None],
          "provenance": None if prov is None else provenance_table(prov)}
     return TEMPLATES.get_template("report.md.jinja").render(
         p=params, feats=res.features, label=res.features.label, published=published, t=t,
-        caps=[c for _, c in caps], n_other=len(rest),
+        nll=NLL_KEYS, caps=[c for _, c in caps], n_other=len(rest),
         figures=[(title, key, figures[key]) for title, key, _ in FIGURES if figures.get(key)])
 
 

@@ -178,3 +178,19 @@ def test_checkpoint_without_spec_names_the_fix(tmp_path: Path) -> None:
     (tmp_path / "ckpt_00000001.pt").write_bytes((tmp_path / "ckpt_00000001.pt").read_bytes()[:99])
     with pytest.raises(ModelFileError, match="truncated"):
         load_model_file(tmp_path / "ckpt_00000001.pt")
+
+
+def test_heads_file_with_a_flipped_bit_is_refused_like_a_model_file(tmp_path: Path) -> None:
+    from ddpm_core.headfile import HeadsFileError, load_heads, save_heads
+    from ddpm_core.heads import VarianceHead
+
+    path = tmp_path / "m.heads.pt"
+    save_heads({"npr": VarianceHead(32, 1)}, path)
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)  # the conv's weight record
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 100 + info.file_size // 2] ^= 0x01  # torch.load takes it silently
+    path.write_bytes(bytes(raw))
+    with pytest.raises(HeadsFileError, match=r"m\.heads\.pt: corrupt \(CRC-32 of .* does not "
+                                             r"match\); train them again"):
+        load_heads(path)
