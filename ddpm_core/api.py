@@ -12,7 +12,10 @@ This module is the one engine: the pipeline's stages and the `ddpm` command call
 alone calls the samplers, the bound and Γ and validates their settings. Seeds are per image
 (ddpm_core.seeds): image i of a sampler and the bound's noise of test image i depend only on
 (seed, i) and the settings, and every network call has NET_BATCH rows, so no number depends on
-the batch size or the number of processes (under torchrun, ranks take contiguous shares).
+the batch size or the number of processes (under torchrun, ranks take contiguous blocks of the
+batches). With `units=` (ddpm_core.units.UnitStore) every finished batch is kept in a scratch
+area keyed by the settings: a rerun after a kill computes only the missing ones, and shards
+(UnitStore(root, Shard(i, N))) computed apart assemble into the bytes of one call.
 
 σ² names (the reverse-process variance of the ancestral sampler and of the bound): the names
 of ddpm_core.modes or their short names (beta = fixed_large, beta_tilde = fixed_small,

@@ -29,6 +29,7 @@ from ddpm_core.files import save_npz
 from ddpm_core.inference import default_device
 from ddpm_core.modes import Features
 from ddpm_core.progress import Progress
+from ddpm_core.units import UnitStore, run_units
 
 INCEPTION_NAME = "inception-v3-compat"
 # torch-fidelity's own copy of the TF-FID Inception weights (feature_extractor_inceptionv3.py).
@@ -126,6 +127,9 @@ def resolve_inception_weights(path: str | Path | None = None) -> Path:
 # seeds; tests/test_reference_stats.py compares).
 
 
+FEATURE_BATCH = 256  # images per call of the feature network (torch-fidelity's default is 64)
+
+
 @dataclass
 class FeatureNet:
     """A torch-fidelity feature extractor with the layers FID/KID and IS read."""
@@ -162,7 +166,7 @@ def feature_network(features: Features, *, classifier_path: str | Path | None = 
 
 
 @torch.no_grad()
-def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
+def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = FEATURE_BATCH,
                      on_batch: Callable[[int], None] | None = None) -> dict[str, Tensor]:
     """One pass of the feature network over uint8 [N, H, W, C]: {layer: float32 [N, D] (CPU)}.
     `on_batch(n)` is called after every batch of n images (progress)."""
@@ -182,13 +186,19 @@ def extract_features(net: FeatureNet, images: np.ndarray, batch_size: int = 256,
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def features_pass(net: FeatureNet, images: np.ndarray, what: str,
-                  stage: str = "features") -> dict[str, Tensor]:
+def features_pass(net: FeatureNet, images: np.ndarray, what: str, stage: str = "features",
+                  units: UnitStore | None = None) -> dict[str, Tensor]:
     """One pass of the feature network over `images`, with progress (the line is printed so that
-    the passes over the reference set can be counted)."""
+    the passes over the reference set can be counted); with `units` (ddpm_core.units), each
+    batch of FEATURE_BATCH images is kept in the scratch area and a rerun reads it back."""
     print(f"{stage}: extracting {what} features of {len(images)} images", flush=True)
+    settings = {"engine": "features", "net": net.extractor, "rgb": net.rgb,
+                "images": images, "device": str(net.device)}
     with Progress(len(images), f"{stage}[{what}]", "images") as bar:
-        return extract_features(net, images, on_batch=bar.update)
+        return run_units(len(images), FEATURE_BATCH, lambda ids: extract_features(
+            net, images[ids.start:ids.stop], on_batch=bar.update), store=units,
+            settings=settings, note=lambda text, ids, reused: bar.skip(
+                len(ids) if reused else 0, text))
 
 
 @dataclass

@@ -29,7 +29,7 @@ from ddpm_core.fid import (
     resolve_features,
     save_reference,
 )
-from pipeline.common import StageError, atomic_dir, run_stage, write_json
+from pipeline.common import StageError, atomic_dir, finish_units, run_stage, unit_store, write_json
 from pipeline.params import Params
 from pipeline.records import (
     CLASSIFIER_FILE,
@@ -54,6 +54,7 @@ def main(params: Params) -> None:
     out: dict = {"features": features, "label": label, "reference": "train split",
                  "reference_images": int(len(train)), "floor_images": int(len(test))}
     timings: dict = {}
+    units = unit_store(None)
     with atomic_dir(FEATURES_DIR) as tmp:
         if features == "digits_classifier":
             labels_path = DATA_DIR / "train_labels.npy"
@@ -72,12 +73,13 @@ def main(params: Params) -> None:
         net = feature_network(features, classifier_path=tmp / CLASSIFIER_FILE.name,
                               inception_weights=f.inception_weights)
         t0 = time.perf_counter()
-        ref = reference_statistics(net, features_pass(net, train, "reference"))
+        ref = reference_statistics(net, features_pass(net, train, "reference", units=units))
         timings["reference_seconds"] = round(time.perf_counter() - t0, 2)
         save_reference(ref, tmp / REFERENCE_FILE.name)
         # FID only: the stage must not depend on fid.kid_subset_size (one reference pass per
         # data set and feature network, whatever the KID settings)
-        floor = metrics_against(net, features_pass(net, test, "floor"), ref, kid=False)
+        floor = metrics_against(net, features_pass(net, test, "floor", units=units), ref,
+                                kid=False)
         out["floor"] = floor
         write_json(out, tmp / FEATURES_INFO.name)
     metrics = {FLOOR_FID: round(floor["fid"], 5)}
@@ -85,6 +87,7 @@ def main(params: Params) -> None:
         metrics["classifier_test_accuracy"] = out["classifier_test_accuracy"]
     write_json(metrics, FEATURES_METRICS)
     write_json(timings, FEATURES_TIMINGS)
+    finish_units(units, True, "features")
     print(f"features: {label}; floor (test vs train, {len(test)} images) {floor['fid']:.3f}",
           flush=True)
 

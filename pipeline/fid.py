@@ -16,7 +16,7 @@ import pandas as pd
 
 from ddpm_core.fid import feature_network, features_pass, load_reference, metrics_against
 from ddpm_core.modes import LEARNED_VAR_TYPES, SIGMA2_MODES
-from pipeline.common import run_stage, write_json, write_text
+from pipeline.common import finish_units, run_stage, unit_store, write_json, write_text
 from pipeline.params import VARIANCES, Params, VariantConfig
 from pipeline.records import (
     CLASSIFIER_FILE,
@@ -62,11 +62,12 @@ def main(params: Params, v: VariantConfig) -> None:
                           inception_weights=params.fid.inception_weights)
     specs = [SamplerSpec.from_dict(d) for d in read_json(paths.sample_index)["samplers"]]
     details, fids, seconds = {}, {}, {}
+    units = unit_store(None)
     for spec in specs:
         samples = np.load(paths.samples / f"{spec.name}.npy", allow_pickle=False)
         t0 = time.perf_counter()
-        r = metrics_against(net, features_pass(net, samples, spec.name, f"fid[{v.name}]"), ref,
-                            kid_subset_size=params.fid.kid_subset_size)
+        r = metrics_against(net, features_pass(net, samples, spec.name, f"fid[{v.name}]", units),
+                            ref, kid_subset_size=params.fid.kid_subset_size)
         seconds[spec.name] = round(time.perf_counter() - t0, 2)
         details[spec.name] = {"images": int(len(samples)), **r}
         fids[spec.name] = r["fid"]
@@ -77,6 +78,7 @@ def main(params: Params, v: VariantConfig) -> None:
                paths.fid_metrics)
     write_text(steps_csv(specs, fids), paths.fid_steps)
     write_json({"seconds": seconds}, paths.timings("fid"))
+    finish_units(units, True, f"fid[{v.name}]")
 
 
 if __name__ == "__main__":

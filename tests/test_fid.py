@@ -179,3 +179,31 @@ def test_inception_path_runs_torch_fidelity_with_local_weights(tmp_path, monkeyp
                 kid_subsets=2)
     assert set(out) == {"fid", "kid_mean", "kid_std", "isc_mean", "isc_std"}
     assert all(np.isfinite(v) for v in out.values())
+
+
+def test_features_in_units_resume_with_the_same_features(clf, tmp_path):
+    """Feature extraction in units (issue 18 §1): a pass stopped after its first unit of
+    FEATURE_BATCH images resumes with the rest only, and gives one pass's features."""
+    from ddpm_core.units import UnitStore
+
+    s, _, path = clf
+    net = fid.feature_network("digits_classifier", classifier_path=path)
+    images = s.train[:600]  # units of 256, 256, 88
+    whole = fid.extract_features(net, images)
+    store = UnitStore(tmp_path)
+    calls = [0]
+
+    def stop_at_second(module, args):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt("killed")
+
+    handle = net.extractor.register_forward_pre_hook(stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        fid.features_pass(net, images, "reference", units=store)
+    handle.remove()
+    again = UnitStore(tmp_path)
+    out = fid.features_pass(net, images, "reference", units=again)
+    assert out.keys() == whole.keys()
+    assert all(torch.equal(out[k], whole[k]) for k in whole)
+    assert (again.opened[0].reused, again.opened[0].computed) == (1, 2)
