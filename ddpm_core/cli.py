@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, get_args
+from typing import TYPE_CHECKING, Any, NoReturn, get_args
 
 from ddpm_core.errors import is_out_of_memory, loaded, out_of_memory_line
 from ddpm_core.last_sigma import DEFAULT_LAST_SIGMA_CAP_Y
@@ -33,6 +33,9 @@ from ddpm_core.modes import (
     Which,
 )
 from ddpm_core.sources import check_model_source
+
+if TYPE_CHECKING:
+    from ddpm_core.units import UnitStore
 
 PRESETS_DIR = Path("presets")
 
@@ -136,13 +139,31 @@ def cmd_sample(a: argparse.Namespace) -> int:
     images = sample(net, diff, a.n, sampler=a.sampler, steps=a.steps, sigma2=a.sigma2,
                     spacing=a.spacing, eta=a.eta, seed=a.seed, batch_size=a.batch_size,
                     clip_x0=not a.no_clip, gamma=_gamma(a, net, diff), heads=_heads(heads),
-                    last_sigma_cap_y=a.last_sigma_cap_y, net_batch=a.net_batch, progress=True)
+                    last_sigma_cap_y=a.last_sigma_cap_y, net_batch=a.net_batch,
+                    units=(units := _units(a)), progress=True)
     out = Path(a.out)
     save_npz(out, images=images)
     grid = Path(a.grid) if a.grid else out.with_suffix(".png")
     save_grid(images, grid, a.grid_n)
+    _done(units)
     print(f"wrote {len(images)} images {tuple(images.shape[1:])} to {out} and a grid to {grid}")
     return 0
+
+
+def _units(a: argparse.Namespace) -> UnitStore | None:
+    """--units DIR: the scratch area of the engine call's units."""
+    from ddpm_core.units import UnitStore
+
+    return UnitStore(Path(a.units)) if a.units else None
+
+
+def _done(units: UnitStore | None) -> None:
+    """The result is written: its units go (one line when some were read back)."""
+    if units is not None:
+        reused = sum(u.reused for u in units.opened)
+        if reused:
+            print(f"units: {sum(u.computed for u in units.opened)} computed, {reused} reused")
+        units.remove()
 
 
 def _write_result(path: str | None, result: dict) -> None:
@@ -160,8 +181,9 @@ def cmd_bpd(a: argparse.Namespace) -> int:
 
     per = bits_per_dim_per_image(net, diff, images, sigma2=a.sigma2, steps=a.steps,
                                  gamma=_gamma(a, net, diff), heads=_heads(heads),
-                                 batch_size=a.batch_size,
-                                 t_batch=a.t_batch, net_batch=a.net_batch, progress=True)
+                                 batch_size=a.batch_size, t_batch=a.t_batch,
+                                 net_batch=a.net_batch, units=(units := _units(a)),
+                                 progress=True)
     mean, se = float(per.mean()), float(per.std(ddof=1) / math.sqrt(len(per))) if len(
         per) > 1 else float("nan")
     result = {"bpd": mean, "standard_error": se, "images": int(len(per)), "T": diff.T,
@@ -169,6 +191,7 @@ def cmd_bpd(a: argparse.Namespace) -> int:
     print(f"bits/dim {mean:.5f} ± {se:.5f} (standard error) on {len(per)} images, "
           f"T = {diff.T}, {result['steps']} steps, σ² {result['sigma2']}")
     _write_result(a.json, result)
+    _done(units)
     return 0
 
 
@@ -178,7 +201,7 @@ def cmd_nll(a: argparse.Namespace) -> int:
 
     res = nll(net, diff, images, rtol=a.rtol, atol=a.atol, repeats=a.repeats,
               batch_size=a.batch_size, seed=a.seed, dequantization=a.dequantization,
-              progress=True)
+              units=(units := _units(a)), progress=True)
     result = {"nll_ode_bpd": res.mean, "standard_error": res.standard_error,
               "nfe_mean": res.nfe_mean, "images": int(len(res.bpd)), "T": diff.T,
               "rtol": a.rtol, "atol": a.atol, "repeats": a.repeats, "batch_size": a.batch_size,
@@ -188,6 +211,7 @@ def cmd_nll(a: argparse.Namespace) -> int:
           f"{len(res.bpd)} images, mean NFE {res.nfe_mean:.1f}, T = {diff.T}, "
           f"rtol {a.rtol:g}, atol {a.atol:g}, batch size {a.batch_size}")
     _write_result(a.json, result)
+    _done(units)
     return 0
 
 
@@ -320,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     model.add_argument("--which", choices=WHICH, default="ema",
                        help="EMA (default) or raw weights of our files")
+    model.add_argument("--units", default=None, metavar="DIR",
+                       help="keep every finished batch in DIR (ddpm_core.units): a rerun after "
+                       "a kill computes only the missing ones; removed once the result is "
+                       "written")
     images = argparse.ArgumentParser(add_help=False)  # bpd, nll: the images and a result file
     images.add_argument("images", help=IMAGE_SOURCES)
     images.add_argument("--json", default=None, help="also write the result to this JSON file")

@@ -116,6 +116,27 @@ def test_sample_writes_npz_and_grid_equal_to_the_api(diffusers_folder, tmp_path,
     assert np.array_equal(cell, images[1].repeat(8, 0).repeat(8, 1))
 
 
+def test_sample_with_units_reads_back_what_a_killed_run_finished(diffusers_folder, tmp_path,
+                                                                 capsys, one_thread) -> None:
+    """--units DIR: batches an earlier run finished (here: shard 0 of 2, as a killed run would
+    leave them) are read back, not computed; the images are one run's; DIR goes at the end."""
+    import ddpm_core
+    from ddpm_core.units import Shard, UnitStore
+
+    net, diff = ddpm_core.load_model(diffusers_folder)
+    opts = {"sampler": "ddim", "steps": 3, "seed": 1, "batch_size": 2}
+    ddpm_core.sample(net, diff, 5, units=UnitStore(tmp_path / "u", Shard(0, 2)), **opts)
+    out = tmp_path / "s.npz"
+    code, stdout, _ = run(["sample", str(diffusers_folder), "-n", "5", "--sampler", "ddim",
+                           "--steps", "3", "--seed", "1", "--batch-size", "2", "--device", "cpu",
+                           "--units", str(tmp_path / "u"), "-o", str(out)], capsys)
+    assert code == 0, stdout
+    assert "units: 1 computed, 2 reused" in stdout
+    with np.load(out) as z:
+        assert np.array_equal(z["images"], ddpm_core.sample(net, diff, 5, **opts))
+    assert not (tmp_path / "u").exists()
+
+
 def test_bpd_of_npz_and_image_folder(diffusers_folder, tmp_path, capsys, one_thread) -> None:
     import ddpm_core
 
