@@ -20,6 +20,19 @@ def test_plain_lines_when_not_a_terminal(capsys):
     assert all("calls/s" in ln and "eta" in ln for ln in lines)
 
 
+def test_units_read_back_leave_the_total_and_the_line_names_the_unit(capsys):
+    """A unit read back from the scratch area is taken off the total (the ETA is that of the
+    rest) and the line says which unit runs."""
+    with Progress(8, "sample[x]", "calls", every=0.0, stream=io.StringIO()) as bar:
+        bar.skip(4, "unit 1/2")
+        bar.update(2)
+        bar.set_note("unit 2/2")
+        bar.update(2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("sample[x]: 2/4 (50%)") and lines[0].endswith(", unit 1/2")
+    assert lines[1].startswith("sample[x]: 4/4 (100%)") and "eta 0 s, unit 2/2" in lines[1]
+
+
 def test_no_lines_when_disabled_or_before_the_interval(capsys):
     with Progress(3, "a", enabled=False, every=0.0, stream=io.StringIO()) as bar:
         bar.update(3)
