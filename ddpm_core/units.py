@@ -10,16 +10,18 @@ array, a Kubernetes job) takes the i-th of N contiguous blocks of units; within 
 every rank takes a contiguous block of its shard's units, so rank order is index order.
 
 A UnitStore keeps finished units in a scratch folder, one subfolder per engine call named by
-the SHA-256 of the call's settings (the network's weights, the device and torch's version
-included): a setting that changes the numbers never reuses a unit. A unit is one .npz written
-atomically (files.atomic_open) whose name carries the SHA-256 of its bytes, so a kill loses at
-most the units in flight, and a truncated or corrupt unit is found, said in one line, and
-computed again. The caller removes the folders (UnitStore.remove) once its outputs are written.
+the SHA-256 of the call's settings (the network's weights, the device, torch's version and
+this package's source included): a setting that changes the numbers never reuses a unit. A
+unit is one .npz written atomically (files.atomic_write_bytes) whose name carries the SHA-256 of
+its bytes, so a kill loses at most the units in flight, and a truncated or corrupt unit is
+found, said in one line, and computed again. The caller removes the folders
+(UnitStore.remove) once its outputs are written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -115,6 +117,12 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 of the ddpm_core package's source files."""
+    return digest([p.read_bytes().hex() for p in sorted(Path(__file__).parent.glob("*.py"))])
+
+
 @dataclass
 class Units:
     """The finished units of one engine call: a folder of `<a>-<b>.<sha256>.npz` files."""
@@ -158,8 +166,9 @@ class UnitStore:
     opened: list[Units] = field(default_factory=list)
 
     def open(self, settings: Mapping[str, Any]) -> Units:
-        """The units of the engine call with these settings (torch's version added)."""
-        key = digest({**settings, "torch": torch.__version__})
+        """The units of the engine call with these settings (torch's version and this
+        package's source added: a fixed sampler never reads back a unit of the old code)."""
+        key = digest({**settings, "torch": torch.__version__, "code": code_digest()})
         units = Units(Path(self.root) / key[:32])
         units.folder.mkdir(parents=True, exist_ok=True)
         self.opened.append(units)

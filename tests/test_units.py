@@ -165,3 +165,12 @@ def test_digest_sees_weights_wrappers_and_values() -> None:
     assert digest({"x": torch.zeros(3)}) != digest({"x": torch.zeros(3, dtype=torch.float64)})
     assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
     assert digest({"a": 1}) != digest({"a": 2})
+
+
+def test_the_key_holds_the_package_source(tmp_path, monkeypatch) -> None:
+    """A unit of old code is never read back after the code changed (a fixed sampler)."""
+    from ddpm_core import units as U
+
+    first = UnitStore(tmp_path).open({"a": 1}).folder
+    monkeypatch.setattr(U, "code_digest", lambda: "another version")
+    assert UnitStore(tmp_path).open({"a": 1}).folder != first
