@@ -39,21 +39,29 @@ ORDER = ["prepare", "train", "gamma", "nnhead", "sample", "bpd", "nll", "feature
 DVC_NAME = {s: f"{s}@simple" if s in ("train", "gamma", "nnhead", "sample", "bpd", "nll",
                                       "fid") else s for s in ORDER}
 # Where each stage is killed, and what is then in place (globs) and what is not yet written.
+# The stages working in units (ddpm_core.units) rename each unit into the scratch area
+# .scratch/units/ as it is finished: the rerun reuses them all (UNITS_REUSED) and removes them.
+UNIT = ".scratch/units/*/*.npz"
+UNITS_REUSED = {"gamma": 1, "sample": 8, "bpd": 1, "nll": 2}
 KILL_AT = {
     # data/.tmp-prepared-*/ holds train.npy and test.npy, the labels not yet
     "prepare": ("rename:3", [], ["data/prepared"]),
     # the checkpoint of step 2 saved, that of step 4 complete under its temporary name
     "train": ("rename:3", ["checkpoints/simple/*/ckpt_00000002.pt"],
               ["checkpoints/simple/*/ckpt_00000004.pt", "models/simple.pt"]),
-    "gamma": ("rename:1", [], ["gamma/simple.json"]),
+    # the one unit of Γ in the scratch area, gamma/simple.json complete under its temporary name
+    "gamma": ("rename:2", [UNIT], ["gamma/simple.json"]),
     # heads/.tmp-simple-*/ holds heads.pt and info.json, not yet renamed
     "nnhead": ("rename:3", [], ["heads/simple"]),
-    # samples/.tmp-simple-*/ and grids/.tmp-simple-*/ complete, neither renamed
-    "sample": ("rename:2", [], ["samples/simple", "grids/simple"]),
-    "bpd": ("rename:2", ["bpd/simple.csv"], ["plots/bpd_steps/simple.csv",
-                                             "metrics/bpd/simple.json"]),
-    # metrics/nll/simple.json complete under its temporary name, timings/nll not yet written
-    "nll": ("rename:1", [], ["metrics/nll/simple.json"]),
+    # the 8 sample sets' units (one each) and grids written (renames 1-16), then index.json
+    # (17): samples/.tmp-simple-*/ and grids/.tmp-simple-*/ complete, neither renamed (18)
+    "sample": ("rename:18", [UNIT], ["samples/simple", "grids/simple"]),
+    # the bound's one unit, then bpd/simple.csv in place
+    "bpd": ("rename:3", [UNIT, "bpd/simple.csv"], ["plots/bpd_steps/simple.csv",
+                                                   "metrics/bpd/simple.json"]),
+    # both dequantizations' units (one each) in place, metrics/nll/simple.json complete under
+    # its temporary name, timings/nll not yet written
+    "nll": ("rename:3", [UNIT], ["metrics/nll/simple.json"]),
     "features": ("rename:5", ["features/info.json"], ["metrics/features.json"]),
     "fid": ("rename:2", ["fid/simple.json"], ["metrics/fid/simple.json"]),
     "report": ("rename:4", ["reports/figures", "reports/report.md"], ["reports/report.html"]),
@@ -231,6 +239,13 @@ def test_killed_inside_a_stage_then_rerun_loses_nothing(baseline, stage, tmp_pat
     assert ran(again.stdout) == {DVC_NAME[stage], "track"}, again.stdout
     for later in ORDER[ORDER.index(stage) + 1:-1]:
         assert f"Stage '{DVC_NAME[later]}' is cached - skipping run" in again.stdout, later
+    units = [ln for ln in again.stdout.splitlines() if ln.startswith(f"{stage}[simple]: units")]
+    if stage in UNITS_REUSED:  # every unit was finished before the kill: none computed again
+        assert units == [f"{stage}[simple]: units 0 computed, {UNITS_REUSED[stage]} reused"], (
+            again.stdout)
+    else:
+        assert units == [], again.stdout
+    assert not (root / ".scratch" / "units").exists()
     if stage == "train":  # the rerun resumed from the checkpoint the kill left
         assert "resumed from" in again.stdout and "ckpt_00000002.pt" in again.stdout
     got = results(root)
