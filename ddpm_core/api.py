@@ -550,8 +550,9 @@ def train_heads(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarray, 
                 progress: bool | Progress = False) -> dict[HeadKind, torch.nn.Module]:
     """Bao et al. 2022b's NPR and SN heads {kind: heads.VarianceHead}, trained together on the
     frozen ε-network (eval mode, fixed variance) with uint8 training images [N, H, W, C]: Adam
-    at lr (1e-4, their code's), `steps` steps of batch_size images and uniform t, step s drawn
-    from (seed, s) alone (a rerun gives the same heads). The input of sigma2 npr and sn."""
+    at lr (1e-4, their code's), `steps` steps of batch_size images and t uniform over 1..T−1
+    (the steps whose σ² reads a head: heads.fit_heads), step s drawn from (seed, s) alone (a
+    rerun gives the same heads). The input of sigma2 npr and sn."""
     from ddpm_core import progress as bars
     from ddpm_core.data import to_unit
     from ddpm_core.heads import fit_heads, head_for, unet_backbone

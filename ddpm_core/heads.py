@@ -33,9 +33,17 @@ number (not checked against the paper's text here).
 
 Training (their criterions, `pretrained` methods): t uniform, the loss per image the squared
 error summed over pixels (here its mean over pixels: a constant factor 1/d, immaterial for
-Adam); both heads can train from one backbone call (head_train_step), in fit_heads' loop
-(api.train_heads). In the engine, WithHeads appends the heads' h to the network's output, so
-the samplers and the bound read σ²(x_t) from their one network call per step (σ² npr, sn).
+Adam). Unlike their code, t = 0 is not drawn (fit_heads' t_min = 1): no σ² reads a head there
+(the decoder has the original chain's β̃, the last sampling step adds no noise), and the least
+squares of one small head over every t let that step's targets pull h everywhere else. With
+T = 1000 it is 0.1 % of the draws; at T = 100 it is 1 %, and a network whose ε̂ is poor at
+t = 0 (the digits vlb model: E‖ε̂‖²/d = 5.4, targets (ε − ε̂)² of mean 6 against ≤ 0.5 at
+t ≥ 1) dominated the loss, so that longer training made h worse where it is read: negative
+(Cov clamped to 0, σ² = β̃) in 13 % of the pixels at t = 1 after 2000 steps, and NPR's bound
+above Analytic-DPM's (benchmarks/heads_ablation.py). Both heads can train from one backbone
+call (head_train_step), in fit_heads' loop (api.train_heads). In the engine, WithHeads
+appends the heads' h to the network's output, so the samplers and the bound read σ²(x_t) from
+their one network call per step (σ² npr, sn).
 """
 
 from __future__ import annotations
@@ -161,19 +169,21 @@ def split_heads(out: Tensor, C: int, kinds: Sequence[HeadKind]) -> tuple[Tensor,
 
 
 def fit_heads(diff: Diffusion, backbone: Backbone, heads: Mapping[HeadKind, nn.Module],
-              x0: Tensor, *, steps: int, lr: float, batch_size: int, seed: int,
+              x0: Tensor, *, steps: int, lr: float, batch_size: int, seed: int, t_min: int = 1,
               progress: Callable[[dict[str, Tensor]], None] | None = None) -> None:
     """Train the heads {kind: head} on the images x0 [N,C,H,W] in [-1, 1] (their code: Adam,
-    t uniform): step s draws its images, t and ε from a generator seeded (seed, s) alone, so a
-    rerun is identical. progress(losses) after each step."""
+    t uniform; here over t_min..T−1, t_min = 1: the steps whose σ² reads a head, the module
+    docstring; 0 is their code's): step s draws its images, t and ε from a generator seeded
+    (seed, s) alone, so a rerun is identical. progress(losses) after each step."""
     assert x0.ndim == 4 and steps >= 0 and batch_size >= 1, "the api validates the settings"
+    assert 0 <= t_min < diff.T, f"t_min {t_min} outside 0..T−1 = {diff.T - 1}"
     params = [p for head in heads.values() for p in head.parameters()]
     optimizer = torch.optim.Adam(params, lr=lr)
     N, dev = x0.shape[0], x0.device
     for step in range(steps):
         g = torch.Generator().manual_seed(image_seed(seed, step))
         idx = torch.randint(N, (batch_size,), generator=g)
-        t = torch.randint(diff.T, (batch_size,), generator=g)
+        t = torch.randint(t_min, diff.T, (batch_size,), generator=g)
         eps = torch.randn((batch_size, *x0.shape[1:]), generator=g, dtype=x0.dtype)
         losses = head_train_step(diff, backbone, heads, x0[idx.to(dev)], optimizer=optimizer,
                                  t=t.to(dev), eps=eps.to(dev))

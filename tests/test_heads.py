@@ -22,6 +22,7 @@ from ddpm_core.heads import (
     cov_x0,
     ddim_sigma2,
     ddpm_sigma2,
+    fit_heads,
     head_for,
     head_loss,
     head_train_step,
@@ -115,6 +116,36 @@ def test_head_train_step_learns_the_head_only():
         assert float(heads[kind].conv.weight.detach().abs().max()) > 0  # the head moved
     assert all(p.grad is None for p in net.parameters())
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_fit_heads_draws_only_the_steps_whose_sigma2_reads_a_head():
+    """The heads are read at chain positions k ≥ 1 only (index 0 is the decoder, with the
+    original chain's β̃, or the noiseless last step), so fit_heads draws t from 1..T−1: an
+    ε-network that is wild at t = 0 (the digits vlb model has E‖ε̂‖²/d = 5.4 there, against
+    ~0.5 at t ≥ 1) must leave the trained heads exactly as they are, and every other t is
+    drawn."""
+    d = Diffusion.from_schedule("linear", 20)
+    seen: list[torch.Tensor] = []
+
+    def backbone(wild: bool):
+        def call(x_t, t):
+            seen.append(t.clone())
+            eps_hat = 0.5 * x_t + (1e3 * (t == 0).to(x_t.dtype))[:, None, None, None] * wild
+            return eps_hat, torch.cat([x_t, x_t**2, torch.ones_like(x_t)], 1)
+        return call
+
+    x0 = torch.rand(64, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trained = {}
+    for wild in (False, True):
+        heads = {"sn": VarianceHead(3, 1), "npr": VarianceHead(3, 1)}
+        fit_heads(d, backbone(wild), heads, x0, steps=30, lr=1e-2, batch_size=16, seed=0)
+        trained[wild] = heads
+    drawn = torch.cat(seen)
+    assert int(drawn.min()) == 1 and set(drawn.tolist()) == set(range(1, d.T))
+    for kind in ("sn", "npr"):
+        for (n, p), q in zip(trained[False][kind].state_dict().items(),
+                             trained[True][kind].state_dict().values(), strict=True):
+            assert torch.equal(p, q), (kind, n)
 
 
 # ------------------------------------------------------------- the targets, learned on samples
