@@ -42,7 +42,7 @@ DVC_NAME = {s: f"{s}@simple" if s in ("train", "gamma", "nnhead", "sample", "bpd
 # The stages working in units (ddpm_core.units) rename each unit into the scratch area
 # .scratch/units/ as it is finished: the rerun reuses them all (UNITS_REUSED) and removes them.
 UNIT = ".scratch/units/*/*.npz"
-UNITS_REUSED = {"gamma": 1, "sample": 8, "bpd": 1, "nll": 2}
+UNITS_REUSED = {"gamma": 1, "sample": 8, "bpd": 1, "nll": 2, "features": 8, "fid": 8}
 KILL_AT = {
     # data/.tmp-prepared-*/ holds train.npy and test.npy, the labels not yet
     "prepare": ("rename:3", [], ["data/prepared"]),
@@ -62,8 +62,11 @@ KILL_AT = {
     # both dequantizations' units (one each) in place, metrics/nll/simple.json complete under
     # its temporary name, timings/nll not yet written
     "nll": ("rename:3", [UNIT], ["metrics/nll/simple.json"]),
-    "features": ("rename:5", ["features/info.json"], ["metrics/features.json"]),
-    "fid": ("rename:2", ["fid/simple.json"], ["metrics/fid/simple.json"]),
+    # the classifier (1), the reference's 6 units of 256 training images (2-7), reference.npz
+    # (8), the floor's 2 units (9-10), info.json (11) and features/ (12) in place
+    "features": ("rename:13", [UNIT, "features/info.json"], ["metrics/features.json"]),
+    # the 8 sample sets' features (one unit each: 1-8), then fid/simple.json (9)
+    "fid": ("rename:10", [UNIT, "fid/simple.json"], ["metrics/fid/simple.json"]),
     "report": ("rename:4", ["reports/figures", "reports/report.md"], ["reports/report.html"]),
     # the parent and variant runs and the first sampler's run created, the rest not
     "track": ("pipeline.tracking.log_batch:3", [], []),
