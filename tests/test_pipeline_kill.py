@@ -65,8 +65,9 @@ KILL_AT = {
     # the classifier (1), the reference's 6 units of 256 training images (2-7), reference.npz
     # (8), the floor's 2 units (9-10), info.json (11) and features/ (12) in place
     "features": ("rename:13", [UNIT, "features/info.json"], ["metrics/features.json"]),
-    # the 8 sample sets' features (one unit each: 1-8), then fid/simple.json (9)
-    "fid": ("rename:10", [UNIT, "fid/simple.json"], ["metrics/fid/simple.json"]),
+    # the sample sets' features (one unit each; the three respaced S = 2 sets are the same
+    # images, so one unit: renames 1-6), then fid/simple.json (7)
+    "fid": ("rename:8", [UNIT, "fid/simple.json"], ["metrics/fid/simple.json"]),
     "report": ("rename:4", ["reports/figures", "reports/report.md"], ["reports/report.html"]),
     # the parent and variant runs and the first sampler's run created, the rest not
     "track": ("pipeline.tracking.log_batch:3", [], []),
@@ -242,9 +243,10 @@ def test_killed_inside_a_stage_then_rerun_loses_nothing(baseline, stage, tmp_pat
     assert ran(again.stdout) == {DVC_NAME[stage], "track"}, again.stdout
     for later in ORDER[ORDER.index(stage) + 1:-1]:
         assert f"Stage '{DVC_NAME[later]}' is cached - skipping run" in again.stdout, later
-    units = [ln for ln in again.stdout.splitlines() if ln.startswith(f"{stage}[simple]: units")]
+    label = stage if stage == "features" else f"{stage}[simple]"
+    units = [ln for ln in again.stdout.splitlines() if ln.startswith(f"{label}: units")]
     if stage in UNITS_REUSED:  # every unit was finished before the kill: none computed again
-        assert units == [f"{stage}[simple]: units 0 computed, {UNITS_REUSED[stage]} reused"], (
+        assert units == [f"{label}: units 0 computed, {UNITS_REUSED[stage]} reused"], (
             again.stdout)
     else:
         assert units == [], again.stdout
