@@ -355,7 +355,10 @@ def estimate_gamma(net: torch.nn.Module, diffusion: Diffusion, images: np.ndarra
     dev = _device(device, net)
     x0 = to_unit(to_model_tensor(images[:M])).to(dev)
     T = diffusion.T
-    cost = lambda ids: -(-T * len(ids) // batch_size) * -(-batch_size // net_batch)  # noqa: E731
+
+    def cost(ids: range) -> int:  # network calls of a unit: T steps of batches of net_batch
+        return -(-T * len(ids) // batch_size) * -(-batch_size // net_batch)
+
     total = sum(cost(ids) for ids in owned(len(x0), batch_size, units and units.shard))
     settings = {"engine": "gamma", "net": net, "diffusion": diffusion, "seed": seed,
                 "images": x0, "net_batch": net_batch, "device": dev.type}

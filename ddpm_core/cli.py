@@ -160,9 +160,8 @@ def _units(a: argparse.Namespace) -> UnitStore | None:
 def _done(units: UnitStore | None) -> None:
     """The result is written: its units go (one line when some were read back)."""
     if units is not None:
-        reused = sum(u.reused for u in units.opened)
-        if reused:
-            print(f"units: {sum(u.computed for u in units.opened)} computed, {reused} reused")
+        if line := units.summary():
+            print(f"units: {line}")
         units.remove()
 
 

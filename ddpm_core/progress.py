@@ -19,7 +19,7 @@ class Progress(contextlib.AbstractContextManager):
     def __init__(self, total: int, desc: str, unit: str = "it", every: float = 10.0,
                  enabled: bool = True, stream: TextIO | None = None) -> None:
         self.total, self.desc, self.unit, self.every = int(total), desc, unit, every
-        self.n, self.note = 0, ""
+        self.n, self.note, self._shown = 0, "", -1  # _shown: n of the last line printed
         self.stream = stream if stream is not None else sys.stderr
         tty = self.stream.isatty()
         self._plain = enabled and not tty  # periodic lines instead of the bar
@@ -49,6 +49,7 @@ class Progress(contextlib.AbstractContextManager):
         self._bar.set_postfix_str(note, refresh=True)
 
     def _line(self, now: float) -> None:
+        self._shown = self.n
         rate = self.n / max(now - self._t0, 1e-9)
         eta = (self.total - self.n) / rate if rate > 0 else float("inf")
         pct = 100.0 * self.n / max(self.total, 1)
@@ -58,7 +59,8 @@ class Progress(contextlib.AbstractContextManager):
 
     def close(self) -> None:
         self._bar.close()
-        if self._plain and self.n and time.perf_counter() - self._t0 >= self.every:
+        if (self._plain and self.n and self.n != self._shown
+                and time.perf_counter() - self._t0 >= self.every):
             self._line(time.perf_counter())
 
     def __exit__(self, *exc: object) -> None:

@@ -164,15 +164,34 @@ class UnitStore:
     root: Path
     shard: Shard | None = None
     opened: list[Units] = field(default_factory=list)
+    _nets: dict[int, tuple[torch.nn.Module, str]] = field(default_factory=dict, repr=False)
 
     def open(self, settings: Mapping[str, Any]) -> Units:
         """The units of the engine call with these settings (torch's version and this
-        package's source added: a fixed sampler never reads back a unit of the old code)."""
+        package's source added: a fixed sampler never reads back a unit of the old code).
+        A network's digest is taken once per store (a stage's calls share its weights)."""
+        def net(m: torch.nn.Module) -> str:
+            if id(m) not in self._nets:  # the module is held, so its id stays its own
+                self._nets[id(m)] = (m, digest(m))
+            return self._nets[id(m)][1]
+
+        settings = {k: net(v) if isinstance(v, torch.nn.Module) else v
+                    for k, v in settings.items()}
         key = digest({**settings, "torch": torch.__version__, "code": code_digest()})
         units = Units(Path(self.root) / key[:32])
         units.folder.mkdir(parents=True, exist_ok=True)
         self.opened.append(units)
         return units
+
+    def summary(self, always: bool = False) -> str | None:
+        """"units C computed, R reused[, X corrupt computed again]" over every call opened; None
+        when every unit was computed (nothing read back or found corrupt) unless `always`."""
+        computed, reused, corrupt = (sum(getattr(u, k) for u in self.opened)
+                                     for k in ("computed", "reused", "corrupt"))
+        if not (reused or corrupt or always):
+            return None
+        return (f"units {computed} computed, {reused} reused"
+                + (f", {corrupt} corrupt computed again" if corrupt else ""))
 
     def remove(self) -> None:
         """Delete the folders of every call opened (after the outputs are written)."""

@@ -147,14 +147,11 @@ def unit_store(shard: Shard | None) -> UnitStore:
 def finish_units(store: UnitStore, is_main: bool, what: str) -> None:
     """After a stage's outputs are written: a shard's units stay (the stage run without
     --shard assembles them); else rank 0 removes them. One line of what was reused."""
-    reused = sum(u.reused for u in store.opened)
-    computed = sum(u.computed for u in store.opened)
-    corrupt = sum(u.corrupt for u in store.opened)
-    if is_main and (reused or corrupt or store.shard is not None):
-        print(f"{what}: units {computed} computed, {reused} reused"
-              + (f", {corrupt} corrupt computed again" if corrupt else "")
-              + (f" (shard {store.shard}: kept in {store.root} for the stage run without "
-                 "--shard to assemble)" if store.shard is not None else ""), flush=True)
+    line = store.summary(always=store.shard is not None)
+    if is_main and line:
+        print(f"{what}: {line}" + (f" (shard {store.shard}: kept in {store.root} for the stage "
+                                   "run without --shard to assemble)" if store.shard else ""),
+              flush=True)
     if is_main and store.shard is None:
         store.remove()
 

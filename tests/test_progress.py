@@ -16,6 +16,7 @@ def test_plain_lines_when_not_a_terminal(capsys):
         for _ in range(4):
             bar.update(1)
     lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # the closing line is not printed twice
     assert lines[0].startswith("sample[x]: 1/4 (25%)") and lines[-1].startswith("sample[x]: 4/4")
     assert all("calls/s" in ln and "eta" in ln for ln in lines)
 

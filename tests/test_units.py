@@ -174,3 +174,19 @@ def test_the_key_holds_the_package_source(tmp_path, monkeypatch) -> None:
     first = UnitStore(tmp_path).open({"a": 1}).folder
     monkeypatch.setattr(U, "code_digest", lambda: "another version")
     assert UnitStore(tmp_path).open({"a": 1}).folder != first
+
+
+def test_a_stores_calls_take_each_networks_digest_once(model, tmp_path, monkeypatch) -> None:
+    """The sample stage's sets share one network: its weights are hashed once, not per set."""
+    from ddpm_core import units as U
+
+    net, diff = model
+    hashed = []
+    real = U.digest
+    monkeypatch.setattr(U, "digest", lambda x: hashed.append(type(x)) or real(x))
+    store = UnitStore(tmp_path)
+    for steps in (2, 3):
+        api.sample(net, diff, 2, sampler="ddim", steps=steps, units=store)
+    assert hashed.count(type(net)) == 1 and len({u.folder for u in store.opened}) == 2
+    assert UnitStore(tmp_path).open({"net": net}).folder == UnitStore(tmp_path).open(
+        {"net": real(net)}).folder
