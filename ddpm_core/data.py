@@ -7,6 +7,8 @@ input is a one-line `DataError` naming the file and the fix; every file is writt
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import math
 import pickle
@@ -19,21 +21,41 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torchvision.datasets import CIFAR10
-from torchvision.datasets.utils import calculate_md5
-from torchvision.utils import make_grid
 
 from ddpm_core.config import DataConfig
 from ddpm_core.files import atomic_open, save_npy
 
-# The official archive and its extracted batches, as torchvision knows them (its own CIFAR10
-# reader unpickles with plain pickle and extracts archives to disk: ours reads in memory and
-# unpickles arrays only).
-CIFAR10_URL = CIFAR10.url
-CIFAR10_MD5 = CIFAR10.tgz_md5
-CIFAR10_FILE_MD5 = dict(CIFAR10.train_list + CIFAR10.test_list)
-CIFAR10_TRAIN = tuple(name for name, _ in CIFAR10.train_list)
-CIFAR10_TEST = CIFAR10.test_list[0][0]
+
+@dataclass(frozen=True)
+class Cifar10Source:
+    """The official archive and its extracted batches, as torchvision knows them (its own
+    CIFAR10 reader unpickles with plain pickle and extracts archives to disk: ours reads in
+    memory and unpickles arrays only)."""
+
+    url: str
+    md5: str  # of the archive
+    file_md5: dict[str, str]  # of each extracted batch
+    train: tuple[str, ...]
+    test: str
+    folder: str  # cifar-10-batches-py
+
+
+@functools.cache
+def cifar10_source() -> Cifar10Source:
+    """torchvision's facts of CIFAR-10, imported on first use (importing torchvision costs
+    every stage process about 2 s of start-up)."""
+    from torchvision.datasets import CIFAR10
+
+    return Cifar10Source(CIFAR10.url, CIFAR10.tgz_md5, dict(CIFAR10.train_list + CIFAR10.test_list),
+                         tuple(name for name, _ in CIFAR10.train_list), CIFAR10.test_list[0][0],
+                         CIFAR10.base_folder)
+
+
+def _md5(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
 DEFAULT_CIFAR10_PATH = Path("data/raw/cifar-10-python.tar.gz")  # when data.path is not set
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 _GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -129,10 +151,10 @@ def _read_cifar_batch(raw: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(d[b"labels"], dtype=np.int64)
     except Exception as e:  # any malformed pickle is one error
         raise DataError(f"{where}: not a CIFAR-10 python batch ({e}); re-download "
-                        f"{CIFAR10_URL}") from None
+                        f"{cifar10_source().url}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"{where}: expected data [N, 3072] and N labels, got {data.shape} and "
-                        f"{labels.shape}; re-download {CIFAR10_URL}")
+                        f"{labels.shape}; re-download {cifar10_source().url}")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
@@ -143,61 +165,67 @@ def download_file(url: str, dest: Path, timeout: float = 30.0) -> None:
             f.write(chunk)
 
 
-def load_cifar10(path: str | Path, *, expected_md5: str | None = CIFAR10_MD5,
-                 expected_file_md5: Mapping[str, str] | None = CIFAR10_FILE_MD5) -> Splits:
-    """CIFAR-10 from cifar-10-python.tar.gz or its extracted folder: [50000|10000, 32, 32, 3]."""
+def load_cifar10(path: str | Path, *, expected_md5: str | None = "official",
+                 expected_file_md5: Mapping[str, str] | None | str = "official") -> Splits:
+    """CIFAR-10 from cifar-10-python.tar.gz or its extracted folder: [50000|10000, 32, 32, 3].
+    expected_md5 (the archive's) and expected_file_md5 (each batch's): "official" for the
+    published ones, None to skip the check."""
+    src = cifar10_source()
+    expected_md5 = src.md5 if expected_md5 == "official" else expected_md5
+    expected_file_md5 = src.file_md5 if expected_file_md5 == "official" else expected_file_md5
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: CIFAR-10 not found; put cifar-10-python.tar.gz (from "
-                        f"{CIFAR10_URL}) or its extracted cifar-10-batches-py folder there")
+                        f"{src.url}) or its extracted cifar-10-batches-py folder there")
     raws: dict[str, bytes] = {}
-    names = (*CIFAR10_TRAIN, CIFAR10_TEST)
+    names = (*src.train, src.test)
     if path.is_dir():
-        folder = path / CIFAR10.base_folder if (path / CIFAR10.base_folder).is_dir() else path
+        folder = path / src.folder if (path / src.folder).is_dir() else path
         for name in names:
             f = folder / name
             if not f.is_file():
-                raise DataError(f"{f}: missing CIFAR-10 batch; extract {CIFAR10_URL} there again")
-            if expected_file_md5 is not None and calculate_md5(f) != expected_file_md5[name]:
+                raise DataError(f"{f}: missing CIFAR-10 batch; extract {src.url} there again")
+            if expected_file_md5 is not None and _md5(f) != expected_file_md5[name]:
                 raise DataError(f"{f}: md5 mismatch (corrupt or not the official file); extract "
-                                f"{CIFAR10_URL} again")
+                                f"{src.url} again")
             raws[name] = f.read_bytes()
     else:
-        if expected_md5 is not None and (got := calculate_md5(path)) != expected_md5:
+        if expected_md5 is not None and (got := _md5(path)) != expected_md5:
             raise DataError(f"{path}: md5 {got} != {expected_md5} (corrupt or partial download); "
-                            f"delete it and download {CIFAR10_URL} again")
+                            f"delete it and download {src.url} again")
         try:
             # members are read into memory, never extracted: a path like ../x writes nothing
             with tarfile.open(path, "r:gz") as tar:
                 members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
                 for name in names:
                     if name not in members:
-                        raise DataError(f"{path}: archive has no {name}; download {CIFAR10_URL}")
+                        raise DataError(f"{path}: archive has no {name}; download {src.url}")
                     raws[name] = tar.extractfile(members[name]).read()
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"{path}: unreadable archive ({e}); download {CIFAR10_URL} "
+            raise DataError(f"{path}: unreadable archive ({e}); download {src.url} "
                             "again") from None
-    train = [_read_cifar_batch(raws[n], f"{path}:{n}") for n in CIFAR10_TRAIN]
+    train = [_read_cifar_batch(raws[n], f"{path}:{n}") for n in src.train]
     train_x, train_y = (np.concatenate(parts) for parts in zip(*train, strict=True))
-    test_x, test_y = _read_cifar_batch(raws[CIFAR10_TEST], f"{path}:{CIFAR10_TEST}")
+    test_x, test_y = _read_cifar_batch(raws[src.test], f"{path}:{src.test}")
     return Splits(train=train_x, test=test_x, train_labels=train_y, test_labels=test_y,
                   name="cifar10")
 
 
 def _cifar10_from_config(cfg: DataConfig) -> Splits:
     path = Path(cfg.path) if cfg.path is not None else DEFAULT_CIFAR10_PATH
+    url = cifar10_source().url
     if not path.exists():
         if not cfg.download:
             raise DataError(f"{path}: CIFAR-10 not found and data.download is false; download "
-                            f"{CIFAR10_URL} to {path.resolve()}")
+                            f"{url} to {path.resolve()}")
         if path.suffix != ".gz":
             raise DataError(f"{path}: CIFAR-10 folder not found; put the extracted "
                             f"cifar-10-batches-py there, or set data.path to a .tar.gz to download")
         try:
-            download_file(CIFAR10_URL, path)
+            download_file(url, path)
         except OSError as e:  # URLError, timeouts, DNS failures are all OSErrors
             raise DataError(f"{path}: CIFAR-10 download failed ({e}); offline, download "
-                            f"{CIFAR10_URL} elsewhere and put it at {path.resolve()}") from None
+                            f"{url} elsewhere and put it at {path.resolve()}") from None
     return load_cifar10(path)
 
 
@@ -326,6 +354,8 @@ def prepare_splits(cfg: DataConfig, seed: int | None = None) -> Splits:
 def save_grid(images: np.ndarray, path: str | Path, n: int = 64, scale: int | None = None) -> None:
     """The first n uint8 [N, H, W, C] images as a square PNG grid (1-pixel white gaps), each
     pixel drawn as scale x scale (default max(1, 64 // H): 8x8 digits stay crisp); C = 1: grey."""
+    from torchvision.utils import make_grid
+
     x = to_model_tensor(images[:n])
     grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))), padding=1, pad_value=255)
     if len(x) == 1:  # make_grid returns a single image unpadded

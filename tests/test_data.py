@@ -173,7 +173,7 @@ def test_cifar10_archive_and_folder_read_pixel_exact(tmp_path):
 
 def test_cifar10_checksum_mismatch_is_an_error(tmp_path):
     archive, folder = _write_cifar(tmp_path, _cifar_batches())
-    with pytest.raises(DataError, match=rf"md5 {_md5(archive)} != {data.CIFAR10_MD5}"):
+    with pytest.raises(DataError, match=rf"md5 {_md5(archive)} != {data.cifar10_source().md5}"):
         data.load_cifar10(archive)  # the official checksum is the default
     with pytest.raises(DataError, match=r"data_batch_1: md5 mismatch"):
         data.load_cifar10(folder)
@@ -192,7 +192,7 @@ def test_cifar10_missing_offline_names_path_and_url(tmp_path, monkeypatch):
     cfg = DataConfig(dataset="cifar10", path=str(target), download=False)
     with pytest.raises(DataError) as e:
         data.prepare_splits(cfg)
-    assert str(target.resolve()) in str(e.value) and data.CIFAR10_URL in str(e.value)
+    assert str(target.resolve()) in str(e.value) and data.cifar10_source().url in str(e.value)
 
     def offline(url: str, dest: Path, timeout: float = 30.0) -> None:
         raise urllib.error.URLError("no network")
@@ -202,7 +202,7 @@ def test_cifar10_missing_offline_names_path_and_url(tmp_path, monkeypatch):
         data.prepare_splits(DataConfig(dataset="cifar10", path=str(target), download=True))
     msg = str(e.value)
     assert "download failed" in msg and str(target.resolve()) in msg
-    assert data.CIFAR10_URL in msg and "\n" not in msg
+    assert data.cifar10_source().url in msg and "\n" not in msg
     # No data.path: the default location, named in full.
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match=str(tmp_path / "data/raw/cifar-10-python.tar.gz")):

@@ -6,6 +6,7 @@ in any worker's log (the README's queue recipe, the venv on PATH)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,9 +47,14 @@ def exp_names(node) -> set[str]:
 
 
 def run_queue(root: Path, env: dict) -> None:
-    """`dvc queue start -j 2`, then wait until nothing is queued or running."""
+    """`dvc queue start -j 2`, then wait until nothing is queued or running. Its output goes
+    to a file: the workers it starts inherit its stdout, so a pipe would stay open (and
+    subprocess.run wait) until the last experiment ends."""
     try:
-        sh([DVC, "queue", "start", "-j", "2"], root, env)
+        with open(root.parent / "queue-start.log", "w") as log:
+            r = subprocess.run([DVC, "queue", "start", "-j", "2"], cwd=root, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, timeout=300)
+        assert r.returncode == 0, (root.parent / "queue-start.log").read_text()
         t0 = time.monotonic()
         while True:
             states = queue_status(root, env)
