@@ -1,6 +1,6 @@
-"""Three queued experiments run by two DVC queue workers at once, in a committed repository
+"""Two queued experiments run by two DVC queue workers at once, in a committed repository
 without an MLflow store: all succeed, `dvc exp show` lists them, and the one new sqlite store
-holds each result exactly once (3 parent runs and their children), with no "database is locked"
+holds each result exactly once (2 parent runs and their children), with no "database is locked"
 in any worker's log (the README's queue recipe, the venv on PATH)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pipeline.records import sampler_specs
 
 pytestmark = pytest.mark.slow  # subprocess pipelines (README, Tests)
 
-EXPS = {"seed1": "train.seed=1", "seed2": "train.seed=2", "cosine": "schedule=cosine"}
+EXPS = {"seed1": "train.seed=1", "cosine": "schedule=cosine"}
 
 
 def queue_status(root: Path, env: dict) -> dict[str, str]:
@@ -66,7 +66,7 @@ def run_queue(root: Path, env: dict) -> None:
         sh([DVC, "queue", "stop"], root, env, ok=False)
 
 
-def test_two_workers_three_experiments_one_new_store_nothing_lost(tmp_path):
+def test_two_workers_two_experiments_one_new_store_nothing_lost(tmp_path):
     p = tiny_params()
     p["variants"] = {"simple": p["variants"]["simple"]}
     env = pipeline_env(venv_on_path=True)  # the README's recipe: the workers are `dvc` from PATH
@@ -93,9 +93,9 @@ def test_two_workers_three_experiments_one_new_store_nothing_lost(tmp_path):
     runs = c.search_runs([exp.experiment_id], max_results=1000, run_view_type=ViewType.ALL)
     parents = [r for r in runs if r.data.tags["ddpm.level"] == "parent"]
     assert sorted(r.data.tags["dvc.exp_name"] for r in parents) == sorted(EXPS)
-    assert len({r.data.tags["ddpm.key"] for r in parents}) == 3
-    assert sorted(r.data.params["train.seed"] for r in parents) == ["0", "1", "2"]
-    assert sorted(r.data.params["schedule"] for r in parents) == ["cosine", "linear", "linear"]
+    assert len({r.data.tags["ddpm.key"] for r in parents}) == 2
+    assert sorted(r.data.params["train.seed"] for r in parents) == ["0", "1"]
+    assert sorted(r.data.params["schedule"] for r in parents) == ["cosine", "linear"]
     cfg = params_from_dict(p)
     samplers = len(sampler_specs(cfg.sample, cfg.diffusion.timesteps,
                                  cfg.variants["simple"].var_type))
@@ -106,7 +106,7 @@ def test_two_workers_three_experiments_one_new_store_nothing_lost(tmp_path):
         vid = variants[0].info.run_id
         assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == vid]) == samplers
         assert "fid_ancestral_beta" in variants[0].data.metrics
-    assert len(runs) == 3 * (2 + samplers)
+    assert len(runs) == 2 * (2 + samplers)
     assert all(r.info.status == "FINISHED" and r.info.lifecycle_stage == "active"
                for r in runs)
     assert all(r.data.tags.get("ddpm.complete") == "true" for r in runs)
