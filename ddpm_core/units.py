@@ -184,13 +184,13 @@ class UnitStore:
         return units
 
     def summary(self, always: bool = False) -> str | None:
-        """"units C computed, R reused[, X corrupt computed again]" over every call opened; None
-        when every unit was computed (nothing read back or found corrupt) unless `always`."""
+        """"C computed, R reused[, X corrupt computed again]": the units of every call opened;
+        None when every unit was computed (none read back or corrupt) unless `always`."""
         computed, reused, corrupt = (sum(getattr(u, k) for u in self.opened)
                                      for k in ("computed", "reused", "corrupt"))
         if not (reused or corrupt or always):
             return None
-        return (f"units {computed} computed, {reused} reused"
+        return (f"{computed} computed, {reused} reused"
                 + (f", {corrupt} corrupt computed again" if corrupt else ""))
 
     def remove(self) -> None:

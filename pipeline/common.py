@@ -149,9 +149,9 @@ def finish_units(store: UnitStore, is_main: bool, what: str) -> None:
     --shard assembles them); else rank 0 removes them. One line of what was reused."""
     line = store.summary(always=store.shard is not None)
     if is_main and line:
-        print(f"{what}: {line}" + (f" (shard {store.shard}: kept in {store.root} for the stage "
-                                   "run without --shard to assemble)" if store.shard else ""),
-              flush=True)
+        kept = (f" (shard {store.shard}: kept in {store.root} for the stage run without --shard "
+                "to assemble)" if store.shard else "")
+        print(f"{what}: units {line}{kept}", flush=True)
     if is_main and store.shard is None:
         store.remove()
 
